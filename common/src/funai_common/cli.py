@@ -1,0 +1,201 @@
+"""Command-line tools: ``funai-knn`` (feature files -> k-NN table) and ``funai-hummingbird`` (model -> mIoU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_dataset
+from funai_common.hummingbird import HummingbirdEvaluator
+from funai_common.knn import knn_classify_many
+from funai_common.search import BACKENDS
+
+log = logging.getLogger("funai_common")
+
+
+def load_features(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) from a safetensors file with keys "features" and "labels", or a .npy pair."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"feature file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        missing = {"features", "labels"} - tensors.keys()
+        if missing:
+            raise KeyError(f"{path} lacks the keys {sorted(missing)} (has {sorted(tensors)})")
+        return tensors["features"], tensors["labels"]
+    if path.suffix == ".npy":
+        if labels_path is None:
+            raise ValueError(f"{path} is a .npy feature file: give its labels file too (--train-labels/--test-labels)")
+        return torch.from_numpy(np.load(path)), torch.from_numpy(np.load(labels_path))
+    raise ValueError(f"unsupported feature file {path}: expected .safetensors or .npy")
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """A plain-text table with aligned columns (numbers to two decimals)."""
+    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _write_json(path, payload) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2))
+        log.info("wrote %s", path)
+
+
+def knn_main(argv=None) -> dict:
+    """funai-knn: DINO weighted k-NN on precomputed train/test features."""
+    p = argparse.ArgumentParser(prog="funai-knn", description=knn_main.__doc__)
+    p.add_argument("--train", required=True, help=".safetensors (features, labels) or .npy features")
+    p.add_argument("--test", required=True)
+    p.add_argument("--train-labels", help="labels .npy when --train is a .npy file")
+    p.add_argument("--test-labels")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train_f, train_y = load_features(args.train, args.train_labels)
+    test_f, test_y = load_features(args.test, args.test_labels)
+    results = knn_classify_many(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        ks=args.k,
+        temperature=args.temperature,
+        num_classes=args.num_classes,
+        backend=args.backend,
+    )
+    print(format_table(["k", "top-1", "top-5"], [[k, r["top1"], r["top5"]] for k, r in results.items()]))
+    payload = {str(k): r for k, r in results.items()}
+    _write_json(args.out, payload)
+    return payload
+
+
+def _parse_kwargs(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-args expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_state_dict(path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or from a legacy .pth/.pt loaded with ``weights_only=True`` (never unpickled)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def timm_patch_features(
+    model_name: str, input_size: int, pretrained: bool = True, checkpoint=None, device="cpu", **model_args
+):
+    """(feature_fn, patch_size) for a timm ViT: feature_fn(images) -> (B, S*S, D) final-norm patch tokens."""
+    import timm
+
+    model = timm.create_model(
+        model_name, pretrained=pretrained and checkpoint is None, num_classes=0, img_size=input_size, **model_args
+    )
+    if checkpoint is not None:
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in load_state_dict(checkpoint).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise KeyError(f"checkpoint {checkpoint} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")
+        if unexpected:
+            log.warning("ignored %d checkpoint keys not in %s, e.g. %s", len(unexpected), model_name, unexpected[:3])
+    model.eval().to(device)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+
+    def feature_fn(images):
+        return model.forward_features(images)[:, prefix:]
+
+    return feature_fn, model.patch_embed.patch_size[0]
+
+
+def hummingbird_main(argv=None) -> dict:
+    """funai-hummingbird: Hummingbird in-context segmentation mIoU of a timm model or checkpoint."""
+    p = argparse.ArgumentParser(prog="funai-hummingbird", description=hummingbird_main.__doc__)
+    p.add_argument("--model", required=True, help="timm model name, e.g. vit_small_patch14_dinov2.lvd142m")
+    p.add_argument("--checkpoint", help="local weights (.safetensors, or .pth read with weights_only=True)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation (tests)")
+    p.add_argument("--model-args", nargs="*", default=[], help="extra timm kwargs, key=value")
+    p.add_argument("--dataset", required=True, choices=[*SEGMENTATION_DATASETS, "synthetic"])
+    p.add_argument("--data-dir", help="dataset root (see the README for each layout)")
+    p.add_argument("--train-split", help="default: trainaug for voc, train otherwise")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--input-size", type=int, default=504)
+    p.add_argument("--memory-size", type=int)
+    p.add_argument("--augmentation-epochs", type=int, default=2)
+    p.add_argument("--num-neighbors", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    feature_fn, patch_size = timm_patch_features(
+        args.model,
+        args.input_size,
+        not args.no_pretrained,
+        args.checkpoint,
+        args.device,
+        **_parse_kwargs(args.model_args),
+    )
+    train_split = args.train_split or ("trainaug" if args.dataset == "voc" else "train")
+    extra = {"image_size": args.input_size} if args.dataset == "synthetic" else {}
+    train = build_segmentation_dataset(args.dataset, args.data_dir, train_split, **extra)
+    val = build_segmentation_dataset(args.dataset, args.data_dir, args.val_split, **extra)
+    evaluator = HummingbirdEvaluator(
+        feature_fn,
+        train,
+        val,
+        val.num_classes,
+        patch_size,
+        args.input_size,
+        args.memory_size,
+        args.augmentation_epochs,
+        args.num_neighbors,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.num_workers,
+    )
+    result = evaluator.evaluate()
+    print(
+        format_table(
+            ["model", "dataset", "memory rows", "mIoU (%)"],
+            [[args.model, args.dataset, result["memory_rows"], 100 * result["miou"]]],
+        )
+    )
+    payload = {"model": args.model, "dataset": args.dataset, "input_size": args.input_size, **result}
+    _write_json(args.out, payload)
+    return payload

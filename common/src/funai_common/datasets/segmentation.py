@@ -1,0 +1,193 @@
+"""Semantic segmentation datasets in the layouts used by Hummingbird, NeCo, Leopart and TimeT.
+
+Each dataset yields (PIL RGB image, PIL "L" mask of class ids) unless ``transforms(image, mask)`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from funai_common.datasets.coco_categories import STUFF_SUPERCATEGORY, THING_SUPERCATEGORY
+
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+# Cityscapes labelIds of the 19 evaluated classes, in trainId order; every other id becomes 255.
+CITYSCAPES_EVAL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
+
+def require(path: Path, layout: str) -> Path:
+    """Return ``path`` if it exists, else raise FileNotFoundError naming it and the expected layout."""
+    if not path.exists():
+        raise FileNotFoundError(f"expected {path} (layout: {layout})")
+    return path
+
+
+def lookup_table(mapping: dict[int, int], default: int = 255) -> np.ndarray:
+    """A 256-entry uint8 table mapping raw mask values to class ids (``default`` elsewhere)."""
+    table = np.full(256, default, dtype=np.uint8)
+    for raw, cls in mapping.items():
+        table[raw] = cls
+    return table
+
+
+class SegmentationDataset(Dataset):
+    """Pairs of image and mask files; ``table`` optionally remaps raw mask values."""
+
+    num_classes: int
+    ignore_index: int = 255
+    class_names: tuple[str, ...] = ()
+    layout: str = ""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], transforms=None, table: np.ndarray | None = None):
+        if not pairs:
+            raise FileNotFoundError(f"no image/mask pairs found (layout: {self.layout})")
+        self.pairs, self.transforms, self.table = pairs, transforms, table
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        image_path, mask_path = self.pairs[i]
+        image = Image.open(image_path).convert("RGB")
+        mask = np.array(Image.open(mask_path))
+        if self.table is not None:
+            mask = self.table[mask]
+        mask = Image.fromarray(mask.astype(np.uint8), mode="L")
+        return self.transforms(image, mask) if self.transforms else (image, mask)
+
+
+class VOCSegmentation(SegmentationDataset):
+    """Pascal VOC 2012 in the Hummingbird/NeCo layout (root points inside ``VOCSegmentation``).
+
+    split "trainaug" reads SegmentationClassAug (10,582 SBD-augmented masks), other splits SegmentationClass.
+    21 classes including background 0; 255 marks object boundaries.
+    """
+
+    num_classes, class_names = 21, VOC_CLASSES
+    layout = "VOCSegmentation/{images/*.jpg, SegmentationClass/*.png, SegmentationClassAug/*.png, sets/<split>.txt}"
+
+    def __init__(self, root, split: str = "val", transforms=None):
+        root = require(Path(root), self.layout)
+        ids = require(root / "sets" / f"{split}.txt", self.layout).read_text().split()
+        mask_dir = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
+        require(mask_dir, self.layout)
+        super().__init__([(root / "images" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids], transforms)
+
+
+class ADE20K(SegmentationDataset):
+    """ADE20K SceneParsing (ADEChallengeData2016): 151 classes, 0 = "other" is the ignore index (Hummingbird)."""
+
+    num_classes, ignore_index = 151, 0
+    layout = "ADEChallengeData2016/{images,annotations}/{training,validation}/*.{jpg,png}"
+
+    def __init__(self, root, split: str = "val", transforms=None):
+        root = require(Path(root), self.layout)
+        folder = {"train": "training", "val": "validation"}.get(split, split)
+        images = sorted(require(root / "images" / folder, self.layout).glob("*.jpg"))
+        masks = require(root / "annotations" / folder, self.layout)
+        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms)
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes gtFine, labelIds mapped to the 19 trainIds (everything else 255)."""
+
+    num_classes, class_names = 19, CITYSCAPES_CLASSES
+    layout = "cityscapes/{leftImg8bit,gtFine}/<split>/<city>/*_{leftImg8bit,gtFine_labelIds}.png"
+
+    def __init__(self, root, split: str = "val", transforms=None):
+        root = require(Path(root), self.layout)
+        images = sorted(require(root / "leftImg8bit" / split, self.layout).glob("*/*_leftImg8bit.png"))
+        gt = require(root / "gtFine" / split, self.layout)
+        pairs = [(p, gt / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")) for p in images]
+        table = lookup_table({raw: i for i, raw in enumerate(CITYSCAPES_EVAL_IDS)})
+        super().__init__(pairs, transforms, table)
+
+
+def _supercategory_table(categories: dict[int, str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    names = tuple(sorted(set(categories.values()) - {"other"}))
+    return lookup_table({cid: names.index(sc) for cid, sc in categories.items() if sc in names}), names
+
+
+def _categories_from_json(path: Path, fallback: dict[int, str]) -> dict[int, str]:
+    if not path.exists():
+        return fallback
+    cats = json.loads(path.read_text())["categories"]
+    return {c["id"]: c["supercategory"] for c in cats if c["id"] in fallback}
+
+
+class COCOStuff(SegmentationDataset):
+    """COCO-Stuff pixel maps mapped to the 15 stuff supercategories (sorted, "other" removed); things -> 255."""
+
+    num_classes = 15
+    layout = "coco/{images/<split>2017/*.jpg, annotations/stuff_annotations/stuff_<split>2017_pixelmaps/*.png}"
+
+    def __init__(self, root, split: str = "val", transforms=None):
+        root = require(Path(root), self.layout)
+        ann = root / "annotations" / "stuff_annotations"
+        masks = require(ann / f"stuff_{split}2017_pixelmaps", self.layout)
+        categories = _categories_from_json(ann / f"stuff_{split}2017.json", STUFF_SUPERCATEGORY)
+        table, self.class_names = _supercategory_table(categories)
+        images = sorted(require(root / "images" / f"{split}2017", self.layout).glob("*.jpg"))
+        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms, table)
+
+
+class COCOThings(SegmentationDataset):
+    """COCO-Things: panoptic-derived semantic PNGs mapped to the 12 thing supercategories (sorted); rest -> 255."""
+
+    num_classes = 12
+    layout = "coco/{images/<split>2017/*.jpg, annotations/<split>2017/*.png (category ids)}"
+
+    def __init__(self, root, split: str = "val", transforms=None):
+        root = require(Path(root), self.layout)
+        masks = require(root / "annotations" / f"{split}2017", self.layout)
+        categories = _categories_from_json(root / "annotations" / f"panoptic_{split}2017.json", THING_SUPERCATEGORY)
+        table, self.class_names = _supercategory_table(categories)
+        images = sorted(require(root / "images" / f"{split}2017", self.layout).glob("*.jpg"))
+        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms, table)

@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from funai_common import demo
+from funai_common.cli import hummingbird_main, knn_main, load_features, load_state_dict
+from funai_common.knn import knn_classify
+
+
+def test_knn_cli_safetensors_and_npy(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    train_f, test_f = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(30, 8)).astype(np.float32)
+    train_y, test_y = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
+    save_file({"features": torch.tensor(train_f), "labels": torch.tensor(train_y)}, str(tmp_path / "train.safetensors"))
+    np.save(tmp_path / "test.npy", test_f)
+    np.save(tmp_path / "test_y.npy", test_y)
+    out = tmp_path / "knn.json"
+    knn_main(
+        [
+            "--train",
+            str(tmp_path / "train.safetensors"),
+            "--test",
+            str(tmp_path / "test.npy"),
+            "--test-labels",
+            str(tmp_path / "test_y.npy"),
+            "--k",
+            "5",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
+    written = json.loads(out.read_text())
+    assert written["20"] == knn_classify(train_f, train_y, test_f, test_y, k=20)
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_feature_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_features(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KeyError, match="features"):
+        load_features(tmp_path / "bad.safetensors")
+    np.save(tmp_path / "f.npy", np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="labels file"):
+        load_features(tmp_path / "f.npy")
+
+
+def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
+    torch.save({"teacher": {"w": torch.ones(2)}}, tmp_path / "ckpt.pth")
+    assert torch.equal(load_state_dict(tmp_path / "ckpt.pth")["w"], torch.ones(2))
+
+
+@pytest.mark.slow
+def test_hummingbird_cli_on_synthetic_data_with_a_tiny_vit(tmp_path):
+    import timm
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        embed_dim=24,
+        num_heads=2,
+        num_classes=0,
+    )
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    out = tmp_path / "hb.json"
+    result = hummingbird_main(
+        [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--checkpoint",
+            str(tmp_path / "w.safetensors"),
+            "--model-args",
+            "patch_size=8",
+            "depth=1",
+            "embed_dim=24",
+            "num_heads=2",
+            "--dataset",
+            "synthetic",
+            "--input-size",
+            "32",
+            "--augmentation-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert 0.0 <= result["miou"] <= 1.0 and json.loads(out.read_text())["miou"] == result["miou"]
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    metrics = demo.main(["--out", str(tmp_path), "--quick"])
+    assert metrics["colour features"]["hummingbird_miou"] > 90
+    assert (tmp_path / "hummingbird.png").stat().st_size > 0
+    assert set(json.loads((tmp_path / "summary.json").read_text())) >= {"colour mIoU", "noise mIoU"}

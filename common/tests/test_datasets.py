@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from funai_common.datasets import (
+    ADE20K,
+    Cityscapes,
+    COCOStuff,
+    COCOThings,
+    ImageDirectory,
+    ImageFolderDataset,
+    SyntheticClassification,
+    SyntheticSegmentation,
+    VOCSegmentation,
+    build_segmentation_dataset,
+)
+
+
+def _save(path, array, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode=mode).save(path)
+
+
+def _image(path):
+    _save(path, np.full((8, 8, 3), 100), "RGB")
+
+
+def test_voc_layout(tmp_path):
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    (root / "sets" / "val.txt").write_text("a\nb\n")
+    (root / "sets" / "trainaug.txt").write_text("a\n")
+    for name in "ab":
+        _image(root / "images" / f"{name}.jpg")
+        _save(root / "SegmentationClass" / f"{name}.png", np.full((8, 8), 255), "L")
+    _save(root / "SegmentationClassAug" / "a.png", np.full((8, 8), 3), "L")
+    val = VOCSegmentation(root, "val")
+    image, mask = val[1]
+    assert len(val) == 2 and image.size == (8, 8) and np.array(mask).max() == 255
+    assert np.array(VOCSegmentation(root, "trainaug")[0][1]).max() == 3
+    assert val.num_classes == 21 and val.ignore_index == 255
+
+
+def test_missing_paths_name_the_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VOCSegmentation/.*sets"):
+        VOCSegmentation(tmp_path / "nowhere")
+    (tmp_path / "voc").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"sets/val.txt"):
+        VOCSegmentation(tmp_path / "voc")
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
+        ADE20K(tmp_path / "ade")
+    with pytest.raises(FileNotFoundError, match="leftImg8bit"):
+        build_segmentation_dataset("cityscapes", tmp_path / "cs")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_segmentation_dataset("kitti", tmp_path)
+    with pytest.raises(FileNotFoundError, match="class name"):
+        ImageFolderDataset(tmp_path / "imagenet")
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
+    _image(tmp_path / "leftImg8bit" / "val" / "bonn" / "x_leftImg8bit.png")
+    raw = np.array([[7, 8, 33, 0], [26, 1, 255, 24]] * 4)[:8, :4].repeat(2, axis=1)
+    _save(tmp_path / "gtFine" / "val" / "bonn" / "x_gtFine_labelIds.png", raw, "L")
+    mask = np.array(Cityscapes(tmp_path, "val")[0][1])
+    # road(7)->0, sidewalk(8)->1, bicycle(33)->18, car(26)->13, person(24)->11, others -> 255
+    assert mask[0, :8].tolist() == [0, 0, 1, 1, 18, 18, 255, 255]
+    assert mask[1, :8].tolist() == [13, 13, 255, 255, 255, 255, 11, 11]
+
+
+def test_coco_supercategories(tmp_path):
+    _image(tmp_path / "images" / "val2017" / "1.jpg")
+    _save(
+        tmp_path / "annotations" / "stuff_annotations" / "stuff_val2017_pixelmaps" / "1.png",
+        np.array([[92, 0, 183, 106]] * 2),
+        "L",
+    )
+    stuff = COCOStuff(tmp_path, "val")
+    # 92 = banner (textile), 0 = things, 183 = other, 106 = clouds (sky).
+    assert stuff.num_classes == 15 and len(stuff.class_names) == 15
+    mask = np.array(stuff[0][1])
+    assert stuff.class_names[mask[0, 0]] == "textile"
+    assert mask[0, 1] == 255 and mask[0, 2] == 255  # things and "other" are ignored
+    assert stuff.class_names[mask[0, 3]] == "sky"  # clouds (106)
+    _save(tmp_path / "annotations" / "val2017" / "1.png", np.array([[1, 3, 0, 200]] * 2), "L")
+    things = COCOThings(tmp_path, "val")
+    mask = np.array(things[0][1])
+    assert [things.class_names[v] for v in mask[0, :2]] == ["person", "vehicle"]
+    assert mask[0, 2] == 255 and mask[0, 3] == 255 and len(things.class_names) == 12
+
+
+def test_image_folders(tmp_path):
+    for cls in ("cat", "dog"):
+        _image(tmp_path / "train" / cls / "0.png")
+    ds = ImageFolderDataset(tmp_path / "train")
+    assert [label for _, label in ds] == [0, 1] and ds.classes == ["cat", "dog"]
+    assert len(ImageDirectory(tmp_path)) == 2
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageDirectory(tmp_path / "train" / "cat", extensions=(".jpg",))
+
+
+def test_synthetic_classification_labels_follow_the_dominant_class():
+    seg = SyntheticSegmentation(num_images=5, image_size=32, num_classes=4, seed=3, cell=8)
+    cls = SyntheticClassification(seg)
+    for i in range(5):
+        mask = np.array(seg[i][1])
+        counts = np.bincount(mask.reshape(-1), minlength=4)[1:]
+        assert cls[i][1] == counts.argmax()

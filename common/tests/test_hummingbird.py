@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+import torch
+
+from funai_common.datasets import SyntheticSegmentation
+from funai_common.handcrafted import colour_patch_features
+from funai_common.hummingbird import (
+    HummingbirdEvaluator,
+    build_memory,
+    patch_labels,
+    rare_class_scores,
+    select_memory_patches,
+    transfer_labels,
+    upsample_predictions,
+)
+
+
+def slow_patch_labels(masks, p, c):
+    n, h, _ = masks.shape
+    s = h // p
+    out = torch.zeros(n, s * s, c)
+    for i in range(n):
+        for r in range(s):
+            for col in range(s):
+                block = masks[i, r * p : (r + 1) * p, col * p : (col + 1) * p].clone()
+                block[block == 255] = 0
+                for cls in range(c):
+                    out[i, r * s + col, cls] = (block == cls).float().mean()
+    return out
+
+
+def test_patch_labels_match_slow_loop():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 4, (3, 12, 12), generator=g)
+    masks[0, :3, :5] = 255
+    torch.testing.assert_close(patch_labels(masks, 4, 4), slow_patch_labels(masks, 4, 4))
+
+
+def test_patch_labels_hand_case_and_ignore_option():
+    mask = torch.tensor([[[1, 1, 2, 2], [1, 255, 2, 2], [0, 0, 0, 0], [0, 0, 0, 3]]])
+    labels = patch_labels(mask, 2, 4)
+    torch.testing.assert_close(labels[0, 0], torch.tensor([0.25, 0.75, 0, 0]))  # the 255 counts as class 0
+    torch.testing.assert_close(labels[0, 1], torch.tensor([0.0, 0, 1, 0]))
+    torch.testing.assert_close(labels[0, 3], torch.tensor([0.75, 0, 0, 0.25]))
+    excluded = patch_labels(mask, 2, 4, ignore_as_background=False)
+    torch.testing.assert_close(excluded[0, 0], torch.tensor([0.0, 1, 0, 0]))
+    with pytest.raises(ValueError, match="mask values"):
+        patch_labels(torch.full((1, 4, 4), 7), 2, 4)
+
+
+def test_rare_class_scores_hand_case():
+    # 2x2 patches: class 1 in one patch, class 0 in all four patches.
+    mask = torch.zeros(1, 4, 4, dtype=torch.long)
+    mask[0, 0, 0] = 1
+    scores = rare_class_scores(mask, 2, 2)
+    # patch 0 holds classes 0 (in 4 patches) and 1 (in 1 patch) -> 5; the others hold class 0 only -> 4.
+    torch.testing.assert_close(scores, torch.tensor([[5.0, 4.0, 4.0, 4.0]]))
+
+
+def test_select_memory_patches_is_k_smallest_of_score_times_draw():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 3, (4, 16, 16), generator=g)
+    draws = torch.rand(4, 16, generator=g)
+    chosen = select_memory_patches(masks, 4, 3, k=5, draws=draws)
+    scores = rare_class_scores(masks, 4, 3)
+    for i in range(4):
+        products = [(float(scores[i, p] * draws[i, p]), p) for p in range(16)]
+        assert set(chosen[i].tolist()) == {p for _, p in sorted(products)[:5]}
+
+
+def test_build_memory_unbounded_and_bounded():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 4, 3, generator=g)
+    masks = torch.randint(0, 2, (2, 4, 4), generator=g)
+    mf, ml = build_memory(feats, masks, 2, 2)
+    expected = feats.reshape(-1, 3) / feats.reshape(-1, 3).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(mf, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ml, slow_patch_labels(masks, 2, 2).reshape(-1, 2))
+    draws = torch.rand(2, 4, generator=g)
+    mf, ml = build_memory(feats, masks, 2, 2, memory_size=4, draws=draws)
+    chosen = select_memory_patches(masks, 2, 2, 2, draws)
+    assert mf.shape == (4, 3) and ml.shape == (4, 2)
+    torch.testing.assert_close(mf[:2], expected[chosen[0]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mf[2:], expected[4 + chosen[1]], atol=1e-6, rtol=0)
+
+
+def test_transfer_labels_matches_slow_loop():
+    g = torch.Generator().manual_seed(3)
+    memory = torch.nn.functional.normalize(torch.randn(50, 6, generator=g), dim=1)
+    labels = torch.softmax(torch.randn(50, 3, generator=g), dim=1)
+    queries = torch.randn(2, 4, 6, generator=g) * 3
+    got = transfer_labels(memory, labels, queries, k=5, temperature=0.02, backend="torch")
+    for m in range(2):
+        for p in range(4):
+            q = queries[m, p]
+            idx = torch.argsort(memory @ q, descending=True)[:5]
+            cos = torch.stack([torch.dot(q / q.norm(), memory[j] / memory[j].norm()) for j in idx])
+            w = torch.exp(cos / 0.02) / torch.exp(cos / 0.02).sum()
+            torch.testing.assert_close(got[m, p], (w[:, None] * labels[idx]).sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_row_major_quadrants():
+    # S=2 one-hot patches upsampled x2: each quadrant takes its patch's class (patch 1 = row 0, col 1).
+    probs = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 3]]), 4).float()
+    out = upsample_predictions(probs, 4)
+    expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    assert torch.equal(out[0], expected)
+
+
+def _evaluator(feature_fn, **kw):
+    train = SyntheticSegmentation(num_images=8, image_size=64, num_classes=4, seed=0, cell=16)
+    val = SyntheticSegmentation(num_images=4, image_size=64, num_classes=4, seed=1, cell=16)
+    return HummingbirdEvaluator(
+        feature_fn,
+        train,
+        val,
+        num_classes=4,
+        patch_size=8,
+        input_size=64,
+        augmentation_epochs=1,
+        batch_size=4,
+        progress=False,
+        **kw,
+    )
+
+
+def test_colour_features_reach_near_perfect_miou_and_noise_does_not():
+    perfect = _evaluator(lambda x: colour_patch_features(x, 8)).evaluate()
+    assert perfect["miou"] > 0.9
+    noise = _evaluator(lambda x: torch.randn(x.shape[0], 64, 16)).evaluate()
+    assert noise["miou"] < 0.6
+    assert noise["miou"] < perfect["miou"] - 0.3
+
+
+def test_bounded_memory_is_seeded():
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    a = _evaluator(fn, memory_size=100, seed=5).evaluate()
+    b = _evaluator(fn, memory_size=100, seed=5).evaluate()
+    assert a == b and a["memory_rows"] == 96  # 100 // 8 images = 12 patches per image
+    assert a["miou"] > 0.8
+
+
+def test_feature_fn_shape_is_checked():
+    with pytest.raises(ValueError, match="feature_fn must return"):
+        _evaluator(lambda x: torch.randn(x.shape[0], 10, 4)).evaluate()
+
+
+def test_synthetic_dataset_is_deterministic_and_grid_aligned():
+    ds = SyntheticSegmentation(num_images=3, image_size=64, num_classes=5, seed=7, cell=16)
+    a, b = np.array(ds[1][1]), np.array(SyntheticSegmentation(3, 64, 5, seed=7, cell=16)[1][1])
+    assert np.array_equal(a, b)
+    cells = a.reshape(4, 16, 4, 16)
+    assert (cells == cells[:, :1, :, :1]).all()  # each 16x16 cell holds one class

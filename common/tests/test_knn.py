@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from funai_common.knn import knn_classify, knn_classify_many
+from funai_common.search import BACKENDS, nearest_neighbors, resolve_backend
+
+
+def reference_knn(train_f, train_y, test_f, test_y, k, T, C):
+    """The obvious per-sample loop: normalise, sort similarities, vote exp(s/T), rank with ties to small ids."""
+    train_f = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+    test_f = test_f / np.linalg.norm(test_f, axis=1, keepdims=True)
+    top1 = top5 = 0
+    for q, y in zip(test_f, test_y):
+        sims = train_f @ q
+        order = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(C)
+        for j in order:
+            votes[train_y[j]] += np.exp(sims[j] / T)
+        ranking = sorted(range(C), key=lambda c: (-votes[c], c))
+        top1 += ranking[0] == y
+        top5 += y in ranking[: min(5, k)]
+    return 100.0 * top1 / len(test_y), 100.0 * top5 / len(test_y)
+
+
+def test_hand_computed_case():
+    # Two training points per class on the unit circle; the query sits near class 1's points.
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1])
+    test = np.array([[0.2, 1.0], [1.0, 0.05]])
+    result = knn_classify(train, labels, test, np.array([1, 1]), k=2)
+    assert result == {"top1": 50.0, "top5": 100.0}
+
+
+def test_ties_go_to_smaller_class_index():
+    # One neighbour (k=1) of class 3 out of 6 classes: classes without votes rank in index order 0, 1, 2, 4, 5.
+    train = np.eye(4)[[0, 1]]
+    labels = np.array([3, 5])
+    test = np.array([[1.0, 0.0, 0.0, 0.0]])
+    assert knn_classify(train, labels, test, np.array([3]), k=1, num_classes=6)["top1"] == 100.0
+    # top-5 looks at the first min(5, k) = 1 classes only.
+    assert knn_classify(train, labels, test, np.array([0]), k=1, num_classes=6)["top5"] == 0.0
+    # With k=2 both neighbours vote: ranking 3, 5 (then 0, 1, 2, 4), and top-5 looks at [3, 5].
+    assert knn_classify(train, labels, test, np.array([5]), k=2, num_classes=6) == {"top1": 0.0, "top5": 100.0}
+    assert knn_classify(train, labels, test, np.array([0]), k=2, num_classes=6)["top5"] == 0.0
+
+
+@pytest.mark.parametrize("n_test", [1, 7, 250])
+def test_matches_reference_loop(n_test):
+    rng = np.random.default_rng(n_test)
+    train_f, test_f = rng.normal(size=(300, 16)), rng.normal(size=(n_test, 16))
+    train_y, test_y = rng.integers(0, 10, 300), rng.integers(0, 10, n_test)
+    for k in (1, 5, 20):
+        got = knn_classify(torch.tensor(train_f), torch.tensor(train_y), test_f, test_y, k=k, temperature=0.07)
+        want = reference_knn(train_f, train_y, test_f, test_y, k, 0.07, 10)
+        assert got["top1"] == pytest.approx(want[0], abs=1e-9)
+        assert got["top5"] == pytest.approx(want[1], abs=1e-9)
+
+
+def test_many_k_from_one_search_equals_single_k():
+    rng = np.random.default_rng(0)
+    train_f, test_f = rng.normal(size=(200, 8)), rng.normal(size=(50, 8))
+    train_y, test_y = rng.integers(0, 5, 200), rng.integers(0, 5, 50)
+    many = knn_classify_many(train_f, train_y, test_f, test_y, ks=(10, 20, 100, 200))
+    for k, res in many.items():
+        assert res == knn_classify(train_f, train_y, test_f, test_y, k=k)
+
+
+def test_backends_agree():
+    available = [b for b in BACKENDS if b != "auto"]
+    rng = np.random.default_rng(1)
+    bank = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(500, 32)), dtype=torch.float32), dim=1)
+    queries = torch.tensor(rng.normal(size=(40, 32)), dtype=torch.float32)
+    results = {}
+    for backend in available:
+        try:
+            resolve_backend(backend)
+        except (ImportError, RuntimeError):
+            continue
+        results[backend] = nearest_neighbors(queries, bank, k=7, backend=backend)
+    assert "torch" in results
+    brute = torch.topk(queries @ bank.T, 7, dim=1)
+    for scores, indices in results.values():
+        assert torch.equal(indices, brute.indices)
+        torch.testing.assert_close(scores, brute.values, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_merges_bank_chunks(monkeypatch):
+    import funai_common.search as search
+
+    monkeypatch.setattr(search, "_TORCH_BLOCK_ELEMENTS", 64)  # forces many bank chunks
+    bank = torch.randn(300, 8)
+    queries = torch.randn(20, 8)
+    scores, indices = nearest_neighbors(queries, bank, k=5, backend="torch", chunk_size=4)
+    brute = torch.topk(queries @ bank.T, 5, dim=1)
+    assert torch.equal(indices, brute.indices)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown search backend"):
+        nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 1, backend="scann")
+    with pytest.raises(ValueError, match="k must be in"):
+        nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 5)
+    with pytest.raises(ValueError, match="features and labels disagree"):
+        knn_classify(np.ones((3, 2)), np.zeros(2), np.ones((1, 2)), np.zeros(1))

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from funai_common.linear import linear_probe
+from funai_common.metrics import ConfusionMatrix, miou
+
+
+def test_identity_hand_case():
+    gt = np.array([0, 0, 1, 1, 2, 255])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    value, per_class = miou(gt, pred, num_classes=3, matching="identity")
+    # class 0: TP 1, FP 1 (pixel 4), FN 1 (pixel 1) -> 1/3; class 1: TP 2, FP 1 -> 2/3; class 2: TP 0 -> 0.
+    np.testing.assert_allclose(per_class, [1 / 3, 2 / 3, 0.0])
+    assert value == pytest.approx(1 / 3)
+
+
+def test_hungarian_undoes_a_permutation():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 4, size=(3, 10, 10))
+    perm = np.array([2, 0, 3, 1])
+    value, per_class = miou(torch.tensor(gt), torch.tensor(perm[gt]), num_classes=4)
+    assert value == pytest.approx(1.0)
+    assert miou(gt, perm[gt], num_classes=4, matching="identity")[0] < 0.5
+
+
+def test_absent_class_counts_as_zero_and_unmatched_predictions_go_to_zero():
+    gt = np.array([0, 0, 1, 1])
+    value, per_class = miou(gt, gt, num_classes=4)
+    np.testing.assert_allclose(per_class, [1, 1, 0, 0])
+    assert value == pytest.approx(0.5)
+
+
+def test_many_to_one_merges_clusters():
+    gt = np.array([0, 0, 0, 1, 1, 1])
+    clusters = np.array([0, 1, 1, 2, 3, 3])
+    value, _ = miou(gt, clusters, num_classes=2, matching="many_to_one", num_predicted=4)
+    assert value == pytest.approx(1.0)
+    hungarian, _ = miou(gt, clusters, num_classes=2, matching="hungarian", num_predicted=4)
+    # Hungarian keeps one cluster per class (clusters 1 and 3); clusters 0 and 2 fall to class 0.
+    # class 0: TP 2 + pixel 0 (cluster 0 -> 0) = 3, FP 1 (cluster 2) -> 3/4; class 1: TP 2, FN 1 -> 2/3.
+    assert hungarian == pytest.approx((3 / 4 + 2 / 3) / 2)
+
+
+def test_streaming_equals_one_shot():
+    rng = np.random.default_rng(1)
+    gt, pred = rng.integers(0, 5, (4, 16, 16)), rng.integers(0, 5, (4, 16, 16))
+    gt[:, :2] = 255
+    cm = ConfusionMatrix(5)
+    for g, p in zip(gt, pred):
+        cm.update(g, p)
+    assert cm.miou()[0] == pytest.approx(miou(gt, pred, 5)[0], abs=1e-12)
+
+
+def test_bad_matching():
+    with pytest.raises(ValueError, match="unknown matching"):
+        miou([0], [0], 1, matching="greedy")
+
+
+def test_linear_probe_separable():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 5)) * 5
+    y = rng.integers(0, 3, 300)
+    x = centres[y] + rng.normal(size=(300, 5))
+    result = linear_probe(x[:200], y[:200], x[200:], y[200:])
+    assert result["top1"] > 95 and result["top5"] == 100.0
