@@ -103,3 +103,17 @@ def test_bad_inputs():
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 5)
     with pytest.raises(ValueError, match="features and labels disagree"):
         knn_classify(np.ones((3, 2)), np.zeros(2), np.ones((1, 2)), np.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float16_bank_on_gpu_finds_the_same_neighbours():
+    from funai_common.search import NeighborIndex
+
+    bank = torch.nn.functional.normalize(torch.randn(20000, 64), dim=1)
+    queries = torch.randn(300, 64)
+    want = NeighborIndex(bank, backend="torch").search(queries, 10)[1]
+    got = NeighborIndex(bank.cuda(), backend="torch", bank_dtype=torch.float16).search(queries.cuda(), 10)[1]
+    # float16 rounding may swap near-ties: compare as sets per query, allowing one swap
+    overlap = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got.cpu())]
+    assert min(overlap) >= 9
