@@ -1,0 +1,109 @@
+"""YAML configs with ``key=value`` / ``--key value`` overrides (dotted keys for nested sections)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = "dinov2r_vits14"
+
+
+def config_dir() -> str:
+    """Directory of the configs shipped inside the package."""
+    return str(resources.files("neco") / "configs")
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML path, or the name of a shipped config (``tiny``, ``dinov2r_vits14``, ``configs/tiny.yaml``)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    stem = os.path.splitext(os.path.basename(name_or_path))[0]
+    shipped = os.path.join(config_dir(), f"{stem}.yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    names = sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml"))
+    raise FileNotFoundError(f"config {name_or_path!r} not found; give a YAML path or one of {names}")
+
+
+def _flat_keys(cfg: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and value:
+            keys.extend(_flat_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``cfg[a][b] = value`` for ``dotted = 'a.b'``; unknown keys raise KeyError listing the valid ones."""
+    node = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            valid = ", ".join(
+                k for k in _flat_keys(cfg) if not isinstance(get_key(cfg, k), dict) or not get_key(cfg, k)
+            )
+            raise KeyError(f"unknown config key {dotted!r}; valid keys: {valid}")
+        if i == len(parts) - 1:
+            if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
+                raise KeyError(f"config key {dotted!r} is a section; set one of its fields ({dotted}.<field>=...)")
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def get_key(cfg: dict[str, Any], dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def parse_value(text: str) -> Any:
+    """YAML value, with YAML 1.1's gap filled: ``1e-4`` (no dot) is a float, not a string."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Split ``argv`` into the ``--config``/``config=`` path and a list of (dotted key, YAML-parsed value)."""
+    config, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg:
+            if i + 1 >= len(argv):
+                raise ValueError(f"option {arg} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        elif "=" in arg:
+            key, value = arg.lstrip("-").split("=", 1)
+            i += 1
+        else:
+            raise ValueError(f"cannot parse argument {arg!r}; expected key=value or --key value")
+        if key == "config":
+            config = value
+        else:
+            pairs.append((key.replace("-", "_"), parse_value(value)))
+    return config, pairs
+
+
+def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) -> dict[str, Any]:
+    """Config from ``--config`` (default: the paper recipe) with command-line overrides applied."""
+    config, pairs = parse_overrides(list(argv or []))
+    path = resolve_config_path(config or default)
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg = copy.deepcopy(cfg)
+    for key, value in pairs:
+        set_key(cfg, key, value)
+    cfg["config_path"] = os.path.abspath(path)
+    return cfg

@@ -1,0 +1,168 @@
+"""Student/teacher networks: a timm ViT backbone (DINOv2, DINOv2 with registers, DINO) + NeCo's MLP head."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Released backbones of spec section 6 (timm names). "R-XR": registers dropped from DINOv2R weights.
+BACKBONES = {
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2r_vits14": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2r_vitb14": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dino_vits16": "vit_small_patch16_224.dino",
+}
+PREFIXES = ("module.", "model.", "teacher.", "student.", "backbone.")
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (Lightning ``model.``/``teacher.``, DDP ``module.``, ``backbone.``)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def load_state_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a .pth/.ckpt loaded with ``weights_only=True`` (never unpickled)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} does not exist; download the weights and set model.checkpoint=/path/to/weights "
+            f"(.safetensors, .pth or a NeCo checkpoint directory)"
+        )
+    if os.path.isdir(path):
+        path = os.path.join(path, "student.safetensors")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return state
+
+
+def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Module:
+    """timm ViT from ``cfg`` (``model`` section): name, pretrained, checkpoint, drop_registers, timm overrides.
+
+    ``dynamic_img_size`` lets one network take the 518 px global and 98 px local crops (bicubic pos-embed
+    interpolation). ``drop_registers`` builds the "R-XR" variant: DINOv2R weights without register tokens.
+    """
+    name = BACKBONES.get(cfg["name"], cfg["name"])
+    kwargs = dict(
+        num_classes=0, dynamic_img_size=True, drop_path_rate=cfg["drop_path"] if drop_path is None else drop_path
+    )
+    kwargs.update(cfg.get("overrides") or {})
+    if cfg.get("drop_registers"):
+        kwargs["reg_tokens"] = 0
+    pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint")
+    if pretrained and cfg.get("drop_registers"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        source = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True).state_dict()
+        source.pop("reg_token", None)
+        model.load_state_dict(source, strict=True)
+    else:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if cfg.get("checkpoint"):
+        state = _strip(load_state_file(cfg["checkpoint"]))
+        if cfg.get("drop_registers"):
+            state.pop("reg_token", None)
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
+        if not state:
+            raise ValueError(f"checkpoint {cfg['checkpoint']!r} holds no weights matching timm model {name!r}")
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            log.warning("backbone keys missing from %s: %s", cfg["checkpoint"], missing)
+    return model
+
+
+class ProjectionHead(nn.Module):
+    """Linear(D, h) -> GELU -> ... -> Linear(h, out), L2-normalised output (no BatchNorm), as in the reference."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, num_layers: int = 3) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Final-norm patch tokens (B, N, D) of a timm ViT, CLS and register tokens dropped."""
+    return backbone.forward_features(images)[:, backbone.num_prefix_tokens :]
+
+
+class NecoNet(nn.Module):
+    """Backbone + head; ``forward(crops)`` maps a list of (B, 3, s, s) crops to a list of (B, N_s, out_dim)."""
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * len(crops)
+        # one backbone call per resolution, crop-major (all images of crop 0, then crop 1, ...)
+        for size in dict.fromkeys(c.shape[-1] for c in crops):
+            idx = [i for i, c in enumerate(crops) if c.shape[-1] == size]
+            tokens = self.head(patch_tokens(self.backbone, torch.cat([crops[i] for i in idx])))
+            for i, chunk in zip(idx, tokens.chunk(len(idx))):
+                outputs[i] = chunk
+        return outputs
+
+
+def build_student_teacher(cfg: dict[str, Any]) -> tuple[NecoNet, NecoNet]:
+    """Student (drop_path from cfg) and teacher (identical weights, drop_path 0, no gradients)."""
+    backbone = build_backbone(cfg)
+    head = ProjectionHead(backbone.num_features, cfg["head_hidden_dim"], cfg["head_out_dim"], cfg["head_layers"])
+    student = NecoNet(backbone, head)
+    teacher = copy.deepcopy(student)
+    for module in teacher.modules():
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_s over all parameters, head included."""
+    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+        p_t.mul_(momentum).add_(p_s.detach().to(p_t.dtype), alpha=1.0 - momentum)
+
+
+def param_groups(student: NecoNet, lr_backbone: float, lr_head: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Four AdamW groups: backbone decay / no-decay, head decay / no-decay (biases and 1-D params: no decay)."""
+    groups = []
+    for part, lr in ((student.backbone, lr_backbone), (student.head, lr_head)):
+        decay, no_decay = [], []
+        for name, p in part.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "base_lr": lr, "decay": True})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "base_lr": lr, "decay": False})
+    return groups

@@ -1,0 +1,249 @@
+"""``neco-train``: NeCo post-pretraining with accelerate (one code path for CPU, 1 GPU, many GPUs, many nodes).
+
+neco-train                                   # paper recipe: configs/dinov2r_vits14.yaml on COCO train2017
+neco-train --config tiny                     # CPU, synthetic data, seconds
+neco-train data.root=/data/coco optim.batch_size=32 train.resume=latest
+accelerate launch --multi_gpu --num_processes 8 -m neco.train --config dinov2r_vitb14
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from neco.config import load_config
+from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
+from neco.losses import BatchGather, neco_loss
+from neco.models import build_student_teacher, ema_update, param_groups
+from neco.queue import PatchQueue
+from neco.schedules import cosine_schedule
+
+log = logging.getLogger("neco")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; the last good checkpoint is left in place."""
+
+
+def setup_logging(run_dir: str | None, main_process: bool) -> None:
+    """Log to stdout and ``<run_dir>/log.txt`` (main process); replaces handlers of earlier calls."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir and main_process:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "log.txt")))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def run_directory(cfg: dict[str, Any]) -> str:
+    return cfg["train"]["run_dir"] or os.path.join(cfg["output_dir"], cfg["name"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the global state used by third-party code)
+    torch.manual_seed(seed)
+
+
+def build_schedules(cfg: dict[str, Any], iters_per_epoch: int) -> dict[str, np.ndarray]:
+    """Per-step lr (backbone, head), weight decay and teacher momentum (spec section 5)."""
+    o = cfg["optim"]
+    epochs = o["epochs"]
+    return {
+        "lr_backbone": cosine_schedule(o["lr_backbone"], o["final_lr"], epochs, iters_per_epoch),
+        "lr_head": cosine_schedule(o["lr_head"], o["final_lr"], epochs, iters_per_epoch),
+        "weight_decay": cosine_schedule(o["weight_decay"], o["weight_decay_end"], epochs, iters_per_epoch),
+        "momentum": cosine_schedule(o["momentum_teacher"], o["momentum_teacher_end"], epochs, iters_per_epoch),
+    }
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, np.ndarray], step: int) -> None:
+    """Set the step's learning rates (groups 0-1 backbone, 2-3 head) and weight decay (decayed groups only)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = float(schedules["lr_backbone" if i < 2 else "lr_head"][step])
+        if group.get("decay", i % 2 == 0):
+            group["weight_decay"] = float(schedules["weight_decay"][step])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train NeCo; returns {"run_dir", "step", "losses", "checkpoint"}."""
+    from accelerate import Accelerator
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    tcfg, ocfg, lcfg = cfg["train"], cfg["optim"], cfg["loss"]
+    use_cpu = bool(tcfg["cpu"]) or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision="no" if use_cpu else tcfg["mixed_precision"],
+        log_with="tensorboard" if tcfg["tensorboard"] else None,
+        project_dir=run_directory(cfg),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run_dir = run_directory(cfg)
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, accelerator.is_main_process)
+
+    seed_everything(cfg["seed"])
+    dataset = build_train_dataset(cfg["data"], cfg["seed"])  # fails at once when the data is missing
+    global_batch = int(ocfg["batch_size"])
+    sampler_probe = StepBatchSampler(len(dataset), global_batch, cfg["seed"], rank, world)
+    iters_per_epoch = sampler_probe.iters_per_epoch
+    total_steps = int(ocfg["epochs"]) * iters_per_epoch
+    end_step = min(total_steps, ocfg["max_steps"] or total_steps)
+    schedules = build_schedules(cfg, iters_per_epoch)
+
+    student, teacher = build_student_teacher(cfg["model"])
+    queue = PatchQueue(cfg["data"]["num_global"], lcfg["queue_length"], cfg["model"]["head_out_dim"])
+    optimizer = torch.optim.AdamW(param_groups(student, ocfg["lr_backbone"], ocfg["lr_head"], ocfg["weight_decay"]))
+    modules = {"student": student, "teacher": teacher, "queue": queue}
+
+    start_step, history = 0, []
+    if tcfg["resume"]:
+        path = resolve_resume(tcfg["resume"], run_dir)
+        meta = load_checkpoint(path, modules, optimizer, rank)
+        start_step, history = meta["step"], meta.get("losses", [])
+        log.info("resumed from %s at step %d", path, start_step)
+    else:
+        seed_everything(cfg["seed"])  # model init consumed RNG; restart the stream identically on every process
+
+    if accelerator.is_main_process:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    if tcfg["tensorboard"]:
+        accelerator.init_trackers(cfg["name"])
+
+    student, optimizer = accelerator.prepare(student, optimizer)
+    teacher.to(accelerator.device)
+    queue.to(accelerator.device)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=StepBatchSampler(len(dataset), global_batch, cfg["seed"], rank, world, start_step),
+        collate_fn=collate_multicrop,
+        num_workers=cfg["data"]["num_workers"],
+        pin_memory=not use_cpu,
+        generator=torch.Generator().manual_seed(cfg["seed"]),  # keeps the global RNG stream untouched
+    )
+    gather = BatchGather(
+        fn=accelerator.gather if world > 1 else (lambda t: t), offset=rank * (global_batch // world), total=global_batch
+    )
+    num_global = cfg["data"]["num_global"]
+    sizes = dataset.sizes
+    last_checkpoint = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    losses = list(history)
+    log.info(
+        "training %s: %d processes, global batch %d, steps %d..%d of %d (%d per epoch), run dir %s",
+        cfg["name"],
+        world,
+        global_batch,
+        start_step,
+        end_step,
+        total_steps,
+        iters_per_epoch,
+        run_dir,
+    )
+
+    def checkpoint(step: int) -> str:
+        meta = {"config": cfg, "losses": losses, "iters_per_epoch": iters_per_epoch}
+        mods = {"student": accelerator.unwrap_model(student), "teacher": teacher, "queue": queue}
+        return save_checkpoint(
+            run_dir, step, mods, optimizer, meta, rank, accelerator.wait_for_everyone, tcfg["keep_checkpoints"]
+        )
+
+    if tcfg["save_initial"] and start_step == 0:
+        last_checkpoint = checkpoint(0)  # the pretrained starting point, for before/after evaluations
+    bar = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, desc="neco", unit="step")
+    batches = iter(loader)
+    tic = time.perf_counter()
+    for step in range(start_step, end_step):
+        crops, boxes = next(batches)
+        crops = [c.to(accelerator.device, non_blocking=True) for c in crops]
+        boxes = boxes.to(accelerator.device)
+        apply_schedules(optimizer, schedules, step)
+        with torch.no_grad(), accelerator.autocast():
+            teacher_out = [t.float() for t in teacher(crops[:num_global])]
+        student_out = [s.float() for s in student(crops)]
+        references = None
+        if lcfg["use_queue"]:
+            for c in range(num_global):
+                queue.push_random(c, gather.fn(teacher_out[c]), lcfg["queue_per_image"])
+            references = queue.banks()
+        loss = neco_loss(
+            teacher_out,
+            student_out,
+            boxes,
+            sizes,
+            cfg["model"]["patch_size"],
+            references=references,
+            steepness=lcfg["student_steepness"],
+            network=lcfg["network"],
+            teacher_steepness=lcfg["teacher_steepness"],
+            similarity=lcfg["similarity"],
+            gather=gather,
+            checkpoint_sort=lcfg["checkpoint_sort"],
+        )
+        loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise NonFiniteLossError(
+                f"non-finite loss {loss_value} at step {step}; stopping. Last good checkpoint: "
+                f"{last_checkpoint or 'none'} (resume with train.resume=latest after lowering the learning rate)"
+            )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, accelerator.unwrap_model(student), float(schedules["momentum"][step]))
+        losses.append(loss_value)
+        done = step + 1
+        images_per_s = global_batch * (done - start_step) / (time.perf_counter() - tic)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}")
+        bar.update(1)
+        if done % tcfg["log_every"] == 0 or done == end_step:
+            record = {
+                "step": done,
+                "loss": loss_value,
+                "lr_backbone": float(schedules["lr_backbone"][step]),
+                "weight_decay": float(schedules["weight_decay"][step]),
+                "momentum": float(schedules["momentum"][step]),
+                "images_per_s": images_per_s,
+            }
+            if accelerator.is_main_process:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if tcfg["tensorboard"]:
+                accelerator.log(record, step=done)
+            log.info("step %d loss %.5f img/s %.1f", done, loss_value, images_per_s)
+        if done % tcfg["checkpoint_every"] == 0 or done == end_step:
+            last_checkpoint = checkpoint(done)
+    bar.close()
+    if tcfg["tensorboard"]:
+        accelerator.end_training()
+    log.info("finished at step %d; last checkpoint %s", end_step, last_checkpoint)
+    return {"run_dir": run_dir, "step": end_step, "losses": losses, "checkpoint": last_checkpoint}
+
+
+def cli() -> None:
+    """Console-script entry point (exit status 0 on success; ``main`` returns results for programmatic use)."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

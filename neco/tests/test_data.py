@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from neco.data import MultiCropDataset, StepBatchSampler, build_image_dataset, collate_multicrop
+from neco.eval import train_subset
+
+
+class _Images:
+    def __init__(self, n=5, w=120, h=90):
+        rng = np.random.default_rng(0)
+        self.images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_multicrop_sample_is_deterministic_and_matches_its_boxes():
+    images = _Images()
+    ds = MultiCropDataset(images, global_size=28, local_size=14, seed=3)
+    crops, boxes = ds[(1, 2)]
+    again, boxes2 = ds[(1, 2)]
+    assert torch.equal(boxes, boxes2) and all(torch.equal(a, b) for a, b in zip(crops, again))
+    other, boxes3 = ds[(2, 2)]  # another epoch draws other crops
+    assert not torch.equal(boxes, boxes3)
+    assert [tuple(c.shape) for c in crops] == [(3, 28, 28)] * 2 + [(3, 14, 14)] * 4
+    # without photometric augmentation every crop is exactly its box resized (no flips, no hidden offsets)
+    ds.photometric = T.ToTensor()
+    crops, boxes = ds[(1, 2)]
+    for crop, box, size in zip(crops, boxes.tolist(), ds.sizes):
+        expected = T.ToTensor()(images[2].resize((size, size), Image.BILINEAR, box=tuple(box)))
+        torch.testing.assert_close(crop, expected)
+    batch_crops, batch_boxes = collate_multicrop([ds[(0, 0)], ds[(0, 1)]])
+    assert batch_boxes.shape == (2, 6, 4) and batch_crops[0].shape == (2, 3, 28, 28)
+
+
+def test_step_batch_sampler_splits_global_batches_and_resumes():
+    one = StepBatchSampler(10, 4, seed=1)
+    it = iter(one)
+    batches = [next(it) for _ in range(5)]  # 2 per epoch: crosses two epoch boundaries
+    assert [b[0][0] for b in batches] == [0, 0, 1, 1, 2]
+    assert len({i for _, i in batches[0] + batches[1]}) == 8  # no repeats within an epoch
+    ranks = [iter(StepBatchSampler(10, 4, seed=1, rank=r, world=2)) for r in range(2)]
+    for step in range(5):
+        assert next(ranks[0]) + next(ranks[1]) == batches[step]
+    resumed = iter(StepBatchSampler(10, 4, seed=1, start_step=3))
+    assert next(resumed) == batches[3]
+    with pytest.raises(ValueError, match="divisible"):
+        StepBatchSampler(10, 3, seed=0, world=2)
+    with pytest.raises(ValueError, match="smaller than optim.batch_size"):
+        StepBatchSampler(3, 4, seed=0)
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown data.dataset 'cifar'"):
+        build_image_dataset({"dataset": "cifar", "root": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="ImageNet training images not found.*train"):
+        build_image_dataset({"dataset": "imagenet", "root": str(tmp_path)})
+
+
+def test_train_subset():
+    data = list(range(256))
+    sub = train_subset(data, 1 / 128)
+    assert len(sub) == 2 and set(sub) <= set(data)
+    assert train_subset(data, 1.0) is data
+    with pytest.raises(ValueError, match="train_fraction"):
+        train_subset(data, 0)

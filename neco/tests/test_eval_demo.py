@@ -1,0 +1,189 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from funai_common.datasets import SyntheticSegmentation
+from neco.eval import backbone_from_checkpoint, format_table
+from neco.eval import main as eval_main
+from neco.evaluation import linear_segmentation, overclustering
+from neco.export import main as export_main
+from neco.train import main as train_main
+
+
+class _Colours:
+    """Images whose pixel colours encode the class exactly (a perfect feature exists)."""
+
+    num_classes, ignore_index = 3, 255
+
+    def __init__(self, n=6, size=32):
+        rng = np.random.default_rng(0)
+        self.items = []
+        for _ in range(n):
+            mask = np.zeros((size, size), np.uint8)
+            mask[: size // 2] = rng.integers(1, 3)
+            mask[size // 2 :, : size // 2] = 255  # ignored region
+            colour = np.where(mask == 255, 0, mask)  # ignored pixels look like class 0
+            rgb = np.stack([colour == c for c in (0, 1, 2)], -1).astype(np.uint8) * 255
+            self.items.append((Image.fromarray(rgb), Image.fromarray(mask)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _colour_features(images):
+    # 8 x 8 patches of 4 px, mean colour per patch as the feature (class borders fall on patch borders)
+    return torch.nn.functional.avg_pool2d(images, 4).flatten(2).transpose(1, 2)
+
+
+def test_linear_segmentation_and_overclustering_on_separable_features():
+    ds = _Colours()
+    lin = linear_segmentation(
+        _colour_features,
+        ds,
+        ds,
+        3,
+        patch_size=4,
+        input_size=32,
+        mask_size=16,
+        epochs=30,
+        lr=0.5,
+        milestones=[25],
+        batch_size=6,
+        progress=False,
+    )
+    assert lin["miou"] > 0.95
+    over = overclustering(
+        _colour_features,
+        ds,
+        3,
+        patch_size=4,
+        ks=[3, 6],
+        input_size=32,
+        mask_size=16,
+        pca_dim=3,
+        seeds=[0, 1],
+        niter=20,
+        nredo=2,
+        progress=False,
+    )
+    # 3 colours -> K=3 recovers the classes (Hungarian matching), K=6 as well (many-to-one matching)
+    assert over["K=3"]["miou"] > 0.95 and over["K=6"]["miou"] > 0.95
+    assert len(over["K=3"]["per_seed"]) == 2
+
+
+def test_overclustering_random_features_score_low():
+    ds = _Colours()
+    gen = torch.Generator().manual_seed(0)
+
+    def noise(images):
+        return torch.randn(images.shape[0], 64, 8, generator=gen)
+
+    over = overclustering(
+        noise,
+        ds,
+        3,
+        patch_size=4,
+        ks=[3],
+        input_size=32,
+        mask_size=16,
+        pca_dim=4,
+        seeds=[0],
+        niter=10,
+        nredo=1,
+        progress=False,
+    )
+    assert over["K=3"]["miou"] < 0.8
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("neco_run")
+    train_main(
+        [
+            "--config",
+            "tiny",
+            f"train.run_dir={run}",
+            "optim.max_steps=1",
+            "data.synthetic_images=4",
+            "optim.batch_size=2",
+            "data.num_local=2",
+        ]
+    )
+    return str(run)
+
+
+def test_eval_main_on_checkpoint(trained_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    metrics = eval_main(
+        [
+            "--config",
+            "eval_tiny",
+            f"checkpoint={trained_run}",
+            f"output={out}",
+            "data.synthetic_images=4",
+            "linear.epochs=1",
+            "overcluster.seeds=1",
+            "hummingbird.augmentation_epochs=1",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "Dense NN retrieval" in printed and "neco_tiny (measured)" in printed
+    saved = json.load(open(out / "metrics.json"))
+    assert set(saved["summary_percent"]) == {"hummingbird", "linear", "overcluster_k5", "overcluster_k12"}
+    assert all(0 <= v <= 100 for v in metrics["summary_percent"].values())
+
+
+def test_export_loads_into_plain_timm(trained_run, tmp_path):
+    info = export_main([f"checkpoint={trained_run}", f"output={tmp_path / 'b.safetensors'}"])
+    model = timm.create_model(
+        info["timm_name"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay={"file": info["output"]},
+        **info["create_kwargs"],
+    )
+    ours, _ = backbone_from_checkpoint(trained_run, "student")
+    x = torch.randn(1, 3, 98, 98)
+    torch.testing.assert_close(model.eval().forward_features(x), ours.eval().forward_features(x))
+    with pytest.raises(KeyError, match="unknown option 'weight'"):
+        export_main([f"checkpoint={trained_run}", "weight=teacher"])
+
+
+def test_format_table_with_paper_row():
+    table = format_table(
+        "neco_dinov2r_vits14", {"hummingbird": 80.0, "linear": 81.0, "overcluster_k500": 68.0}, (68.9, 80.7, 81.5)
+    )
+    assert "| neco_dinov2r_vits14 (paper) | 68.9 | 80.7 | 81.5 |" in table
+    assert "| neco_dinov2r_vits14 (measured) | 68.0 | 80.0 | 81.0 |" in table
+
+
+def test_demo_quick(tmp_path):
+    from neco.demo import main as demo_main
+
+    summary = demo_main(["--quick", "--out", str(tmp_path)])
+    assert os.path.isfile(tmp_path / "nn_maps.png") and os.path.isfile(tmp_path / "loss.png")
+    saved = json.load(open(tmp_path / "summary.json"))
+    assert saved == summary and 3 <= len(saved) <= 6
+    assert 0 <= saved["Hummingbird mIoU after (%)"] <= 100
+
+
+def test_synthetic_dataset_is_used_for_training_images():
+    from neco.data import build_image_dataset
+
+    ds = build_image_dataset({"dataset": "synthetic", "synthetic_images": 3, "synthetic_size": 64, "synthetic_seed": 0})
+    ref = SyntheticSegmentation(num_images=3, image_size=64, seed=0)
+    assert len(ds) == 3 and np.array_equal(np.asarray(ds[1]), np.asarray(ref[1][0]))
+
+
+def test_eval_missing_voc_fails_before_loading_weights(tmp_path):
+    # the default model is pretrained=True: a download attempt would fail differently (offline machine)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        eval_main([f"data.root={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}"])

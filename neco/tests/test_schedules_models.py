@@ -1,0 +1,161 @@
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from neco.models import ProjectionHead, build_backbone, build_student_teacher, ema_update, param_groups
+from neco.queue import PatchQueue
+from neco.schedules import cosine_schedule
+from neco.train import apply_schedules, build_schedules
+
+TINY = {
+    "name": "vit_small_patch14_reg4_dinov2",
+    "pretrained": False,
+    "checkpoint": None,
+    "drop_registers": False,
+    "patch_size": 14,
+    "drop_path": 0.1,
+    "head_hidden_dim": 16,
+    "head_out_dim": 8,
+    "head_layers": 3,
+    "overrides": {"img_size": 98, "depth": 2, "embed_dim": 48, "num_heads": 2},
+}
+
+
+def test_cosine_schedule_hand_values():
+    values = cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=2)
+    expected = [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2]
+    np.testing.assert_allclose(values, expected, atol=1e-12)
+    wd = cosine_schedule(0.04, 0.5, 25, 100)
+    assert len(wd) == 2500 and wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.5, abs=1e-6)
+    assert np.all(np.diff(wd) > 0)
+    with pytest.raises(ValueError, match="epochs \\* iters_per_epoch > 0"):
+        cosine_schedule(1, 0, 0, 10)
+
+
+def test_ema_moves_teacher_by_one_minus_m():
+    student, teacher = build_student_teacher(TINY)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for b, t, s in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t - b, 0.1 * (s - b))
+    ema_update(teacher, student, 1.0)  # m = 1 (end of the schedule) freezes the teacher
+    for t, t2 in zip([p.clone() for p in teacher.parameters()], teacher.parameters()):
+        torch.testing.assert_close(t, t2)
+
+
+def test_student_teacher_structure():
+    student, teacher = build_student_teacher(TINY)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    drop_s = [m.drop_prob for m in student.modules() if hasattr(m, "drop_prob")]
+    drop_t = [m.drop_prob for m in teacher.modules() if hasattr(m, "drop_prob")]
+    assert max(drop_s) > 0 and max(drop_t) == 0
+    crops = [torch.randn(2, 3, 98, 98), torch.randn(2, 3, 98, 98), torch.randn(2, 3, 42, 42)]
+    out = teacher(crops)
+    assert [tuple(o.shape) for o in out] == [(2, 49, 8), (2, 49, 8), (2, 9, 8)]
+    torch.testing.assert_close(out[0].norm(dim=-1), torch.ones(2, 49))  # L2-normalised head output
+    # grouping crops by resolution does not change per-crop outputs
+    torch.testing.assert_close(teacher([crops[2]])[0], out[2], atol=1e-5, rtol=1e-5)
+
+
+def test_head_layout():
+    head = ProjectionHead(48, 2048, 256, 3)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(48, 2048), (2048, 2048), (2048, 256)]
+    assert sum(isinstance(m, torch.nn.GELU) for m in head.modules()) == 2
+
+
+def test_param_groups_and_schedules():
+    student, _ = build_student_teacher(TINY)
+    groups = param_groups(student, 1e-5, 1e-4, 0.04)
+    assert [g["lr"] for g in groups] == [1e-5, 1e-5, 1e-4, 1e-4]
+    assert [g["weight_decay"] for g in groups] == [0.04, 0.0, 0.04, 0.0]
+    names = {id(p): n for n, p in student.named_parameters()}
+    for g, decays in zip(groups, [True, False, True, False]):
+        for p in g["params"]:
+            assert (names[id(p)].endswith(".bias") or p.ndim == 1) != decays
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+    cfg = {
+        "optim": {
+            "epochs": 2,
+            "lr_backbone": 1e-5,
+            "lr_head": 1e-4,
+            "final_lr": 0.0,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.5,
+            "momentum_teacher": 0.9995,
+            "momentum_teacher_end": 1.0,
+        }
+    }
+    sched = build_schedules(cfg, 3)
+    opt = torch.optim.AdamW(groups)
+    apply_schedules(opt, sched, 3)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx(
+        [sched["weight_decay"][3], 0, sched["weight_decay"][3], 0]
+    )
+    assert opt.param_groups[2]["lr"] == pytest.approx(1e-4 * 0.5)  # t = T/2
+    assert sched["momentum"][0] == pytest.approx(0.9995)
+
+
+def test_patch_queue_fifo():
+    q = PatchQueue(2, 5, 3)
+    q.push(0, torch.ones(2, 3))
+    q.push(0, 2 * torch.ones(2, 3))
+    assert int(q.filled[0]) == 4 and int(q.filled[1]) == 0
+    torch.testing.assert_close(q.banks()[0][:, 0], torch.tensor([2.0, 2.0, 1.0, 1.0]))  # newest first
+    q.push(0, 3 * torch.ones(3, 3))
+    torch.testing.assert_close(q.banks()[0][:, 0], torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0]))  # oldest dropped
+    q.push_random(1, torch.arange(12.0).reshape(2, 2, 3), per_image=1)  # 2 images -> 2 patches
+    assert int(q.filled[1]) == 2 and set(q.banks()[1][:, 0].tolist()) <= {0.0, 3.0, 6.0, 9.0}
+
+
+def test_drop_registers_and_local_checkpoint(tmp_path):
+    reg = timm.create_model(
+        "vit_small_patch14_reg4_dinov2",
+        pretrained=False,
+        num_classes=0,
+        img_size=98,
+        depth=2,
+        embed_dim=48,
+        num_heads=2,
+    )
+    path = tmp_path / "dinov2r.safetensors"
+    save_file({f"teacher.backbone.{k}": v.contiguous() for k, v in reg.state_dict().items()}, str(path))
+    xr = build_backbone(dict(TINY, checkpoint=str(path), drop_registers=True))
+    assert xr.num_prefix_tokens == 1 and "reg_token" not in xr.state_dict()
+    torch.testing.assert_close(
+        xr.state_dict()["blocks.1.attn.qkv.weight"], reg.state_dict()["blocks.1.attn.qkv.weight"]
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_backbone(dict(TINY, checkpoint=str(tmp_path / "missing.pth")))
+
+
+def test_loss_falls_on_a_fixed_batch():
+    from neco.crops import sample_crop_boxes
+    from neco.losses import neco_loss
+
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(dict(TINY, drop_path=0.0))
+    gen = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(112, 112, num_local=1, generator=gen)[None]
+    sizes = [98, 98, 42]
+    crops = [torch.randn(1, 3, s, s, generator=gen) for s in sizes]
+    perms = [torch.randperm(49, generator=gen) for _ in range(4)]
+    with torch.no_grad():
+        target = teacher(crops[:2])
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = neco_loss(target, student(crops), boxes, sizes, 14, ref_indices=perms)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05

@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import neco.train as train_mod
+from neco.config import load_config
+from neco.train import NonFiniteLossError, main
+
+
+def _weights(ckpt):
+    return {name: load_file(os.path.join(ckpt, f"{name}.safetensors")) for name in ("student", "teacher", "queue")}
+
+
+def _assert_same(a, b, atol=1e-6):
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], atol=atol, rtol=0, msg=f"{name}.{key}")
+
+
+def test_train_end_to_end_writes_run(tiny_args, tmp_path):
+    out = main(tiny_args + ["optim.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1"])
+    run = out["run_dir"]
+    assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+    assert os.path.isfile(os.path.join(run, "config.yaml")) and os.path.isfile(os.path.join(run, "log.txt"))
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2]
+    ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert ckpts == ["step_000002"]  # keep_checkpoints=1 pruned step 1; no temporary directory left
+    files = set(os.listdir(out["checkpoint"]))
+    assert {"student.safetensors", "teacher.safetensors", "optimizer.safetensors", "meta.json"} <= files
+    meta = json.load(open(os.path.join(out["checkpoint"], "meta.json")))
+    assert meta["step"] == 2 and meta["config"]["name"] == "neco_tiny"
+    # the teacher is an EMA of the student, not the student itself
+    w = _weights(out["checkpoint"])
+    assert not torch.equal(w["student"]["head.mlp.0.weight"], w["teacher"]["head.mlp.0.weight"])
+
+
+def test_resume_continues_the_same_trajectory(tiny_args, tmp_path):
+    tiny_args = tiny_args + ["model.drop_path=0.1"]  # the restored RNG must also reproduce the drop-path draws
+    straight = main(tiny_args + ["optim.max_steps=4", f"train.run_dir={tmp_path / 'a'}"])
+    main(tiny_args + ["optim.max_steps=2", f"train.run_dir={tmp_path / 'b'}"])
+    resumed = main(tiny_args + ["optim.max_steps=4", f"train.run_dir={tmp_path / 'b'}", "train.resume=latest"])
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"]), atol=1e-6, rtol=0)
+    _assert_same(_weights(straight["checkpoint"]), _weights(resumed["checkpoint"]))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_args, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.neco_loss
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "neco_loss", flaky)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 2.*step_000002"):
+        main(tiny_args + ["optim.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5"])
+    run = tiny_args[2].split("=", 1)[1]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_000001", "step_000002"]
+
+
+def test_missing_coco_fails_at_once_naming_path_and_override(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        main([f"data.root={missing}", f"train.run_dir={tmp_path / 'run'}", "train.cpu=true"])
+    msg = str(err.value)
+    assert str(missing / "train2017") in msg and "data.root=" in msg and "tiny" in msg
+
+
+def test_config_errors():
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*optim.lr_backbone"):
+        load_config(["optim.lrr=1"])
+    with pytest.raises(FileNotFoundError, match="config 'nope' not found.*tiny"):
+        load_config(["--config", "nope"])
+    cfg = load_config(["--config", "tiny", "--optim.batch_size", "8", "loss.network=odd_even", "optim.lr_head=1e-4"])
+    assert cfg["optim"]["batch_size"] == 8 and cfg["loss"]["network"] == "odd_even"
+    assert cfg["optim"]["lr_head"] == 1e-4  # YAML 1.1 would read "1e-4" as a string
+    default = load_config([])  # the paper recipe
+    assert default["model"]["name"] == "vit_small_patch14_reg4_dinov2.lvd142m" and default["optim"]["batch_size"] == 64
+    assert default["data"]["global_size"] == 518 and default["loss"]["queue_length"] == 8192
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes and the same global batch reproduces the single-process run."""
+    args = [
+        "--config",
+        "tiny",
+        "optim.max_steps=2",
+        "data.synthetic_images=8",
+        "optim.batch_size=2",
+        "data.num_local=2",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "neco.train",
+        *args,
+        f"train.run_dir={tmp_path / 'two'}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout + proc.stderr
+    one = main(args + [f"train.run_dir={tmp_path / 'one'}"])
+    two = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
+    _assert_same(
+        _weights(one["checkpoint"]), _weights(str(tmp_path / "two" / "checkpoints" / "step_000002")), atol=1e-5
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_step_on_gpu(tiny_args):
+    out = main(tiny_args + ["optim.max_steps=2", "train.cpu=false", "train.mixed_precision=bf16"])
+    assert all(torch.isfinite(torch.tensor(out["losses"])))

@@ -1,0 +1,108 @@
+"""YAML configs with `key=value` / `--key value` command-line overrides (dotted keys for nested values)."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def default_config_path(name: str) -> Path:
+    """Path of a config shipped inside the package (`configs/<name>.yaml`), editable or wheel install."""
+    path = Path(str(resources.files("sharelock") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no packaged config {name!r} (looked for {path})")
+    return path
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def valid_keys(cfg: dict) -> list[str]:
+    """All dotted keys a config accepts."""
+    return sorted(_flatten(cfg))
+
+
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; unknown keys raise KeyError listing the valid ones."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys(cfg))}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Split argv into (config path or None, [(dotted key, parsed value)]). Accepts `k=v`, `--k v` and `--k=v`."""
+    config_path, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"option --{arg} expects a value")
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+        if "=" not in arg:
+            raise ValueError(f"cannot parse argument {argv[i]!r}: expected key=value or --key value")
+        key, raw = arg.split("=", 1)
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = raw
+        else:
+            pairs.append((key, yaml.safe_load(raw) if raw != "" else None))
+        i += 1
+    return config_path, pairs
+
+
+def load_config(argv: list[str] | None, default: str) -> dict:
+    """Load the packaged config `default` (or `--config PATH`) and apply the overrides in argv."""
+    config_path, pairs = parse_overrides(list(argv or []))
+    path = Path(config_path) if config_path else default_config_path(default)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if config_path:
+        # user configs may omit keys: start from the packaged defaults so every key exists
+        with open(default_config_path(default)) as f:
+            base = yaml.safe_load(f)
+        cfg = merge(base, cfg)
+    for key, value in pairs:
+        set_key(cfg, key, value)
+    return cfg
+
+
+def merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """Recursive merge of `update` into a copy of `base`; keys absent from `base` are an error."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out:
+            raise KeyError(f"unknown config key {prefix + key!r}; valid keys: {', '.join(valid_keys(base))}")
+        if isinstance(value, dict) and isinstance(out[key], dict) and out[key]:
+            out[key] = merge(out[key], value, prefix + key + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

@@ -1,0 +1,235 @@
+"""Reference preprocessing and the data sources: webdataset tars, image folders + captions, labelled sets."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
+TEXT_EXTENSIONS = ("txt", "caption", "text")
+
+
+def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, 224, 224) float tensor: Resize(256) on the shorter side (bilinear, antialias), CenterCrop(224),
+    ToTensor, ImageNet mean/std. The reference uses this for training features too (no augmentation)."""
+    return T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------- webdataset tars
+def expand_urls(pattern: str | Sequence[str]) -> list[str]:
+    """Expand `shards/{00000..00012}.tar` brace ranges, comma lists `{a,b}`, `::`-separated lists and globs."""
+    if not isinstance(pattern, str):
+        return [u for p in pattern for u in expand_urls(p)]
+    if "::" in pattern:
+        return expand_urls(pattern.split("::"))
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match:
+        body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if rng:
+            lo, hi = rng.groups()
+            options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+        else:
+            options = body.split(",")
+        return [u for opt in options for u in expand_urls(head + opt + tail)]
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise FileNotFoundError(f"no webdataset shard matches {pattern!r} (expected img2dataset .tar shards)")
+    return matches
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    prefix = name[: len(name) - len(base)]
+    key, _, ext = base.partition(".")
+    return prefix + key, ext.lower()
+
+
+def iter_webdataset(
+    urls: str | Sequence[str], images: bool = True, captions: bool = True, skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, Image.Image | None, str | None]]:
+    """Stream (key, PIL image or None, caption or None) from img2dataset tar shards with the standard library's
+    `tarfile` (sequential reads, no extra dependency). Members are grouped by key (`000123.jpg`, `000123.txt`, ...);
+    `skip(key)` True skips decoding (used to resume)."""
+    for url in expand_urls(urls):
+        with tarfile.open(url, mode="r|*") as tar:
+            current, group = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member(member.name)
+                if key != current:
+                    if current is not None:
+                        yield from _emit(current, group, images, captions, skip)
+                    current, group = key, {}
+                wanted = (images and ext in ("jpg", "jpeg", "png", "webp")) or (captions and ext in TEXT_EXTENSIONS)
+                if wanted and (skip is None or not skip(key.rsplit("/", 1)[-1])):
+                    group[ext] = tar.extractfile(member).read()
+            if current is not None:
+                yield from _emit(current, group, images, captions, skip)
+
+
+def _emit(key, group, images, captions, skip):
+    key = key.rsplit("/", 1)[-1]
+    if skip is not None and skip(key):
+        return
+    image = caption = None
+    if images:
+        raw = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
+        if raw is None:
+            return
+        image = Image.open(io.BytesIO(raw)).convert("RGB")
+    if captions:
+        raw = next((group[e] for e in TEXT_EXTENSIONS if e in group), None)
+        if raw is None:
+            return
+        caption = raw.decode("utf-8").strip()
+    yield key, image, caption
+
+
+# ------------------------------------------------------------------------------------ folders + caption files
+def read_captions(path: str | Path) -> dict[str, str]:
+    """Captions {sample id: caption} from a JSON dict, a JSON list of {"image"/"id", "caption"/"text"} records, or
+    a CSV/TSV whose header names an id column (image, filepath, file, id, key, uid) and a caption column (caption,
+    text, title)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path} (expected .json or .csv)")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = (
+            data.items()
+            if isinstance(data, dict)
+            else ((_pick(r, ID_COLS, path), _pick(r, CAP_COLS, path)) for r in data)
+        )
+        return {str(k): str(v) for k, v in records}
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return {str(_pick(r, ID_COLS, path)): str(_pick(r, CAP_COLS, path)) for r in rows}
+    raise ValueError(f"unsupported captions file {path}: expected .json, .csv or .tsv")
+
+
+ID_COLS = ("image", "filepath", "file", "id", "key", "uid")
+CAP_COLS = ("caption", "text", "title")
+
+
+def _pick(record: dict, names: Sequence[str], path: Path) -> Any:
+    for name in names:
+        if name in record:
+            return record[name]
+    raise KeyError(f"{path}: record {record} has none of the columns {list(names)}")
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """Images under `root` named by the ids of a captions file; yields (id, transformed image)."""
+
+    def __init__(self, root: str | Path, captions: str | Path, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.captions = read_captions(captions)
+        self.ids = list(self.captions)
+        self.transform = transform or eval_transform()
+
+    def path(self, sample_id: str) -> Path:
+        direct = self.root / sample_id
+        if direct.is_file():
+            return direct
+        for ext in IMAGE_EXTENSIONS:
+            if (self.root / f"{sample_id}{ext}").is_file():
+                return self.root / f"{sample_id}{ext}"
+        raise FileNotFoundError(
+            f"no image for id {sample_id!r} under {self.root} (tried the id and id + {IMAGE_EXTENSIONS})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
+        sample_id = self.ids[i]
+        return sample_id, self.transform(Image.open(self.path(sample_id)).convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------ labelled sets
+def load_class_names(source: str | Path | Sequence[str], folder_classes: Sequence[str] | None = None) -> list[str]:
+    """Class names in label order from a list, a .txt (one per line), or JSON: a list, {"0": name, ...}, or
+    {folder name (e.g. WordNet id): name} ordered like `folder_classes`. Any language (UTF-8). As in the reference,
+    only the first comma-separated synonym is kept ("tench, Tinca tinca" -> "tench")."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"class names file not found: {path} (expected .json or .txt)")
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                if folder_classes is not None and all(c in data for c in folder_classes):
+                    names = [data[c] for c in folder_classes]
+                elif all(k.isdigit() for k in data):
+                    names = [data[k] for k in sorted(data, key=int)]
+                else:
+                    raise ValueError(f"{path}: class-name keys must be label ids or the dataset's folder names")
+            else:
+                names = list(data)
+        else:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = list(source)
+    return [n.split(",")[0].strip() if isinstance(n, str) else str(n) for n in names]
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """A classification set yielding (id, transformed image, label): `kind="imagefolder"` (root/<class>/<image>) or a
+    torchvision dataset class name (`kind="CIFAR10"`, ...; built with root, split/train and download=False)."""
+
+    def __init__(
+        self, root: str | Path, kind: str = "imagefolder", split: str = "val", transform: Callable | None = None
+    ) -> None:
+        import torchvision.datasets as tvd
+
+        self.transform = transform or eval_transform()
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"dataset root not found: {root}")
+        if kind == "imagefolder":
+            self.dataset = tvd.ImageFolder(str(root))
+        else:
+            cls = getattr(tvd, kind, None)
+            if cls is None:
+                raise ValueError(
+                    f"unknown dataset kind {kind!r}: use 'imagefolder' or a torchvision dataset class name"
+                )
+            try:
+                self.dataset = cls(str(root), split=split, download=False)
+            except TypeError:
+                self.dataset = cls(str(root), train=split == "train", download=False)
+        self.classes = list(getattr(self.dataset, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, int]:
+        image, label = self.dataset[i]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
+        return str(i), self.transform(image.convert("RGB")), int(label)

@@ -1,0 +1,122 @@
+"""Frozen backbones and their features: vision CLS token (timm) and last-token LLM hidden states (transformers)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------------------------- vision side
+def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
+    """A frozen timm model returning the CLS token after the final norm, (B, 3, H, W) -> (B, D).
+
+    spec: {"model": timm name, "pretrained": bool, "checkpoint": local safetensors/.pth or None, "kwargs": {...}}.
+    DINOv2 in timm (`vit_base_patch14_dinov2.lvd142m`) with `img_size=224` matches the torch.hub model at 224 px.
+    """
+    import timm
+
+    # CLS-token pooling by default (ViTs); other timm backbones take e.g. kwargs {global_pool: avg}
+    kwargs = {"global_pool": "token", **(spec.get("kwargs") or {})}
+    checkpoint = spec.get("checkpoint")
+    model = timm.create_model(
+        spec["model"], pretrained=bool(spec.get("pretrained", True)) and not checkpoint, num_classes=0, **kwargs
+    )
+    if checkpoint:
+        model.load_state_dict(_load_weights(checkpoint), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _load_weights(path: str) -> dict[str, torch.Tensor]:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state))
+
+
+def vision_dim(model: nn.Module) -> int:
+    """Output width of a timm backbone built by `build_vision_encoder`."""
+    return int(model.num_features)
+
+
+# --------------------------------------------------------------------------------------------- language side
+def build_language_encoder(spec: dict[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(frozen transformers base model, tokenizer) from {"model": HF id or local path, "dtype": "float32"|"bfloat16"}.
+
+    `AutoModel` gives the base model (for Llama: after the final RMSNorm, without the LM head)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    dtype = getattr(torch, spec.get("dtype") or "float32")
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModel.from_pretrained(spec["model"], dtype=dtype).to(device)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def text_dim(model: nn.Module) -> int:
+    """Hidden size of a transformers model."""
+    config = model.config
+    return int(getattr(config, "hidden_size", None) or config.get_text_config().hidden_size)
+
+
+def _forward_accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def token_lengths(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> list[int]:
+    """Number of tokens of each text as the tokenizer encodes it (special tokens included)."""
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+@torch.no_grad()
+def last_token_features(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None
+) -> torch.Tensor:
+    """Final hidden state at the last position of each text, (N, D) float32 on the CPU.
+
+    Batches are left-padded whatever the tokenizer's `padding_side` (pad token = EOS if the tokenizer has none), so the
+    last position is the last real token; texts are sorted by token length first (length bucketing: little padding)
+    and the results put back in input order. Position ids follow the attention mask, so padding does not shift
+    positions and the features equal those of one text per call. A causal LM (e.g. LlamaForCausalLM) is run through
+    its base model (the output after the final norm).
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    base = getattr(model, "base_model", model)
+    device = next(base.parameters()).device
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    use_positions = _forward_accepts(base, "position_ids")
+    try:
+        order = sorted(range(len(texts)), key=token_lengths(tokenizer, texts, max_length).__getitem__)
+        out = torch.empty(0)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [texts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+            )
+            inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+            if use_positions:
+                inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            hidden = base(**inputs).last_hidden_state[:, -1].float().cpu()
+            if out.numel() == 0:
+                out = torch.empty(len(texts), hidden.shape[-1])
+            out[torch.tensor(idx)] = hidden
+        return out
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad

@@ -1,0 +1,131 @@
+"""Training pairs: vision rows + one caption feature per sample, from feature stores or from tensors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sharelock.store import FeatureStore
+
+
+class StorePairs:
+    """Concatenated datasets, each a vision store plus >= 1 caption stores (one picked uniformly per access, the
+    reference's caption augmentation). Samples are the vision store's ids in sorted order; every caption store must
+    hold all of them (else KeyError naming both stores)."""
+
+    def __init__(self, datasets: Sequence[dict], in_memory: bool = False) -> None:
+        if not datasets:
+            raise ValueError("data.datasets is empty: give at least one {vision: STORE, text: [STORES]}")
+        self.vision: list[FeatureStore] = []
+        self.texts: list[list[FeatureStore]] = []
+        ds_of, vrows, trows = [], [], []
+        max_caps = max(len(_as_list(d["text"])) for d in datasets)
+        for d, spec in enumerate(datasets):
+            vision = FeatureStore(spec["vision"], modality="image", in_memory=in_memory)
+            texts = [FeatureStore(p, modality="text", in_memory=in_memory) for p in _as_list(spec["text"])]
+            if not texts:
+                raise ValueError(f"dataset {spec['vision']} has no caption store (data.datasets[{d}].text)")
+            if self.vision and vision.dim != self.vision[0].dim:
+                raise ValueError(
+                    f"vision stores {self.vision[0].path} and {vision.path} differ in width: "
+                    f"{self.vision[0].dim} vs {vision.dim}"
+                )
+            ref_text = self.texts[0][0] if self.texts else texts[0]
+            for store in texts:
+                if store.model != ref_text.model or store.dim != ref_text.dim:
+                    raise ValueError(
+                        f"caption stores {ref_text.path} ({ref_text.model}, {ref_text.dim}) and {store.path} "
+                        f"({store.model}, {store.dim}) come from different language models"
+                    )
+            ids = sorted(vision.ids)
+            vrow = vision.positions(ids)
+            trow = np.full((len(ids), max_caps), -1, dtype=np.int64)
+            for k, store in enumerate(texts):
+                trow[:, k] = store.positions(ids, other=f"vision store {vision.path}")
+            self.vision.append(vision)
+            self.texts.append(texts)
+            ds_of.append(np.full(len(ids), d))
+            vrows.append(vrow)
+            trows.append(trow)
+        self.ds_of, self.vrow, self.trow = np.concatenate(ds_of), np.concatenate(vrows), np.concatenate(trows)
+        self.n_caps = np.array([len(t) for t in self.texts])
+        self.vision_dim, self.text_dim = self.vision[0].dim, self.texts[0][0].dim
+
+    def __len__(self) -> int:
+        return len(self.ds_of)
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision (B, vision_dim) and caption (B, text_dim) features of samples `indices`."""
+        indices = np.asarray(indices)
+        ds = self.ds_of[indices]
+        choice = np.floor(rng.random(len(indices)) * self.n_caps[ds]).astype(np.int64)
+        v = torch.empty(len(indices), self.vision_dim)
+        t = torch.empty(len(indices), self.text_dim)
+        for d in np.unique(ds):
+            sel = np.nonzero(ds == d)[0]
+            v[sel] = self.vision[d].rows(self.vrow[indices[sel]])
+            for k in np.unique(choice[sel]):
+                sub = sel[choice[sel] == k]
+                t[sub] = self.texts[d][k].rows(self.trow[indices[sub], k])
+        return v, t
+
+    def backbones(self) -> dict:
+        """Backbone specs recorded in the stores (to rebuild the encoders at inference)."""
+        return {
+            "vision": self.vision[0].meta.get("backbone", {}).get("vision"),
+            "text": self.texts[0][0].meta.get("backbone", {}).get("text"),
+            "vision_model": self.vision[0].model,
+            "text_model": self.texts[0][0].model,
+        }
+
+
+class TensorPairs:
+    """In-memory pairs: vision features (N, Dv) and, per sample, one row of `text_features` chosen by `text_index`
+    (e.g. the class-name caption of each image in the probing protocol)."""
+
+    def __init__(self, vision: torch.Tensor, text_features: torch.Tensor, text_index: torch.Tensor | np.ndarray):
+        self.v, self.t, self.index = vision.float(), text_features.float(), np.asarray(text_index)
+        self.vision_dim, self.text_dim = self.v.shape[1], self.t.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices)
+        return self.v[indices], self.t[self.index[indices]]
+
+    def backbones(self) -> dict:
+        return {}
+
+
+class Subset:
+    """A view of pairs restricted to `indices`."""
+
+    def __init__(self, pairs, indices: np.ndarray) -> None:
+        self.pairs, self.indices = pairs, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pairs.batch(self.indices[np.asarray(indices)], rng)
+
+
+def split_train_val(n: int, val_size: int | float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """The reference split: shuffle range(n) with `random.Random(seed)`, the first `val_size` are validation.
+    A float in (0, 1) is a fraction of n."""
+    if isinstance(val_size, float) and 0 < val_size < 1:
+        val_size = int(round(val_size * n))
+    val_size = int(val_size)
+    if not 0 <= val_size < n:
+        raise ValueError(f"data.val_size={val_size} must be smaller than the number of samples ({n})")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return np.array(order[val_size:], dtype=np.int64), np.array(order[:val_size], dtype=np.int64)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]

@@ -1,0 +1,235 @@
+"""`sharelock-train`: fit the ShareLock heads on cached features (accelerate; exact resume; early stopping)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from sharelock.config import load_config, save_config
+from sharelock.losses import clip_loss
+from sharelock.models import ShareLock
+from sharelock.pairs import StorePairs, Subset, split_train_val
+from sharelock.training import build_optimizer, latest_checkpoint, load_trainer_state, save_checkpoint
+
+log = logging.getLogger("sharelock")
+
+
+def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
+    """Log to stdout and `<run_dir>/log.txt` (main process only)."""
+    root = logging.getLogger("sharelock")
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def build_model(cfg: dict, vision_dim: int, text_dim: int) -> ShareLock:
+    """ShareLock heads from the `model` section of a config."""
+    m = cfg["model"]
+    return ShareLock(
+        vision_dim,
+        text_dim,
+        text_layers=m["text_layers"],
+        hidden_dim=m["hidden_dim"],
+        vision_layers=m["vision_layers"],
+        embedding_dim=m["embedding_dim"],
+        dropout=m["dropout"],
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, batch_size: int, logit_scale: float, seed: int, device) -> float:
+    """Mean contrastive loss over `pairs` in batches of `batch_size` (eval mode), weighted by batch size."""
+    model.eval()
+    rng = np.random.default_rng([seed, 2])
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        idx = np.arange(start, min(len(pairs), start + batch_size))
+        v, t = pairs.batch(idx, rng)
+        zv, zt = model(v.to(device), t.to(device))
+        total += clip_loss(zv, zt, logit_scale).item() * len(idx)
+        count += len(idx)
+    model.train()
+    return total / max(1, count)
+
+
+def fit(
+    cfg: dict, pairs, run_dir: Path, accelerator: Accelerator, extra_meta: dict | None = None
+) -> tuple[ShareLock, dict[str, Any]]:
+    """Train ShareLock heads on `pairs` (StorePairs/TensorPairs) with the config's recipe; returns (model, summary).
+
+    The data order is a function of (seed, epoch) and the caption choice of (seed, micro-batch), so a resumed run
+    replays the same batches; model, optimizer, scheduler, RNG and early-stopping states come from the checkpoint.
+    """
+    opt_cfg = cfg["optim"]
+    bs, accum = opt_cfg["batch_size"], opt_cfg["accumulate_grad_batches"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_idx, val_idx = split_train_val(len(pairs), cfg["data"]["val_size"], cfg["data"]["split_seed"])
+    train, val = Subset(pairs, train_idx), Subset(pairs, val_idx)
+    per_epoch = len(train) // (bs * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train)} training samples cannot fill one batch of {bs} x {world} processes")
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, pairs.vision_dim, pairs.text_dim)
+    optimizer, scheduler = build_optimizer(
+        model.parameters(),
+        lr=opt_cfg["lr"],
+        weight_decay=opt_cfg["weight_decay"],
+        warmup_steps=opt_cfg["warmup_steps"],
+        total_steps=opt_cfg["max_steps"],
+        schedule=opt_cfg["schedule"],
+    )
+    logit_scale = float(torch.tensor(cfg["loss"]["log_logit_scale"], dtype=torch.float32).exp())
+    state = {"step": 0, "best_val": math.inf, "es_best": math.inf, "es_wait": 0, "stopped": False, "history": []}
+    resume = cfg.get("resume")
+    if resume:
+        path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            log.info("resume=latest but %s has no checkpoint: starting from scratch", run_dir)
+        else:
+            state.update(load_trainer_state(path, model, optimizer, scheduler))
+            log.info("resumed from %s at step %d", path, state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    meta = {"model": accelerator.unwrap_model(model).config, "backbones": pairs.backbones(), **(extra_meta or {})}
+    ckpt_dir = run_dir / "checkpoints"
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(
+                ckpt_dir / f"step_{state['step']:06d}", accelerator.unwrap_model(model),
+                {**meta, "step": state["step"]}, cfg, optimizer, scheduler, state,
+            )  # fmt: skip
+
+    def validate() -> None:
+        val_loss = validation_loss(model, val, bs, logit_scale, cfg["seed"], device)
+        # every rank must take the same early-stopping decision: use the mean over ranks
+        val_loss = accelerator.reduce(torch.tensor(val_loss, device=device), reduction="mean").item()
+        state["history"].append({"step": state["step"], "micro_batch": micro, "val_loss": val_loss})
+        log.info("step %d validation_loss %.4f", state["step"], val_loss)
+        if val_loss < state["best_val"]:
+            state["best_val"] = val_loss
+            if accelerator.is_main_process:
+                best_meta = {**meta, "step": state["step"], "val_loss": val_loss}
+                save_checkpoint(ckpt_dir / "best", accelerator.unwrap_model(model), best_meta, cfg)
+        es = cfg["early_stopping"]
+        if val_loss < state["es_best"] - es["min_delta"]:
+            state["es_best"], state["es_wait"] = val_loss, 0
+        else:
+            state["es_wait"] += 1
+            if state["es_wait"] >= es["patience"]:
+                state["stopped"] = True
+                log.info("early stopping: no improvement > %g in %d validations", es["min_delta"], es["patience"])
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process and metrics_file.exists():  # drop records past the restart point
+        kept = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["step"] <= state["step"]]
+        metrics_file.write_text("".join(r + "\n" for r in kept))
+    model.train()
+    bar = tqdm(total=opt_cfg["max_steps"], initial=state["step"], desc="train", disable=not accelerator.is_main_process)
+    loss_value = float("nan")
+    perms: dict[int, np.ndarray] = {}
+    while state["step"] < opt_cfg["max_steps"] and not state["stopped"]:
+        losses = []
+        for a in range(accum):
+            micro = state["step"] * accum + a
+            epoch, pos = divmod(micro, per_epoch)
+            if epoch not in perms:  # one permutation per epoch, identical on every rank
+                perms = {epoch: np.random.default_rng([cfg["seed"], epoch]).permutation(len(train))}
+            perm = perms[epoch]
+            start = (pos * world + rank) * bs
+            v, t = train.batch(perm[start : start + bs], np.random.default_rng([cfg["seed"], 1, micro, rank]))
+            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                zv, zt = model(v.to(device), t.to(device))
+                loss = clip_loss(zv.float(), zt.float(), logit_scale)
+                accelerator.backward(loss / accum)
+            losses.append(loss.detach())
+            if (micro + 1) % cfg["val_check_interval"] == 0:
+                validate()
+        loss_value = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()  # mean over ranks
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"non-finite training loss {loss_value} at step {state['step']}; last good checkpoint: "
+                f"{latest_checkpoint(run_dir)}"
+            )
+        if opt_cfg["grad_clip"]:
+            accelerator.clip_grad_norm_(model.parameters(), opt_cfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        bar.update(1)
+        if accelerator.is_main_process:
+            record = {"step": state["step"], "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if state["step"] % cfg["log_every"] == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                log.info("step %d loss %.4f lr %.3g", state["step"], loss_value, record["lr"])
+        if state["step"] % cfg["checkpoint_every"] == 0 or state["step"] == opt_cfg["max_steps"]:
+            checkpoint()
+    bar.close()
+    if state["stopped"] and state["step"] % cfg["checkpoint_every"]:
+        checkpoint()
+    accelerator.wait_for_everyone()
+    best = state["best_val"] if math.isfinite(state["best_val"]) else None  # None: no validation ran
+    summary = {"step": state["step"], "train_loss": loss_value, "best_val_loss": best}
+    return accelerator.unwrap_model(model), summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of `sharelock-train`; returns a summary dict (also written to `<run>/summary.json`)."""
+    cfg = load_config(sys.argv[1:] if argv is None else argv, "default")
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+    run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
+    setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    pairs = StorePairs(cfg["data"]["datasets"], in_memory=cfg["data"]["in_memory"])
+    log.info(
+        "%d pairs, vision dim %d, text dim %d, %d process(es)",
+        len(pairs),
+        pairs.vision_dim,
+        pairs.text_dim,
+        accelerator.num_processes,
+    )
+    model, summary = fit(cfg, pairs, run_dir, accelerator)
+    if cfg["eval"]["features"] and cfg["eval"]["class_features"] and accelerator.is_main_process:
+        from sharelock.eval import evaluate_stores
+        from sharelock.models import load_model
+
+        best = load_model(run_dir, accelerator.device)
+        summary.update(evaluate_stores(best, cfg["eval"]["features"], cfg["eval"]["class_features"]))
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("done: %s", summary)
+    return summary
+
+
+def cli() -> None:
+    """Console-script entry point: runs `main` and exits with status 0 (a returned dict would become exit status 1)."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

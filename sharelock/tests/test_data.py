@@ -1,0 +1,112 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sharelock import precompute
+from sharelock.data import (
+    ImageCaptionFolder,
+    eval_transform,
+    expand_urls,
+    iter_webdataset,
+    load_class_names,
+    read_captions,
+)
+from sharelock.features import build_vision_encoder
+from sharelock.store import FeatureStore
+from sharelock.tiny import tiny_vit_spec
+
+
+def write_shards(root, n=8, per_shard=5):
+    """img2dataset layout: {key}.jpg, {key}.txt, {key}.json grouped per key, several tar shards."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    images, captions = {}, {}
+    for shard in range(0, n, per_shard):
+        with tarfile.open(root / f"{shard // per_shard:05d}.tar", "w") as tar:
+            for i in range(shard, min(n, shard + per_shard)):
+                key = f"{i:09d}"
+                img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")  # lossless, so decoded pixels can be compared
+                images[key], captions[key] = img, f"caption number {i}"
+                for ext, data in (("png", buf.getvalue()), ("txt", captions[key].encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return images, captions
+
+
+def test_webdataset_reader_and_url_expansion(tmp_path):
+    images, captions = write_shards(tmp_path / "wds")
+    urls = expand_urls(str(tmp_path / "wds" / "{00000..00001}.tar"))
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["00000.tar", "00001.tar"]
+    assert expand_urls(str(tmp_path / "wds" / "*.tar")) == urls
+    items = list(iter_webdataset(urls))
+    assert [k for k, _, _ in items] == sorted(images)
+    for key, image, caption in items:
+        assert caption == captions[key]
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(images[key]))
+    skipped = list(iter_webdataset(urls, images=False, skip=lambda k: k.endswith("3")))
+    assert len(skipped) == 7 and all(im is None for _, im, _ in skipped)
+    with pytest.raises(FileNotFoundError, match="no webdataset shard matches"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+
+
+def test_features_cli_from_webdataset_resumes(tmp_path):
+    images, _ = write_shards(tmp_path / "wds")
+    torch.manual_seed(0)
+    vit = build_vision_encoder(tiny_vit_spec(img_size=224))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    spec = tiny_vit_spec(img_size=224, checkpoint=str(tmp_path / "vit.safetensors"))
+    args = ["modality=image", "source.type=webdataset", f"source.path={tmp_path / 'wds' / '*.tar'}"]
+    args += [f"out={tmp_path / 'store'}", f"vision.checkpoint={spec['checkpoint']}", "vision.pretrained=false"]
+    args += [f"vision.model={spec['model']}"]
+    args += [f"vision.kwargs={json.dumps(spec['kwargs'])}", "shard_size=3", "batch_size=4", "num_workers=0"]
+    precompute.main(args)
+    # simulate a run killed after two shards: drop the others, then run again
+    store_dir = tmp_path / "store"
+    for p in sorted(store_dir.glob("shard_*.json"))[2:]:
+        p.unlink()
+    assert len(FeatureStore(store_dir)) == 6
+    precompute.main(args)
+    store = FeatureStore(store_dir, model=f"vit_small_patch14_dinov2@{spec['checkpoint']}")
+    assert sorted(store.ids) == sorted(images)
+    expected = vit(torch.stack([eval_transform()(images[k].convert("RGB")) for k in sorted(images)]))
+    torch.testing.assert_close(store.get(sorted(images)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_caption_files_and_class_names(tmp_path):
+    (tmp_path / "caps.json").write_text(json.dumps({"a.png": "one", "b.png": "two"}))
+    (tmp_path / "caps.csv").write_text('filepath,title\na.png,one\nb.png,"two, with comma"\n')
+    (tmp_path / "recs.json").write_text(json.dumps([{"image": "a.png", "text": "one"}]))
+    assert read_captions(tmp_path / "caps.json") == {"a.png": "one", "b.png": "two"}
+    assert read_captions(tmp_path / "caps.csv") == {"a.png": "one", "b.png": "two, with comma"}
+    assert read_captions(tmp_path / "recs.json") == {"a.png": "one"}
+    (tmp_path / "bad.csv").write_text("name,caption\nx,y\n")
+    with pytest.raises(KeyError, match="has none of the columns"):
+        read_captions(tmp_path / "bad.csv")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(tmp_path / "imgs" / "b.png")
+    folder = ImageCaptionFolder(tmp_path / "imgs", tmp_path / "caps.csv")
+    key, image = folder[1]
+    assert key == "b.png" and image.shape == (3, 224, 224) and image[2].mean() > image[0].mean()
+    # class names: HF-style synonyms, other languages, dicts keyed by id or folder (e.g. WordNet id)
+    (tmp_path / "names.json").write_text(json.dumps(["tench, Tinca tinca", "goldfish"]))
+    assert load_class_names(tmp_path / "names.json") == ["tench", "goldfish"]
+    (tmp_path / "zh.json").write_text(json.dumps({"1": "金鱼", "0": "丁鲷"}, ensure_ascii=False))
+    assert load_class_names(tmp_path / "zh.json") == ["丁鲷", "金鱼"]
+    (tmp_path / "wnid.json").write_text(json.dumps({"n01443537": "goldfish", "n01440764": "tench"}))
+    assert load_class_names(tmp_path / "wnid.json", ["n01440764", "n01443537"]) == ["tench", "goldfish"]
+    (tmp_path / "ja.txt").write_text("金魚\nテンチ\n", encoding="utf-8")
+    assert load_class_names(tmp_path / "ja.txt") == ["金魚", "テンチ"]
+    with pytest.raises(ValueError, match="keys must be label ids or the dataset's folder names"):
+        load_class_names(tmp_path / "wnid.json")
+    with pytest.raises(FileNotFoundError, match="class names file not found"):
+        load_class_names(tmp_path / "missing.json")

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from sharelock.features import build_vision_encoder, last_token_features
+from sharelock.tiny import build_tiny_llama, tiny_vit_spec
+
+
+def single_feature(model, tokenizer, text):
+    """One text, no padding at all: the last hidden state of the base model at the last token."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    base = getattr(model, "base_model", model)
+    return base(input_ids=ids).last_hidden_state[0, -1]
+
+
+def test_tokenizer_adds_bos_and_has_no_pad(tiny_text):
+    tokenizer, _, _ = tiny_text
+    ids = tokenizer("a red circle")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 4
+    assert tokenizer.pad_token is None
+
+
+def test_batched_equals_single_and_input_order(tiny_text):
+    tokenizer, model, captions = tiny_text
+    tokenizer.padding_side = "right"  # must be overridden inside
+    texts = captions + ["a red circle", "green"]
+    expected = torch.stack([single_feature(model, tokenizer, t) for t in texts])
+    for bs in (1, 3, 64):
+        got = last_token_features(model, tokenizer, texts, batch_size=bs)
+        assert got.shape == (len(texts), 32) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the tokenizer is left as it was
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is None
+
+
+def test_causal_lm_uses_final_normed_hidden_state(tiny_text):
+    tokenizer, _, captions = tiny_text
+    lm = build_tiny_llama(len(tokenizer), hidden_size=32, causal_lm=True)
+    with torch.no_grad():
+        lm.model.norm.weight.uniform_(0.5, 2.0)
+    captured = []
+    handle = lm.model.norm.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    got = last_token_features(lm, tokenizer, captions[:1], batch_size=1)
+    handle.remove()
+    # the feature is the output of the final RMSNorm at the last position (not the LM-head logits)
+    assert got.shape == (1, 32)
+    torch.testing.assert_close(got[0], captured[0][0, -1])
+
+
+def test_vision_encoder_returns_cls_after_final_norm():
+    torch.manual_seed(0)
+    model = build_vision_encoder(tiny_vit_spec(img_size=28))  # LayerScale off: blocks matter
+    x = torch.randn(2, 3, 28, 28)
+    feats = model(x)
+    tokens = model.forward_features(x)  # (B, 1 + N, D) after model.norm
+    assert feats.shape == (2, 48)
+    torch.testing.assert_close(feats, tokens[:, 0])
+    # recompute the final LayerNorm by hand on the pre-norm tokens
+    pre = model.blocks(model._pos_embed(model.patch_embed(x)))
+    manual = torch.nn.functional.layer_norm(pre[:, 0], (48,), model.norm.weight, model.norm.bias, model.norm.eps)
+    torch.testing.assert_close(feats, manual, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_features_close_to_fp32(tiny_text):
+    tokenizer, model, captions = tiny_text
+    cpu = last_token_features(model, tokenizer, captions, batch_size=2)
+    gpu = last_token_features(model.to("cuda", torch.bfloat16), tokenizer, captions, batch_size=2)
+    model.to("cpu", torch.float32)
+    assert gpu.dtype == torch.float32 and gpu.device.type == "cpu"
+    cos = torch.nn.functional.cosine_similarity(cpu, gpu, dim=-1)
+    assert bool((cos > 0.99).all())

@@ -1,0 +1,129 @@
+"""End to end: the demo (features -> train -> eval CLIs) on synthetic shapes, then eval, probe and API on its output."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sharelock import demo, precompute, probe
+from sharelock import eval as evaluate
+from sharelock.models import load_model
+from sharelock.store import FeatureStore
+from sharelock.synthetic import CLASSES
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = demo.main(["--out", str(out), "--quick"])
+    return out, summary
+
+
+@pytest.mark.slow
+def test_demo_quick_beats_chance(demo_out):
+    out, summary = demo_out
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["zero-shot top-1 (%)"] > 3 * summary["chance top-1 (%)"]
+    assert (out / "similarity.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 48 and metrics["top5"] >= metrics["top1"]
+    # the resolved config is in the run dir and the store metadata names the backbones
+    assert (out / "run" / "config.yaml").is_file()
+    assert FeatureStore(out / "features" / "captions_a").model.endswith("llama")
+
+
+@pytest.mark.slow
+def test_console_entry_point_returns_none_for_exit_status_0(demo_out, monkeypatch, tmp_path):
+    out, _ = demo_out
+    argv = ["sharelock-eval", f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}"]
+    monkeypatch.setattr("sys.argv", argv + [f"class_names={out / 'data' / 'class_names.json'}", f"out={tmp_path}"])
+    assert evaluate.cli() is None  # console scripts run sys.exit(cli()): None -> status 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 48
+
+
+@pytest.mark.slow
+def test_python_api_matches_stored_features(demo_out):
+    out, _ = demo_out
+    model = load_model(out / "run", load_backbones=True)
+    captions = json.loads((out / "data" / "captions_a.json").read_text())
+    ids = list(captions)[:5]
+    store = FeatureStore(out / "features" / "captions_a")
+    from_strings = model.encode_text([captions[i] for i in ids])
+    torch.testing.assert_close(from_strings, model.encode_text(store.get(ids)), atol=1e-5, rtol=1e-5)
+    from PIL import Image
+
+    images = [Image.open(out / "data" / "images" / i) for i in ids]
+    vision = FeatureStore(out / "features" / "train_images")
+    torch.testing.assert_close(model.encode_image(images), model.encode_image(vision.get(ids)), atol=1e-4, rtol=1e-4)
+    clf = model.zero_shot_classifier(["red circle", "blue square"], ["A photo of a {}", "a {} shape"])
+    assert clf.shape == (2, 48)
+    torch.testing.assert_close(clf.norm(dim=-1), torch.ones(2))
+    single = model.zero_shot_classifier(["red circle"])
+    torch.testing.assert_close(single, model.encode_text(["A photo of a red circle"]))
+
+
+@pytest.mark.slow
+def test_eval_with_precomputed_template_ensemble_and_other_language(demo_out, tmp_path):
+    out, _ = demo_out
+    test_store = FeatureStore(out / "features" / "test_images")
+    names_file = out / "data" / "class_names.json"
+    # class prompts precomputed by the features CLI, with a 2-template ensemble (ids t/c)
+    spec = json.loads((out / "run" / "checkpoints" / "best" / "meta.json").read_text())["backbones"]["text"]
+    templates_file = tmp_path / "templates.json"
+    templates_file.write_text(json.dumps(["A photo of a {}", "a photo of a {}"]))  # same tokens (lowercased)
+    ordered = tmp_path / "names.json"
+    ordered.write_text(
+        json.dumps([json.loads(names_file.read_text())[c] for c in test_store.meta["source"]["classes"]])
+    )
+    precompute.main(
+        ["modality=text", "source.type=classnames", f"source.path={ordered}", f"source.template={templates_file}"]
+        + [f"language.model={spec['model']}", f"out={tmp_path / 'prompts'}"]
+    )
+    assert sorted(FeatureStore(tmp_path / "prompts").ids)[:2] == ["0/0", "0/1"]
+    direct = evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}",
+                            f"class_names={names_file}", f"out={tmp_path / 'e1'}"])  # fmt: skip
+    ens = evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}",
+                         f"class_features={tmp_path / 'prompts'}", f"out={tmp_path / 'e2'}"])  # fmt: skip
+    # identical prompts after lowercasing: the 2-template ensemble equals the single reference template
+    assert ens["top1"] == pytest.approx(direct["top1"]) and ens["top5"] == pytest.approx(direct["top5"])
+    # class names in another language (UTF-8) go through the same path; unknown words map to <unk>
+    chinese = tmp_path / "zh.json"
+    chinese.write_text(
+        json.dumps({f: f"红色 {i}" for i, f in enumerate(test_store.meta["source"]["classes"])}, ensure_ascii=False)
+    )
+    zh = evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}",
+                        f"class_names={chinese}", f"out={tmp_path / 'e3'}"])  # fmt: skip
+    assert 0 <= zh["top1"] <= 100
+    # raw images through the checkpoint's recorded vision backbone give the same numbers as the cached features
+    raw = evaluate.main([f"checkpoint={out / 'run'}", f"images={out / 'data' / 'test'}", f"class_names={names_file}",
+                         f"out={tmp_path / 'e4'}", "batch_size=16", "num_workers=0"])  # fmt: skip
+    assert raw["top1"] == pytest.approx(direct["top1"]) and raw["top5"] == pytest.approx(direct["top5"])
+    with pytest.raises(ValueError, match="set class_names=FILE or class_features=STORE"):
+        evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}"])
+
+
+@pytest.mark.slow
+def test_probe_class_disjoint(demo_out, tmp_path):
+    out, _ = demo_out
+    names = json.loads((out / "data" / "class_names.json").read_text())
+    splits = tmp_path / "splits.json"
+    test_classes = ["yellow circle", "green square"]
+    splits.write_text(json.dumps({"train": [c for c in CLASSES if c not in test_classes], "test": test_classes}))
+    spec = json.loads((out / "run" / "checkpoints" / "best" / "meta.json").read_text())["backbones"]["text"]
+    result = probe.main(
+        [f"probe.features={out / 'features' / 'test_images'}", f"probe.class_names={out / 'data' / 'class_names.json'}"]
+        + [f"probe.splits={splits}", f"language.model={spec['model']}", f"run_dir={tmp_path / 'run'}"]
+        + ["model.hidden_dim=32", "optim.batch_size=8", "optim.max_steps=20", "optim.warmup_steps=2"]
+        + ["val_check_interval=10", "data.val_size=4"]
+    )
+    assert result["n_test_classes"] == 2 and result["chance_top1"] == 50.0
+    assert 0 <= result["unseen top1"] <= 100 and result["unseen top5"] == 100.0  # k capped at the 2 test classes
+    assert len(names) == 12
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": ["red circle", "blue square"], "test": ["red circle"]}))
+    with pytest.raises(ValueError, match=r"classes in both splits: \['red circle'\]"):
+        probe.class_split(CLASSES, str(bad), 0.5, 0)
+    train_ids, test_ids = probe.class_split(CLASSES, None, 0.25, 0)
+    assert len(test_ids) == 3 and not set(train_ids) & set(test_ids) and len(train_ids) + 3 == 12
+    assert np.all(np.diff(train_ids) > 0)

@@ -1,0 +1,126 @@
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sharelock import train
+from sharelock.config import load_config
+from sharelock.pairs import StorePairs, split_train_val
+from sharelock.store import FeatureWriter
+
+
+def write_store(path, ids, feats, modality, model):
+    with FeatureWriter(path, model, modality, feats.shape[1], shard_size=64) as w:
+        w.add(ids, feats)
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    """120 pairs with a learnable relation: captions are a fixed random linear map of the image features (+ noise)."""
+    rng = np.random.default_rng(0)
+    ids = [f"{i:05d}" for i in range(120)]
+    v = rng.normal(size=(120, 8)).astype(np.float32)
+    proj = rng.normal(size=(8, 12)).astype(np.float32)
+    write_store(tmp_path / "v", ids, v, "image", "vit")
+    order = rng.permutation(120)  # caption stores written in another order than the vision store
+    for k in range(2):
+        t = v @ proj + 0.1 * rng.normal(size=(120, 12)).astype(np.float32)
+        write_store(tmp_path / f"t{k}", [ids[i] for i in order], t[order], "text", "llm")
+    return tmp_path
+
+
+def tiny_args(stores, run, *extra):
+    datasets = json.dumps([{"vision": str(stores / "v"), "text": [str(stores / "t0"), str(stores / "t1")]}])
+    return [
+        f"run_dir={run}", f"data.datasets={datasets}", "data.val_size=24", "model.hidden_dim=16",
+        "optim.batch_size=16", "optim.accumulate_grad_batches=2", "optim.max_steps=8", "optim.warmup_steps=2",
+        "val_check_interval=3", "checkpoint_every=4", "log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_the_same_trajectory(stores, tmp_path):
+    straight = tmp_path / "a"
+    summary = train.main(tiny_args(stores, straight))
+    assert summary["step"] == 8
+    resumed = tmp_path / "b"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004")
+    train.main(tiny_args(stores, resumed, "resume=latest"))
+    np.testing.assert_allclose(losses(resumed), losses(straight)[4:], rtol=1e-6, atol=1e-6)
+    a = load_file(str(straight / "checkpoints" / "step_000008" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_000008" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+    state = json.loads((resumed / "checkpoints" / "step_000008" / "trainer_state.json").read_text())
+    assert state["loop"]["step"] == 8 and state["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+    # the resolved config travels with the run and every checkpoint
+    assert "optim" in (straight / "config.yaml").read_text()
+    assert (straight / "checkpoints" / "step_000008" / "config.yaml").is_file()
+    assert (straight / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+def test_training_reduces_validation_loss(stores, tmp_path):
+    summary = train.main(tiny_args(stores, tmp_path / "r", "optim.max_steps=30", "val_check_interval=10"))
+    history = json.loads((tmp_path / "r" / "checkpoints" / "step_000030" / "trainer_state.json").read_text())["loop"]
+    vals = [h["val_loss"] for h in history["history"]]
+    assert len(vals) == 6 and vals[-1] < vals[0] - 0.3
+    assert summary["best_val_loss"] == pytest.approx(min(vals))
+
+
+def test_early_stopping_and_nonfinite_loss(stores, tmp_path):
+    # min_delta 100: the first validation improves on +inf, the second cannot -> stop with patience 1
+    args = tiny_args(stores, tmp_path / "es", "early_stopping.patience=1", "early_stopping.min_delta=100")
+    summary = train.main(args + ["val_check_interval=4", "optim.accumulate_grad_batches=1", "optim.max_steps=20"])
+    # validations after micro-batches 4 and 8; the stop comes after the 8th optimizer step, which is checkpointed
+    assert summary["step"] == 8
+    assert (tmp_path / "es" / "checkpoints" / "step_000008" / "trainer_state.json").is_file()
+    bad = tmp_path / "bad"
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(60, 8)).astype(np.float32)
+    v[::3] = np.nan
+    write_store(bad / "v", [str(i) for i in range(60)], v, "image", "vit")
+    write_store(bad / "t", [str(i) for i in range(60)], rng.normal(size=(60, 12)).astype(np.float32), "text", "llm")
+    datasets = json.dumps([{"vision": str(bad / "v"), "text": str(bad / "t")}])
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        train.main(tiny_args(stores, tmp_path / "nan", f"data.datasets={datasets}"))
+
+
+def test_pairs_random_caption_choice_and_id_alignment(stores):
+    pairs = StorePairs([{"vision": str(stores / "v"), "text": [str(stores / "t0"), str(stores / "t1")]}])
+    from sharelock.store import FeatureStore
+
+    vision, t0, t1 = (FeatureStore(stores / n) for n in ("v", "t0", "t1"))
+    ids = sorted(vision.ids)
+    idx = np.arange(120)
+    v, t = pairs.batch(idx, np.random.default_rng(0))
+    torch.testing.assert_close(v, vision.get(ids))
+    from_0 = (t == t0.get(ids)).all(1)
+    from_1 = (t == t1.get(ids)).all(1)
+    assert bool((from_0 | from_1).all())
+    assert 40 < int(from_0.sum()) < 80  # about half from each caption file
+
+
+def test_split_missing_ids_and_config_errors(stores, tmp_path):
+    train_idx, val_idx = split_train_val(10, 3, seed=42)
+    order = list(range(10))
+    random.Random(42).shuffle(order)
+    assert val_idx.tolist() == order[:3] and train_idx.tolist() == order[3:]
+    assert len(split_train_val(100, 0.1)[1]) == 10
+    with pytest.raises(ValueError, match="must be smaller than the number of samples"):
+        split_train_val(5, 5)
+    write_store(tmp_path / "short", ["00000", "00001"], np.zeros((2, 12), np.float32), "text", "llm")
+    with pytest.raises(KeyError, match=r"short .*lacks 118 of 120 requested ids \(required by vision store"):
+        StorePairs([{"vision": str(stores / "v"), "text": [str(tmp_path / "short")]}])
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'; valid keys: .*optim.lr"):
+        load_config(["optim.lrr=1"], "default")
+    with pytest.raises(FileNotFoundError, match="no feature store at"):
+        train.main(tiny_args(stores, tmp_path / "x", "data.datasets=[{vision: /nonexistent, text: /nonexistent}]"))

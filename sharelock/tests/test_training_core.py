@@ -1,0 +1,60 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sharelock.data import eval_transform
+from sharelock.training import build_optimizer
+
+
+def lrs(total=5000, warmup=150, lr=1e-3, schedule="cosine"):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = build_optimizer([p], lr=lr, warmup_steps=warmup, total_steps=total, schedule=schedule)
+    out = []
+    for _ in range(total + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedule_warmup_peak_and_end():
+    values = lrs()
+    assert values[0] == 0.0
+    assert values[75] == pytest.approx(0.5e-3)
+    assert values[150] == pytest.approx(1e-3)
+    mid = 150 + (5000 - 150) // 2
+    assert values[mid] == pytest.approx(0.5e-3, rel=1e-3)
+    assert values[5000] == pytest.approx(0.0, abs=1e-12)
+    assert max(values) == pytest.approx(1e-3)
+    assert lrs(total=50, warmup=10, schedule="constant")[10:] == pytest.approx([1e-3] * 41)
+
+
+def test_optimizer_is_adam_with_coupled_l2():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    opt, sched = build_optimizer([p], lr=0.1, weight_decay=0.5, warmup_steps=0, total_steps=10)
+    assert type(opt) is torch.optim.Adam
+    p.grad = torch.tensor([0.0])
+    opt.step()
+    # coupled L2: g = 0 + 0.5 * 2 = 1 and the first Adam step moves by lr * g / (|g| + eps) = 0.1;
+    # AdamW would decay to 2 - 0.1 * 0.5 * 2 = 1.9 and take no Adam step for a zero gradient
+    assert p.item() == pytest.approx(2.0 - 0.1, abs=1e-6)
+
+
+def test_eval_transform_matches_manual_pipeline():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    out = eval_transform()(img)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    # by hand: shorter side 300 -> 256, width 400*256/300 = 341.33 -> 341; PIL bilinear resize is antialiased
+    resized = np.asarray(img.resize((341, 256), Image.BILINEAR), dtype=np.float32) / 255
+    top, left = round((256 - 224) / 2), round((341 - 224) / 2)
+    crop = resized[top : top + 224, left : left + 224]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1)).float()
+    assert (out - expected).abs().max().item() < 2.5 / 255 / 0.225  # uint8 rounding in PIL vs float in torch
+    assert (out - expected).abs().mean().item() < 0.01
+    assert math.isfinite(out.sum().item())
