@@ -38,12 +38,12 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
 def random_resized_crop_params(
-    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator | None
 ) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop), drawn from ``generator``.
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
+
+from funai_common.transforms import random_resized_crop_params
 
 
 def _as_sizes(crop_sizes: Sequence[int] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -68,25 +69,7 @@ def random_resized_box(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """torchvision RandomResizedCrop.get_params as an xyxy box, drawn from ``generator`` (10 tries, then centre)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
-        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return [left, top, left + w, top + h]
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
+    top, left, h, w = random_resized_crop_params(width, height, scale, ratio, generator)
     return [left, top, left + w, top + h]
 
 
