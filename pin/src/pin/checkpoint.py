@@ -1,0 +1,117 @@
+"""Checkpoints without pickle: trainable tensors and optimiser tensors in safetensors, the rest in JSON.
+
+Layout: <run>/checkpoints/step_0000123/{weights.safetensors, optimizer.safetensors, state.json, config.yaml};
+written to a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import dump_config
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of the python, numpy and torch RNG states."""
+    py = random.getstate()
+    np_state = np.random.get_state()  # noqa: NPY002 (the global state is what gets restored)
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))  # noqa: NPY002
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Split an optimiser state dict into JSON (param groups, scalar entries) and tensors."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: dict, cfg: dict) -> Path:
+    """Write checkpoints/step_XXXXXXX atomically; `state` is JSON-serialisable (epoch, step, ...)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights, str(tmp / "weights.safetensors"))
+    rng_meta, rng_tensors = rng_state()
+    opt_meta, opt_tensors = optimizer_tensors(optimizer) if optimizer is not None else ({}, {})
+    save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+    clean_cfg = {k: v for k, v in cfg.items() if k != "_cli"}
+    with open(tmp / "state.json", "w") as f:
+        json.dump({**state, "rng": rng_meta, "optimizer": opt_meta, "config": clean_cfg}, f)
+    dump_config(cfg, tmp / "config.yaml")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """`latest` -> newest step_* in run_dir/checkpoints; otherwise a checkpoint folder path."""
+    if which == "latest":
+        ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+        if not ckpts:
+            raise FileNotFoundError(f"--resume latest: no checkpoints in {Path(run_dir) / 'checkpoints'}")
+        return ckpts[-1]
+    path = Path(which)
+    if not (path / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"checkpoint {path} must be a folder holding weights.safetensors and state.json")
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Trainable tensors of a checkpoint folder or of a bare .safetensors file."""
+    path = Path(path)
+    file = path / "weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no PIN weights at {file}; expected a checkpoint folder or a .safetensors file")
+    return load_file(str(file))
+
+
+def load_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json content, optimizer/rng tensors) of a checkpoint folder."""
+    with open(Path(path) / "state.json") as f:
+        state = json.load(f)
+    return state, load_file(str(Path(path) / "optimizer.safetensors"))

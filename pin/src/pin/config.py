@@ -1,0 +1,115 @@
+"""YAML configs with `key=value` / `--key value` overrides (dotted keys for nested entries)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = "blip2.yaml"
+
+
+def config_path(name: str) -> Path:
+    """Resolve a config given as a path or as the name of a shipped config (`tiny`, `tiny.yaml`, `blip2`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = name if name.endswith(".yaml") else f"{name}.yaml"
+    shipped = resources.files("pin") / "configs" / stem
+    if shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name for p in (resources.files("pin") / "configs").iterdir() if p.name.endswith(".yaml"))
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config; shipped configs: {available}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        keys.extend(_flat_keys(v, key + ".") if isinstance(v, dict) and v else [key])
+    return keys
+
+
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; the key must already exist (unknown keys are an error listing valid ones)."""
+    node = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(sorted(_flat_keys(cfg)))}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split argv into positional arguments and (key, value) overrides (`k=v`, `--k v`, `--k=v`)."""
+    positional, pairs = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                key, value = body, "true"
+            pairs.append((key.replace("-", "_"), value))
+        elif "=" in arg and not arg.startswith("="):
+            key, value = arg.split("=", 1)
+            pairs.append((key, value))
+        else:
+            positional.append(arg)
+        i += 1
+    return positional, pairs
+
+
+def load_config(
+    argv: list[str] | None, default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = ()
+) -> tuple[dict, list]:
+    """Defaults from the YAML chosen by `--config` (or `config=`), then overrides. Returns (config, positionals).
+
+    `argv=None` reads sys.argv[1:] (console scripts).
+
+    `flags` are CLI-only switches (e.g. `quick`, `resume`) kept in `cfg["_cli"]` instead of the config tree.
+    """
+    positional, pairs = split_argv(list(sys.argv[1:] if argv is None else argv))
+    chosen = default
+    for key, value in pairs:
+        if key == "config":
+            chosen = value
+    cfg = copy.deepcopy(load_yaml(config_path(chosen)))
+    cli: dict[str, Any] = {}
+    for key, value in pairs:
+        if key == "config":
+            continue
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if key in flags:
+            cli[key] = parsed
+        else:
+            set_key(cfg, key, parsed)
+    cfg["_cli"] = cli
+    return cfg, positional
+
+
+def dump_config(cfg: dict, path: str | Path) -> None:
+    """Write the resolved config (without CLI-only switches) as YAML."""
+    clean = {k: v for k, v in cfg.items() if k != "_cli"}
+    with open(path, "w") as f:
+        yaml.safe_dump(clean, f, sort_keys=False)

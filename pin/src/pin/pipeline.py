@@ -1,0 +1,125 @@
+"""Glue shared by the CLIs: config -> VLM, pools, datasets; the training loss and box prediction of a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .boxes import GridCodec
+from .layout import LayoutSampler
+from .prompts import build_labels, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
+from .synthetic import Backgrounds, Composer, ObjectPool, SyntheticCompositions, procedural_pool
+from .vlm import FrozenVLM
+from .zoo import build_vlm
+
+
+def codec_from_cfg(cfg: dict) -> GridCodec:
+    c = cfg["codec"]
+    return GridCodec(c["grid"], c["max_value"], c["image_size"])
+
+
+def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
+    """(train, val, zero_shot) object pools from data.objects (folder or json) or data.procedural_classes."""
+    d = cfg["data"]
+    if d.get("objects"):
+        src = str(d["objects"])
+        pool = ObjectPool.from_json(src) if src.endswith(".json") else ObjectPool.from_folder(src)
+        held = d.get("held_out") or ()
+        if held == "default":
+            from .heldout import HELD_OUT_CLASSES
+
+            held = HELD_OUT_CLASSES
+        return pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
+    if d.get("procedural_classes"):
+        pool = procedural_pool(d["procedural_classes"], d.get("per_class", 8), seed=cfg["seed"])
+        val = procedural_pool(d["procedural_classes"], d.get("per_class", 8), seed=cfg["seed"] + 1)
+        return pool, val, val
+    raise ValueError(
+        "config needs data.objects (object pool folder or LVIS_instance_pools.json) or "
+        "data.procedural_classes (list of shape names)"
+    )
+
+
+def class_names(cfg: dict) -> list[str]:
+    """Every name the tokenizer of a tiny VLM must know (procedural classes)."""
+    return list(cfg["data"].get("procedural_classes") or [])
+
+
+def vlm_from_cfg(cfg: dict) -> FrozenVLM:
+    m = cfg["model"]
+    return build_vlm(
+        m["name"],
+        m.get("kind", "blip2"),
+        class_names(cfg),
+        codec_from_cfg(cfg),
+        m.get("dtype", "float32"),
+        seed=cfg["seed"],
+        image_size=m.get("image_size"),
+        tiny_options=m.get("tiny"),
+    )
+
+
+def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: int | None = None):
+    """Synthetic compositions for `split` (train uses data.backgrounds, val/test data.val_backgrounds)."""
+    d, c = cfg["data"], cfg["codec"]
+    sampler = LayoutSampler(c["grid"], c["image_size"], d["min_fractions"], d.get("max_cells", c["grid"]))
+    bg_root = d.get("backgrounds") if split == "train" else d.get("val_backgrounds") or d.get("backgrounds")
+    backgrounds = Backgrounds(bg_root, c["image_size"])
+    seed = cfg["seed"] + (0 if split == "train" else 1000)
+    composer = Composer(
+        pool,
+        backgrounds,
+        sampler,
+        seed,
+        d["max_objects"],
+        d["max_objects"],
+        d.get("same_object_likelihood", 0.0),
+        d.get("pos_img_referral", 0.0),
+    )
+    n = length if length is not None else (d["train_size"] if split == "train" else d.get("val_size", 1000))
+    return SyntheticCompositions(composer, n, d["switch_epoch"])
+
+
+def pixel_values(vlm: FrozenVLM, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in [0, 1] -> resized to the VLM's input size and normalised."""
+    if images.shape[-1] != vlm.image_size or images.shape[-2] != vlm.image_size:
+        images = F.interpolate(images, size=(vlm.image_size, vlm.image_size), mode="bilinear", align_corners=False)
+    return vlm.normalise(images)
+
+
+def training_batch(vlm: FrozenVLM, codec: GridCodec, phrases: Sequence[str], cells, reconstruct: bool):
+    """(input_ids, attention_mask, targets) of the training sentences, right-padded."""
+    texts = [training_text(p, codec.encode(c), vlm.end_token, reconstruct) for p, c in zip(phrases, cells)]
+    ids, mask = vlm.batch(texts, padding_side="right")
+    prefix = [vlm.prefix_length(loss_free_prefix(p, reconstruct)) for p in phrases]
+    targets = build_labels(ids, prefix, vlm.pad_token_id, vlm.image_token_id, mask)
+    return ids, mask, targets
+
+
+def training_loss(vlm: FrozenVLM, codec: GridCodec, batch: dict, device) -> torch.Tensor:
+    """Next-token cross-entropy of a collated synthetic batch on the (hooked) VLM."""
+    ids, mask, targets = training_batch(vlm, codec, batch["phrase"], batch["cells"].tolist(), batch["reconstruct"])
+    pv = pixel_values(vlm, batch["image"].to(device)).to(next(vlm.model.parameters()).dtype)
+    logits = vlm.logits(pv, ids.to(device), mask.to(device))
+    return masked_lm_loss(logits, targets.to(device))
+
+
+def predict_boxes(
+    vlm: FrozenVLM,
+    codec: GridCodec,
+    images: torch.Tensor,
+    names: Sequence[str],
+    num_beams: int = 3,
+    max_new_tokens: int = 12,
+    context: str = "",
+) -> tuple[list[list[float]], list[str]]:
+    """Prompt "In the image is a {name} located at" per image and parse the boxes; (boxes in pixels, texts).
+
+    `context` (k-shot baseline) is prepended to every prompt.
+    """
+    device = next(vlm.model.parameters()).device
+    pv = pixel_values(vlm, images.to(device)).to(next(vlm.model.parameters()).dtype)
+    texts = vlm.generate(pv, [context + eval_prompt(n) for n in names], num_beams, max_new_tokens)
+    return [codec.decode(t[len(context) :]) for t in texts], texts

@@ -1,0 +1,24 @@
+"""Logging to stdout and <run>/log.txt."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+def setup_logging(run_dir: Path | None, main_process: bool = True, name: str = "pin") -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if run_dir is not None and main_process:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(run_dir) / "log.txt")
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger

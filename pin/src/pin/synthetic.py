@@ -1,0 +1,307 @@
+"""Synthetic training data: RGBA object cut-outs pasted on backgrounds at grid-aligned positions.
+
+Object pool layouts: a folder per class (`<root>/<class name>/*.png`, RGBA) or the X-Paste/LVIS list
+`LVIS_instance_pools.json` = {lvis_name: [png paths relative to the json's folder]}. Names are normalised ("_" -> " ",
+" (...)" dropped), "projectile" is removed, and the held-out (zero-shot) classes are split off by name.
+Backgrounds: any image folder (BG-20k `train/` or `testval/`), or procedural textures.
+Every composition is a pure function of (seed, epoch, index), so workers, resumes and replicas agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .heldout import HELD_OUT_CLASSES
+from .layout import LayoutSampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def normalise_name(name: str) -> str:
+    """LVIS name -> prompt name: "_" -> " " and a trailing " (...)" dropped ("bow_(weapon)" -> "bow")."""
+    return re.sub(r"\s*\(.*?\)", "", name.replace("_", " ")).strip()
+
+
+def crop_to_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Crop an (H, W, 4) uint8 cut-out to its alpha bounding box (unchanged when alpha is empty)."""
+    ys, xs = np.nonzero(rgba[..., 3] > 0)
+    if len(xs) == 0:
+        return rgba
+    return rgba[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+class ObjectPool:
+    """Named RGBA instances: `instances` is a list of (name, source) with source a path or an (H, W, 4) array."""
+
+    def __init__(self, instances: Sequence[tuple[str, object]]) -> None:
+        self.instances = list(instances)
+        self.by_name: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(self.instances):
+            self.by_name.setdefault(name, []).append(i)
+        self.names = sorted(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def load(self, index: int) -> np.ndarray:
+        """(H, W, 4) uint8 cut-out cropped to its alpha box."""
+        src = self.instances[index][1]
+        arr = src if isinstance(src, np.ndarray) else np.asarray(Image.open(src).convert("RGBA"))
+        return crop_to_alpha(arr)
+
+    @classmethod
+    def from_folder(cls, root: str | Path) -> ObjectPool:
+        """`<root>/<class>/*.png` (class folder names normalised like LVIS names)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"object pool {root} not found; expected <root>/<class name>/*.png RGBA cut-outs")
+        items = [
+            (normalise_name(d.name), p)
+            for d in sorted(root.iterdir())
+            if d.is_dir()
+            for p in sorted(d.iterdir())
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not items:
+            raise FileNotFoundError(f"object pool {root} holds no class folders with images")
+        return cls(_drop_excluded(items))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ObjectPool:
+        """X-Paste/LVIS list {lvis_name: [png paths]}; relative paths are taken from the json's folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"object list {path} not found; expected LVIS_instance_pools.json")
+        with open(path) as f:
+            data = json.load(f)
+        items = [(normalise_name(n), path.parent / p) for n, paths in data.items() for p in paths]
+        return cls(_drop_excluded(items))
+
+    def split(
+        self, held_out: Sequence[str] = HELD_OUT_CLASSES, val_size: int = 0, seed: int = 10
+    ) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
+        """(train, val, zero_shot): held-out names go to zero_shot; the rest is shuffled with `seed` and the last
+        `val_size` instances go to val."""
+        held = {h.lower() for h in held_out}
+        zero = [it for it in self.instances if it[0].lower() in held]
+        rest = [it for it in self.instances if it[0].lower() not in held]
+        order = np.random.default_rng(seed).permutation(len(rest))
+        rest = [rest[i] for i in order]
+        cut = len(rest) - val_size
+        return ObjectPool(rest[:cut]), ObjectPool(rest[cut:]), ObjectPool(zero)
+
+
+def _drop_excluded(items):
+    return [it for it in items if it[0] != "projectile"]
+
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+
+
+def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of a procedural shape filling its box."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    u, v = (xx + 0.5) / w * 2 - 1, (yy + 0.5) / h * 2 - 1
+    r = np.hypot(u, v)
+    ang = np.arctan2(v, u)
+    masks = {
+        "circle": r <= 1,
+        "square": np.ones((h, w), bool),
+        "triangle": (v >= -1) & (np.abs(u) <= (v + 1) / 2),
+        "diamond": np.abs(u) + np.abs(v) <= 1,
+        "cross": (np.abs(u) <= 0.33) | (np.abs(v) <= 0.33),
+        "ring": (r <= 1) & (r >= 0.55),
+        "star": r <= 0.55 + 0.45 * np.cos(5 * ang) ** 2,
+        "hexagon": (np.abs(v) <= 0.87) & (np.abs(u) * 0.87 + np.abs(v) * 0.5 <= 0.87),
+    }
+    if shape not in masks:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return masks[shape]
+
+
+def procedural_pool(names: Sequence[str], per_class: int = 8, seed: int = 0, size: int = 64) -> ObjectPool:
+    """Cut-outs for names "<colour> <shape>" (or a bare shape, random colour) with aspect log-uniform in [0.5, 2]."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for name in names:
+        parts = name.split()
+        shape = parts[-1]
+        for _ in range(per_class):
+            aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+            w, h = (size, max(4, round(size / aspect))) if aspect >= 1 else (max(4, round(size * aspect)), size)
+            colour = COLOURS[parts[0]] if len(parts) > 1 else tuple(rng.integers(30, 230, 3))
+            rgba = np.zeros((h, w, 4), np.uint8)
+            jitter = rng.integers(-20, 21, 3)
+            rgba[..., :3] = np.clip(np.array(colour) + jitter, 0, 255)
+            rgba[..., 3] = shape_mask(shape, h, w) * 255
+            items.append((name, rgba))
+    return ObjectPool(items)
+
+
+class Backgrounds:
+    """Backgrounds from an image folder (recursive), or procedural textures when `root` is None."""
+
+    def __init__(self, root: str | Path | None = None, image_size: int = 224) -> None:
+        self.image_size = image_size
+        self.paths: list[Path] = []
+        if root is not None:
+            root = Path(root)
+            if not root.is_dir():
+                raise FileNotFoundError(f"background folder {root} not found; expected images (BG-20k train/)")
+            self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not self.paths:
+                raise FileNotFoundError(f"background folder {root} holds no images")
+
+    def sample(self, rng: np.random.Generator) -> Image.Image:
+        """An RGB image_size x image_size background."""
+        s = self.image_size
+        if self.paths:
+            path = self.paths[int(rng.integers(len(self.paths)))]
+            return Image.open(path).convert("RGB").resize((s, s), Image.BILINEAR)
+        base = rng.uniform(60, 200, size=(2, 2, 3))
+        low = Image.fromarray(base.astype(np.uint8)).resize((s, s), Image.BILINEAR)
+        noise = rng.normal(0, 12, size=(s // 8, s // 8, 3))
+        noise = np.asarray(Image.fromarray(np.clip(noise + 128, 0, 255).astype(np.uint8)).resize((s, s)))
+        arr = np.asarray(low, np.float32) + noise.astype(np.float32) - 128
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@dataclass
+class Composition:
+    """One synthetic image, its objects, and the object chosen as the training target."""
+
+    image: Image.Image
+    names: list[str]
+    boxes: list[list[int]]  # inclusive cells
+    target: int
+    phrase: str  # the target's object phrase (name, possibly with referral words)
+
+
+class Composer:
+    """Paste k objects from a pool on a background following a LayoutSampler (the composition function C).
+
+    Args:
+        pool, backgrounds, sampler: the sources and the layout rule.
+        seed: base seed; a composition is a function of (seed, epoch, index).
+        max_objects: k ~ U{1..max_objects} when not fixed; `fixed_objects` objects while fixed.
+        same_object_likelihood: probability of a second instance of the target class, told apart by a relative word.
+        pos_img_referral: probability of adding an absolute position word ("on the left") to the phrase.
+    """
+
+    def __init__(
+        self,
+        pool: ObjectPool,
+        backgrounds: Backgrounds,
+        sampler: LayoutSampler,
+        seed: int = 0,
+        max_objects: int = 3,
+        fixed_objects: int = 3,
+        same_object_likelihood: float = 0.0,
+        pos_img_referral: float = 0.0,
+    ) -> None:
+        if len(pool.names) == 0:
+            raise ValueError("object pool is empty")
+        self.pool, self.backgrounds, self.sampler = pool, backgrounds, sampler
+        self.seed, self.max_objects, self.fixed_objects = seed, max_objects, fixed_objects
+        self.same_object_likelihood, self.pos_img_referral = same_object_likelihood, pos_img_referral
+
+    def compose(self, index: int, epoch: int = 0, fixed: bool = True) -> Composition:
+        """The composition number `index` of `epoch`; `fixed` -> exactly `fixed_objects` objects."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        k = self.fixed_objects if fixed else int(rng.integers(1, self.max_objects + 1))
+        names = list(rng.choice(self.pool.names, size=min(k, len(self.pool.names)), replace=False))
+        target = int(rng.integers(len(names)))
+        same = k < self.max_objects and rng.random() < self.same_object_likelihood
+        if same:
+            names.append(names[target])
+        instances = [self.pool.by_name[n][int(rng.integers(len(self.pool.by_name[n])))] for n in names]
+        cutouts = [self.pool.load(i) for i in instances]
+        aspects = [c.shape[1] / c.shape[0] for c in cutouts]
+        boxes = self.sampler.sample(rng, aspects)
+        image = self.backgrounds.sample(rng).copy()
+        cell = self.sampler.cell
+        for cut, box in zip(cutouts, boxes):
+            w = round((box[2] - box[0] + 1) * cell)
+            h = round((box[3] - box[1] + 1) * cell)
+            obj = Image.fromarray(cut).resize((w, h), Image.BILINEAR)
+            image.paste(obj, (round(box[0] * cell), round(box[1] * cell)), obj)
+        phrase = names[target]
+        if same:
+            phrase = f"{relative_word(boxes[target], boxes[-1])} {phrase}"
+        elif rng.random() < self.pos_img_referral:
+            phrase = f"{phrase} {absolute_word(boxes[target], self.sampler.grid, rng)}"
+        return Composition(image, [str(n) for n in names], boxes, target, str(phrase))
+
+
+def relative_word(box, other) -> str:
+    """Where `box` is relative to `other`: left/right by centre x when they differ more in x, else top/bottom."""
+    dx = (box[0] + box[2]) - (other[0] + other[2])
+    dy = (box[1] + box[3]) - (other[1] + other[3])
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def absolute_word(box, grid: int, rng: np.random.Generator) -> str:
+    """ "on the left|right|top|bottom" or "in the middle" from the box centre's third of the image."""
+    axis = int(rng.integers(2))
+    centre = (box[axis] + box[axis + 2] + 1) / 2 / grid
+    third = min(int(centre * 3), 2)
+    words = (("left", "middle", "right"), ("top", "middle", "bottom"))[axis]
+    return "in the middle" if third == 1 else f"on the {words[third]}"
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class SyntheticCompositions(torch.utils.data.Dataset):
+    """`length` compositions of one epoch; call `set_epoch` to move on (fresh samples, the object-count switch).
+
+    Items: {"image": (3, S, S) in [0, 1], "phrase", "cells" (4,) long, "all_cells" (k, 4), "reconstruct" bool}.
+    """
+
+    def __init__(self, composer: Composer, length: int, switch_epoch: int = 40) -> None:
+        self.composer, self.length, self.switch_epoch = composer, length, switch_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def first_phase(self) -> bool:
+        """Before the switch: fixed object count and name reconstruction in the text."""
+        return self.epoch < self.switch_epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        comp = self.composer.compose(index, self.epoch, fixed=self.first_phase)
+        return {
+            "image": to_tensor(comp.image),
+            "phrase": comp.phrase,
+            "cells": torch.tensor(comp.boxes[comp.target]),
+            "all_cells": torch.tensor(comp.boxes),
+            "reconstruct": self.first_phase,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images and target cells; keep phrases as a list."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "phrase": [it["phrase"] for it in items],
+        "cells": torch.stack([it["cells"] for it in items]),
+        "reconstruct": items[0]["reconstruct"],
+    }

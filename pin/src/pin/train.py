@@ -1,0 +1,154 @@
+"""pin-train: learn the positional insert (or a VPT / LoRA baseline) on synthetic compositions, VLM frozen.
+
+pin-train [--config blip2|openflamingo|tiny|PATH] [key=value ...] [--resume latest|PATH]
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from .checkpoint import find_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint, set_rng_state
+from .config import dump_config, load_config
+from .methods import Method
+from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
+from .runlog import setup_logging
+from .synthetic import collate
+
+
+def lr_at_epoch(cfg: dict, epoch: int) -> float:
+    """MultiStepLR by epoch: lr * gamma^(number of milestones <= epoch)."""
+    o = cfg["optim"]
+    return o["lr"] * o["gamma"] ** sum(epoch >= m for m in o["milestones"])
+
+
+def train(cfg: dict, resume: str | None = None) -> dict:
+    """Run training; returns {"losses": [...], "run_dir": str, "step": int, "method": Method}."""
+    t = cfg["train"]
+    mp = t["mixed_precision"] if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+    run_dir = Path(cfg["out_dir"]) / cfg["name"]
+    log = setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        dump_config(cfg, run_dir / "config.yaml")
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])  # noqa: NPY002 (seeds third-party code using the global RNG)
+    torch.manual_seed(cfg["seed"])
+
+    codec = codec_from_cfg(cfg)
+    vlm = vlm_from_cfg(cfg)
+    vlm.model.to(accelerator.device)
+    method = Method(vlm, cfg["method"], cfg).to(accelerator.device)
+    params = method.parameters()
+    if not params:
+        raise ValueError(f"method {cfg['method']!r} has nothing to train; use pin, vpt or lora")
+    log.info(
+        "method %s: %d trainable parameters (VLM frozen); %d process(es) on %s",
+        cfg["method"],
+        sum(p.numel() for p in params),
+        accelerator.num_processes,
+        accelerator.device,
+    )
+    # prepared so that fp16 runs step through accelerate's gradient scaler; no DDP wrapper: see the reduce below
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.Adam(params, lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"])
+    )
+    train_pool, _, _ = pools_from_cfg(cfg)
+    dataset = dataset_from_cfg(cfg, train_pool, "train")
+    steps_per_epoch = len(dataset) // (t["batch_size"] * accelerator.num_processes)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.train_size={len(dataset)} is smaller than one global batch")
+    total = (
+        t["epochs"] * steps_per_epoch if t["max_steps"] is None else min(t["max_steps"], t["epochs"] * steps_per_epoch)
+    )
+
+    step = 0
+    if resume:
+        ckpt = find_checkpoint(run_dir, resume)
+        state, tensors = load_state(ckpt)
+        method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()})
+        load_optimizer(optimizer, state["optimizer"], {k: v for k, v in tensors.items() if not k.startswith("rng.")})
+        set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+        step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    def checkpoint(epoch: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = save_checkpoint(run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg)
+            log.info("saved %s", path)
+
+    losses: list[float] = []
+    method.train(True)
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="pin-train")
+    while step < total:
+        epoch = step // steps_per_epoch
+        dataset.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_epoch(cfg, epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=t["batch_size"],
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=cfg["data"]["num_workers"],
+            drop_last=True,
+        )
+        loader = accelerator.prepare_data_loader(loader)
+        skip = step - epoch * steps_per_epoch
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        for batch in loader:
+            with accelerator.autocast():
+                loss = training_loss(vlm, codec, batch, accelerator.device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in "
+                    f"{run_dir / 'checkpoints'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                for p in params:
+                    p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
+            optimizer.step()
+            step += 1
+            value = accelerator.reduce(loss.detach(), "mean").item()
+            losses.append(value)
+            bar.update(1)
+            if step % t["log_every"] == 0:
+                log.info("epoch %d step %d loss %.4f lr %.2e", epoch, step, value, optimizer.param_groups[0]["lr"])
+            every = t.get("checkpoint_every_steps")
+            end_of_epoch = step % steps_per_epoch == 0
+            if (every and step % every == 0) or (end_of_epoch and (epoch + 1) % t["checkpoint_every_epochs"] == 0):
+                checkpoint(epoch)
+            if step >= total or end_of_epoch:
+                break
+    bar.close()
+    last = run_dir / "checkpoints" / f"step_{step:07d}"
+    if not last.exists():
+        checkpoint(max(0, math.ceil(step / steps_per_epoch) - 1))
+    return {"losses": losses, "run_dir": str(run_dir), "step": step, "method": method, "vlm": vlm}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, positional = load_config(argv, flags=("resume",))
+    if positional:
+        raise SystemExit(f"pin-train takes key=value overrides only, got {positional}")
+    resume = cfg["_cli"].get("resume")
+    return train(cfg, str(resume) if resume else None)
+
+
+def cli() -> None:
+    """Console-script entry point (returns nothing, so the exit status is 0)."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pin.eval import main as eval_main
+from pin.eval_data import coco_queries, lvis_queries, pvoc_queries, refcoco_queries
+from pin.localise import main as localise_main
+from pin.train import main as train_main
+
+
+def _image(path, w, h):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(path)
+
+
+def _coco(tmp_path):
+    images = [
+        {
+            "id": i,
+            "width": 640,
+            "height": 480,
+            "file_name": f"{i:012d}.jpg",
+            "coco_url": f"http://x/val2017/{i:012d}.jpg",
+        }
+        for i in range(1, 4)
+    ]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [64, 48, 320, 240], "iscrowd": 0}]
+    anns += [{"id": 2 + j, "image_id": 2, "category_id": 2, "bbox": [0, 0, 10, 10], "iscrowd": 0} for j in range(4)]
+    anns += [{"id": 9, "image_id": 3, "category_id": 2, "bbox": [0, 0, 640, 480], "iscrowd": 1}]
+    cats = [{"id": 1, "name": "dog"}, {"id": 2, "name": "bus_(vehicle)"}]
+    for i in range(1, 4):
+        _image(tmp_path / "val2017" / f"{i:012d}.jpg", 640, 480)
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def test_coco_and_lvis_loaders_keep_images_with_at_most_three_objects(tmp_path):
+    data = _coco(tmp_path)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    (tmp_path / "annotations" / "lvis_v1_val.json").write_text(json.dumps(data))
+    q = coco_queries(tmp_path)
+    assert [(x.name, x.image_id) for x in q] == [("dog", "1"), ("bus_(vehicle)", "3")]  # image 2 has 4 objects
+    assert q[0].box == [22.0, 22.0, 134.0, 134.0]  # int(64*.35)=22, int(48*.4667)=22, +int(320*.35)=112, +112
+    assert q[1].box == [0.0, 0.0, 223.0, 223.0]  # crowd counts; far edge clipped to 223
+    lq = lvis_queries(tmp_path)
+    assert [x.name for x in lq] == ["dog", "bus"] and lq[0].image.name == "000000000001.jpg"
+    with pytest.raises(FileNotFoundError, match="COCO val2017 annotations"):
+        coco_queries(tmp_path / "missing")
+
+
+def test_pvoc_loader(tmp_path):
+    base = tmp_path / "VOC2007"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    (base / "ImageSets" / "Main" / "test.txt").write_text("000001\n000002\n")
+    obj = (
+        "<object><name>{}</name><difficult>{}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>250</xmax>"
+        "<ymax>375</ymax></bndbox></object>"
+    )
+    for i, objs in [(1, [("diningtable", 0)]), (2, [("dog", 1)] * 4)]:
+        xml = "<annotation><size><width>500</width><height>375</height></size>" + "".join(obj.format(*o) for o in objs)
+        (base / "Annotations" / f"00000{i}.xml").write_text(xml + "</annotation>")
+    q = pvoc_queries(tmp_path)
+    assert len(q) == 1 and q[0].name == "dining table" and q[0].box == [1.0, 1.0, 112.0, 224.0]
+
+
+def test_refcoco_loader_and_safe_unpickling(tmp_path):
+    base = tmp_path / "refcoco"
+    base.mkdir()
+    refs = [
+        {"ref_id": 5, "image_id": 1, "ann_id": 1, "split": "testA", "sentences": [{"sent": "a"}, {"sent": "left man"}]},
+        {"ref_id": 6, "image_id": 1, "ann_id": 1, "split": "val", "sentences": [{"sent": "x"}]},
+    ]
+    with open(base / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    inst = {
+        "images": [{"id": 1, "width": 640, "height": 480, "file_name": "a.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [64, 48, 320, 240]}],
+    }
+    (base / "instances.json").write_text(json.dumps(inst))
+    q = refcoco_queries(tmp_path)
+    assert [(x.name, x.image_id, x.box) for x in q] == [("left man", "5", [22.0, 22.0, 134.0, 134.0])]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(base / "refs(unc).p", "wb") as f:
+        pickle.dump([Evil()], f)
+    with pytest.raises(pickle.UnpicklingError, match="only plain data"):
+        refcoco_queries(tmp_path)
+
+
+def test_train_eval_localise_end_to_end(tmp_path, capsys):
+    out = train_main(["--config", "tiny", f"out_dir={tmp_path}", "train.max_steps=1"])
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_0000001"
+    assert out["step"] == 1 and ckpt.is_dir()
+    rows = eval_main(
+        [
+            "--config",
+            "tiny",
+            f"out_dir={tmp_path}",
+            f"eval.checkpoint={ckpt}",
+            "eval.limit=4",
+            "data.val_size=2",
+            "eval.num_beams=2",
+            "eval.max_new_tokens=4",
+        ]
+    )
+    assert rows[0]["method"] == "pin" and rows[0]["num"] == 4 and 0 <= rows[0]["miou"] <= 1
+    metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
+    assert metrics[0]["num"] == 4 and (tmp_path / "tiny" / "eval" / "boxes_synthetic_pin.png").is_file()
+    rows = eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=random", "data.val_size=4"])
+    assert rows[0]["miou_std"] >= 0 and 0 < rows[0]["miou"] < 1
+    with pytest.raises(ValueError, match="needs eval.checkpoint"):
+        eval_main(["--config", "tiny", f"out_dir={tmp_path}"])
+
+    img = tmp_path / "query.png"
+    _image(img, 100, 80)
+    box = localise_main([str(img), "circle", "--config", "tiny", f"checkpoint={ckpt}", f"out={tmp_path / 'b.png'}"])
+    assert len(box) == 4 and (tmp_path / "b.png").is_file()
+    assert "circle: box xyxy" in capsys.readouterr().out

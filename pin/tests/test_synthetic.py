@@ -1,0 +1,127 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pin.heldout import HELD_OUT_CLASSES
+from pin.layout import LayoutSampler
+from pin.synthetic import (
+    Backgrounds,
+    Composer,
+    ObjectPool,
+    SyntheticCompositions,
+    absolute_word,
+    crop_to_alpha,
+    normalise_name,
+    procedural_pool,
+    relative_word,
+)
+
+
+def _cutout(path, colour, size=(20, 10)):
+    arr = np.zeros((size[1] + 4, size[0] + 4, 4), np.uint8)
+    arr[2:-2, 2:-2] = (*colour, 255)
+    Image.fromarray(arr).save(path)
+
+
+def test_normalise_name():
+    assert normalise_name("bow_(weapon)") == "bow"
+    assert normalise_name("tennis_racket") == "tennis racket"
+    assert normalise_name("bus_(vehicle)") == "bus"
+
+
+def test_crop_to_alpha():
+    arr = np.zeros((10, 12, 4), np.uint8)
+    arr[2:5, 3:9, 3] = 255
+    assert crop_to_alpha(arr).shape == (3, 6, 4)
+
+
+def test_pool_from_folder_json_and_split(tmp_path):
+    for name in ["zebra", "wok", "yak", "projectile", "bow_(weapon)"]:
+        (tmp_path / "pool" / name).mkdir(parents=True)
+        for i in range(3):
+            _cutout(tmp_path / "pool" / name / f"{i}.png", (200, 0, 0))
+    pool = ObjectPool.from_folder(tmp_path / "pool")
+    assert pool.names == ["bow", "wok", "yak", "zebra"]  # projectile dropped
+    train, val, zero = pool.split(HELD_OUT_CLASSES, val_size=2, seed=10)
+    assert zero.names == ["zebra"] and len(zero) == 3
+    assert len(train) + len(val) == 9 and len(val) == 2
+    assert pool.load(0).shape == (10, 20, 4)
+    data = {"yak": ["pool/yak/0.png", "pool/yak/1.png"], "projectile": ["pool/projectile/0.png"]}
+    (tmp_path / "LVIS_instance_pools.json").write_text(json.dumps(data))
+    assert ObjectPool.from_json(tmp_path / "LVIS_instance_pools.json").names == ["yak"]
+    with pytest.raises(FileNotFoundError, match="expected <root>/<class name>"):
+        ObjectPool.from_folder(tmp_path / "missing")
+
+
+def test_held_out_classes_cover_coco_and_pvoc():
+    assert {"person", "dining table", "tv", "aeroplane", "tvmonitor", "television set"} <= set(HELD_OUT_CLASSES)
+    assert "wok" not in HELD_OUT_CLASSES
+
+
+def test_composition_pastes_objects_at_their_boxes():
+    pool = ObjectPool(
+        [("red thing", np.dstack([np.full((8, 8, 3), (255, 0, 0), np.uint8), np.full((8, 8), 255, np.uint8)]))]
+    )
+    bg = Backgrounds(None)
+    comp = Composer(pool, bg, LayoutSampler(), seed=3, fixed_objects=1).compose(0)
+    x1, y1, x2, y2 = comp.boxes[0]
+    img = np.asarray(comp.image).astype(int)
+    inside = img[y1 * 14 : (y2 + 1) * 14, x1 * 14 : (x2 + 1) * 14]
+    assert (inside == [255, 0, 0]).all()
+    red = (img == [255, 0, 0]).all(-1)
+    ys, xs = np.nonzero(red)
+    assert xs.min() == x1 * 14 and xs.max() == (x2 + 1) * 14 - 1 and ys.min() == y1 * 14
+    assert comp.names == ["red thing"] and comp.phrase == "red thing"
+
+
+def test_compositions_are_deterministic_and_switch_object_count():
+    pool = procedural_pool(["circle", "square", "triangle", "cross"], per_class=2)
+    composer = Composer(pool, Backgrounds(None), LayoutSampler(), seed=0)
+    ds = SyntheticCompositions(composer, length=60, switch_epoch=2)
+    a, b = ds[5], ds[5]
+    assert (a["image"] == b["image"]).all() and a["phrase"] == b["phrase"]
+    assert a["image"].shape == (3, 224, 224) and a["reconstruct"]
+    counts = Counter(len(ds[i]["all_cells"]) for i in range(30))
+    assert counts == {3: 30}
+    ds.set_epoch(2)
+    assert not ds[0]["reconstruct"]
+    counts = Counter(len(ds[i]["all_cells"]) for i in range(60))
+    assert set(counts) == {1, 2, 3} and min(counts.values()) >= 10
+    ds.set_epoch(3)
+    assert not (ds[5]["image"] == a["image"]).all()
+
+
+def test_referral_words():
+    assert relative_word([0, 0, 2, 2], [8, 0, 10, 2]) == "left"
+    assert relative_word([0, 8, 2, 10], [0, 0, 2, 2]) == "bottom"
+    rng = np.random.default_rng(0)
+    words = {absolute_word([0, 0, 3, 3], 16, rng) for _ in range(20)}
+    assert words == {"on the left", "on the top"}
+    pool = procedural_pool(["circle", "square"], per_class=2)
+    composer = Composer(pool, Backgrounds(None), LayoutSampler(), same_object_likelihood=1.0)
+    seen_twice = 0
+    for i in range(10):
+        comp = composer.compose(i, fixed=False)
+        target = comp.names[comp.target]
+        if comp.names.count(target) == 2:
+            seen_twice += 1
+            assert comp.phrase.split()[0] in {"left", "right", "top", "bottom"} and comp.phrase.endswith(target)
+        else:
+            assert comp.phrase == target
+    assert seen_twice >= 3
+    composer = Composer(pool, Backgrounds(None), LayoutSampler(), pos_img_referral=1.0)
+    for i in range(5):
+        comp = composer.compose(i)
+        rest = comp.phrase[len(comp.names[comp.target]) + 1 :]
+        assert rest in {"on the left", "on the right", "on the top", "on the bottom", "in the middle"}
+
+
+def test_background_folder(tmp_path):
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(tmp_path / "a.jpg")
+    img = Backgrounds(tmp_path, 224).sample(np.random.default_rng(0))
+    assert img.size == (224, 224)
+    with pytest.raises(FileNotFoundError, match="BG-20k"):
+        Backgrounds(tmp_path / "nope")

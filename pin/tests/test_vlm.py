@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from pin.methods import Method
+from pin.model import PositionalInsert
+from pin.pipeline import training_loss
+
+SHAPES = ["circle", "square", "triangle", "cross"]
+
+
+def _batch(vlm, n=2):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(n, 3, 224, 224, generator=g),
+        "phrase": SHAPES[:n],
+        "cells": torch.tensor([[2, 3, 5, 7], [0, 0, 15, 15]][:n]),
+        "reconstruct": True,
+    }
+
+
+def test_blip2_shapes_of_the_paper():
+    from transformers import Blip2Config
+
+    v = Blip2Config().vision_config  # the defaults are BLIP-2's EVA ViT-g/14
+    n = (224 // v.patch_size) ** 2 + 1
+    assert (n, v.hidden_size) == (257, 1408)
+    assert sum(p.numel() for p in PositionalInsert(n, v.hidden_size).parameters()) == 1_512_576
+
+
+def test_hook_adds_the_insert_to_the_vision_output(tiny_blip2):
+    vlm = tiny_blip2
+    pv = torch.randn(2, 3, 224, 224)
+    plain = vlm.model.vision_model(pixel_values=pv).last_hidden_state
+    pin = vlm.build_insert(hidden_dims=(16,))
+    vlm.attach(pin)
+    hooked = vlm.model.vision_model(pixel_values=pv).last_hidden_state
+    assert torch.allclose(hooked, plain + pin()[0], atol=1e-6)
+    vlm.detach()
+    assert torch.allclose(vlm.model.vision_model(pixel_values=pv).last_hidden_state, plain)
+
+
+def test_gradients_reach_only_pin_and_vision_runs_without_autograd(tiny_blip2, codec):
+    vlm = tiny_blip2
+    method = Method(vlm, "pin", {"pin": {"hidden_dims": [16, 16]}})
+    seen = {}
+
+    def record(_module, _args, _output):
+        seen["grad"] = torch.is_grad_enabled()
+
+    handle = vlm.model.vision_model.encoder.register_forward_hook(record)
+    loss = training_loss(vlm, codec, _batch(vlm), "cpu")
+    loss.backward()
+    handle.remove()
+    assert seen["grad"] is False  # the vision tower ran under no_grad
+    assert torch.is_grad_enabled()
+    assert sum(p.requires_grad for p in vlm.model.parameters()) == 0
+    assert all(p.grad is None for p in vlm.model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+    assert set(method.state_dict()) == {"pos_enc"} | {k for k in method.module.state_dict() if k.startswith("mlp.")}
+
+
+def test_pin_training_lowers_the_loss(tiny_blip2, codec):
+    vlm = tiny_blip2
+    method = Method(vlm, "pin", {"pin": {"hidden_dims": [32, 32]}})
+    opt = torch.optim.Adam(method.parameters(), lr=3e-3)
+    batch = _batch(vlm)
+    losses = []
+    for _ in range(8):
+        loss = training_loss(vlm, codec, batch, "cpu")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_generate_with_the_hook(tiny_blip2, codec):
+    from pin.pipeline import predict_boxes
+
+    vlm = tiny_blip2
+    Method(vlm, "pin", {"pin": {"hidden_dims": [16, 16]}})
+    boxes, texts = predict_boxes(vlm, codec, torch.rand(2, 3, 224, 224), ["circle", "square"], 3, 6)
+    assert len(boxes) == 2 and all(len(b) == 4 for b in boxes)
+    assert texts[0].startswith("In the image is a circle located at")
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-paligemma"])
+def test_llava_and_paligemma_adapters(name, codec):
+    from pin.zoo import build_vlm
+
+    vlm = build_vlm(name, class_names=SHAPES, codec=codec)
+    assert vlm.num_vision_tokens == 16  # (56 / 14)^2 patches, CLS dropped
+    method = Method(vlm, "pin", {"pin": {"hidden_dims": [16]}})
+    projector, mode = vlm.vision_site()
+    seen = {}
+
+    def record(_module, args):
+        seen["x"] = args[0]
+
+    handle = projector.register_forward_pre_hook(record)  # registered after PIN's hook: sees x + pi
+    batch = _batch(vlm)
+    loss = training_loss(vlm, codec, batch, "cpu")
+    loss.backward()
+    assert mode == "input" and seen["x"].shape[-2:] == (16, 32)
+    assert all(p.grad is None for p in vlm.model.parameters())
+    assert all(p.grad is not None for p in method.parameters())
+    with torch.no_grad():
+        hooked = seen["x"]
+        vlm.detach()
+        training_loss(vlm, codec, batch, "cpu")
+        assert torch.allclose(hooked, seen["x"] + method.module()[0], atol=1e-5)
+    handle.remove()
+
+
+def test_vpt_baseline(tiny_blip2, codec):
+    vlm = tiny_blip2
+    method = Method(vlm, "vpt", {"vpt": {"num_tokens": 3, "dropout": 0.0}})
+    assert sum(p.numel() for p in method.parameters()) == 3 * 32
+    out = vlm.model.vision_model(pixel_values=torch.randn(1, 3, 224, 224)).last_hidden_state
+    assert out.shape[1] == 1 + 3 + 64  # prompts are not removed at the output
+    training_loss(vlm, codec, _batch(vlm), "cpu").backward()
+    assert method.parameters()[0].grad.abs().sum() > 0
+    assert all(p.grad is None for p in vlm.model.parameters() if p is not method.parameters()[0])
+
+
+def test_lora_baseline(tiny_blip2, codec):
+    pytest.importorskip("peft")
+    vlm = tiny_blip2
+    method = Method(vlm, "lora", {"lora": {"r": 2, "alpha": 4, "dropout": 0.0}})
+    # per layer: qkv (32 -> 96), projection (32 -> 32), fc1 (32 -> 64), fc2 (64 -> 32); 2 layers; r (in + out) each
+    expected = 2 * 2 * ((32 + 96) + (32 + 32) + (32 + 64) + (64 + 32))
+    assert sum(p.numel() for p in method.parameters()) == expected
+    training_loss(vlm, codec, _batch(vlm), "cpu").backward()
+    trained = [n for n, p in vlm.model.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+    assert all("lora_" in k for k in method.state_dict())
+
+
+def test_unknown_method_is_an_error(tiny_blip2):
+    with pytest.raises(ValueError, match="unknown method"):
+        Method(tiny_blip2, "coop")
+
+
+def test_blip2_at_a_larger_resolution_interpolates_positions(codec):
+    from pin.zoo import _wrap, tiny_blip2, word_tokenizer
+
+    tok = word_tokenizer(SHAPES, codec)
+    vlm = _wrap(tiny_blip2(tok, image_size=224, patch_size=28), tok, "blip2", 280).freeze()
+    assert vlm.interpolate_pos_encoding and vlm.num_vision_tokens == 10 * 10 + 1
+    Method(vlm, "pin", {"pin": {"hidden_dims": [16]}})
+    loss = training_loss(vlm, codec, _batch(vlm), "cpu")
+    assert torch.isfinite(loss)
