@@ -1,0 +1,339 @@
+"""``dora-train``: DoRA pretraining on one or many long videos (accelerate; CPU, one or many GPUs, many nodes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dora.augment import build_augmentation
+from dora.checkpoint import (
+    finalize_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_state,
+    write_rng,
+)
+from dora.config import load_config, save_config
+from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
+from dora.losses import DoRALoss
+from dora.models import DoRANetwork, build_network
+from dora.schedules import cosine_schedule
+from dora.tracking import choose_heads, track_and_mask
+
+logger = logging.getLogger("dora")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss is NaN or infinite; the last good checkpoint is left in place."""
+
+
+def setup_logging(run_dir: Path | None, main_process: bool) -> None:
+    """Log to stdout and ``<run_dir>/log.txt`` on the main process, warnings only elsewhere."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_dora", False):
+            root.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and main_process:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._dora = True
+        root.addHandler(h)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weight decay on weights only: biases and 1-D parameters (norms, weight-norm g) are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 or name.endswith("weight_g") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: torch.nn.Module, clip: float) -> list[float]:
+    """Scale each parameter's gradient separately to norm <= ``clip`` (the reference rule); returns the norms."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            norms.append(norm.item())
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+    return norms
+
+
+def cancel_last_layer_gradients(model: torch.nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """Drop the gradients of the head's last layer during the first ``freeze_last_layer`` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+@torch.no_grad()
+def ema_update(student: torch.nn.Module, teacher: torch.nn.Module, momentum: float) -> None:
+    """teacher <- m teacher + (1 - m) student, parameter by parameter."""
+    for ps, pt in zip(student.parameters(), teacher.parameters()):
+        pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+
+
+def resolve_videos(cfg: dict, run_dir: Path, main_process: bool) -> list[str]:
+    """Video paths of the config; ``synthetic`` writes a generated walking video into the run folder."""
+    from dora.synthetic import write_walking_video
+
+    videos = []
+    for v in cfg["data"]["videos"]:
+        if v == "synthetic":
+            path = run_dir / "synthetic_walk.mp4"
+            if main_process and not path.exists():
+                write_walking_video(path, num_frames=240, size=64, seed=cfg["seed"])
+            videos.append(str(path))
+        else:
+            videos.append(str(v))
+    return videos
+
+
+def dora_step(
+    student,
+    teacher: DoRANetwork,
+    loss_fn: DoRALoss,
+    glob: torch.Tensor,
+    locals_: list[torch.Tensor],
+    epoch: int,
+    heads: list[int],
+    cfg: dict,
+    autocast,
+):
+    """One forward pass: teacher + tracking on the global view, student on masked views and local crops.
+
+    glob (B, T, 3, S, S), locals_ L x (B, T, 3, s, s). Returns (loss, masked views (K, B, T, 3, S, S)).
+    """
+    tr = cfg["tracking"]
+    patch = teacher.backbone.patch_embed.patch_size[0]
+    with torch.no_grad(), autocast():
+        t_out, tokens, attn, query, key = teacher.forward_teacher(glob)
+    masked = track_and_mask(
+        attn.float(), query.float(), key.float(), tokens.float(), glob, patch, heads, tr["sk_epsilon"], tr["sk_iters"]
+    )
+    T = glob.shape[1]
+    local = torch.stack(locals_).permute(2, 0, 1, 3, 4, 5)  # (T, L, B, 3, s, s)
+    with autocast():
+        s_masked, s_local = student(masked.transpose(1, 2), local)  # (K, T, B, D), (T, L, B, D)
+    loss = loss_fn(s_local.float().reshape(T, -1, s_local.shape[-1]), s_masked.float(), t_out.float(), epoch)
+    return loss, masked
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train DoRA; returns a summary dict (steps done, last loss, run folder, last checkpoint)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = load_config(argv if argv is not None else sys.argv[1:])
+    run_dir = Path(cfg["run_dir"] or Path("runs") / "dora" / cfg["name"])
+    accelerator = Accelerator(mixed_precision=cfg["optim"]["mixed_precision"], cpu=bool(cfg["cpu"]))
+    main_process = accelerator.is_main_process
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, main_process)
+    set_seed(cfg["seed"] + accelerator.process_index)
+
+    d, o = cfg["data"], cfg["optim"]
+    videos = resolve_videos(cfg, run_dir, main_process)
+    if d["cache_dir"]:
+        from dora.video import build_frame_cache
+
+        with accelerator.main_process_first():
+            videos = [
+                str(
+                    build_frame_cache(
+                        v, Path(d["cache_dir"]) / f"{Path(v).stem}-{d['decode_short_side']}p", d["decode_short_side"]
+                    )
+                )
+                for v in videos
+            ]
+    accelerator.wait_for_everyone()
+    dataset = VideoClipDataset(
+        videos, d["num_frames"], d["step"], build_augmentation(cfg), d["decode_short_side"], d["seek_gap"]
+    )
+    sampler = ClipBatchSampler(
+        len(dataset),
+        d["batch_size_per_gpu"],
+        cfg["seed"],
+        d["window"],
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_views,
+        num_workers=d["num_workers"],
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator(),  # keeps the global torch RNG (drop-path) untouched by the loader
+        persistent_workers=False,
+    )
+    niter = min(len(sampler), o["steps_per_epoch"] or len(sampler))
+    total_steps = o["epochs"] * niter
+    max_steps = min(total_steps, o["max_steps"] or total_steps)
+
+    student = build_network(cfg)
+    teacher = build_network(cfg, teacher=True)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    lcfg = cfg["loss"]
+    loss_fn = DoRALoss(
+        cfg["model"]["out_dim"],
+        cfg["augment"]["num_local_crops"],
+        lcfg["warmup_teacher_temp"],
+        lcfg["teacher_temp"],
+        lcfg["warmup_teacher_temp_epochs"],
+        o["epochs"],
+        lcfg["student_temp"],
+        lcfg["center_momentum"],
+        lcfg["loss_variant"],
+    )
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
+    global_batch = d["batch_size_per_gpu"] * accelerator.num_processes
+    lr_s = cosine_schedule(o["lr"] * global_batch / 256, o["min_lr"], o["epochs"], niter, o["warmup_epochs"])
+    wd_s = cosine_schedule(o["weight_decay"], o["weight_decay_end"], o["epochs"], niter)
+    mom_s = cosine_schedule(o["momentum_teacher"], 1.0, o["epochs"], niter)
+
+    step = 0
+    ckpt = resolve_resume(cfg["resume"], run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["state"]["step"])
+        scaler_state = state["state"].get("scaler")
+        rng_file = ckpt / f"rng_{accelerator.process_index}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+        logger.info("resumed from %s at step %d", ckpt, step)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if ckpt is not None and scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
+    teacher.to(accelerator.device)
+    loss_fn.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(student)
+    num_heads = unwrapped.backbone.blocks[-1].attn.num_heads
+
+    logger.info(
+        "%d videos, %d clips, %d steps/epoch, %d epochs, global batch %d, %d processes on %s",
+        len(videos),
+        len(dataset),
+        niter,
+        o["epochs"],
+        global_batch,
+        accelerator.num_processes,
+        accelerator.device,
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    last_ckpt = ckpt
+    last_loss = float("nan")
+
+    def checkpoint(at_step: int) -> Path:
+        ckpt_dir = run_dir / "checkpoints" / f"step_{at_step:06d}"
+        accelerator.wait_for_everyone()
+        if main_process:
+            save_checkpoint(
+                ckpt_dir,
+                unwrapped,
+                teacher,
+                optimizer,
+                loss_fn,
+                {"step": at_step, "epoch": at_step // niter, "steps_per_epoch": niter},
+                cfg,
+                {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else None,
+            )
+        accelerator.wait_for_everyone()
+        write_rng(ckpt_dir, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if main_process:
+            finalize_checkpoint(ckpt_dir)
+            prune_checkpoints(run_dir, cfg["keep_checkpoints"])
+        accelerator.wait_for_everyone()
+        return ckpt_dir
+
+    bar = tqdm(total=max_steps, initial=step, disable=not main_process, desc="dora-train", unit="it")
+    while step < max_steps:
+        epoch, start = divmod(step, niter)
+        sampler.set_epoch(epoch, start)
+        tic = time.perf_counter()
+        for glob, locals_ in loader:
+            it = step
+            glob = glob.to(accelerator.device, non_blocking=True)
+            locals_ = [x.to(accelerator.device, non_blocking=True) for x in locals_]
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = float(lr_s[it])
+                if i == 0:
+                    group["weight_decay"] = float(wd_s[it])
+            heads = choose_heads(num_heads, cfg["tracking"]["num_objects"], random.Random(cfg["seed"] * 1_000_003 + it))
+            loss, _ = dora_step(student, teacher, loss_fn, glob, locals_, epoch, heads, cfg, accelerator.autocast)
+            all_losses = accelerator.gather(loss.detach().reshape(1))
+            if not torch.isfinite(all_losses).all():
+                raise NonFiniteLossError(
+                    f"non-finite loss {all_losses.tolist()} at step {it}; last good checkpoint: {last_ckpt or 'none'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if o["clip_grad"]:
+                accelerator.unscale_gradients(optimizer)
+                clip_gradients(unwrapped, o["clip_grad"])
+            cancel_last_layer_gradients(unwrapped, epoch, o["freeze_last_layer"])
+            optimizer.step()
+            ema_update(unwrapped, teacher, float(mom_s[it]))
+            step += 1
+            last_loss = all_losses.mean().item()
+            clips_s = global_batch / max(time.perf_counter() - tic, 1e-9)
+            tic = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", clips_s=f"{clips_s:.2f}")
+            if main_process and (step % cfg["log_every"] == 0 or step == max_steps):
+                rec = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": last_loss,
+                    "lr": float(lr_s[it]),
+                    "wd": float(wd_s[it]),
+                    "momentum": float(mom_s[it]),
+                    "clips_per_s": clips_s,
+                }
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            end_of_epoch = step % niter == 0
+            if step % cfg["checkpoint_every"] == 0 or end_of_epoch or step == max_steps:
+                last_ckpt = checkpoint(step)
+            if end_of_epoch or step >= max_steps:
+                break
+    bar.close()
+    summary = {"steps": step, "loss": last_loss, "run_dir": str(run_dir), "checkpoint": str(last_ckpt)}
+    if main_process:
+        logger.info("done: %s", summary)
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

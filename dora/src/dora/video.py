@@ -1,0 +1,302 @@
+"""Frame sources: PyAV video decoding at training resolution, a JPEG frame cache, in-memory arrays, image folders.
+
+A source maps frame indices to uint8 RGB arrays (H, W, 3). ``read`` takes a whole group of requests at once so
+the PyAV source can serve them in one forward decoding pass, seeking only across large gaps; the decoder stays
+open between calls (one per worker process).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class FrameSource:
+    """Base class: ``num_frames``, ``read(indices) -> {index: (H, W, 3) uint8}``; missing frames are absent."""
+
+    name: str = "frames"
+    num_frames: int = 0
+    skipped_frames: int = 0
+
+    def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles (sources reopen lazily)."""
+
+    def _warn_missing(self, missing: list[int]) -> None:
+        if missing:
+            self.skipped_frames += len(missing)
+            logger.warning(
+                "%s: %d corrupt or missing frame(s) skipped (e.g. %s); %d so far",
+                self.name,
+                len(missing),
+                missing[:3],
+                self.skipped_frames,
+            )
+
+
+def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the short side is ``short_side`` (never upscaled; even numbers for swscale)."""
+    if not short_side or min(width, height) <= short_side:
+        return width, height
+    s = short_side / min(width, height)
+    return max(2, round(width * s / 2) * 2), max(2, round(height * s / 2) * 2)
+
+
+class ArrayFrameSource(FrameSource):
+    """Frames held in memory, (N, H, W, 3) uint8."""
+
+    def __init__(self, frames: np.ndarray, name: str = "array") -> None:
+        self.frames = np.asarray(frames, dtype=np.uint8)
+        self.num_frames = len(self.frames)
+        self.name = name
+
+    def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        idx = sorted({int(i) for i in indices})
+        out = {i: self.frames[i] for i in idx if 0 <= i < self.num_frames}
+        self._warn_missing([i for i in idx if i not in out])
+        return out
+
+
+class ImageFolderFrameSource(FrameSource):
+    """Frames stored as sorted image files in one folder (frame i = i-th file in name order)."""
+
+    def __init__(self, root: str | Path, short_side: int | None = None) -> None:
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise FileNotFoundError(f"{self.root}: no frames found (expected image files {IMAGE_EXTENSIONS})")
+        self.num_frames = len(self.files)
+        self.short_side = short_side
+        self.name = str(self.root)
+
+    def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        out, missing = {}, []
+        for i in sorted({int(i) for i in indices}):
+            try:
+                img = Image.open(self.files[i]).convert("RGB")
+                img = img.resize(output_size(*img.size, self.short_side), Image.BILINEAR)
+                out[i] = np.asarray(img)
+            except (OSError, IndexError):
+                missing.append(i)
+        self._warn_missing(missing)
+        return out
+
+
+class PyAVFrameSource(FrameSource):
+    """A video file decoded with PyAV, converted to RGB at ``short_side`` (not the native 4K).
+
+    Requests within ``seek_gap`` frames of the decoding position are reached by decoding forward; larger jumps
+    seek to the preceding keyframe. Frames whose packets fail to decode, or that a truncated file lacks, are
+    skipped and counted (``skipped_frames``) with a warning.
+    """
+
+    def __init__(self, path: str | Path, short_side: int | None = 256, seek_gap: int = 240, threads: bool = True):
+        self.path = Path(path)
+        self.name = str(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"video file {self.path} not found")
+        self.short_side = short_side
+        self.seek_gap = seek_gap
+        self.threads = threads
+        self._container = None
+        self._open()
+        s = self._stream
+        self.fps = Fraction(s.average_rate or s.guessed_rate or 30)
+        self.num_frames = int(s.frames or 0) or self._count_frames()
+        if self.num_frames <= 0:
+            raise ValueError(f"video {self.path} has no decodable video frames")
+        self.size = output_size(s.codec_context.width, s.codec_context.height, short_side)
+
+    def _open(self) -> None:
+        import av
+
+        try:
+            self._container = av.open(str(self.path))
+        except (av.error.FFmpegError, OSError) as e:
+            raise ValueError(f"cannot open video {self.path}: {e}") from e
+        if not self._container.streams.video:
+            raise ValueError(f"{self.path} has no video stream")
+        self._stream = self._container.streams.video[0]
+        if self.threads:
+            self._stream.thread_type = "AUTO"
+        self._start = self._stream.start_time or 0
+        self._tb = Fraction(self._stream.time_base)
+        self._gen = None
+        self._next = 0
+        self._seek_target = -1
+
+    def _count_frames(self) -> int:
+        n = sum(1 for p in self._container.demux(self._stream) if p.size > 0)
+        self.close()
+        self._open()
+        return n
+
+    def _index(self, pts: int) -> int:
+        return int(round((pts - self._start) * self._tb * self.fps))
+
+    def _frames(self):
+        import av
+
+        for packet in self._container.demux(self._stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                self.skipped_frames += 1
+                logger.warning("%s: undecodable packet skipped (%d so far)", self.name, self.skipped_frames)
+                continue
+            for frame in frames:
+                if frame.pts is not None:
+                    yield self._index(frame.pts), frame
+
+    def _seek(self, target: int) -> None:
+        pts = self._start + int(Fraction(target) / self.fps / self._tb)
+        self._container.seek(max(pts, self._start), stream=self._stream, backward=True, any_frame=False)
+        self._gen = self._frames()
+        self._seek_target = target
+        self._next = -1
+
+    def _convert(self, frame) -> np.ndarray:
+        w, h = self.size
+        return frame.to_ndarray(width=w, height=h, format="rgb24")
+
+    def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        if self._container is None:
+            self._open()
+        wanted = sorted({int(i) for i in indices})
+        out: dict[int, np.ndarray] = {}
+        missing: list[int] = []
+        j = 0
+        while j < len(wanted):
+            target = wanted[j]
+            if self._gen is None or target < self._next or target - self._next > self.seek_gap:
+                self._seek(target)
+            for idx, frame in self._gen:
+                self._next = idx + 1
+                while j < len(wanted) and wanted[j] < idx:
+                    if idx >= self._seek_target:
+                        missing.append(wanted[j])
+                    j += 1
+                if j < len(wanted) and wanted[j] == idx:
+                    out[idx] = self._convert(frame)
+                    j += 1
+                if j >= len(wanted) or (idx >= self._seek_target and wanted[j] - self._next > self.seek_gap):
+                    break
+            else:
+                self._gen = None
+                missing += wanted[j:]
+                break
+        self._warn_missing([i for i in missing if i not in out])
+        return out
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+        self._container = None
+        self._gen = None
+
+
+class JpegCacheFrameSource(FrameSource):
+    """Frames pre-extracted by :func:`build_frame_cache`: one file of concatenated JPEGs plus an offsets index."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{self.root} is not a frame cache (missing meta.json); build it with build_frame_cache"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        self.offsets = np.load(self.root / "offsets.npy")
+        self.num_frames = len(self.offsets) - 1
+        self.name = str(self.root)
+        self._file = None
+
+    def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        if self._file is None:
+            self._file = open(self.root / "frames.bin", "rb")
+        out, missing = {}, []
+        for i in sorted({int(i) for i in indices}):
+            if not 0 <= i < self.num_frames or self.offsets[i + 1] == self.offsets[i]:
+                missing.append(i)
+                continue
+            self._file.seek(int(self.offsets[i]))
+            data = self._file.read(int(self.offsets[i + 1] - self.offsets[i]))
+            try:
+                out[i] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except OSError:
+                missing.append(i)
+        self._warn_missing(missing)
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+
+
+def build_frame_cache(
+    video: str | Path, cache_dir: str | Path, short_side: int | None = 256, quality: int = 90
+) -> Path:
+    """Decode a video once, in order, into a compact JPEG frame cache at ``short_side``; returns the cache folder.
+
+    Written to a temporary folder and renamed when complete, so an interrupted build leaves nothing half-made.
+    Frames that fail to decode are stored empty and reported missing when read.
+    """
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "meta.json").is_file():
+        return cache_dir
+    src = PyAVFrameSource(video, short_side=short_side)
+    tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    offsets = np.zeros(src.num_frames + 1, dtype=np.int64)
+    pos, last = 0, -1
+    with open(tmp / "frames.bin", "wb") as f:
+        src._seek(0)
+        for idx, frame in src._gen:
+            if not last < idx < src.num_frames:
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(src._convert(frame)).save(buf, format="JPEG", quality=quality)
+            offsets[last + 1 : idx + 1] = pos  # frames never decoded between last and idx stay empty
+            f.write(buf.getvalue())
+            pos += buf.tell()
+            offsets[idx + 1] = pos
+            last = idx
+    offsets[last + 1 :] = pos
+    np.save(tmp / "offsets.npy", offsets)
+    meta = {"source": str(video), "num_frames": src.num_frames, "short_side": short_side, "size": list(src.size)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    src.close()
+    if cache_dir.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, cache_dir)
+    return cache_dir
+
+
+def open_source(path: str | Path, short_side: int | None = 256, seek_gap: int = 240) -> FrameSource:
+    """A frame source for a video file, a frame-cache folder or a folder of frame images."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "meta.json").is_file():
+            return JpegCacheFrameSource(path)
+        return ImageFolderFrameSource(path, short_side)
+    if not path.exists():
+        raise FileNotFoundError(f"video {path} not found (expected a video file, frame-cache folder or frame folder)")
+    return PyAVFrameSource(path, short_side=short_side, seek_gap=seek_gap)

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from dora import demo, visualise, walking_tours
+
+
+def test_visualise_writes_png_and_mp4(tmp_path):
+    from dora.synthetic import write_walking_video
+
+    video = write_walking_video(tmp_path / "walk.mp4", num_frames=30, size=48)
+    info = visualise.main(
+        [
+            f"video={video}",
+            f"out_dir={tmp_path / 'vis'}",
+            "model_overrides={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}",
+            "size=32",
+            "num_frames=3",
+            "step=10",
+            "num_objects=2",
+        ]
+    )
+    assert (tmp_path / "vis" / "masks.png").stat().st_size > 0 and (tmp_path / "vis" / "masks.mp4").stat().st_size > 0
+    assert len(info["heads"]) == 2 and info["frames"] == [0, 10, 20]
+    assert all(0 < f < 1 for f in info["mask_fraction"])
+    with pytest.raises(ValueError, match="exceed"):
+        visualise.main(
+            [
+                f"video={video}",
+                f"out_dir={tmp_path / 'v2'}",
+                "num_frames=8",
+                "step=60",
+                "model_overrides={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}",
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    metrics = demo.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 3 <= len(summary) <= 6
+    assert (tmp_path / "masks.png").is_file() and (tmp_path / "metrics.json").is_file()
+    assert metrics["train_steps"] == 3
+
+
+def test_walking_tours_listing(capsys):
+    walking_tours.main([])
+    out = capsys.readouterr().out
+    for city in ("Venice", "Amsterdam", "Wildlife"):
+        assert city in out
+    assert "deface" in out

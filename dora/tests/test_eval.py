@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from dora import eval as dora_eval
+from dora.config import load_config
+from dora.davis import boundary_f, evaluate_davis, jaccard, label_propagation
+from dora.models import build_network
+from dora.synthetic import labelled_objects
+
+TINY = "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}"
+
+
+def test_region_and_boundary_measures():
+    a = np.zeros((40, 40), bool)
+    b = np.zeros((40, 40), bool)
+    a[0:10, 0:10] = True
+    b[0:10, 5:15] = True
+    assert jaccard(a, b) == pytest.approx(50 / 150)
+    assert jaccard(a, a) == 1.0 and jaccard(a, ~a) == 0.0
+    assert boundary_f(a, a) == 1.0
+    shifted = np.roll(a, 1, axis=1)  # within the 1-pixel tolerance of a 40x40 image
+    assert boundary_f(shifted, a) == 1.0
+    far = np.zeros_like(a)
+    far[25:35, 25:35] = True
+    assert boundary_f(far, a) == 0.0
+
+
+def test_label_propagation_follows_features():
+    # 4 patches in a row; the object (label 1) sits on the patch whose feature is e_1 and moves right each frame
+    feats = []
+    for t in range(3):
+        f = torch.tensor([[0.0, 1.0]] * 4)
+        f[t] = torch.tensor([1.0, 0.0])
+        feats.append(f)
+    first = F.one_hot(torch.tensor([1, 0, 0, 0]), 2).float()
+    out = label_propagation(feats, first, grid=(1, 4), topk=1, neighbourhood=0)
+    assert [int(o[:, 1].argmax()) for o in out] == [0, 1, 2]
+
+
+def make_davis(root, num_videos=2, frames=5, size=64):
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    names = [f"vid{i}" for i in range(num_videos)]
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names))
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True)
+        for t in range(frames):
+            img = np.full((size, size, 3), 128, np.uint8) + rng.integers(0, 8, (size, size, 3), dtype=np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            x = 8 + 4 * t
+            img[16:40, x : x + 16] = (220, 30, 30)
+            mask[16:40, x : x + 16] = 1
+            img[44:60, 40:56] = (30, 30, 220)
+            mask[44:60, 40:56] = 2
+            Image.fromarray(img).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=95)
+            pal = Image.fromarray(mask, mode="P")
+            pal.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+            pal.save(root / "Annotations" / "480p" / name / f"{t:05d}.png")
+    return root
+
+
+def test_davis_with_colour_features(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+
+    def colour(x):  # mean colour of each 4x4 patch: enough to follow these objects
+        return F.avg_pool2d(x, 4).flatten(2).transpose(1, 2)
+
+    res = evaluate_davis(colour, root, patch_size=4, short_side=64, neighbourhood=4)
+    assert set(res["per_video"]) == {"vid0", "vid1"}
+    assert res["J-Mean"] > 85 and res["F-Mean"] > 85
+    assert res["J&F-Mean"] == pytest.approx((res["J-Mean"] + res["F-Mean"]) / 2)
+    with pytest.raises(FileNotFoundError, match="ImageSets"):
+        evaluate_davis(colour, tmp_path / "nowhere", patch_size=4)
+
+
+def test_eval_main_end_to_end(tmp_path):
+    images, labels = labelled_objects(6, size=32, seed=0)
+    for split, sl in (("train", slice(0, None, 2)), ("val", slice(1, None, 2))):
+        for i, (img, y) in enumerate(zip(images[sl], labels[sl])):
+            d = tmp_path / "imgs" / split / f"class{y}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.png")
+    cfg = load_config(["--config", "tiny"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in build_network(cfg, teacher=True).state_dict().items()},
+        str(ckpt / "teacher.safetensors"),
+    )
+    davis = make_davis(tmp_path / "DAVIS", num_videos=1, frames=3)
+    m = dora_eval.main(
+        [
+            f"out_dir={tmp_path / 'out'}",
+            f"checkpoint={ckpt}",
+            f"model_overrides={TINY}",
+            "tasks=[knn, linear, davis]",
+            "device=cpu",
+            "num_workers=0",
+            "batch_size=16",
+            f"imagenet.train={tmp_path / 'imgs' / 'train'}",
+            f"imagenet.val={tmp_path / 'imgs' / 'val'}",
+            "imagenet.resize=32",
+            "imagenet.crop=32",
+            "knn.ks=[3, 5]",
+            "linear.n_last_blocks=2",
+            "linear.C=1.0",
+            "linear.max_iter=200",
+            f"davis.root={davis}",
+            "davis.short_side=32",
+        ]
+    )
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["knn"]["3"]["top1"] == m["knn"]["3"]["top1"]
+    assert 0 <= m["linear"]["top1"] <= 100 and 0 <= m["davis"]["J&F-Mean"] <= 100
+    with pytest.raises(ValueError, match="lacks backbone weights"):
+        bad = tmp_path / "bad.safetensors"
+        save_file({"foo": torch.zeros(1)}, str(bad))
+        dora_eval.main([f"out_dir={tmp_path / 'o2'}", f"checkpoint={bad}", f"model_overrides={TINY}", "tasks=[]"])
+
+
+def test_feature_helpers(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    cat = dora_eval.last_blocks_cls(tiny_vit, x, 2)
+    assert cat.shape == (2, 64)
+    torch.testing.assert_close(cat[:, 32:], dora_eval.cls_features(tiny_vit, x))
+    assert dora_eval.patch_features(tiny_vit, x).shape == (2, 16, 32)

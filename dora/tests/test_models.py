@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from dora.models import DINOHead, build_backbone, forward_with_attention, load_backbone, read_backbone_state
+
+
+def test_forward_with_attention_matches_manual(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    cls, tokens, attn, query, key = forward_with_attention(tiny_vit, x)
+    assert cls.shape == (2, 32) and tokens.shape == (2, 17, 32)
+    assert attn.shape == (2, 4, 17, 17) and query.shape == (2, 4, 17, 8) and key.shape == (2, 4, 17, 8)
+    torch.testing.assert_close(tokens, tiny_vit.forward_features(x))
+    torch.testing.assert_close(cls, tokens[:, 0])
+    # recompute the last block by hand: tokens before it, LN1, qkv split, softmax(q k^T / sqrt(dh))
+    m = tiny_vit
+    h = m.patch_embed(x)
+    h = m._pos_embed(h)
+    h = m.blocks[0](h)
+    y = m.blocks[1].norm1(h)
+    w, b = m.blocks[1].attn.qkv.weight, m.blocks[1].attn.qkv.bias
+    q = (y @ w[:32].T + b[:32]).reshape(2, 17, 4, 8).transpose(1, 2)
+    k = (y @ w[32:64].T + b[32:64]).reshape(2, 17, 4, 8).transpose(1, 2)
+    torch.testing.assert_close(query, q)
+    torch.testing.assert_close(key, k)
+    torch.testing.assert_close(attn, torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1))
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 17))
+
+
+def test_rectangular_input(tiny_vit):
+    _, tokens, attn, _, _ = forward_with_attention(tiny_vit, torch.randn(1, 3, 48, 24))
+    assert tokens.shape == (1, 1 + 6 * 3, 32) and attn.shape == (1, 4, 19, 19)
+
+
+def test_dino_head_weight_norm():
+    head = DINOHead(32, out_dim=10, hidden_dim=16, bottleneck_dim=8, norm_last_layer=True)
+    assert not head.last_layer.weight_g.requires_grad
+    x = torch.randn(5, 32)
+    z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    v = head.last_layer.weight_v
+    torch.testing.assert_close(head(x), z @ (v / v.norm(dim=1, keepdim=True)).T)
+    assert DINOHead(32, 10, 16, 8, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_load_legacy_checkpoint_with_prefixes(tmp_path, tiny_vit):
+    src = build_backbone("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    ckpt = {
+        "teacher": {f"module.backbone.{k}": v for k, v in src.state_dict().items()}
+        | {"module.head.last_layer.weight_g": torch.ones(3, 1)},
+        "epoch": 100,
+    }
+    path = tmp_path / "dora_venice_100ep.pth"
+    torch.save(ckpt, path)
+    state = read_backbone_state(path)
+    assert set(state) == set(src.state_dict())
+    missing, unexpected = load_backbone(tiny_vit, path)
+    assert missing == [] and unexpected == []
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(tiny_vit.state_dict()[k], v)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        read_backbone_state(tmp_path / "nothere.pth")
+
+
+def test_registers_rejected():
+    with pytest.raises(ValueError, match="registers"):
+        build_backbone(
+            "vit_small_patch16_224",
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            reg_tokens=4,
+            no_embed_class=True,
+        )

@@ -1,0 +1,140 @@
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dora import train
+from dora.config import load_config
+from dora.losses import DoRALoss
+from dora.models import build_network
+from dora.train import cancel_last_layer_gradients, clip_gradients, dora_step, ema_update, param_groups
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    from dora.synthetic import write_walking_video
+
+    return write_walking_video(tmp_path_factory.mktemp("walk") / "walk.mp4", num_frames=60, size=48)
+
+
+def tiny_args(run_dir, video, *extra):
+    return ["--config", "tiny", f"run_dir={run_dir}", f"data.videos=[{video}]", "model.drop_path_rate=0.1", *extra]
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_straight_run(tmp_path, video):
+    straight = tmp_path / "straight"
+    s = train.main(tiny_args(straight, video))
+    assert s["steps"] == 4  # 2 epochs x 2 steps, across an epoch boundary (last layer frozen in epoch 0)
+    split = tmp_path / "split"
+    train.main(tiny_args(split, video, "optim.max_steps=2"))
+    assert (split / "checkpoints" / "step_000002" / "rng_0.json").is_file()
+    train.main(tiny_args(split, video, "resume=latest"))
+    a, b = losses(straight), losses(split)
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, abs=1e-6)
+    for name in ("student", "teacher", "loss"):
+        sa = load_file(str(straight / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        sb = load_file(str(split / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=0)
+    # only the newest checkpoints are kept, written atomically, with the resolved config
+    kept = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert kept == ["step_000002", "step_000004"]
+    state = json.loads((straight / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["config"]["data"]["videos"] == [str(video)]
+    assert (straight / "config.yaml").is_file() and (straight / "log.txt").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, video, monkeypatch):
+    run = tmp_path / "run"
+    train.main(tiny_args(run, video, "optim.max_steps=2"))
+    monkeypatch.setattr(DoRALoss, "forward", lambda self, *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(train.NonFiniteLossError, match="step_000002"):
+        train.main(tiny_args(run, video, "resume=latest"))
+    assert (run / "checkpoints" / "step_000002" / "student.safetensors").is_file()
+
+
+def test_bad_config_and_inputs(tmp_path):
+    with pytest.raises(KeyError, match="optim.lr"):
+        load_config(["--config", "tiny", "optim.lrr=1"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(["--config", "nope.yaml"])
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        train.main(tiny_args(tmp_path / "r", tmp_path / "missing.mp4"))
+    cfg = load_config(["--config", "tiny", "optim.lr=1e-4", "--data.step", "5"])
+    assert cfg["optim"]["lr"] == 1e-4 and cfg["data"]["step"] == 5
+
+
+def test_one_step_updates_teacher_center_and_masks():
+    cfg = load_config(["--config", "tiny"])
+    torch.manual_seed(0)
+    student, teacher = build_network(cfg), build_network(cfg, teacher=True)
+    teacher.load_state_dict(student.state_dict())
+    loss_fn = DoRALoss(64, 2)
+    glob = torch.randn(2, 2, 3, 32, 32)
+    locals_ = [torch.randn(2, 2, 3, 16, 16) for _ in range(2)]
+    heads = [0, 3]
+    loss, masked = dora_step(student, teacher, loss_fn, glob, locals_, 0, heads, cfg, _null)
+    assert torch.isfinite(loss)
+    assert masked.shape == (2, 2, 2, 3, 32, 32)
+    mask = (masked != 0).float()
+    assert 0 < mask.mean() < 1
+    assert loss_fn.center.abs().sum() > 0
+    before = [p.clone() for p in teacher.parameters()]
+    loss.backward()
+    opt = torch.optim.AdamW(param_groups(student), lr=1e-3)
+    opt.step()
+    ema_update(student, teacher, 0.9)
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_gradient_rules():
+    lin = torch.nn.Linear(3, 2)
+    lin.weight.grad = torch.full((2, 3), 6.0 / 6**0.5)  # norm 6
+    lin.bias.grad = torch.tensor([0.6, 0.8])  # norm 1
+    norms = clip_gradients(lin, 3.0)
+    assert norms == pytest.approx([6.0, 1.0], rel=1e-6)
+    assert lin.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(lin.bias.grad, torch.tensor([0.6, 0.8]))
+
+    cfg = load_config(["--config", "tiny"])
+    net = build_network(cfg)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    cancel_last_layer_gradients(net, epoch=1, freeze_last_layer=1)
+    assert net.head.last_layer.weight_v.grad is not None
+    cancel_last_layer_gradients(net, epoch=0, freeze_last_layer=1)
+    assert net.head.last_layer.weight_v.grad is None and net.head.last_layer.weight_g.grad is None
+    assert net.head.mlp[0].weight.grad is not None
+
+    decay, no_decay = param_groups(net)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert any(p is net.head.mlp[0].bias for p in no_decay["params"])
+
+
+def test_ema_hand_value():
+    s, t = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    s.weight.data.fill_(1.0)
+    t.weight.data.fill_(3.0)
+    ema_update(s, t, 0.75)
+    assert t.weight.item() == pytest.approx(0.75 * 3 + 0.25 * 1)
+
+
+def test_heads_are_seeded_per_step():
+    from dora.tracking import choose_heads
+
+    assert choose_heads(6, 3, random.Random(7)) == choose_heads(6, 3, random.Random(7))

@@ -1,0 +1,93 @@
+import logging
+
+import numpy as np
+import pytest
+
+from dora.data import VideoClipDataset
+from dora.synthetic import decode_index
+from dora.video import JpegCacheFrameSource, PyAVFrameSource, build_frame_cache, open_source, output_size
+
+
+def test_frame_count_and_order(coded_video):
+    src = PyAVFrameSource(coded_video, short_side=None)
+    assert src.num_frames == 100
+    want = [3, 4, 5, 40, 41, 97, 99]
+    got = src.read(want)
+    assert sorted(got) == want
+    assert [decode_index(got[i]) for i in want] == want
+    # backwards request after the decoder moved on: must seek back, not return wrong frames
+    got = src.read([17, 2])
+    assert {i: decode_index(f) for i, f in got.items()} == {2: 2, 17: 17}
+    assert src.skipped_frames == 0
+
+
+def test_forward_reads_without_seeking(coded_video, monkeypatch):
+    src = PyAVFrameSource(coded_video, short_side=None, seek_gap=50)
+    seeks = []
+    orig = src._seek
+    monkeypatch.setattr(src, "_seek", lambda t: (seeks.append(t), orig(t)))
+    src.read([0, 10, 20])
+    src.read([30, 40])  # within seek_gap of the decoding position: continue decoding forward
+    assert seeks == [0]
+    src.read([95])  # 54 frames past the decoding position (> seek_gap): seek
+    src.read([5])  # backwards: seek
+    assert seeks == [0, 95, 5]
+
+
+def test_decode_at_training_resolution(coded_video):
+    src = PyAVFrameSource(coded_video, short_side=32)
+    assert src.size == (48, 32)
+    frame = src.read([77])[77]
+    assert frame.shape == (32, 48, 3)
+    assert decode_index(frame) == 77
+    assert output_size(3840, 2160, 320) == (568, 320)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        PyAVFrameSource(tmp_path / "nope.mp4")
+    bad = tmp_path / "garbage.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match="garbage.mp4"):
+        PyAVFrameSource(bad)
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        VideoClipDataset([tmp_path / "nope.mp4"], num_frames=2, step=3)
+
+
+def test_truncated_tail_is_skipped_and_counted(coded_video, tmp_path, caplog):
+    data = coded_video.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    src = PyAVFrameSource(cut, short_side=None)
+    assert src.num_frames == 100  # the header still claims every frame
+    with caplog.at_level(logging.WARNING):
+        got = src.read([10, 20, 95, 99])
+    assert {i: decode_index(f) for i, f in got.items() if i < 50} == {10: 10, 20: 20}
+    assert 95 not in got and 99 not in got
+    assert src.skipped_frames >= 2
+    assert "skipped" in caplog.text
+    # a clip that reaches into the lost tail gets its missing frames from the nearest decoded frame of the clip
+    present = set(PyAVFrameSource(cut, short_side=None).read(range(100)))
+    assert 10 in present and 99 not in present
+    ds = VideoClipDataset([cut], num_frames=3, step=30, short_side=None)
+    (clip,) = ds.read_clips([9])  # frames 9, 39, 69
+    expected = [min((p for p in (9, 39, 69) if p in present), key=lambda p, f=f: abs(p - f)) for f in (9, 39, 69)]
+    assert 69 not in present and [decode_index(f) for f in clip] == expected
+
+
+def test_frame_cache_roundtrip(coded_video, tmp_path):
+    cache = build_frame_cache(coded_video, tmp_path / "cache", short_side=32)
+    assert not list(tmp_path.glob("*.tmp*"))
+    src = open_source(cache)
+    assert isinstance(src, JpegCacheFrameSource) and src.num_frames == 100
+    got = src.read([0, 50, 99])
+    assert [decode_index(got[i]) for i in (0, 50, 99)] == [0, 50, 99]
+    assert got[50].shape == (32, 48, 3)
+    assert build_frame_cache(coded_video, cache) == cache  # built once
+
+
+def test_dataset_over_video_matches_clip_indices(coded_video):
+    ds = VideoClipDataset([coded_video, coded_video], num_frames=3, step=20, short_side=None)
+    assert len(ds) == 2 * (100 - 60)
+    clips = ds.read_clips([0, 39, 40, 45])
+    assert [[decode_index(f) for f in c] for c in clips] == [[0, 20, 40], [39, 59, 79], [0, 20, 40], [5, 25, 45]]
