@@ -1,0 +1,121 @@
+"""Checkpoints: a directory per step with safetensors weights / optimiser tensors and JSON metadata (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from counting.models import UnCounTR
+
+
+def model_state(model: UnCounTR, with_backbone: bool) -> dict[str, torch.Tensor]:
+    """Trainable head weights (+ the frozen backbone's when it cannot be rebuilt from a timm name)."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if with_backbone or not k.startswith("backbone.")
+    }
+
+
+def load_model_weights(model: UnCounTR, path: str | Path) -> None:
+    """Load ``model.safetensors`` of a checkpoint directory (or the file itself) into ``model``."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint weights {file} not found")
+    state = load_file(str(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {file} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into flat tensors and a JSON-able remainder."""
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entries in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][name] = value
+    return tensors, meta
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {int(pid): dict(entries) for pid, entries in meta["state"].items()}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state[int(pid)][name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    np_state = np.random.get_state()  # noqa: NPY002 (the global legacy state is what resume must restore)
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return {"torch": torch.get_rng_state()}, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: UnCounTR, optimizer: torch.optim.Optimizer, cfg: dict, metrics: dict
+) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically (temporary name, then rename)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with_backbone = not cfg["model"].get("pretrained", True) and not cfg["model"].get("checkpoint_path")
+    save_file(model_state(model, with_backbone), str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state = {"step": step, "config": cfg, "optimizer": opt_meta, "rng": rng_meta, "metrics": metrics}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """``latest`` (highest step under run_dir/checkpoints) or an explicit checkpoint directory."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint (state.json) in that directory")
+        return path
+    candidates = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    if not candidates:
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {Path(run_dir) / 'checkpoints'}")
+    return candidates[-1]
+
+
+def load_checkpoint(path: Path, model: UnCounTR, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Restore weights (+ optimiser and RNG states); returns state.json's content."""
+    state = json.loads((Path(path) / "state.json").read_text())
+    load_model_weights(model, path)
+    if optimizer is not None:
+        restore_optimizer(optimizer, load_file(str(Path(path) / "optimizer.safetensors")), state["optimizer"])
+        restore_rng(load_file(str(Path(path) / "rng.safetensors")), state["rng"])
+    return state

@@ -1,0 +1,125 @@
+"""YAML configs with ``key=value`` / ``--key value`` overrides (dotted keys for nested entries)."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def config_dir() -> Path:
+    """Folder of the shipped configs (inside the installed package)."""
+    return Path(str(resources.files("counting") / "configs"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config path as given, or a shipped config by name (``tiny`` or ``tiny.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = config_dir() / (path.name if path.suffix else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in config_dir().glob("*.yaml"))
+    raise FileNotFoundError(f"config {name_or_path!r} not found: not a file, nor a shipped config ({names})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    valid = flatten(cfg)
+    if key not in valid:
+        raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_value(raw: str) -> Any:
+    """YAML value of a command-line string; also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], list[str]]:
+    """Parse ``--config PATH``/``config=PATH``, ``key=value`` and ``--key value``; returns (config, overrides, rest).
+
+    ``rest`` keeps the positional arguments (tokens without '=' that do not follow a ``--key``).
+    """
+    config, overrides, rest = None, [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            body = token[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            else:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"option {token} expects a value")
+                key, raw = body, argv[i + 1]
+                i += 1
+        elif "=" in token:
+            key, raw = token.split("=", 1)
+        else:
+            rest.append(token)
+            i += 1
+            continue
+        key = key.replace("-", "_")
+        if key == "config":
+            config = raw
+        else:
+            overrides.append((key, parse_value(raw)))
+        i += 1
+    return config, overrides, rest
+
+
+def load_config(argv: list[str] | None, default: str = "uncountr") -> tuple[dict, list[str]]:
+    """Load the selected (or default) config and apply the overrides; returns (config, positional arguments)."""
+    argv = list(argv or [])
+    if "-h" in argv or "--help" in argv:
+        cfg = load_yaml(resolve_config_path(default))
+        print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+        print("shipped configs: " + ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml"))))
+        print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
+        raise SystemExit(0)
+    config, overrides, rest = split_overrides(argv)
+    cfg = load_yaml(resolve_config_path(config or default))
+    for key, value in overrides:
+        set_dotted(cfg, key, value)
+    return cfg, rest
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(copy.deepcopy(cfg), f, sort_keys=False)

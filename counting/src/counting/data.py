@@ -1,0 +1,173 @@
+"""Evaluation datasets (FSC-147, CARPK, MSO) and the reference's test-time preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from counting.collage import normalize
+from counting.pools import load_rgb
+from counting.resize import resize_image
+
+
+def test_size(height: int, width: int, patch_size: int, target_height: int = 384, fixed: bool = False):
+    """Test size (height, width): ``target_height`` x P * floor(W / H * target_height / P), or square if fixed."""
+    if fixed:
+        return target_height, target_height
+    return target_height, max(patch_size * int(width / height * target_height / patch_size), patch_size)
+
+
+def prepare_test_image(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    patch_size: int = 16,
+    target_height: int = 384,
+    fixed: bool = False,
+    exemplar_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Resize a (3, H, W) image in [0, 1] for testing and cut its exemplars.
+
+    The image is resized bilinearly *with* antialias (what PIL's bilinear resize, used by the reference, does) and
+    ImageNet-normalised. ``boxes`` (k, 4) xyxy in original pixels are scaled and truncated to rects
+    [y1, x1, y2, x2]; exemplar i is rows y1..y2, columns x1..x2 (inclusive) of the normalised image, resized to
+    ``exemplar_size`` squared without antialias. Returns image (3, H', W'), rects (k, 4) long, exemplars
+    (k, 3, e, e) and relative boxes (k, 4) in [0, 1] (xyxy).
+    """
+    _, height, width = image.shape
+    new_h, new_w = test_size(height, width, patch_size, target_height, fixed)
+    resized = normalize(resize_image(image, (new_h, new_w), antialias=True))
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    sx, sy = new_w / width, new_h / height
+    rects = torch.stack(
+        [(boxes[:, 1] * sy).long(), (boxes[:, 0] * sx).long(), (boxes[:, 3] * sy).long(), (boxes[:, 2] * sx).long()],
+        dim=1,
+    )
+    rects[:, 0::2] = rects[:, 0::2].clamp(0, new_h - 1)
+    rects[:, 1::2] = rects[:, 1::2].clamp(0, new_w - 1)
+    exemplars = torch.stack(
+        [
+            resize_image(resized[:, y1 : y2 + 1, x1 : x2 + 1], (exemplar_size, exemplar_size))
+            for y1, x1, y2, x2 in rects.tolist()
+        ]
+    )
+    rel = torch.stack([boxes[:, 0] / width, boxes[:, 1] / height, boxes[:, 2] / width, boxes[:, 3] / height], 1)
+    return {"image": resized, "rects": rects, "exemplars": exemplars, "rel_boxes": rel.float()}
+
+
+class CountingTestSet(Dataset):
+    """Base: subclasses fill ``self.items`` with (image path, (k,4) xyxy exemplar boxes, gt count, name)."""
+
+    def __init__(self, patch_size: int = 16, target_height: int = 384, fixed: bool = False, shots: int = 3):
+        self.patch_size, self.target_height, self.fixed, self.shots = patch_size, target_height, fixed, shots
+        self.items: list[tuple[Path, np.ndarray, float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, boxes, count, name = self.items[index]
+        image = load_rgb(path)
+        out = prepare_test_image(
+            image, torch.as_tensor(boxes[: self.shots]), self.patch_size, self.target_height, self.fixed
+        )
+        out.update(count=float(count), name=name)
+        return out
+
+
+class FSC147(CountingTestSet):
+    """FSC-147: ``<root>/{annotation_FSC147_384.json, Train_Test_Val_FSC_147.json, images_384_VarV2/*.jpg}``.
+
+    Exemplar boxes come from ``box_examples_coordinates`` (4 corners; corner 0 top-left, corner 2 bottom-right);
+    the ground-truth count is the number of annotated points.
+    """
+
+    def __init__(self, root: str | Path, split: str = "test", **kwargs):
+        super().__init__(**kwargs)
+        root = Path(root)
+        annotation, splits = root / "annotation_FSC147_384.json", root / "Train_Test_Val_FSC_147.json"
+        for path in (annotation, splits, root / "images_384_VarV2"):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"FSC-147 file {path} missing; expected <root>/annotation_FSC147_384.json, "
+                    "Train_Test_Val_FSC_147.json and images_384_VarV2/"
+                )
+        names = json.loads(splits.read_text())
+        if split not in names:
+            raise ValueError(f"unknown FSC-147 split {split!r}; expected one of {sorted(names)}")
+        annotations = json.loads(annotation.read_text())
+        for name in names[split]:
+            ann = annotations[name]
+            corners = np.asarray(ann["box_examples_coordinates"], dtype=np.float64)
+            boxes = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 2, 0], corners[:, 2, 1]], axis=1)
+            self.items.append((root / "images_384_VarV2" / name, boxes, float(len(ann["points"])), name))
+
+
+class CARPK(CountingTestSet):
+    """CARPK: ``<root>/{Images/*.png, Annotations/*.txt ("x1 y1 x2 y2 cls" per car), ImageSets/<split>.txt}``.
+
+    As in the reference's baseline evaluator: square 384 x 384 resize, the first 3 annotated cars as exemplars.
+    """
+
+    def __init__(self, root: str | Path, split: str = "test", **kwargs):
+        kwargs.setdefault("fixed", True)
+        super().__init__(**kwargs)
+        root = Path(root)
+        listing = root / "ImageSets" / f"{split}.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"CARPK list {listing} missing; expected <root>/ImageSets, Images, Annotations")
+        for name in listing.read_text().split():
+            rows = np.loadtxt(root / "Annotations" / f"{name}.txt", ndmin=2)
+            self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name))
+
+
+def read_mso_index(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(file name, (n, 4) xyxy boxes) per image of MSO's ``imgIdx.mat`` (MATLAB v7.3 = HDF5; needs mat73 or h5py)."""
+    try:
+        import mat73
+
+        index = mat73.loadmat(str(path))["imgIdx"]
+        names, annos = index["name"], index["anno"]
+        return [(str(n), np.asarray(a, dtype=np.float64).reshape(-1, 4)) for n, a in zip(names, annos)]
+    except ImportError:
+        pass
+    try:
+        import h5py
+    except ImportError as err:
+        raise ImportError("reading MSO's imgIdx.mat needs `pip install mat73` (or h5py)") from err
+    with h5py.File(path, "r") as f:
+        group = f["imgIdx"]
+        names = ["".join(chr(int(c)) for c in np.asarray(f[ref]).reshape(-1)) for ref in group["name"][:, 0]]
+        annos = [np.asarray(f[ref], dtype=np.float64).T.reshape(-1, 4) for ref in group["anno"][:, 0]]
+    return list(zip(names, annos))
+
+
+class MSO(CountingTestSet):
+    """MSO (salient object subitising): ``<root>/{imgIdx.mat, img/*.jpg}``; 1 shot, 384 x 384, images with >= 1 box."""
+
+    def __init__(self, root: str | Path, **kwargs):
+        kwargs.setdefault("fixed", True)
+        kwargs.setdefault("shots", 1)
+        super().__init__(**kwargs)
+        root = Path(root)
+        index = root / "imgIdx.mat"
+        if not index.is_file():
+            raise FileNotFoundError(f"MSO index {index} missing; expected <root>/imgIdx.mat and <root>/img/")
+        for name, boxes in read_mso_index(index):
+            if len(boxes):
+                self.items.append((root / "img" / name, boxes, float(len(boxes)), name))
+
+
+def build_test_set(name: str, root: str | Path, split: str = "test", **kwargs) -> CountingTestSet:
+    """``fsc147`` (split val/test), ``carpk`` or ``mso``."""
+    name = name.lower().replace("-", "")
+    if name == "fsc147":
+        return FSC147(root, split, **kwargs)
+    if name == "carpk":
+        return CARPK(root, split, **kwargs)
+    if name == "mso":
+        return MSO(root, **kwargs)
+    raise ValueError(f"unknown test set {name!r}; expected fsc147, carpk or mso")

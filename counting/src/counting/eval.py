@@ -1,0 +1,143 @@
+"""counting-eval: FSC-147 / CARPK / MSO counting with the reference protocol; paper-shaped table + metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from counting.checkpoint import load_model_weights
+from counting.config import load_config, load_yaml
+from counting.data import build_test_set
+from counting.figures import save_density_figure
+from counting.inference import count_image
+from counting.metrics import SUBSETS, count_metrics, kendall_tau
+from counting.models import UnCounTR, build_model
+from counting.train import setup_logging
+
+log = logging.getLogger("counting")
+
+
+def load_trained_model(checkpoint: str | Path, model_config: str | Path | None = None) -> tuple[UnCounTR, dict]:
+    """Model + training config from a checkpoint directory (``state.json`` + ``model.safetensors``)."""
+    checkpoint = Path(checkpoint)
+    if model_config is not None:
+        cfg = load_yaml(model_config)
+    else:
+        state = checkpoint / "state.json"
+        if not state.is_file():
+            raise FileNotFoundError(f"{state} not found: give a checkpoint directory or model_config=PATH")
+        cfg = json.loads(state.read_text())["config"]
+    model = build_model(cfg["model"])
+    load_model_weights(model, checkpoint)
+    return model.eval(), cfg
+
+
+def density_fn_for(model: UnCounTR, exemplars: torch.Tensor):
+    """Window (1, 3, w, w) -> density (1, w, w), with the exemplars' tokens computed once per image."""
+    tokens = model.exemplar_tokens(exemplars[None])
+    patch = model.patch_size
+
+    def fn(window: torch.Tensor) -> torch.Tensor:
+        grid = (window.shape[-2] // patch, window.shape[-1] // patch)
+        return model.forward_head(model.backbone(window), tokens, grid)
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: UnCounTR, dataset, ecfg: dict, device: torch.device, fig_dir: Path | None, density_scaling: float
+):
+    """Counts of every image of ``dataset``; returns (records, metrics)."""
+    n = len(dataset) if ecfg["max_images"] is None else min(len(dataset), int(ecfg["max_images"]))
+    figures = ecfg["figures"]
+    records = []
+    for i in tqdm(range(n), desc="eval", leave=False):
+        item = dataset[i]
+        exemplars = item["exemplars"][: ecfg["shots"]].to(device)
+        rects = item["rects"][: ecfg["shots"]]
+        count, density = count_image(
+            density_fn_for(model, exemplars),
+            item["image"][None].to(device),
+            rects,
+            protocol=ecfg["protocol"],
+            window=ecfg["window"],
+            stride=ecfg["stride"],
+            tile_min_side=ecfg["tile_min_side"],
+            norm_threshold=ecfg["norm_threshold"],
+            density_scaling=density_scaling,
+        )
+        records.append({"name": item["name"], "pred": count, "gt": item["count"]})
+        draw = i < figures if isinstance(figures, int) else item["name"] in figures
+        if fig_dir is not None and draw:
+            h, w = item["image"].shape[-2:]
+            boxes = item["rel_boxes"][: ecfg["shots"]] * torch.tensor([w, h, w, h])
+            save_density_figure(
+                fig_dir / f"{Path(item['name']).stem}.png", item["image"], density.cpu(), count, item["count"], boxes
+            )
+    metrics = count_metrics([r["pred"] for r in records], [r["gt"] for r in records])
+    metrics["kendall_tau"] = kendall_tau([r["pred"] for r in records], [r["gt"] for r in records])
+    metrics["num_images"] = len(records)
+    return records, metrics
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table shaped like the paper's: MAE / RMSE per split, then the test subsets."""
+    lines = ["| split | MAE | RMSE | images |", "| --- | --- | --- | --- |"]
+    for split, m in results.items():
+        lines.append(f"| {split} | {m['mae']:.2f} | {m['rmse']:.2f} | {m['num_images']} |")
+    for split, m in results.items():
+        for subset in SUBSETS:
+            lines.append(f"| {split} {subset} | {m[subset]['mae']:.2f} | {m[subset]['rmse']:.2f} | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate a checkpoint; returns {split: metrics}."""
+    ecfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="eval")
+    if rest:
+        raise SystemExit(f"unexpected arguments {rest}; use key=value overrides (checkpoint=PATH ...)")
+    if not ecfg["checkpoint"]:
+        raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory)")
+    checkpoint = Path(ecfg["checkpoint"])
+    out = Path(ecfg["out"]) if ecfg["out"] else checkpoint.parent.parent / f"eval_{ecfg['dataset']}"
+    setup_logging(out)
+    device = torch.device(
+        "cuda"
+        if ecfg["device"] == "auto" and torch.cuda.is_available()
+        else ("cpu" if ecfg["device"] == "auto" else ecfg["device"])
+    )
+    model, cfg = load_trained_model(checkpoint, ecfg["model_config"])
+    model.to(device)
+    scaling = cfg["collage"]["density_scaling"]
+    splits = ecfg["splits"] if ecfg["dataset"].lower() != "mso" else ["test"]
+    results, predictions = {}, {}
+    for split in splits:
+        kwargs = {"patch_size": model.patch_size, "target_height": ecfg["target_height"]}
+        if ecfg["dataset"].lower() != "mso":
+            kwargs["shots"] = ecfg["shots"]
+        if ecfg["protocol"] == "fixed_images":
+            kwargs["fixed"] = True
+        dataset = build_test_set(ecfg["dataset"], ecfg["root"], split, **kwargs)
+        records, metrics = evaluate_split(model, dataset, ecfg, device, out / "figures" / split, scaling)
+        results[split], predictions[split] = metrics, records
+    table = format_table(results)
+    log.info("%s (%s protocol)\n%s", ecfg["dataset"], ecfg["protocol"], table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"config": ecfg, "results": results}, indent=2))
+    (out / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    return results
+
+
+def cli() -> None:
+    """Console-script entry point (``counting-eval``): runs ``main``; its returned dict is no exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

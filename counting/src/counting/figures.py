@@ -1,0 +1,57 @@
+"""Density-map figures (matplotlib, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def to_display(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalised (or [0, 1]) image -> (H, W, 3) in [0, 1] for imshow."""
+    if image.min() < 0 or image.max() > 1:
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        image = image * std + mean
+    return image.clamp(0, 1).permute(1, 2, 0).cpu()
+
+
+def save_density_figure(
+    path: str | Path,
+    image: torch.Tensor,
+    density: torch.Tensor,
+    count: float,
+    gt: float | None = None,
+    boxes_xyxy: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
+    """Image with exemplar boxes | density overlay, predicted (and true) count in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    shown = to_display(image).numpy()
+    if tuple(density.shape) != shown.shape[:2]:
+        density = torch.nn.functional.interpolate(
+            density[None, None].float(), size=tuple(shown.shape[:2]), mode="bilinear", align_corners=False
+        )[0, 0]
+    density = density.detach().cpu().clamp_min(0).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    axes[0].imshow(shown)
+    for x1, y1, x2, y2 in [] if boxes_xyxy is None else boxes_xyxy.tolist():
+        axes[0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=2))
+    axes[0].set_title(title or "image + exemplars")
+    axes[1].imshow(shown.mean(-1), cmap="gray")
+    axes[1].imshow(density, cmap="jet", alpha=0.55)
+    label = f"count {count:.1f}" + (f" (gt {gt:.0f})" if gt is not None else "")
+    axes[1].set_title(label)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,257 @@
+"""counting-preprocess masks|clusters|all: object masks and k-means clusters of DINO CLS features (resumable).
+
+masks: either SelfMask-style predictions read from files (``mask_method=files``) or a built-in unsupervised
+saliency from the frozen backbone (``mask_method=saliency``): the last block's CLS attention averaged over heads,
+upsampled, thresholded so that the kept region holds ``saliency_mass`` of the attention (DINO's visualisation
+rule), largest connected component. The built-in saliency is a substitute for SelfMask, not a reproduction.
+clusters: CLS features of every pool image (224 x 224, ImageNet normalisation) and k-means (faiss if installed,
+else scikit-learn's KMeans(random_state=seed, n_init="auto") as the reference).
+Both steps write shards and skip the ones already on disk, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from counting.collage import normalize
+from counting.config import load_config
+from counting.models import FrozenViT, build_backbone
+from counting.pools import list_images, load_rgb
+from counting.resize import resize_image, resize_mask
+from counting.train import setup_logging
+
+log = logging.getLogger("counting")
+
+
+class PoolImages(Dataset):
+    """Pool images resized to ``size`` x ``size`` (aspect not kept, as the reference) and normalised."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return normalize(resize_image(load_rgb(self.paths[index]), (self.size, self.size), antialias=False))
+
+
+def pool_paths(cfg: dict) -> list[Path]:
+    paths = list_images(cfg["image_root"])
+    if cfg["max_images"] is not None:
+        paths = paths[: int(cfg["max_images"])]
+    if not paths:
+        raise FileNotFoundError(f"no images under {cfg['image_root']}")
+    return paths
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def saliency_masks(backbone: FrozenViT, images: torch.Tensor, size: int, mass: float = 0.6) -> torch.Tensor:
+    """Foreground masks (B, size, size) from the CLS attention of the last block (averaged over heads).
+
+    Patch-level selection (the top patches holding ``mass`` of the attention), upsampled bilinearly and thresholded
+    at 0.5, largest connected component (the whole image when nothing is selected).
+    """
+    _, attention = backbone(images, with_attention=True)
+    grid_h, grid_w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
+    attn = attention.mean(1)
+    attn = attn / attn.sum(-1, keepdim=True)
+    sorted_attn, _ = attn.sort(dim=-1, descending=True)
+    # DINO's rule: keep the most attended patches until they hold ``mass`` (including the patch that crosses it)
+    keep = ((sorted_attn.cumsum(-1) - sorted_attn) < mass).sum(-1).clamp_min(1)
+    threshold = sorted_attn.gather(1, (keep - 1)[:, None])
+    patches = (attn >= threshold).float().reshape(-1, 1, grid_h, grid_w)
+    masks = F.interpolate(patches, size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0.5
+    out = torch.zeros_like(masks)
+    for i, mask in enumerate(masks.cpu().numpy()):
+        labels, num = ndimage.label(mask)
+        if num == 0:
+            out[i] = True
+            continue
+        largest = 1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, num + 1))))
+        out[i] = torch.from_numpy(labels == largest)
+    return out
+
+
+def mask_from_files(folder: Path, relative: Path, index: int, size: int, cache: dict) -> torch.Tensor:
+    """Mask of image ``index`` from SelfMask-style shards (``*_<first>_<last>.pt``) or ``<relative>.png``."""
+    png = (folder / relative).with_suffix(".png")
+    if png.is_file():
+        with Image.open(png) as img:
+            return resize_mask(torch.from_numpy(np.asarray(img.convert("L")) > 127), (size, size))
+    if "shards" not in cache:
+        shards = []
+        for path in folder.glob("*.pt"):
+            first, last = path.stem.split("_")[-2:]
+            shards.append((int(first), int(last), path))
+        if not shards:
+            raise FileNotFoundError(f"no mask for {relative}: neither {png} nor *_<first>_<last>.pt shards in {folder}")
+        cache["shards"] = sorted(shards)
+    for first, last, path in cache["shards"]:
+        if first <= index <= last:
+            if cache.get("loaded") != path:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                cache["data"] = torch.cat([torch.as_tensor(d) for d in data]) if isinstance(data, list) else data
+                cache["loaded"] = path
+            return resize_mask(cache["data"][index - first].bool(), (size, size))
+    raise FileNotFoundError(f"image index {index} is in no mask shard of {folder}")
+
+
+def device_of(cfg: dict) -> torch.device:
+    if cfg["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg["device"])
+
+
+def load_backbone(cfg: dict) -> FrozenViT:
+    return build_backbone(
+        cfg["backbone"], cfg["pretrained"], cfg["checkpoint_path"], cfg["input_size"], **(cfg["backbone_kwargs"] or {})
+    ).to(device_of(cfg))
+
+
+def run_masks(cfg: dict) -> Path:
+    """Write ``index.json`` and ``masks_<start>_<stop>.safetensors`` shards (uint8 (n, s, s)) to ``masks_dir``."""
+    paths, out = pool_paths(cfg), Path(cfg["masks_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(cfg["image_root"])
+    index = {
+        "images": [str(p.relative_to(root)) for p in paths],
+        "shard_size": cfg["shard_size"],
+        "mask_size": cfg["mask_size"],
+        "method": cfg["mask_method"],
+        "backbone": cfg["backbone"] if cfg["mask_method"] == "saliency" else None,
+        "saliency_mass": cfg["saliency_mass"] if cfg["mask_method"] == "saliency" else None,
+    }
+    (out / "index.json").write_text(json.dumps(index))
+    backbone = load_backbone(cfg) if cfg["mask_method"] == "saliency" else None
+    cache: dict = {}
+    for start, stop in tqdm(shard_ranges(len(paths), cfg["shard_size"]), desc="mask shards"):
+        file = out / f"masks_{start:08d}_{stop:08d}.safetensors"
+        if file.is_file():
+            continue
+        if backbone is not None:
+            loader = DataLoader(
+                PoolImages(paths[start:stop], cfg["input_size"]), cfg["batch_size"], num_workers=cfg["num_workers"]
+            )
+            masks = torch.cat(
+                [
+                    saliency_masks(backbone, b.to(device_of(cfg)), cfg["mask_size"], cfg["saliency_mass"]).cpu()
+                    for b in loader
+                ]
+            )
+        elif cfg["mask_method"] == "files":
+            if not cfg["mask_files"]:
+                raise ValueError("mask_method=files needs mask_files=FOLDER")
+            folder = Path(cfg["mask_files"])
+            masks = torch.stack(
+                [
+                    mask_from_files(folder, paths[i].relative_to(root), i, cfg["mask_size"], cache)
+                    for i in range(start, stop)
+                ]
+            )
+        else:
+            raise ValueError(f"mask_method must be 'saliency' or 'files', got {cfg['mask_method']!r}")
+        tmp = file.with_suffix(".tmp")
+        save_file({"masks": masks.to(torch.uint8).contiguous()}, str(tmp))
+        tmp.rename(file)
+    log.info("masks of %d images in %s", len(paths), out)
+    return out
+
+
+def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, iters: int = 25):
+    """(assignments (N,), centroids (k, D)) of k-means on float32 features; faiss or scikit-learn."""
+    if backend in ("auto", "faiss"):
+        try:
+            import faiss
+        except ImportError:
+            if backend == "faiss":
+                raise ImportError("kmeans_backend=faiss needs `pip install funai-counting[faiss-cpu]`") from None
+        else:
+            model = faiss.Kmeans(features.shape[1], k, niter=iters, seed=seed, verbose=False)
+            model.train(np.ascontiguousarray(features, dtype=np.float32))
+            _, labels = model.index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
+            return labels[:, 0].astype(np.int64), model.centroids
+    if backend not in ("auto", "faiss", "sklearn"):
+        raise ValueError(f"kmeans_backend must be auto, faiss or sklearn, got {backend!r}")
+    from sklearn.cluster import KMeans
+
+    model = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit(features)
+    return model.labels_.astype(np.int64), model.cluster_centers_.astype(np.float32)
+
+
+@torch.no_grad()
+def run_clusters(cfg: dict) -> Path:
+    """CLS feature shards in ``features``, then k-means into ``num_clusters``; writes the ``clusters`` file."""
+    paths, feat_dir = pool_paths(cfg), Path(cfg["features"])
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    backbone = None
+    shards = []
+    for start, stop in tqdm(shard_ranges(len(paths), cfg["shard_size"]), desc="feature shards"):
+        file = feat_dir / f"features_{start:08d}_{stop:08d}.safetensors"
+        shards.append(file)
+        if file.is_file():
+            continue
+        backbone = backbone or load_backbone(cfg)
+        loader = DataLoader(
+            PoolImages(paths[start:stop], cfg["input_size"]), cfg["batch_size"], num_workers=cfg["num_workers"]
+        )
+        feats = torch.cat([backbone.cls_features(b.to(device_of(cfg))).float().cpu() for b in loader])
+        tmp = file.with_suffix(".tmp")
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"backbone": cfg["backbone"]})
+        tmp.rename(file)
+    features = torch.cat([load_file(str(f))["features"] for f in shards]).numpy()
+    k = int(cfg["num_clusters"])
+    if k > len(features):
+        raise ValueError(f"num_clusters={k} exceeds the number of pool images ({len(features)})")
+    log.info("k-means: %d features x %d dims into %d clusters", *features.shape, k)
+    labels, centroids = kmeans(features, k, cfg["kmeans_backend"], cfg["kmeans_seed"], cfg["kmeans_iters"])
+    out = Path(cfg["clusters"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k_: str(cfg[k_]) for k_ in ("backbone", "num_clusters", "kmeans_backend", "kmeans_seed", "input_size")}
+    save_file(
+        {"assignments": torch.from_numpy(labels), "centroids": torch.from_numpy(np.asarray(centroids))},
+        str(out),
+        metadata=settings,
+    )
+    out.with_suffix(".json").write_text(json.dumps({**settings, "num_images": len(features)}, indent=2))
+    log.info("clusters written to %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``counting-preprocess masks|clusters|all key=value ...``; returns the written paths."""
+    cfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="preprocess")
+    steps = rest or ["all"]
+    if len(steps) != 1 or steps[0] not in ("masks", "clusters", "all"):
+        raise SystemExit(f"expected one step: masks, clusters or all; got {rest}")
+    setup_logging(None)
+    out = {}
+    if steps[0] in ("masks", "all"):
+        out["masks"] = str(run_masks(cfg))
+    if steps[0] in ("clusters", "all"):
+        out["clusters"] = str(run_clusters(cfg))
+    return out
+
+
+def cli() -> None:
+    """Console-script entry point (``counting-preprocess``): runs ``main``; its returned dict is no exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""counting-train: UnCounTR on self-collages (accelerate; exact --resume; safetensors checkpoints)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from counting.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
+from counting.config import load_config, save_config
+from counting.losses import density_mse_loss
+from counting.models import build_model
+from counting.pools import FileObjectPool, sun397_backgrounds
+from counting.synthetic import synthetic_backgrounds, synthetic_object_pool
+
+log = logging.getLogger("counting")
+
+
+def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
+    """Python logging to stdout and ``<run_dir>/log.txt`` (main process only)."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def build_generator(cfg: dict) -> SelfCollageGenerator:
+    """The collage generator of a config: preprocessed ImageNet pool + SUN397, or procedural objects."""
+    data, collage = cfg["data"], CollageConfig.from_dict(cfg["collage"])
+    if data["kind"] == "synthetic":
+        objects = synthetic_object_pool(
+            data["synthetic_types"], data["synthetic_per_type"], data["synthetic_object_size"], cfg["seed"]
+        )
+        backgrounds = synthetic_backgrounds(size=max(collage.img_size, 64), seed=cfg["seed"])
+    elif data["kind"] == "imagenet":
+        objects = FileObjectPool(data["image_root"], data["masks_dir"], data["clusters"])
+        backgrounds = sun397_backgrounds(data["background_root"])
+    else:
+        raise ValueError(f"data.kind must be 'imagenet' or 'synthetic', got {data['kind']!r}")
+    return SelfCollageGenerator(objects, backgrounds, collage)
+
+
+def learning_rate(step: int, cfg: dict, steps_per_epoch: int) -> float:
+    """Linear warmup over ``warmup_epochs`` then cosine to ``min_lr`` at ``scheduler_epochs`` (per-iteration)."""
+    optim = cfg["optim"]
+    warmup = optim["warmup_epochs"] * steps_per_epoch
+    horizon = optim["scheduler_epochs"] * steps_per_epoch
+    if step < warmup:
+        return optim["lr"] * step / warmup
+    progress = min((step - warmup) / max(horizon - warmup, 1), 1.0)
+    return optim["min_lr"] + (optim["lr"] - optim["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, cfg: dict, steps_per_epoch: int, rank: int, world: int) -> list[int]:
+    """Dataset indices of this process's share of global batch ``step`` (an epoch = a seeded permutation)."""
+    train = cfg["train"]
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([cfg["seed"], epoch, 1]).permutation(train["samples_per_epoch"])
+    batch = order[position * train["batch_size"] : (position + 1) * train["batch_size"]]
+    return [int(epoch * train["samples_per_epoch"] + i) for i in batch[rank::world]]
+
+
+def train_step_inputs(step: int, cfg: dict, rank: int, world: int) -> tuple[int, torch.Tensor]:
+    """Shots of this step (one k ~ U{min_shots..max_shots} per batch) and this process's rows of the loss keep-mask.
+
+    The Bernoulli keep-mask is drawn for the whole global batch from a generator seeded by (seed, step), so any
+    number of processes trains on exactly the same masks.
+    """
+    rng = np.random.default_rng([cfg["seed"], step, 2])
+    shots = int(rng.integers(cfg["train"]["min_shots"], cfg["collage"]["max_shots"] + 1))
+    size = cfg["collage"]["img_size"]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    draws = torch.rand((cfg["train"]["batch_size"], size, size), generator=generator)
+    return shots, (draws < cfg["train"]["keep_prob"])[rank::world]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train; returns {"run_dir", "losses" (per step of this invocation), "step"}."""
+    cfg, rest = load_config(sys.argv[1:] if argv is None else argv)
+    if rest:
+        raise SystemExit(f"unexpected arguments {rest}; use key=value overrides")
+    train = cfg["train"]
+    accelerator = Accelerator(mixed_precision=train["mixed_precision"])
+    run_dir = Path(cfg["output_dir"]) / cfg["name"]
+    setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % 2**32)  # noqa: NPY002 (third-party code may use the global state)
+
+    model = build_model(cfg["model"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = cfg["optim"]
+    optimizer = torch.optim.AdamW(params, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=optim["betas"])
+    steps_per_epoch = train["samples_per_epoch"] // train["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"samples_per_epoch ({train['samples_per_epoch']}) < batch_size ({train['batch_size']})")
+    total_steps = train["epochs"] * steps_per_epoch
+    if train["max_steps"] is not None:
+        total_steps = min(total_steps, int(train["max_steps"]))
+    start = 0
+    if cfg["resume"]:
+        path = find_checkpoint(run_dir, str(cfg["resume"]))
+        start = load_checkpoint(path, model, optimizer)["step"]
+        log.info("resumed from %s at step %d", path, start)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    dataset = SelfCollageDataset(build_generator(cfg), train["samples_per_epoch"], cfg["seed"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = [batch_indices(s, cfg, steps_per_epoch, rank, world) for s in range(start, total_steps)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=train["num_workers"])
+    log.info(
+        "training %s: steps %d..%d, %d steps/epoch, %d processes",
+        cfg["name"],
+        start,
+        total_steps,
+        steps_per_epoch,
+        world,
+    )
+
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=total_steps, initial=start, disable=not accelerator.is_main_process, desc="train")
+    for step, batch in zip(range(start, total_steps), loader):
+        lr = learning_rate(step, cfg, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        shots, keep_mask = train_step_inputs(step, cfg, rank, world)
+        device = accelerator.device
+        with accelerator.autocast():
+            pred = model(batch["image"].to(device), batch["exemplars"][:, :shots].to(device))
+        target = batch["density"].to(device)
+        loss = density_mse_loss(pred.float(), target, keep_mask=keep_mask, standard_size=train["standard_size"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {step}; stopping (last good checkpoint left in {run_dir})"
+            )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        losses.append(loss_value)
+        bar.update(1)
+        done = step + 1
+        if done % train["log_every"] == 0 or done == total_steps:
+            scale = cfg["collage"]["density_scaling"]
+            mae = float((pred.detach().sum((1, 2)) / scale - batch["count"].to(device)).abs().mean())
+            log.info("step %d loss %.5f train-batch MAE %.2f lr %.2e shots %d", done, loss_value, mae, lr, shots)
+        if done % train["checkpoint_every"] == 0 or done == total_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, cfg, {"loss": loss_value})
+    bar.close()
+    accelerator.wait_for_everyone()
+    return {"run_dir": str(run_dir), "losses": losses, "step": total_steps}
+
+
+def cli() -> None:
+    """Console-script entry point (``counting-train``): runs ``main``; its returned dict is no exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

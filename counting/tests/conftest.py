@@ -1,0 +1,35 @@
+import importlib
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# pytest's importlib mode names these files ``counting.tests.*`` and registers the repository folder ``counting/``
+# as a namespace package ``counting``, hiding the installed package of the same name: put the real one back.
+if getattr(sys.modules.get("counting"), "__file__", None) is None:
+    del sys.modules["counting"]
+    importlib.import_module("counting")
+
+torch.set_num_threads(1)
+
+TINY_VIT = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture
+def tiny_model_cfg() -> dict:
+    return {
+        "backbone": "vit_small_patch16_224.dino",
+        "pretrained": False,
+        "checkpoint_path": None,
+        "backbone_kwargs": dict(TINY_VIT),
+        "img_size": 64,
+        "fim_dim": 32,
+        "fim_depth": 1,
+        "fim_heads": 2,
+        "mlp_ratio": 2.0,
+        "decoder_width": 16,
+        "decoder_groups": 4,
+    }

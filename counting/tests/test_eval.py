@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from counting.checkpoint import save_checkpoint
+from counting.collage import normalize
+from counting.config import load_config
+from counting.data import CARPK, FSC147, prepare_test_image
+from counting.eval import main as eval_main
+from counting.metrics import count_metrics
+from counting.models import build_model
+from counting.predict import main as predict_main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg, _ = load_config(["--config", "tiny"])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, optimizer, cfg, {})
+
+
+@pytest.fixture(scope="module")
+def fsc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("FSC147_384_V2")
+    (root / "images_384_VarV2").mkdir()
+    rng = np.random.default_rng(0)
+    annotations, sizes = {}, {"a.jpg": (64, 100), "b.jpg": (64, 64), "c.jpg": (50, 90)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images_384_VarV2" / name)
+        boxes = [[2, 3, 12, 14], [20, 10, 31, 22], [5, 30, 9, 34]]  # x1, y1, x2, y2
+        annotations[name] = {
+            "points": [[1, 1]] * (5 if name != "c.jpg" else 45),
+            "box_examples_coordinates": [[[x1, y1], [x1, y2], [x2, y2], [x2, y1]] for x1, y1, x2, y2 in boxes],
+            "H": h,
+            "W": w,
+        }
+    (root / "annotation_FSC147_384.json").write_text(json.dumps(annotations))
+    (root / "Train_Test_Val_FSC_147.json").write_text(
+        json.dumps({"train": [], "val": ["a.jpg"], "test": ["b.jpg", "c.jpg"]})
+    )
+    return root
+
+
+def test_prepare_test_image_by_hand():
+    image = torch.rand(3, 100, 150)
+    item = prepare_test_image(image, torch.tensor([[10.0, 20.0, 30.0, 40.0]]), patch_size=8, target_height=64)
+    assert item["image"].shape == (3, 64, 96)  # width 8 * int(150 / 100 * 64 / 8) = 96
+    assert item["rects"].tolist() == [[12, 6, 25, 19]]  # int(20 * .64), int(10 * .64), int(40 * .64), int(30 * .64)
+    resized = normalize(F.interpolate(image[None], size=(64, 96), mode="bilinear", antialias=True)[0])
+    crop = F.interpolate(resized[None, :, 12:26, 6:20], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(item["exemplars"][0], crop, atol=1e-5)
+    assert torch.allclose(item["rel_boxes"][0], torch.tensor([10 / 150, 20 / 100, 30 / 150, 40 / 100]))
+
+
+def test_fsc147_parsing(fsc_root):
+    ds = FSC147(fsc_root, "test", patch_size=8, target_height=64)
+    assert len(ds) == 2 and ds.items[1][2] == 45.0
+    assert ds.items[0][1].tolist()[1] == [20, 10, 31, 22]
+    with pytest.raises(ValueError, match="unknown FSC-147 split"):
+        FSC147(fsc_root, "nope")
+    with pytest.raises(FileNotFoundError, match="annotation_FSC147_384.json"):
+        FSC147(fsc_root / "missing")
+
+
+def test_carpk_parsing(tmp_path):
+    for d in ("Images", "Annotations", "ImageSets"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "Images" / "x.png")
+    (tmp_path / "Annotations" / "x.txt").write_text("1 2 10 12 1\n20 20 30 28 1\n")
+    (tmp_path / "ImageSets" / "test.txt").write_text("x\n")
+    item = CARPK(tmp_path, target_height=32, patch_size=8)[0]
+    assert item["count"] == 2.0 and item["image"].shape == (3, 32, 32) and item["exemplars"].shape[0] == 2
+
+
+def test_eval_main_end_to_end(checkpoint, fsc_root, tmp_path):
+    out = tmp_path / "eval"
+    args = [
+        f"checkpoint={checkpoint}",
+        f"root={fsc_root}",
+        "target_height=64",
+        "window=64",
+        "stride=32",
+        f"out={out}",
+        "figures=1",
+    ]
+    results = eval_main(args)
+    assert set(results) == {"val", "test"} and results["test"]["num_images"] == 2
+    predictions = json.loads((out / "predictions.json").read_text())
+    recomputed = count_metrics([r["pred"] for r in predictions["test"]], [r["gt"] for r in predictions["test"]])
+    assert results["test"]["mae"] == pytest.approx(recomputed["mae"])
+    assert json.loads((out / "metrics.json").read_text())["results"]["test"]["high"]["mae"] == pytest.approx(
+        recomputed["high"]["mae"]
+    )
+    assert (out / "figures" / "test" / "b.png").is_file() and not (out / "figures" / "test" / "c.png").exists()
+    with pytest.raises(SystemExit, match="checkpoint=PATH"):
+        eval_main([f"root={fsc_root}"])
+
+
+def test_predict_main(checkpoint, tmp_path, capsys):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "fig.png"
+    args = [str(path), "--boxes", "2,3,12,14", "20,10,31,22", "--checkpoint", str(checkpoint), "--out", str(out)]
+    result = predict_main(args + ["--height", "64", "--stride", "32"])
+    assert out.is_file() and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == result["count"]
+    with pytest.raises(SystemExit):
+        predict_main([str(path), "--boxes", "5,5,2,2", "--checkpoint", str(checkpoint)])
+    with pytest.raises(SystemExit, match="outside"):
+        predict_main([str(path), "--boxes", "5,5,200,20", "--checkpoint", str(checkpoint), "--height", "64"])

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from counting.pools import FileObjectPool
+from counting.preprocess import kmeans, main, saliency_masks
+
+TINY = "{patch_size: 8, embed_dim: 48, depth: 2, num_heads: 2}"
+
+
+class FakeBackbone:
+    """Attention concentrated on a 2 x 2 block of a 4 x 4 patch grid."""
+
+    patch_size = 8
+
+    def __call__(self, images, with_attention=True):
+        attention = torch.full((images.shape[0], 2, 16), 0.01)
+        grid = attention.view(-1, 2, 4, 4)
+        grid[:, :, 1:3, 0:2] = 0.2
+        return None, attention
+
+
+def test_saliency_keeps_the_attended_block():
+    masks = saliency_masks(FakeBackbone(), torch.zeros(1, 3, 32, 32), size=32, mass=0.6)
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[8:24, 0:16] = True  # patch rows 1-2, columns 0-1
+    assert not (masks[0] & ~expected).any() and masks[0, 10:22, 0:14].all()  # bilinear edges round the corners
+    rows, cols = torch.where(masks[0])
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 23, 0, 15)
+
+
+def test_kmeans_backends_separate_blobs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (30, 4)), rng.normal(5, 0.1, (30, 4))]).astype(np.float32)
+    for backend in ("sklearn", "auto"):
+        labels, centroids = kmeans(x, 2, backend)
+        assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[-1]
+        assert centroids.shape == (2, 4)
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = tmp_path / "train" / f"n{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return tmp_path / "train"
+
+
+def common_args(root, tmp_path):
+    return [
+        f"image_root={root}",
+        f"masks_dir={tmp_path / 'masks'}",
+        f"features={tmp_path / 'features'}",
+        f"clusters={tmp_path / 'clusters.safetensors'}",
+        "backbone=vit_s_16",
+        "pretrained=false",
+        f"backbone_kwargs={TINY}",
+        "input_size=32",
+        "mask_size=32",
+        "shard_size=4",
+        "batch_size=4",
+        "num_workers=0",
+        "num_clusters=2",
+        "kmeans_backend=sklearn",
+    ]
+
+
+def test_masks_and_clusters_resumable(image_root, tmp_path):
+    args = common_args(image_root, tmp_path)
+    main(["all", *args])
+    shards = sorted((tmp_path / "masks").glob("masks_*.safetensors"))
+    assert [s.name for s in shards] == ["masks_00000000_00000004.safetensors", "masks_00000004_00000006.safetensors"]
+    assert load_file(str(shards[1]))["masks"].shape == (2, 32, 32)
+    index = json.loads((tmp_path / "masks" / "index.json").read_text())
+    assert len(index["images"]) == 6 and index["method"] == "saliency"
+    meta = json.loads((tmp_path / "clusters.json").read_text())
+    assert meta["backbone"] == "vit_s_16" and meta["num_clusters"] == "2" and meta["num_images"] == 6
+    stamp = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    main(["masks", *args])  # only the missing shard is recomputed
+    assert shards[0].stat().st_mtime_ns == stamp and shards[1].is_file()
+    pool = FileObjectPool(image_root, tmp_path / "masks", tmp_path / "clusters.safetensors")
+    image, mask = pool.load(5)
+    assert image.shape == (3, 30, 40) and mask.shape == (32, 32) and len(pool.cluster_ids) == 6
+
+
+def test_masks_from_png_files(image_root, tmp_path):
+    files = tmp_path / "selfmask"
+    for path in image_root.rglob("*.jpg"):
+        target = files / path.relative_to(image_root).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = np.zeros((30, 40), dtype=np.uint8)
+        mask[:, :20] = 255
+        Image.fromarray(mask).save(target)
+    main(["masks", *common_args(image_root, tmp_path), "mask_method=files", f"mask_files={files}"])
+    masks = load_file(str(tmp_path / "masks" / "masks_00000000_00000004.safetensors"))["masks"].bool()
+    assert masks[:, :, :16].all() and not masks[:, :, 16:].any()
+
+
+def test_bad_step_and_missing_files(tmp_path):
+    with pytest.raises(SystemExit, match="masks, clusters or all"):
+        main(["nope"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["masks", f"image_root={tmp_path / 'none'}"])

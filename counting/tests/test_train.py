@@ -1,0 +1,73 @@
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from counting.config import load_config
+from counting.train import learning_rate, main
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg, rest = load_config(["--config", "tiny", "optim.lr=0.5", "--train.batch_size", "2", "IMAGE"])
+    assert cfg["optim"]["lr"] == 0.5 and cfg["train"]["batch_size"] == 2 and rest == ["IMAGE"]
+    with pytest.raises(KeyError, match="valid keys: .*optim.lr"):
+        load_config(["config=tiny", "optim.lrr=1"])
+    with pytest.raises(FileNotFoundError, match="not a file, nor a shipped config"):
+        load_config(["--config", "nope"])
+
+
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--help"], default="eval")
+    assert "protocol = 'original'" in capsys.readouterr().out
+
+
+def test_paper_defaults():
+    cfg, _ = load_config([])
+    assert cfg["model"]["backbone"] == "vit_base_patch16_224.dino" and cfg["optim"]["lr"] == 5e-4
+    assert cfg["train"]["batch_size"] == 128 and cfg["train"]["samples_per_epoch"] // 128 == 78
+    assert cfg["collage"]["density_scaling"] == 3000.0
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = {"optim": {"lr": 1.0, "min_lr": 0.0, "warmup_epochs": 1, "scheduler_epochs": 3}}
+    assert learning_rate(0, cfg, 10) == 0.0 and learning_rate(5, cfg, 10) == 0.5
+    assert learning_rate(10, cfg, 10) == pytest.approx(1.0) and learning_rate(20, cfg, 10) == pytest.approx(0.5)
+    assert learning_rate(30, cfg, 10) == pytest.approx(0.0)
+
+
+def test_train_end_to_end_and_resume_equivalence(tmp_path):
+    straight = main(["--config", "tiny", f"output_dir={tmp_path}", "name=a"])
+    assert len(straight["losses"]) == 4
+    run = tmp_path / "a"
+    assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "a"
+    first = main(["--config", "tiny", f"output_dir={tmp_path}", "name=b", "train.max_steps=2"])
+    second = main(["--config", "tiny", f"output_dir={tmp_path}", "name=b", "resume=latest"])
+    assert torch.allclose(torch.tensor(first["losses"] + second["losses"]), torch.tensor(straight["losses"]), atol=1e-6)
+    wa = load_file(str(run / "checkpoints/step_000004/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/step_000004/model.safetensors"))
+    assert wa.keys() == wb.keys() and any(k.startswith("backbone.") for k in wa)  # random backbone is saved
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        main(["--config", "tiny", f"output_dir={tmp_path}", "collage.density_scaling=1e30", "train.max_steps=1"])
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        main(["--config", "tiny", f"output_dir={tmp_path}", "resume=latest"])
+
+
+def test_console_scripts_return_none(monkeypatch):
+    """Console scripts wrap ``main`` so that its returned dict is not taken as a failing exit status."""
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("counting-")}
+    assert set(scripts) >= {"counting-train", "counting-eval", "counting-demo", "counting-predict"}
+    import counting.eval
+
+    monkeypatch.setattr(counting.eval, "main", lambda argv=None: {"val": {}})
+    assert scripts["counting-eval"].load()() is None
