@@ -31,7 +31,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(STAMP): $(VENV)/.torch requirements-dev.txt common/pyproject.toml $(foreach p,$(PRESENT),$(p)/pyproject.toml)
-	$(PIP) install -r requirements-dev.txt -e "./common[faiss-cpu,demo]" $(foreach p,$(PRESENT),-e ./$(p))
+	$(PIP) install -r requirements-dev.txt -e "./common[faiss-cpu,demo]" $(foreach p,$(PRESENT),-e "./$(p)[test]")
 	touch $@
 
 install: $(STAMP) ## Create .venv and install common and every paper package (editable)
@@ -65,7 +65,7 @@ endef
 install-%: ## Install common and one paper package only
 	$(call require_paper,$*)
 	@$(MAKE) --no-print-directory $(VENV)/.torch
-	$(PIP) install -r requirements-dev.txt -e "./common[faiss-cpu,demo]" -e ./$*
+	$(PIP) install -r requirements-dev.txt -e "./common[faiss-cpu,demo]" -e "./$*[test]"
 
 test-%: ## Tests of one paper package
 	$(call require_paper,$*)

@@ -199,3 +199,13 @@ def hummingbird_main(argv=None) -> dict:
     payload = {"model": args.model, "dataset": args.dataset, "input_size": args.input_size, **result}
     _write_json(args.out, payload)
     return payload
+
+
+def knn_cli() -> None:
+    """Console entry point of funai-knn (exit status 0 on success; ``knn_main`` returns the results)."""
+    knn_main()
+
+
+def hummingbird_cli() -> None:
+    """Console entry point of funai-hummingbird."""
+    hummingbird_main()

@@ -121,5 +121,10 @@ def main(argv=None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point of common-demo (exit status 0 on success; ``main`` returns the metrics)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
