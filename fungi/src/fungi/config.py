@@ -1,0 +1,99 @@
+"""YAML configs with command-line overrides (``key=value``, ``--key value``, dotted keys for nested values)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+def config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a config shipped in ``fungi/configs`` (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("fungi") / "configs" / (path.name if path.suffix else f"{path.name}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name for p in (resources.files("fungi") / "configs").iterdir() if p.name.endswith(".yaml"))
+    raise FileNotFoundError(f"config {name_or_path!r} not found (not a file, not one of the shipped {available})")
+
+
+def load_yaml(path: Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, update: dict, prefix: str = "", strict: bool = True) -> dict:
+    """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones
+    (an empty mapping in ``base``, such as ``model_kwargs``, accepts any keys)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if strict and key not in out:
+            raise KeyError(f"unknown config key {full!r}; valid keys: {', '.join(prefix + k for k in sorted(out))}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = merge(out[key], value, f"{full}.", strict and bool(out[key]))
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict]:
+    """``['--config', 'x.yaml', 'a.b=1', '--c', '2']`` -> ('x.yaml', {'a': {'b': 1}, 'c': 2})."""
+    pairs: list[tuple[str, str]] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+                value = args[i]
+            else:
+                value = "true"  # bare flags such as --quick
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise ValueError(f"cannot parse argument {arg!r}: expected key=value or --key value")
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    config = None
+    nested: dict = {}
+    for key, value in pairs:
+        if key == "config":
+            config = value
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return config, nested
+
+
+def resolve(argv: Sequence[str] | None, defaults: dict, default_config: str | None) -> dict:
+    """Defaults <- YAML config (``--config``, else ``default_config``) <- command-line overrides."""
+    config_name, overrides = parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    cfg = copy.deepcopy(defaults)
+    name = config_name or default_config
+    if name:
+        cfg = merge(cfg, load_yaml(config_path(name)))
+    return merge(cfg, overrides)
+
+
+def save_config(cfg: dict, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

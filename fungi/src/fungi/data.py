@@ -1,0 +1,142 @@
+"""Datasets for extraction: ImageFolder, torchvision datasets by name, text and audio file lists, scikit-learn digits.
+
+Image datasets yield (PIL image, label) (the extractor applies the model's inference transform) or, for digits,
+(normalised tensor, label). Text lists yield (str, label); audio lists yield (spectrogram (T, F), label).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class TensorPairs(Dataset):
+    """(input, label) pairs from two sequences."""
+
+    def __init__(self, inputs, labels):
+        if len(inputs) != len(labels):
+            raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+        self.inputs, self.labels = inputs, [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return self.inputs[i], self.labels[i]
+
+
+def digits_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 real 8x8 digits, bilinearly upsampled to (N, 3, size, size), ImageNet-normalised."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std, torch.as_tensor(digits.target, dtype=torch.long)
+
+
+def digits_split(size: int = 32, train_per_class: int | None = None, seed: int = 0, test_fraction: float = 0.5):
+    """Stratified, seeded train/test split of the digits -> (train dataset, test dataset)."""
+    x, y = digits_images(size)
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = int(round(len(idx) * test_fraction))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:][:train_per_class] if train_per_class else idx[n_test:])
+    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+    tr, te = tr[torch.randperm(len(tr), generator=gen)], te[torch.randperm(len(te), generator=gen)]
+    return TensorPairs(list(x[tr]), y[tr].tolist()), TensorPairs(list(x[te]), y[te].tolist())
+
+
+def read_table(path: str | Path) -> list[tuple[str, str]]:
+    """Rows ``input<TAB>label`` of a file list (a header line 'text'/'path' is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file list {path} does not exist (expected lines 'text-or-path<TAB>label')")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t") if r]
+    if rows and rows[0][0].strip().lower() in ("text", "path", "input"):
+        rows = rows[1:]
+    bad = [i for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise ValueError(f"{path}: line {bad[0] + 1} has no label column (expected 'input<TAB>label')")
+    return [(r[0], r[1]) for r in rows]
+
+
+def label_ids(labels: list[str], classes: list[str] | None = None) -> tuple[list[int], list[str]]:
+    """Map string labels to ids (integer strings keep their value; others sorted alphabetically)."""
+    if classes is None:
+        uniq = sorted(set(labels))
+        classes = sorted(uniq, key=int) if all(s.lstrip("-").isdigit() for s in uniq) else uniq
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(lookup))
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not in the training classes")
+    return [lookup[s] for s in labels], classes
+
+
+def load_spectrogram(path: str | Path, num_mel_bins: int = 128, max_length: int = 1024) -> torch.Tensor:
+    """AST input (T, F) of a .wav file: Kaldi fbank through transformers' ASTFeatureExtractor (16 kHz mono)."""
+    from scipy.io import wavfile
+    from transformers import ASTFeatureExtractor
+
+    rate, wave = wavfile.read(str(path))
+    wave = wave.astype(np.float32)
+    if wave.ndim > 1:
+        wave = wave.mean(1)
+    if np.abs(wave).max() > 1.0:
+        wave = wave / 32768.0
+    if rate != 16000:
+        raise ValueError(f"{path}: sampling rate {rate} Hz, AST expects 16000 Hz (resample first)")
+    fe = ASTFeatureExtractor(num_mel_bins=num_mel_bins, max_length=max_length)
+    return torch.as_tensor(fe(wave, sampling_rate=16000, return_tensors="np")["input_values"][0])
+
+
+def torchvision_dataset(name: str, root: str, split: str):
+    """torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ``DTD``...) without download."""
+    import torchvision
+
+    if not hasattr(torchvision.datasets, name):
+        raise ValueError(f"torchvision has no dataset {name!r}")
+    cls = getattr(torchvision.datasets, name)
+    try:
+        return cls(root, split=split)
+    except TypeError:
+        return cls(root, train=split == "train")
+
+
+def build_split(data: dict, split: str):
+    """Dataset for ``split`` ('train' or 'test') from the ``data`` config section."""
+    kind = data["kind"]
+    if kind == "digits":
+        train, test = digits_split(data["image_size"], data.get("train_per_class"), data.get("seed", 0))
+        return train if split == "train" else test
+    if kind == "imagefolder":
+        from funai_common.datasets import ImageFolderDataset
+
+        return ImageFolderDataset(Path(data["root"]) / data[f"{split}_split"])
+    if kind == "torchvision":
+        return torchvision_dataset(data["name"], data["root"], data[f"{split}_split"])
+    if kind in ("text", "audio"):
+        rows = read_table(data[f"{split}_file"])
+        classes = None
+        if split == "test":
+            _, classes = label_ids([y for _, y in read_table(data["train_file"])])
+        ys, _ = label_ids([y for _, y in rows], classes)
+        if kind == "text":
+            return TensorPairs([x for x, _ in rows], ys)
+        base = Path(data[f"{split}_file"]).parent
+        return TensorPairs([load_spectrogram(base / x, data["num_mel_bins"], data["max_length"]) for x, _ in rows], ys)
+    raise ValueError(f"unknown data.kind {kind!r}; expected digits, imagefolder, torchvision, text or audio")

@@ -1,0 +1,134 @@
+"""Evaluation protocols of the paper on feature blocks: k-NN (PCA 512, k = 20), few-shot splits, linear probing,
+k-means clustering; every combination of {embeddings, kl, dino, simclr}."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from fungi.projection import l2_normalize
+
+SEED = 42
+
+
+def concat_blocks(blocks: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Concatenate L2-normalised blocks in the given order: -> (N, sum of sizes)."""
+    missing = [n for n in names if n not in blocks]
+    if missing:
+        raise KeyError(f"feature blocks {missing} not found; available: {sorted(blocks)}")
+    return torch.cat([l2_normalize(blocks[n]) for n in names], dim=1)
+
+
+def fit_pca(train: np.ndarray, test: np.ndarray, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """PCA to ``dim`` fitted on train (svd_solver='full', seed 42); skipped when dims or samples are < ``dim``."""
+    if dim is None or dim <= 0 or train.shape[1] < dim or train.shape[0] < dim:
+        return train, test
+    pca = PCA(n_components=dim, svd_solver="full", random_state=SEED).fit(train)
+    return pca.transform(train), pca.transform(test)
+
+
+def knn_predict(train_features, train_labels, test_features, k: int = 20, pca_dim: int | None = 512) -> np.ndarray:
+    """Paper k-NN: PCA fitted on train, then KNeighborsClassifier(k, uniform weights, Euclidean) -> predictions."""
+    train, test = fit_pca(np.asarray(train_features, np.float64), np.asarray(test_features, np.float64), pca_dim)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), weights="uniform", metric="euclidean")
+    return knn.fit(train, np.asarray(train_labels)).predict(test)
+
+
+def accuracy_scores(labels, predictions) -> dict[str, float]:
+    """Top-1 and mean-per-class accuracy in percent."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    per_class = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
+    return {"top1": 100.0 * float(np.mean(labels == predictions)), "mean_per_class": 100.0 * float(np.mean(per_class))}
+
+
+def few_shot_indices(labels, shots: int) -> np.ndarray:
+    """Indices of the first ``shots`` examples of each class, in dataset order (no shuffle)."""
+    labels = np.asarray(labels)
+    keep = []
+    counts: dict[int, int] = {}
+    for i, y in enumerate(labels.tolist()):
+        if counts.get(y, 0) < shots:
+            counts[y] = counts.get(y, 0) + 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def clustering_scores(features, labels, num_clusters: int | None = None, pca_dim: int | None = 512) -> dict:
+    """k-means (k = number of classes, 10 inits, seed 42) on L2-normalised features -> NMI and ARI in percent."""
+    x = np.asarray(features, np.float64)
+    x, _ = fit_pca(x, x[:1], pca_dim)
+    labels = np.asarray(labels)
+    k = num_clusters or len(np.unique(labels))
+    assign = KMeans(n_clusters=k, n_init=10, random_state=SEED).fit_predict(x)
+    return {
+        "nmi": 100.0 * normalized_mutual_info_score(labels, assign),
+        "ari": 100.0 * adjusted_rand_score(labels, assign),
+    }
+
+
+def combinations(names: Sequence[str], incremental: bool = False) -> list[tuple[str, ...]]:
+    """Every non-empty subset of the blocks in order (paper k-NN tables), or only the incremental prefixes
+    (emb, emb+kl, emb+kl+dino, ...; paper linear tables)."""
+    names = list(names)
+    if incremental:
+        return [tuple(names[: i + 1]) for i in range(len(names))]
+    return [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+
+
+def evaluate_blocks(
+    train_blocks: Mapping[str, torch.Tensor],
+    train_labels,
+    test_blocks: Mapping[str, torch.Tensor],
+    test_labels,
+    protocols: Sequence[str] = ("knn",),
+    k: int = 20,
+    pca_dim: int | None = 512,
+    shots: int | None = None,
+    linear_C: float | None = None,
+    incremental: bool = False,
+) -> list[dict]:
+    """One row per block combination with the requested protocols ('knn', 'fewshot', 'linear', 'clustering')."""
+    names = [n for n in ("embeddings", "kl", "dino", "simclr") if n in train_blocks]
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    rows = []
+    for combo in combinations(names, incremental):
+        train = concat_blocks(train_blocks, combo).numpy()
+        test = concat_blocks(test_blocks, combo).numpy()
+        row: dict = {"features": "+".join(combo)}
+        if "knn" in protocols:
+            scores = accuracy_scores(test_labels, knn_predict(train, train_labels, test, k, pca_dim))
+            row.update({f"knn_{key}": v for key, v in scores.items()})
+        if "fewshot" in protocols and shots:
+            idx = few_shot_indices(train_labels, shots)
+            scores = accuracy_scores(test_labels, knn_predict(train[idx], train_labels[idx], test, k, pca_dim))
+            row.update({f"{shots}shot_{key}": v for key, v in scores.items()})
+        if "linear" in protocols:
+            from funai_common.linear import linear_probe
+
+            tr, te = fit_pca(train, test, pca_dim)
+            scores = linear_probe(tr, train_labels, te, test_labels, C=linear_C)
+            row["linear_top1"] = scores["top1"]
+        if "clustering" in protocols:
+            row.update({f"kmeans_{key}": v for key, v in clustering_scores(test, test_labels, None, pca_dim).items()})
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Mapping]) -> str:
+    """Plain-text table of result rows (numbers with 2 decimals)."""
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    cells = [[f"{r.get(c, ''):.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""fungi-extract: FUNGI features (embeddings + projected self-supervised gradients) of a train and a test split.
+
+fungi-extract --config tiny            # shipped config, scikit-learn digits, tiny random ViT (CPU, seconds)
+fungi-extract --config paper data.root=/data/flowers102 name=flowers_dino_b16
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fungi.config import resolve, save_config
+from fungi.data import build_split
+from fungi.extractor import FUNGIExtractor
+from fungi.models import build_backbone
+from fungi.runs import resolve_device, resolve_dtype, save_features, setup_logging
+
+DEFAULTS = {
+    "name": "default",
+    "run_dir": None,
+    "model": "timm:vit_base_patch16_224.dino",
+    "pretrained": True,
+    "checkpoint": None,
+    "model_kwargs": {},
+    "layer": None,
+    "objectives": ["kl", "dino", "simclr"],
+    "seed": 42,
+    "device": "auto",
+    "dtype": "auto",
+    "batch_size": 16,
+    "max_views_per_pass": 256,
+    "max_length": 128,
+    "state": None,
+    "splits": ["train", "test"],
+    "limit": None,
+    "kl": {"temperature": 15.0, "latent_dim": 768},
+    "dino": {
+        "latent_dim": 2048,
+        "student_temperature": 0.1,
+        "teacher_temperature": 0.07,
+        "num_global": 2,
+        "num_local": 10,
+        "global_scale": [0.25, 1.0],
+        "local_scale": [0.05, 0.25],
+    },
+    "simclr": {
+        "latent_dim": 96,
+        "temperature": 0.07,
+        "variant": "paper",
+        "num_negatives": 256,
+        "num_patches": 4,
+        "stride_scale": 6,
+        "num_text_views": 12,
+        "num_negative_text_views": 2,
+        "word_drop": 0.1,
+        "num_audio_views": 16,
+    },
+    "data": {
+        "kind": "imagefolder",
+        "root": None,
+        "name": None,
+        "train_split": "train",
+        "test_split": "val",
+        "train_file": None,
+        "test_file": None,
+        "image_size": 32,
+        "train_per_class": None,
+        "seed": 0,
+        "num_mel_bins": 128,
+        "max_length": 1024,
+    },
+}
+
+
+def build_extractor(cfg: dict) -> FUNGIExtractor:
+    """FUNGIExtractor from a resolved config (model, layer, objectives and their options, seed, device, dtype)."""
+    device = resolve_device(cfg["device"])
+    backbone = build_backbone(
+        cfg["model"], pretrained=cfg["pretrained"], checkpoint=cfg["checkpoint"], **cfg["model_kwargs"]
+    )
+    return FUNGIExtractor(
+        backbone,
+        layer=cfg["layer"],
+        objectives=cfg["objectives"],
+        seed=cfg["seed"],
+        device=device,
+        dtype=resolve_dtype(cfg["dtype"], device),
+        objective_options={name: cfg[name] for name in cfg["objectives"]},
+        max_views_per_pass=cfg["max_views_per_pass"],
+        max_length=cfg["max_length"],
+    )
+
+
+def limited(dataset, limit: int | None):
+    """The first ``limit`` items (all when None)."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, range(limit))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Extract features for each split into ``<run_dir>/features.safetensors``; returns that path."""
+    cfg = resolve(argv, DEFAULTS, None)
+    run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
+    log = setup_logging(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg["seed"])
+    extractor = build_extractor(cfg)
+    log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
+    datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
+    if cfg["state"] and Path(cfg["state"]).is_file():
+        extractor.load(cfg["state"])
+        log.info("loaded heads, projection and negatives from %s", cfg["state"])
+    else:
+        extractor.setup(datasets[cfg["splits"][0]], batch_size=cfg["batch_size"])
+    splits = {}
+    for split, dataset in datasets.items():
+        start = time.perf_counter()
+        splits[split] = extractor.extract_blocks(dataset, batch_size=cfg["batch_size"])
+        seconds = time.perf_counter() - start
+        log.info("%s: %d items in %.1f s (%.2f items/s)", split, len(dataset), seconds, len(dataset) / seconds)
+    state_path = Path(cfg["state"] or run_dir / "fungi_state.safetensors")
+    if not state_path.is_file():
+        extractor.save(state_path)
+    out = run_dir / "features.safetensors"
+    save_features(out, splits, {"config": cfg, "extractor": extractor.describe()})
+    log.info("features written to %s", out)
+    return out
+
+
+def cli() -> None:
+    """Console-script entry point: exit status 0, or a one-line error for bad input (``main`` returns results)."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"fungi-extract: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

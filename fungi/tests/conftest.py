@@ -1,0 +1,52 @@
+"""Shared tiny models. Also restores the installed ``fungi`` package: with ``--import-mode=importlib`` pytest names
+these modules ``fungi.tests.*`` and registers the folder ``<repo>/fungi`` as a namespace package ``fungi``."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+_shadow = sys.modules.get("fungi")
+if _shadow is not None and getattr(_shadow, "__file__", None) is None:
+    del sys.modules["fungi"]
+    importlib.import_module("fungi").tests = sys.modules.get("fungi.tests")
+
+from fungi.tiny import tiny_timm  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def timm_vit():
+    torch.manual_seed(0)
+    return tiny_timm()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def word_tokenizer():
+    return WordTokenizer()
+
+
+class WordTokenizer:
+    """Minimal whitespace tokenizer with the HF call signature (no vocabulary files needed offline)."""
+
+    def __init__(self, vocab_size: int = 64):
+        self.vocab_size = vocab_size
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=128, return_tensors="pt"):
+        ids = [
+            [1] + [2 + (sum(map(ord, w)) % (self.vocab_size - 2)) for w in t.split()][: max_length - 1] for t in texts
+        ]
+        width = max(len(i) for i in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for r, row in enumerate(ids):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}

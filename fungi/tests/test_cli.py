@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from fungi import demo, eval, extract
+from fungi.config import parse_overrides, resolve
+from fungi.evaluation import few_shot_indices, knn_predict
+from fungi.runs import load_features
+
+TINY = ["--config", "tiny", "limit=12", "dino.num_local=2", "simclr.stride_scale=2", "simclr.num_negatives=2"]
+
+
+def test_extract_then_eval_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    path = extract.main([*TINY, f"run_dir={run}"])
+    splits, meta = load_features(path)
+    assert set(splits) == {"train", "test"}
+    blocks, labels = splits["train"]
+    assert set(blocks) == {"embeddings", "kl", "dino", "simclr"} and labels.shape == (12,)
+    assert blocks["kl"].shape == (12, 48)
+    assert meta["extractor"]["layer"] == "blocks.1.attn.proj"
+    assert yaml.safe_load((run / "config.yaml").read_text())["limit"] == 12
+    assert (run / "fungi_state.safetensors").is_file() and (run / "log.txt").is_file()
+    # a second run reusing the saved state reproduces the features exactly
+    again = extract.main(
+        [*TINY, f"run_dir={tmp_path / 'again'}", f"state={run / 'fungi_state.safetensors'}", "splits=[test]"]
+    )
+    assert torch.allclose(load_features(again)[0]["test"][0]["simclr"], splits["test"][0]["simclr"], atol=1e-6)
+    rows = eval.main([f"features={path}", "protocols=[knn,fewshot]", "k=3", "shots=1", "pca_dim=0"])
+    assert len(rows) == 15 and rows[0]["features"] == "embeddings"
+    assert json.loads((run / "metrics.json").read_text()) == rows
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows)
+
+
+def test_config_errors_and_overrides():
+    assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, {"a": {"b": 3}, "c": [1, 2], "quick": True})
+    with pytest.raises(KeyError, match="valid keys"):
+        resolve(["--config", "tiny", "dino.tempreature=0.1"], extract.DEFAULTS, None)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        resolve(["--config", "nope"], extract.DEFAULTS, None)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["stray"])
+    for name in ("paper", "text", "audio", "tiny"):
+        cfg = resolve(["--config", name], extract.DEFAULTS, None)
+        assert cfg["kl"]["temperature"] == 15.0  # paper default everywhere
+    with pytest.raises(ValueError, match="protocols"):
+        eval.main(["features=x.safetensors", "protocols=[knn,svm]"])
+
+
+def test_knn_protocol_matches_brute_force_and_few_shot():
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(30, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    labels = torch.arange(30) % 3
+    pred = knn_predict(train, labels, test, k=5, pca_dim=None)
+    dist = torch.cdist(test.double(), train.double())
+    votes = labels[dist.topk(5, largest=False).indices]
+    expected = [torch.bincount(v, minlength=3).argmax().item() for v in votes]  # ties -> smallest label, as sklearn
+    assert pred.tolist() == expected
+    assert few_shot_indices([2, 0, 2, 1, 0, 2, 1], 2).tolist() == [0, 1, 2, 3, 4, 6]
+
+
+def test_demo_quick(tmp_path):
+    summary = demo.main(["--out", str(tmp_path), "--quick"])
+    assert (tmp_path / "knn_digits.png").stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert 0 <= summary["kNN top-1 embeddings+FUNGI (%)"] <= 100

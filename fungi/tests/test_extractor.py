@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fungi import FUNGIExtractor, random_projection
+from fungi.gradients import per_sample_gradients_loop
+from fungi.losses import kl_uniform_per_sample
+from fungi.models import Backbone
+from fungi.tiny import tiny_timm
+
+OPTIONS = {"dino": {"latent_dim": 64, "num_local": 2}, "simclr": {"num_negatives": 3, "stride_scale": 2}}
+
+
+def make(seed=0, objectives=("kl", "dino", "simclr"), model=None):
+    torch.manual_seed(0)
+    return FUNGIExtractor(model or tiny_timm(), objectives=objectives, seed=seed, objective_options=OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def bank_images():
+    return [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)]
+
+
+def test_layout_norms_and_batch_independence(images, bank_images):
+    ex = make()
+    ex.setup(bank_images)
+    assert ex.objectives["simclr"].negatives.shape == (3 * 9, 96)  # 3 x 3 patch views of 16 px at stride 8
+    feats = ex(images)
+    assert feats.shape == (4, 4 * 48) and ex.feature_dim == 4 * 48
+    assert torch.allclose(feats.view(4, 4, 48).norm(dim=-1), torch.ones(4, 4), atol=1e-5)
+    split = torch.cat([ex(images[:1]), ex(images[1:3]), ex(images[3:])])
+    assert torch.allclose(feats, split, rtol=1e-5, atol=1e-5)
+    ex.max_views_per_pass = 1  # one sample per pass gives the same features
+    assert torch.allclose(feats, ex(images), atol=1e-5)
+
+
+def test_kl_block_matches_independent_computation(images):
+    ex = make(seed=3, objectives=("kl",))
+    blocks = ex.blocks(images)
+    torch.manual_seed(0)  # same weights as the extractor's model
+    model = tiny_timm()
+    gen = torch.Generator().manual_seed(3)
+    bound = 1 / math.sqrt(48)
+    w = torch.empty(768, 48).uniform_(-bound, bound, generator=gen)
+    b = torch.empty(768).uniform_(-bound, bound, generator=gen)
+
+    def loss_fn(emb):
+        return kl_uniform_per_sample(F.normalize(emb[:, 0], dim=-1) @ w.T + b, 15.0)
+
+    grads = per_sample_gradients_loop(model, "blocks.1.attn.proj", images[:, None], loss_fn)
+    proj = random_projection(48, 48 * 49, seed=3)
+    expected = F.normalize(grads.reshape(4, -1) @ proj.T, dim=-1)
+    assert torch.allclose(blocks["kl"], expected, atol=1e-4)
+    assert torch.allclose(blocks["embeddings"], F.normalize(model(images), dim=-1), atol=1e-5)
+
+
+def test_seed_reproducibility_and_save_load(tmp_path, images, bank_images):
+    images, bank_images = images[:2], bank_images[:2]
+    a = make(seed=0)
+    a.setup(bank_images)
+    fa = a(images)
+    b = make(seed=0)
+    b.setup(bank_images)
+    assert torch.allclose(fa, b(images), atol=1e-6)
+    c = make(seed=1)
+    c.setup(bank_images)
+    assert not torch.allclose(fa[:, 48:], c(images)[:, 48:], atol=1e-2)
+    a.save(tmp_path / "state.safetensors")
+    d = make(seed=7).load(tmp_path / "state.safetensors")  # no setup: negatives come from the file
+    assert d.seed == 0
+    assert torch.allclose(fa, d(images), atol=1e-6)
+    with pytest.raises(ValueError, match="objectives"):
+        make(objectives=("kl",)).load(tmp_path / "state.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        make().load(tmp_path / "missing.safetensors")
+
+
+def test_simclr_needs_negatives_and_objective_names(images):
+    with pytest.raises(RuntimeError, match="setup"):
+        make(objectives=("simclr",))(images)
+    with pytest.raises(ValueError, match="unknown objectives"):
+        make(objectives=("kl", "mae"))
+
+
+def test_pil_input_and_extract(images):
+    ex = FUNGIExtractor(
+        Backbone(tiny_timm(), input_size=32, resize_size=36), objectives=("kl",), seed=0, objective_options=OPTIONS
+    )
+    pil = [Image.new("RGB", (40, 50), color=(10 * i, 100, 200)) for i in range(3)]
+    feats = ex(pil)
+    assert feats.shape == (3, 96)
+    dataset = [(im, i) for i, im in enumerate(pil)]
+    assert torch.allclose(ex.extract(dataset, batch_size=2), feats, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+        ),
+    ],
+)
+def test_bfloat16_autocast_close_to_float32(images, device):
+    feats = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        ex = FUNGIExtractor(
+            tiny_timm(), objectives=("kl", "dino"), seed=0, device=device, dtype=dtype, objective_options=OPTIONS
+        )
+        feats[dtype] = ex(images[:2]).view(2, 3, 48).cpu()
+    cos = F.cosine_similarity(feats[torch.float32], feats[torch.bfloat16], dim=-1)
+    assert feats[torch.bfloat16].dtype == torch.float32 and (cos > 0.99).all()
