@@ -6,6 +6,7 @@ namespace package that hides the installed ``neco``. Importing the installed pac
 """
 
 import importlib
+import os
 
 import torch
 
@@ -17,5 +18,7 @@ for _name in PACKAGES:
     except ImportError:  # a package that is not installed has no tests to run either
         pass
 
-# Tiny models run fastest single-threaded, and the suite must not oversubscribe a 2-core CI machine.
+# Tiny models run fastest single-threaded, and the suite (its 2-process tests included, which inherit the variable)
+# must not oversubscribe a 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

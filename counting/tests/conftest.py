@@ -1,19 +1,4 @@
-import importlib
-import os
-import sys
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# pytest's importlib mode names these files ``counting.tests.*`` and registers the repository folder ``counting/``
-# as a namespace package ``counting``, hiding the installed package of the same name: put the real one back.
-if getattr(sys.modules.get("counting"), "__file__", None) is None:
-    del sys.modules["counting"]
-    importlib.import_module("counting")
-
-torch.set_num_threads(1)
+import pytest
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 

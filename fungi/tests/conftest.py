@@ -1,20 +1,9 @@
-"""Shared tiny models. Also restores the installed ``fungi`` package: with ``--import-mode=importlib`` pytest names
-these modules ``fungi.tests.*`` and registers the folder ``<repo>/fungi`` as a namespace package ``fungi``."""
-
-import importlib
-import sys
+"""Shared tiny models."""
 
 import pytest
 import torch
 
-_shadow = sys.modules.get("fungi")
-if _shadow is not None and getattr(_shadow, "__file__", None) is None:
-    del sys.modules["fungi"]
-    importlib.import_module("fungi").tests = sys.modules.get("fungi.tests")
-
-from fungi.tiny import tiny_timm  # noqa: E402
-
-torch.set_num_threads(2)
+from fungi.tiny import tiny_timm
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,4 @@
-import importlib
-import os
-import sys
-
 import pytest
-import torch
-
-# pytest's importlib mode names this file `sharelock.tests.conftest` (path relative to the repo root) and registers the
-# folder `<repo>/sharelock` as a namespace package `sharelock`, shadowing the installed package: put the real one back.
-if getattr(sys.modules.get("sharelock"), "__file__", None) is None:
-    del sys.modules["sharelock"]
-    importlib.import_module("sharelock")
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
