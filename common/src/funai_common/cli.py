@@ -201,11 +201,18 @@ def hummingbird_main(argv=None) -> dict:
     return payload
 
 
+def _run(main, prog: str) -> None:
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
+
+
 def knn_cli() -> None:
-    """Console entry point of funai-knn (exit status 0 on success; ``knn_main`` returns the results)."""
-    knn_main()
+    """Console entry point of funai-knn: exit status 0, or a one-line error naming the bad path, key or value."""
+    _run(knn_main, "funai-knn")
 
 
 def hummingbird_cli() -> None:
-    """Console entry point of funai-hummingbird."""
-    hummingbird_main()
+    """Console entry point of funai-hummingbird: exit status 0, or a one-line error."""
+    _run(hummingbird_main, "funai-hummingbird")

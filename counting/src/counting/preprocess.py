@@ -249,8 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    """Console-script entry point (``counting-preprocess``): runs ``main``; its returned dict is no exit status."""
-    main()
+    """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"counting-preprocess: error: {err}") from None
 
 
 if __name__ == "__main__":

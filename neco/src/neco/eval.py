@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Console-script entry point (exit status 0 on success; ``main`` returns results for programmatic use)."""
-    main()
+    """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"neco-eval: error: {err}") from None
 
 
 if __name__ == "__main__":

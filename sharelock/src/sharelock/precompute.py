@@ -170,8 +170,11 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli() -> None:
-    """Console-script entry point: runs `main` and exits with status 0 (a returned dict would become exit status 1)."""
-    main()
+    """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"sharelock-features: error: {err}") from None
 
 
 if __name__ == "__main__":
