@@ -42,13 +42,17 @@ def _batches(dataset, batch_size: int, start_epoch: int = 0):
         epoch += 1
 
 
-def _fit(vlm, codec, batches, params, steps: int, lr: float) -> list[float]:
+def _fit(vlm, codec, batches, params, steps: int, lr: float, grad_norms: list | None = None) -> list[float]:
+    """Adam on `params`; appends the global gradient norm of every step to `grad_norms` when given."""
     opt = torch.optim.Adam(params, lr=lr, foreach=True)
     losses = []
     for _ in range(steps):
         loss = training_loss(vlm, codec, next(batches), "cpu")
         opt.zero_grad()
         loss.backward()
+        if grad_norms is not None:
+            grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+            grad_norms.append(float(torch.cat(grads).norm()) if grads else 0.0)
         opt.step()
         losses.append(loss.item())
     return losses
@@ -95,7 +99,8 @@ def run(out: Path, quick: bool) -> dict:
 
     method = Method(vlm, "pin", cfg)
     data = dataset_from_cfg(cfg, train_pool, "train")
-    losses = _fit(vlm, codec, _batches(data, bs), method.parameters(), steps1, cfg["optim"]["lr"] * 3)
+    grad_norms: list[float] = []
+    losses = _fit(vlm, codec, _batches(data, bs), method.parameters(), steps1, cfg["optim"]["lr"] * 3, grad_norms)
     t_train = time.time() - t0 - t_pre
     evals["frozen VLM + PIN"] = evaluate_queries(vlm, codec, queries, batch_size=16)
 
@@ -146,6 +151,7 @@ def run(out: Path, quick: bool) -> dict:
         "rows": rows,
         "pin_losses": losses,
         "pretrain_losses": pre_losses,
+        "pin_grad_norms": grad_norms,
         "summary": summary,
         "pin_parameters": sum(p.numel() for p in method.parameters()),
         "seconds_pretrain": t_pre,
@@ -158,6 +164,7 @@ def run(out: Path, quick: bool) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table)
+    print(f"gradient norm reaching PIN: {grad_norms[0]:.2e} (first step), {np.median(grad_norms):.2e} (median)")
     print(json.dumps(summary, indent=2))
     return metrics
 

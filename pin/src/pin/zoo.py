@@ -66,6 +66,7 @@ def tiny_blip2(tokenizer, image_size: int = 224, patch_size: int = 14, width: in
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
+        initializer_range=0.02,  # the config default 1e-10 (a checkpoint convention) would make the tower output ~0
     )
     qformer = dict(
         hidden_size=width,
@@ -96,7 +97,10 @@ def tiny_blip2(tokenizer, image_size: int = 224, patch_size: int = 14, width: in
         num_query_tokens=query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
-    return Blip2ForConditionalGeneration(config)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers zero-initialises the queries (identical queries); LAVIS draws N(0, 0.02)
+        model.query_tokens.normal_(0.0, 0.02)
+    return model
 
 
 def tiny_llava(tokenizer, image_size: int = 56, patch_size: int = 14, width: int = 32):
