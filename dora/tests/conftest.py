@@ -1,15 +1,4 @@
-import sys
-
 import pytest
-import torch
-
-# pytest's importlib mode names this file "dora.tests.conftest" and registers a placeholder module "dora" for the
-# folder dora/ (no __init__.py), which would shadow the installed package: swap in the real one.
-if getattr(sys.modules.get("dora"), "__file__", None) is None:
-    sys.modules.pop("dora", None)
-import dora  # noqa: E402,F401
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

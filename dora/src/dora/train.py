@@ -335,5 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def cli() -> None:
+    """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"dora-train: error: {err}") from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
