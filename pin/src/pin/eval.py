@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None):
 
 
 def cli() -> None:
-    """Console-script entry point (returns nothing, so the exit status is 0)."""
-    main()
+    """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"pin-eval: error: {err}") from None
 
 
 if __name__ == "__main__":

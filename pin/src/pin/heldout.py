@@ -4,6 +4,8 @@ The reference maps COCO classes to LVIS through WordNet synsets; here the COCO/P
 same synsets (after `normalise_name`) are listed explicitly, so the split is a plain name lookup.
 """
 
+from funai_common.datasets.segmentation import VOC_CLASSES as VOC_SEGMENTATION_CLASSES
+
 COCO_CLASSES = (
     "person",
     "bicycle",
@@ -87,28 +89,8 @@ COCO_CLASSES = (
     "toothbrush",
 )
 
-VOC_CLASSES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+# The 20 PVOC object classes: funai_common's VOC segmentation label set without its background class.
+VOC_CLASSES = VOC_SEGMENTATION_CLASSES[1:]
 
 # Prompt names for the PVOC classes (the evaluation queries these).
 VOC_PROMPT_NAMES = {
