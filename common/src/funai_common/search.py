@@ -5,6 +5,8 @@ All backends return the same neighbours (up to exact ties) because all of them a
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -16,6 +18,8 @@ _TORCH_BLOCK_ELEMENTS = 1 << 26
 
 
 def _faiss():
+    # faiss's loader logs each CPU-specific build it fails to find at INFO level: not news for a user.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:
