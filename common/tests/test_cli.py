@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import numpy as np
@@ -6,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from funai_common import demo
-from funai_common.cli import hummingbird_main, knn_main, load_features, load_state_dict
+from funai_common.cli import hummingbird_main, knn_main, load_features
 from funai_common.knn import knn_classify
+from funai_common.weights import load_state_dict
 
 
 def test_knn_cli_safetensors_and_npy(tmp_path, capsys):
@@ -50,8 +52,15 @@ def test_feature_file_errors(tmp_path):
 
 
 def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
-    torch.save({"teacher": {"w": torch.ones(2)}}, tmp_path / "ckpt.pth")
-    assert torch.equal(load_state_dict(tmp_path / "ckpt.pth")["w"], torch.ones(2))
+    torch.save({"teacher": {"module.backbone.w": torch.ones(2)}, "student": {}}, tmp_path / "ckpt.pth")
+    state = load_state_dict(tmp_path / "ckpt.pth", strip_prefixes=("module.", "backbone."))
+    assert list(state) == ["w"] and torch.equal(state["w"], torch.ones(2))
+
+    torch.save({"model": {"w": torch.ones(1)}, "config": argparse.Namespace(lr=1)}, tmp_path / "unsafe.pth")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        load_state_dict(tmp_path / "unsafe.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_state_dict(tmp_path / "missing.pth")
 
 
 @pytest.mark.slow

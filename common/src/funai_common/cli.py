@@ -14,6 +14,7 @@ from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_data
 from funai_common.hummingbird import HummingbirdEvaluator
 from funai_common.knn import knn_classify_many
 from funai_common.search import BACKENDS
+from funai_common.weights import load_state_dict
 
 log = logging.getLogger("funai_common")
 
@@ -97,22 +98,6 @@ def _parse_kwargs(items: list[str]) -> dict:
     return out
 
 
-def load_state_dict(path) -> dict[str, torch.Tensor]:
-    """Weights from safetensors, or from a legacy .pth/.pt loaded with ``weights_only=True`` (never unpickled)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("teacher", "model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
-
-
 def timm_patch_features(
     model_name: str, input_size: int, pretrained: bool = True, checkpoint=None, device="cpu", **model_args
 ):
@@ -123,7 +108,7 @@ def timm_patch_features(
         model_name, pretrained=pretrained and checkpoint is None, num_classes=0, img_size=input_size, **model_args
     )
     if checkpoint is not None:
-        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in load_state_dict(checkpoint).items()}
+        state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise KeyError(f"checkpoint {checkpoint} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from funai_common.weights import load_state_dict
+
 
 def build_backbone(
     name: str = "vit_small_patch16_224",
@@ -164,16 +166,6 @@ def build_network(cfg: dict, teacher: bool = False) -> DoRANetwork:
     return DoRANetwork(backbone, head)
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
-
-
 def read_backbone_state(path: str | Path, key: str = "teacher") -> dict[str, torch.Tensor]:
     """Backbone weights from a DoRA run checkpoint directory / safetensors file, or a legacy DoRA/DINO ``.pth``.
 
@@ -188,17 +180,7 @@ def read_backbone_state(path: str | Path, key: str = "teacher") -> dict[str, tor
         path = path / f"{key}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: not a DoRA checkpoint directory?")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-        elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    state = _strip_prefixes(state)
+    state = load_state_dict(path, keys=(key, "state_dict"), strip_prefixes=("module.", "_orig_mod.", "backbone."))
     return {k: v for k, v in state.items() if not k.startswith(("head.", "mlp.", "last_layer."))}
 
 

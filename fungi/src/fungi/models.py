@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from funai_common.weights import load_state_dict
 
 
 @dataclass
@@ -72,18 +73,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a local .safetensors or .pth/.pt file (the latter with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors or .pth state dict)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "teacher"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+    return load_state_dict(path, keys=("model", "state_dict", "teacher"))
 
 
 def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None, **kwargs) -> Backbone:

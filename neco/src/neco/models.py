@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from funai_common.weights import load_state_dict
+
 log = logging.getLogger(__name__)
 
 # Released backbones of spec section 6 (timm names). "R-XR": registers dropped from DINOv2R weights.
@@ -48,16 +50,7 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
         )
     if os.path.isdir(path):
         path = os.path.join(path, "student.safetensors")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    return state
+    return load_state_dict(path, keys=("state_dict", "model", "teacher"))
 
 
 def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Module:

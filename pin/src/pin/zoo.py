@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from funai_common.weights import load_state_dict
+
 from .boxes import GridCodec
 from .prompts import eval_prompt, training_text
 from .vlm import HALF, IMAGE_TOKEN, FrozenVLM
@@ -284,12 +286,7 @@ def _load_openflamingo(name: str, dtype: torch.dtype) -> FrozenVLM:
         tokenizer_path="anas-awadalla/mpt-1b-redpajama-200b-dolly",
         cross_attn_every_n_layers=1,
     )
-    from safetensors.torch import load_file
-
-    state = (
-        load_file(name) if name.endswith(".safetensors") else torch.load(name, map_location="cpu", weights_only=True)
-    )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(load_state_dict(name), strict=False)
     model.to(dtype)
     vlm = FrozenVLM(model, tokenizer, "openflamingo", 224, 256, 1024, None, 0, "<|endofchunk|>")
     return vlm.freeze()

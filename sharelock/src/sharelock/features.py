@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from funai_common.weights import load_state_dict
+
 
 # ----------------------------------------------------------------------------------------------- vision side
 def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
@@ -31,12 +33,7 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
 
 
 def _load_weights(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state))
+    return load_state_dict(path, keys=("state_dict", "model"))
 
 
 def vision_dim(model: nn.Module) -> int:
