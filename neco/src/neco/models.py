@@ -27,22 +27,9 @@ BACKBONES = {
 PREFIXES = ("module.", "model.", "teacher.", "student.", "backbone.")
 
 
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (Lightning ``model.``/``teacher.``, DDP ``module.``, ``backbone.``)."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
-
-
 def load_state_file(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a .pth/.ckpt loaded with ``weights_only=True`` (never unpickled)."""
+    """Tensors of a .safetensors file, or of a .pth/.ckpt loaded with ``weights_only=True`` (never unpickled),
+    without wrapper prefixes (Lightning ``model.``/``teacher.``, DDP ``module.``, ``backbone.``)."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} does not exist; download the weights and set model.checkpoint=/path/to/weights "
@@ -50,7 +37,7 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
         )
     if os.path.isdir(path):
         path = os.path.join(path, "student.safetensors")
-    return load_state_dict(path, keys=("state_dict", "model", "teacher"))
+    return load_state_dict(path, keys=("state_dict", "model", "teacher"), strip_prefixes=PREFIXES)
 
 
 def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Module:
@@ -75,7 +62,7 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
     else:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if cfg.get("checkpoint"):
-        state = _strip(load_state_file(cfg["checkpoint"]))
+        state = load_state_file(cfg["checkpoint"])
         if cfg.get("drop_registers"):
             state.pop("reg_token", None)
         own = model.state_dict()
