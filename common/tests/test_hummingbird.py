@@ -140,6 +140,21 @@ def test_bounded_memory_is_seeded():
     assert a["miou"] > 0.8
 
 
+def test_memory_features_are_kept_only_on_request():
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    kept = _evaluator(fn, memory_size=100, keep_memory_features=True)
+    index, labels = kept.build_memory()
+    assert kept.memory_features.shape == (96, index.dim) and len(labels) == 96
+    # the kept rows are the indexed ones: every inner product with random queries comes back from the index
+    queries = torch.randn(3, index.dim)
+    scores, _ = index.search(queries, 96)
+    expected = (queries @ kept.memory_features.T).sort(dim=1, descending=True).values
+    assert torch.allclose(scores, expected, atol=1e-4)
+    plain = _evaluator(fn, memory_size=100)
+    plain.build_memory()
+    assert plain.memory_features is None
+
+
 def test_feature_fn_shape_is_checked():
     with pytest.raises(ValueError, match="feature_fn must return"):
         _evaluator(lambda x: torch.randn(x.shape[0], 10, 4)).evaluate()

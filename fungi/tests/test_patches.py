@@ -62,3 +62,28 @@ def test_hummingbird_with_patch_features():
     )
     # colour-coded synthetic classes: nearest-neighbour label transfer on these features is far above chance (1/3)
     assert evaluator.evaluate()["miou"] > 0.5
+
+
+def test_set_memory_keeps_a_seeded_normalised_subsample():
+    pf = PatchFUNGI(tiny_timm(), seed=3, latent_dim=8, subsample=0.5)
+    feats = torch.randn(10, 48) * 5
+    pf.set_memory(feats)
+    assert pf.memory.shape == (5, 48)
+    assert torch.allclose(pf.memory.norm(dim=-1), torch.ones(5), atol=1e-6)
+    normed = torch.nn.functional.normalize(feats, dim=-1)
+    # every kept row is one of the given rows, each at most once
+    matches = (pf.memory @ normed.T > 1 - 1e-6).sum(1)
+    assert matches.tolist() == [1] * 5 and len({int(i) for i in (pf.memory @ normed.T).argmax(1)}) == 5
+    first = pf.memory.clone()
+    pf.set_memory(feats)
+    assert torch.equal(first, pf.memory)
+    pf.set_memory(feats[:2])  # never fewer rows than negatives per token
+    assert pf.memory.shape == (2, 48)
+
+
+def test_set_memory_rejects_features_of_another_width():
+    import pytest
+
+    pf = PatchFUNGI(tiny_timm(), seed=0, latent_dim=8)
+    with pytest.raises(ValueError, match=r"\(M, 48\)"):
+        pf.set_memory(torch.randn(4, 32))

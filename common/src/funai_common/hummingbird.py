@@ -182,7 +182,8 @@ class HummingbirdEvaluator:
     feature_fn: images (B, 3, input_size, input_size), normalised, on ``device`` -> patch features (B, S*S, D) with
     S = input_size // patch_size. Datasets yield (PIL image, PIL mask of class ids). ``ignore_index=None`` takes the
     dataset's (VOC 255, ADE20K 0). ``remap_ignore_to_zero`` reproduces the reference's memory quirk (ignored pixels
-    become class 0); ``std`` defaults to the reference's (0.229, 0.224, 0.255).
+    become class 0); ``std`` defaults to the reference's (0.229, 0.224, 0.255). With ``keep_memory_features`` the
+    memory's features stay available as ``memory_features`` after ``build_memory`` (e.g. as a support bank).
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class HummingbirdEvaluator:
         remap_ignore_to_zero: bool = True,
         std=HUMMINGBIRD_REFERENCE_STD,
         progress: bool = True,
+        keep_memory_features: bool = False,
     ):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
@@ -220,6 +222,8 @@ class HummingbirdEvaluator:
         self.train_transform = HummingbirdTrainTransform(input_size, std=std)
         self.val_transform = HummingbirdValTransform(input_size, std=std)
         self.progress = progress
+        self.keep_memory_features = keep_memory_features
+        self.memory_features: torch.Tensor | None = None
         self._memory = None
 
     def _loader(self, dataset) -> DataLoader:
@@ -269,6 +273,8 @@ class HummingbirdEvaluator:
                 labels.append(ml.to(mf.device))
         memory_features, memory_labels = torch.cat(feats), torch.cat(labels)
         log.info("Hummingbird memory: %d rows of dim %d", *memory_features.shape)
+        if self.keep_memory_features:
+            self.memory_features = memory_features
         self._memory = (NeighborIndex(memory_features, backend=self.backend), memory_labels)
         return self._memory
 

@@ -106,11 +106,21 @@ class PatchFUNGI:
 
     @torch.no_grad()
     def setup(self, batches: Iterable[torch.Tensor]) -> None:
-        """Support memory: L2-normalised patch tokens of the given image batches, ``subsample`` of them kept."""
-        feats = torch.cat([self.tokens(x.to(self.device)).flatten(0, 1).float() for x in batches])
+        """Support memory from the patch tokens of the given image batches (see ``set_memory``)."""
+        self.set_memory(torch.cat([self.tokens(x.to(self.device)).flatten(0, 1).float() for x in batches]))
+
+    @torch.no_grad()
+    def set_memory(self, patch_features: torch.Tensor) -> None:
+        """Support memory from (M, E) patch features of the backbone (e.g. a Hummingbird memory of its tokens):
+        a seeded random ``subsample`` of the rows (at least ``num_negatives``), L2-normalised."""
+        if patch_features.ndim != 2 or patch_features.shape[1] != self.head.in_features:
+            raise ValueError(
+                f"support features must be (M, {self.head.in_features}), got {tuple(patch_features.shape)}"
+            )
         gen = torch.Generator().manual_seed(self.seed)
-        keep = torch.randperm(len(feats), generator=gen)[: max(self.num_negatives, int(len(feats) * self.subsample))]
-        self.memory = F.normalize(feats[keep.to(feats.device)], dim=-1)
+        count = len(patch_features)
+        keep = torch.randperm(count, generator=gen)[: max(self.num_negatives, int(count * self.subsample))]
+        self.memory = F.normalize(patch_features[keep.to(patch_features.device)].float().to(self.device), dim=-1)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-image token InfoNCE (B,) of patch tokens (B, N, E) against their nearest memory patches."""

@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+from fungi import hummingbird
+from fungi.patches import PatchFUNGI
+
+
+def test_hummingbird_cli_scores_tokens_and_fungi_with_the_token_memory_as_support(tmp_path, monkeypatch):
+    seen = []
+    original = PatchFUNGI.set_memory
+
+    def spy(self, features):
+        seen.append(features.clone())
+        original(self, features)
+
+    monkeypatch.setattr(PatchFUNGI, "set_memory", spy)
+    rows = hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}"])
+    assert [r["features"] for r in rows] == ["embeddings", "embeddings + FUNGI"]
+    # the support bank is the plain-token memory: one row per memory row, token width 48
+    assert len(seen) == 1 and seen[0].shape == (rows[0]["memory_rows"], 48)
+    assert rows[0]["memory_rows"] == rows[1]["memory_rows"]
+    for row in rows:  # colour-coded synthetic classes: label transfer is far above chance (1/3)
+        assert 0.5 < row["miou"] <= 1.0 and len(row["per_class_iou"]) == 3
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["rows"][1]["miou"] == pytest.approx(rows[1]["miou"])
+
+
+def test_hummingbird_cli_embeddings_only_and_bad_feature_names(tmp_path):
+    rows = hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[embeddings]"])
+    assert [r["features"] for r in rows] == ["embeddings"]
+    with pytest.raises(ValueError, match="gradients"):
+        hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[gradients]"])
+
+
+def test_train_limit_keeps_the_first_images():
+    cfg = dict(hummingbird.DEFAULTS, dataset="synthetic", data_dir=None, train_limit=3)
+    cfg["dataset_kwargs"] = {"num_images": 6, "image_size": 32, "num_classes": 3}
+    train, val = hummingbird.build_datasets(cfg)
+    assert len(train) == 3 and len(val) == 6
+    full, _ = hummingbird.build_datasets(dict(cfg, train_limit=None))
+    assert np.array_equal(np.asarray(train[2][0]), np.asarray(full[2][0]))
