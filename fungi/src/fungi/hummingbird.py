@@ -43,7 +43,7 @@ DEFAULTS = {
     "layer": None,
     "latent_dim": 96,
     "num_negatives": 2,
-    "subsample": 0.5,
+    "negative_fraction": 0.5,
     "loss_temperature": 0.07,
     "loss_variant": "library",
     "seed": 42,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg["latent_dim"],
             cfg["loss_temperature"],
             cfg["num_negatives"],
-            cfg["subsample"],
+            cfg["negative_fraction"],
             cfg["loss_variant"],
             device,
         )

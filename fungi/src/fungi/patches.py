@@ -1,9 +1,10 @@
 """Per-patch FUNGI features for in-context segmentation (Hummingbird), as in the paper's fungi-hummingbird code.
 
-For each image, a SimCLR-style loss on the patch tokens: the positives of a token are all other tokens of the same
-image, its negatives are its 2 nearest patches in a support memory bank (patch features of training images, 50 %
-randomly subsampled). The gradient of ``attn.proj`` attributable to token t is the rank-1 G_t (x) [A_t, 1]; it is
-projected with the shared +-1 matrix without materialising it, L2-normalised and concatenated with the token:
+For each image, a SimCLR-style loss on its last-layer tokens (CLS included): the positives of a token are all other
+tokens of the image; the negatives are pooled over the image: every token's ``num_negatives`` nearest patches in a
+support memory (patch tokens of training images), each memory row kept with probability ``negative_fraction``. The
+gradient of ``attn.proj`` attributable to patch token t is the rank-1 G_t (x) [A_t, 1]; it is projected with the
+shared +-1 matrix without materialising it, L2-normalised and concatenated with the token:
 feature_t = L2norm(cat(L2norm(token_t), L2norm(P vec(G_t (x) [A_t, 1])))).
 """
 
@@ -24,40 +25,41 @@ from fungi.projection import random_projection
 
 
 class PatchTokens(nn.Module):
-    """timm ViT -> patch tokens (n, N, E) of the last layer (prefix tokens dropped)."""
+    """timm ViT -> last-layer tokens after the final norm: patch tokens (n, N, E), or all (n, T, E) with
+    ``keep_prefix``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, keep_prefix: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.keep_prefix = model, keep_prefix
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(images)[:, getattr(self.model, "num_prefix_tokens", 1) :]
+        tokens = self.model.forward_features(images)
+        return tokens if self.keep_prefix else tokens[:, getattr(self.model, "num_prefix_tokens", 1) :]
 
 
-def token_infonce(
+def pooled_token_infonce(
     latents: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.07, variant: str = "library"
 ) -> torch.Tensor:
-    """Per-image InfoNCE over tokens: latents (B, N, L), per-token negatives (B, N, K, L) -> (B,).
+    """InfoNCE of one image's tokens against a shared negative batch: latents (T, L), negatives (M, L) -> scalar.
 
-    S = cosine similarities of token i with the other tokens (self = -10000) and with its K negatives;
+    S = cosine similarities of token i with the other tokens (self = -10000) and with every negative;
     pos_i = mean_{j != i} S_ij / tau; 'paper': nll_i = -pos_i + lse(S_i / tau); 'library' (the Hummingbird code):
-    nll_i = -(pos_i + 10000 / tau) + lse(S_i). Returns mean_i nll_i.
+    nll_i = -(pos_i + 10000 / tau) + lse(S_i) (the constant only shifts the loss). Returns mean_i nll_i.
     """
     if variant not in SIMCLR_VARIANTS:
         raise ValueError(f"variant must be one of {SIMCLR_VARIANTS}, got {variant!r}")
     z = F.normalize(latents.float(), dim=-1)
     neg = F.normalize(negatives.float(), dim=-1)
-    n = z.shape[1]
+    n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    sim_pos = (z @ z.transpose(1, 2)).masked_fill(eye, SELF_SIMILARITY)
-    sim_neg = torch.einsum("bnl,bnkl->bnk", z, neg)
+    sim_pos = (z @ z.T).masked_fill(eye, SELF_SIMILARITY)
     pos = sim_pos.masked_fill(eye, 0.0).sum(-1) / ((n - 1) * temperature)
-    sims = torch.cat([sim_pos, sim_neg], dim=-1)
+    sims = torch.cat([z @ neg.T, sim_pos], dim=-1)
     if variant == "paper":
         nll = -pos + torch.logsumexp(sims / temperature, -1)
     else:
         nll = -(pos - SELF_SIMILARITY / temperature) + torch.logsumexp(sims, -1)
-    return nll.mean(-1)
+    return nll.mean()
 
 
 def project_token_gradients(
@@ -78,7 +80,12 @@ def project_token_gradients(
 
 class PatchFUNGI:
     """Per-patch FUNGI features of a timm ViT: ``__call__(images (B, 3, H, W)) -> (B, N, 2E)``; usable as the
-    ``feature_fn`` of ``funai_common.hummingbird.HummingbirdEvaluator``. Call ``setup`` with support images first."""
+    ``feature_fn`` of ``funai_common.hummingbird.HummingbirdEvaluator``. Give it a support memory first
+    (``set_memory`` with patch features, or ``setup`` with images).
+
+    ``negative_fraction`` plays the reference's negative-batch percent; the reference redraws the kept negatives on
+    every call, here each memory row is kept or not once (seeded), so a feature depends only on its image.
+    """
 
     def __init__(
         self,
@@ -88,52 +95,67 @@ class PatchFUNGI:
         latent_dim: int = 96,
         temperature: float = 0.07,
         num_negatives: int = 2,
-        subsample: float = 0.5,
+        negative_fraction: float = 0.5,
         variant: str = "library",
         device: str | torch.device = "cpu",
     ):
-        self.tokens = PatchTokens(model).to(device).eval().requires_grad_(False)
+        if not 0.0 < negative_fraction <= 1.0:
+            raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
+        self.tokens = PatchTokens(model, keep_prefix=True).to(device).eval().requires_grad_(False)
+        self.num_prefix = getattr(model, "num_prefix_tokens", 1)
         self.layer = layer or default_layer(self.tokens)
         linear = get_linear(self.tokens, self.layer)
         embed = model.num_features
         self.seed, self.temperature, self.variant = seed, temperature, variant
-        self.num_negatives, self.subsample, self.device = num_negatives, subsample, torch.device(device)
+        self.num_negatives, self.negative_fraction, self.device = num_negatives, negative_fraction, torch.device(device)
         gen = torch.Generator().manual_seed(seed)
         self.head = seeded_linear(embed, latent_dim, gen).to(device)
         grad_dim = linear.out_features * (linear.in_features + 1)
         self.projection = random_projection(embed, grad_dim, seed).to(torch.int8).to(device)
         self.memory: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None
 
     @torch.no_grad()
     def setup(self, batches: Iterable[torch.Tensor]) -> None:
         """Support memory from the patch tokens of the given image batches (see ``set_memory``)."""
-        self.set_memory(torch.cat([self.tokens(x.to(self.device)).flatten(0, 1).float() for x in batches]))
+        feats = [self.tokens(x.to(self.device))[:, self.num_prefix :].flatten(0, 1).float() for x in batches]
+        self.set_memory(torch.cat(feats))
 
     @torch.no_grad()
     def set_memory(self, patch_features: torch.Tensor) -> None:
-        """Support memory from (M, E) patch features of the backbone (e.g. a Hummingbird memory of its tokens):
-        a seeded random ``subsample`` of the rows (at least ``num_negatives``), L2-normalised."""
+        """Support memory from (M, E) patch features of the backbone (e.g. the Hummingbird memory of its tokens),
+        L2-normalised; each row is kept as a negative with probability ``negative_fraction`` (seeded draw)."""
         if patch_features.ndim != 2 or patch_features.shape[1] != self.head.in_features:
             raise ValueError(
                 f"support features must be (M, {self.head.in_features}), got {tuple(patch_features.shape)}"
             )
-        gen = torch.Generator().manual_seed(self.seed)
-        count = len(patch_features)
-        keep = torch.randperm(count, generator=gen)[: max(self.num_negatives, int(count * self.subsample))]
-        self.memory = F.normalize(patch_features[keep.to(patch_features.device)].float().to(self.device), dim=-1)
+        if len(patch_features) < self.num_negatives:
+            raise ValueError(f"support memory has {len(patch_features)} rows, fewer than {self.num_negatives}")
+        self.memory = F.normalize(patch_features.float().to(self.device), dim=-1)
+        draws = torch.rand(len(patch_features), generator=torch.Generator().manual_seed(self.seed))
+        self.kept = (draws < self.negative_fraction).to(self.device)
 
-    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-image token InfoNCE (B,) of patch tokens (B, N, E) against their nearest memory patches."""
+    def negatives(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the pooled negative batch: the kept rows among its tokens' nearest memory patches (rows of
+        the memory, repeats included as in the reference)."""
         if self.memory is None:
-            raise RuntimeError("PatchFUNGI needs a support memory: call setup(batches_of_train_images) first")
+            raise RuntimeError("PatchFUNGI needs a support memory: call set_memory(...) or setup(...) first")
         queries = F.normalize(tokens.detach().flatten(0, 1).float(), dim=-1)
         _, idx = nearest_neighbors(queries, self.memory, self.num_negatives)
-        negatives = self.head(self.memory[idx.to(self.memory.device)])
-        negatives = negatives.reshape(*tokens.shape[:2], self.num_negatives, -1)
-        return token_infonce(self.head(tokens.float()), negatives, self.temperature, self.variant)
+        idx = idx.to(self.memory.device).reshape(tokens.shape[0], -1)
+        return [self.memory[row[self.kept[row]]] for row in idx]
 
-    def token_gradients(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch tokens (B, N, E), projected per-token gradients (B, N, E), not normalised)."""
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-image pooled token InfoNCE (B,) of all last-layer tokens (B, T, E) against their negatives."""
+        losses = [
+            pooled_token_infonce(self.head(t.float()), self.head(neg), self.temperature, self.variant)
+            for t, neg in zip(tokens, self.negatives(tokens))
+        ]
+        return torch.stack(losses)
+
+    def token_gradients(self, images: torch.Tensor, keep_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, N, E), projected per-token gradients (B, N, E), not normalised) of the patch tokens, or of
+        every token (CLS included) with ``keep_prefix``."""
         store: dict[str, torch.Tensor] = {}
 
         def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
@@ -141,10 +163,9 @@ class PatchFUNGI:
             return self.loss(tokens)
 
         acts, grad_out = layer_io_gradients(self.tokens, self.layer, images.to(self.device), loss_fn)
-        tokens = store["tokens"]
+        first = 0 if keep_prefix else self.num_prefix
+        tokens, acts, grad_out = store["tokens"][:, first:], acts[:, first:], grad_out[:, first:]
         batch, num = tokens.shape[:2]
-        prefix = acts.shape[1] - num  # the layer also sees the prefix tokens (zero gradient); keep the patch rows
-        acts, grad_out = acts[:, prefix:], grad_out[:, prefix:]
         grads = project_token_gradients(grad_out.flatten(0, 1), acts.flatten(0, 1), self.projection)
         return tokens, grads.reshape(batch, num, -1)
 
