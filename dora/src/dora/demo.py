@@ -43,9 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="dora-demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo/dora")
     parser.add_argument("--quick", action="store_true", help="a < 20 s version (used by the tests)")
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs of {FULL['steps']} steps (default {FULL['epochs']})"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny ops: thread synchronisation costs more than it saves on a shared CPU
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        p["epochs"] = args.epochs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
