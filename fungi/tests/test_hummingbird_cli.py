@@ -30,6 +30,8 @@ def test_hummingbird_cli_scores_tokens_and_fungi_with_the_token_memory_as_suppor
 def test_hummingbird_cli_embeddings_only_and_bad_feature_names(tmp_path):
     rows = hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[embeddings]"])
     assert [r["features"] for r in rows] == ["embeddings"]
+    again = hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[embeddings]"])
+    assert again[0]["miou"] == rows[0]["miou"]  # seeded: a random-weight model gives the same score twice
     with pytest.raises(ValueError, match="gradients"):
         hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[gradients]"])
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     save_config(cfg, run_dir / "config.yaml")
     train, val = build_datasets(cfg)  # a missing dataset fails before any weights are fetched
     device = resolve_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])  # random-weight models (tiny config) are reproducible too
     kwargs = {"img_size": cfg["input_size"], **cfg["model_kwargs"]}
     model = build_timm(cfg["model"], cfg["pretrained"], cfg["checkpoint"], **kwargs).model.to(device)
 
