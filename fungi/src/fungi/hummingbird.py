@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             device,
         )
         patch_fungi.set_memory(plain.memory_features)
-        plain.memory_features = None
+        del plain  # free the token memory and its index before the FUNGI memory is built
         rows.append({"features": "embeddings + FUNGI", **evaluator(patch_fungi).evaluate()})
     table = ["| features | dataset | memory rows | mIoU (%) |", "|---|---|---|---|"]
     table += [f"| {r['features']} | {cfg['dataset']} | {r['memory_rows']} | {100 * r['miou']:.2f} |" for r in rows]
