@@ -37,11 +37,13 @@ def test_visualise_writes_png_and_mp4(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    metrics = demo.main(["--quick", "--out", str(tmp_path)])
+    metrics = demo.main(["--quick", "--out", str(tmp_path), "--seed", "3"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 3 <= len(summary) <= 6
     assert (tmp_path / "masks.png").is_file() and (tmp_path / "metrics.json").is_file()
     assert metrics["train_steps"] == 3
+    (state,) = (tmp_path / "train" / "checkpoints").glob("*/state.json")
+    assert json.loads(state.read_text())["config"]["seed"] == 3
 
 
 def test_walking_tours_listing(capsys):

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--epochs", type=int, help=f"training epochs of {FULL['steps']} steps (default {FULL['epochs']})"
     )
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the random baselines keep theirs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny ops: thread synchronisation costs more than it saves on a shared CPU
     p = dict(QUICK if args.quick else FULL)
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = out / "train"
     overrides = [
-        "--config", "tiny", f"run_dir={run_dir}", f"data.videos=[{video}]", "data.num_frames=2", "data.step=8",
+        "--config", "tiny", f"run_dir={run_dir}", f"seed={args.seed}", f"data.videos=[{video}]",
+        "data.num_frames=2", "data.step=8",
         f"data.batch_size_per_gpu={p['batch']}", f"optim.epochs={p['epochs']}", f"optim.steps_per_epoch={p['steps']}",
         "optim.warmup_epochs=1", "optim.lr=0.003", "optim.min_lr=1e-5", "optim.momentum_teacher=0.98",
         "optim.freeze_last_layer=1", "augment.precrop_size=56", "augment.global_size=32", "augment.local_size=16",
