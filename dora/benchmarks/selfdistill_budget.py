@@ -1,6 +1,7 @@
 """How many steps does this package's self-distillation need before a tiny ViT beats its random initialisation?
 
     python benchmarks/selfdistill_budget.py [--steps 400] [--every 100] [--batch 32] [--device cpu]
+                                            [--objective dino|simclr] [--grey]
 
 Plain image-level DINO with this package's loss (``DoRALoss``, clean variant) and head, on the demo's labelled object
 images themselves (no video, no tracking, no masks): two 32 px global views, four 16 px local crops, EMA teacher.
@@ -8,6 +9,11 @@ It prints the teacher's k-NN top-1 (the demo's protocol) every ``--every`` steps
 with labels (cross-entropy, same optimiser and batch) as a reference for what the architecture can learn in that
 many steps. The demo's question -- do DoRA's features beat the random network? -- cannot be answered yes before
 this does; run it with more steps on a GPU to find the budget.
+
+``--objective simclr`` replaces self-distillation by a contrastive loss (InfoNCE between the two global views of
+each image, the other images of the batch as negatives, through the head's MLP, temperature 0.2; the student is
+scored), to tell a limit of the objective from a limit of the data, the architecture or the budget. ``--grey``
+renders every image in grey levels, so that colour cannot tell two images apart.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 
 from dora.augment import normalize
@@ -62,13 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hue", type=float, default=0.1, help="hue jitter strength")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", choices=("dino", "simclr"), default="dino")
+    parser.add_argument("--grey", action="store_true", help="grey objects on grey backgrounds")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    train_images, train_labels = labelled_objects(500, size=32, seed=7)
+    train_images, train_labels = labelled_objects(500, size=32, seed=7, grey=args.grey)
     x = torch.from_numpy(train_images).permute(0, 3, 1, 2).float().div(255).to(dev)
     y = torch.from_numpy(train_labels).to(dev)
-    eval_images, eval_labels = labelled_objects(150, size=32, seed=1)
+    eval_images, eval_labels = labelled_objects(150, size=32, seed=1, grey=args.grey)
 
     student = build_network(TINY).to(dev)
     teacher = build_network(TINY, teacher=True).to(dev)
@@ -84,23 +93,34 @@ def main(argv: list[str] | None = None) -> dict:
     def score(backbone) -> float:
         return knn_accuracy(copy.deepcopy(backbone).cpu(), eval_images, eval_labels)
 
-    rows = [(0, float("nan"), score(teacher.backbone), score(supervised))]
-    print("| step | DINO loss | k-NN self-distilled teacher (%) | k-NN supervised (%) |\n|---|---|---|---|")
-    print(f"| 0 | - | {rows[0][2]:.1f} | {rows[0][3]:.1f} |")
-    for step in range(1, args.steps + 1):
-        batch = x[torch.randint(len(x), (args.batch,), device=dev)]
-        student.train()
+    def dino_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = teacher.head(teacher.backbone.forward_features(views(batch, 32, (0.4, 1.0), args.hue))[:, 0])
         local = student(torch.stack([views(batch, 16, (0.05, 0.4), args.hue) for _ in range(4)]))
         other = student(views(batch, 32, (0.4, 1.0), args.hue)[None, None])
-        loss = loss_fn(local.reshape(1, -1, local.shape[-1]), other, target[None], 0)
+        return loss_fn(local.reshape(1, -1, local.shape[-1]), other, target[None], 0)
+
+    def simclr_loss(batch: torch.Tensor) -> torch.Tensor:
+        cls = [student.backbone.forward_features(views(batch, 32, (0.4, 1.0), args.hue))[:, 0] for _ in range(2)]
+        za, zb = (F.normalize(student.head.mlp(c)) for c in cls)
+        logits = za @ zb.T / 0.2
+        target = torch.arange(len(batch), device=dev)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    ssl_loss, scored = (dino_loss, teacher) if args.objective == "dino" else (simclr_loss, student)
+    rows = [(0, float("nan"), score(scored.backbone), score(supervised))]
+    print(f"| step | {args.objective} loss | k-NN self-supervised (%) | k-NN supervised (%) |\n|---|---|---|---|")
+    print(f"| 0 | - | {rows[0][2]:.1f} | {rows[0][3]:.1f} |")
+    for step in range(1, args.steps + 1):
+        student.train()
+        loss = ssl_loss(x[torch.randint(len(x), (args.batch,), device=dev)])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for ps, pt in zip(student.parameters(), teacher.parameters()):
-                pt.mul_(args.momentum).add_(ps.detach(), alpha=1 - args.momentum)
+        if args.objective == "dino":
+            with torch.no_grad():
+                for ps, pt in zip(student.parameters(), teacher.parameters()):
+                    pt.mul_(args.momentum).add_(ps.detach(), alpha=1 - args.momentum)
 
         idx = torch.randint(len(x), (args.batch,), device=dev)
         supervised.train()
@@ -111,9 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
         sup_loss.backward()
         sup_opt.step()
         if step % args.every == 0 or step == args.steps:
-            rows.append((step, loss.item(), score(teacher.backbone), score(supervised)))
+            rows.append((step, loss.item(), score(scored.backbone), score(supervised)))
             print(f"| {step} | {rows[-1][1]:.3f} | {rows[-1][2]:.1f} | {rows[-1][3]:.1f} |", flush=True)
-    print(f"chance {100 / (int(y.max()) + 1):.1f} %; DINO loss of a uniform teacher: log(256) = {np.log(256):.2f}")
+    floor = f"DINO loss of a uniform teacher: log(256) = {np.log(256):.2f}"
+    if args.objective == "simclr":
+        floor = f"InfoNCE of features that ignore the input: log({args.batch}) = {np.log(args.batch):.2f}"
+    print(f"chance {100 / (int(y.max()) + 1):.1f} %; {floor}")
     return {"rows": rows}
 
 

@@ -23,16 +23,20 @@ def _texture(cls: int, size: int, period: int, rng: np.random.Generator) -> np.n
     return ((yy + phase) % period - period / 2) ** 2 + ((xx + phase) % period - period / 2) ** 2 < (period / 3) ** 2
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _colours(rng: np.random.Generator, grey: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    if grey:  # a dark and a light grey level, at least 96 apart
+        a = int(rng.integers(0, 100))
+        return np.full(3, a, np.uint8), np.full(3, a + int(rng.integers(96, 156)), np.uint8)
     a = rng.integers(0, 256, 3)
     b = (a + rng.integers(96, 160, 3)) % 256
     return a.astype(np.uint8), b.astype(np.uint8)
 
 
-def make_object(cls: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A textured object: (size, size, 3) uint8 image and a (size, size) bool disc/square silhouette."""
+def make_object(cls: int, size: int, rng: np.random.Generator, grey: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A textured object: (size, size, 3) uint8 image and a (size, size) bool disc/square silhouette; two random
+    colours, or two grey levels with ``grey=True``."""
     tex = _texture(cls, size, int(rng.integers(8, 13)), rng)  # stripes 4-6 px wide: visible after 2x downscaling
-    a, b = _colours(rng)
+    a, b = _colours(rng, grey)
     img = np.where(tex[..., None] > 0, a, b).astype(np.uint8)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     mask = (yy**2 + xx**2 <= (size / 2) ** 2) if rng.random() < 0.5 else np.ones((size, size), bool)
@@ -120,11 +124,14 @@ def write_walking_video(path: str | Path, num_frames: int = 300, size: int = 64,
     return write_video(path, walking_frames(num_frames, size=size, seed=seed), fps=fps)
 
 
-def labelled_objects(num_per_class: int = 40, size: int = 32, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def labelled_objects(
+    num_per_class: int = 40, size: int = 32, seed: int = 1, grey: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, size, size, 3) uint8 of one object of a known class on a background patch, labels (N,).
 
     Rendered at twice the size with objects as large as in :func:`walking_frames` at 64 px, then halved: the scale
-    at which the demo's model sees the video."""
+    at which the demo's model sees the video. ``grey=True``: grey objects on a grey background, so that colour
+    cannot tell two images apart (``benchmarks/selfdistill_budget.py --grey``)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -133,8 +140,10 @@ def labelled_objects(num_per_class: int = 40, size: int = 32, seed: int = 1) -> 
     for cls in range(NUM_CLASSES):
         for _ in range(num_per_class):
             img = _background(big, big, rng)
+            if grey:
+                img = img.mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8)
             s = int(rng.integers(big // 3, big - 4))
-            obj, mask = make_object(cls, s, rng)
+            obj, mask = make_object(cls, s, rng, grey)
             y, x = (int(v) for v in rng.integers(0, big - s + 1, 2))
             img[y : y + s, x : x + s][mask] = obj[mask]
             images.append(np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)))
