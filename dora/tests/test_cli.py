@@ -42,6 +42,8 @@ def test_demo_quick(tmp_path):
     assert 3 <= len(summary) <= 6
     assert (tmp_path / "masks.png").is_file() and (tmp_path / "metrics.json").is_file()
     assert metrics["train_steps"] == 3
+    beats = metrics["knn_top1_learned"] > max(metrics["knn_top1_random_init_per_seed"])
+    assert summary["verdict"] == ("learned beats every random init" if beats else "no win: not above every random init")
     (state,) = (tmp_path / "train" / "checkpoints").glob("*/state.json")
     assert json.loads(state.read_text())["config"]["seed"] == 3
 
