@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         idx = torch.randint(len(x), (args.batch,), device=dev)
         supervised.train()
-        sup_loss = torch.nn.functional.cross_entropy(
+        sup_loss = F.cross_entropy(
             classifier(supervised.forward_features(views(x[idx], 32, (0.4, 1.0), args.hue))[:, 0]), y[idx]
         )
         sup_opt.zero_grad()
