@@ -51,16 +51,61 @@ def test_feature_file_errors(tmp_path):
         load_features(tmp_path / "f.npy")
 
 
+class _Custom:
+    """Stands for an arbitrary pickled object in a checkpoint."""
+
+
 def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
     torch.save({"teacher": {"module.backbone.w": torch.ones(2)}, "student": {}}, tmp_path / "ckpt.pth")
     state = load_state_dict(tmp_path / "ckpt.pth", strip_prefixes=("module.", "backbone."))
     assert list(state) == ["w"] and torch.equal(state["w"], torch.ones(2))
 
-    torch.save({"model": {"w": torch.ones(1)}, "config": argparse.Namespace(lr=1)}, tmp_path / "unsafe.pth")
+    # a DINO/DoRA training checkpoint keeps its argparse arguments next to the weights: readable
+    torch.save(
+        {"teacher": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1, arch="vit_small")}, tmp_path / "d.pth"
+    )
+    assert list(load_state_dict(tmp_path / "d.pth")) == ["w"]
+    # any other Python object would need unpickling code: refused
+    torch.save({"model": {"w": torch.ones(1)}, "config": _Custom()}, tmp_path / "unsafe.pth")
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         load_state_dict(tmp_path / "unsafe.pth")
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(x=_Custom())}, tmp_path / "nested.pth")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        load_state_dict(tmp_path / "nested.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_state_dict(tmp_path / "missing.pth")
+
+
+def test_checkpoint_saved_at_another_resolution_is_resampled(tmp_path):
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    from funai_common.cli import timm_patch_features
+
+    args = dict(patch_size=8, depth=1, embed_dim=24, num_heads=2)
+    # saved with a 2x2 patch grid, evaluated with 4x4
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, num_classes=0, **args)
+    state = {f"backbone.{k}": v for k, v in small.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    fn, patch = timm_patch_features("vit_tiny_patch16_224", 32, checkpoint=tmp_path / "w.safetensors", **args)
+    big = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, **args).eval()
+    expected = dict(small.state_dict())
+    expected["pos_embed"] = resample_abs_pos_embed(small.pos_embed, (4, 4), num_prefix_tokens=1)
+    big.load_state_dict(expected)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), big.forward_features(x)[:, 1:])
+    assert patch == 8
+
+
+def test_model_args_read_exponents_as_floats():
+    from funai_common.cli import _parse_kwargs
+
+    assert _parse_kwargs(["drop_path_rate=1e-1", "depth=2", "name=e5"]) == {
+        "drop_path_rate": 0.1,
+        "depth": 2,
+        "name": "e5",
+    }
 
 
 @pytest.mark.slow

@@ -140,6 +140,23 @@ def test_bounded_memory_is_seeded():
     assert a["miou"] > 0.8
 
 
+def test_memory_larger_than_all_patches_keeps_every_patch():
+    g = torch.Generator().manual_seed(3)
+    feats, masks = torch.randn(2, 4, 3, generator=g), torch.randint(0, 2, (2, 4, 4), generator=g)
+    mf, _ = build_memory(feats, masks, 2, 2, memory_size=1000)
+    full, _ = build_memory(feats, masks, 2, 2)
+    assert mf.shape == full.shape
+    assert torch.equal(mf.sort(dim=0).values, full.sort(dim=0).values)  # same rows, rare-class order
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    assert _evaluator(fn, memory_size=10**6).evaluate()["memory_rows"] == 8 * 64  # all patches of 8 images
+
+
+def test_memory_smaller_than_the_neighbour_count_is_a_clear_error():
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    with pytest.raises(ValueError, match="holds 8 patches, fewer than num_neighbors=30"):
+        _evaluator(fn, memory_size=8).evaluate()  # 1 patch per image
+
+
 def test_memory_features_are_kept_only_on_request():
     fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
     kept = _evaluator(fn, memory_size=100, keep_memory_features=True)

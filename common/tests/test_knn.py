@@ -32,6 +32,18 @@ def test_hand_computed_case():
     assert result == {"top1": 50.0, "top5": 100.0}
 
 
+def test_k_beyond_the_training_set_votes_with_all_and_keeps_the_requested_k():
+    # 3 training points of classes 0, 1, 2 and 10 classes: the ranking is 0, 1, 2 (votes), then 3, 4, ... (no vote,
+    # smaller index first), so a query of class 3 is a top-5 hit for every k >= 5, though only 3 neighbours exist.
+    train = np.eye(3)
+    test = np.array([[1.0, 0.2, 0.1]])
+    result = knn_classify_many(train, np.arange(3), test, np.array([3]), ks=(2, 10, 20), num_classes=10)
+    assert sorted(result) == [2, 10, 20]
+    assert result[2] == {"top1": 0.0, "top5": 0.0}  # top-5 window is min(5, k) = 2 classes: 0, 1
+    assert result[10] == result[20] == {"top1": 0.0, "top5": 100.0}
+    assert reference_knn(train, np.arange(3), test, [3], 20, 0.07, 10) == (0.0, 100.0)
+
+
 def test_ties_go_to_smaller_class_index():
     # One neighbour (k=1) of class 3 out of 6 classes: classes without votes rank in index order 0, 1, 2, 4, 5.
     train = np.eye(4)[[0, 1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,9 @@ def knn_main(argv=None) -> dict:
     return payload
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_kwargs(items: list[str]) -> dict:
     import yaml
 
@@ -94,7 +98,8 @@ def _parse_kwargs(items: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--model-args expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        out[key] = float(parsed) if isinstance(parsed, str) and _EXPONENT_FLOAT.fullmatch(parsed) else parsed
     return out
 
 
@@ -102,14 +107,23 @@ def timm_patch_features(
     model_name: str, input_size: int, pretrained: bool = True, checkpoint=None, device="cpu", **model_args
 ):
     """(feature_fn, patch_size) for a timm ViT: feature_fn(images) -> (B, S*S, D) final-norm patch tokens."""
-    import timm
+    try:
+        import timm
+    except ImportError:
+        raise ImportError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     model = timm.create_model(
         model_name, pretrained=pretrained and checkpoint is None, num_classes=0, img_size=input_size, **model_args
     )
     if checkpoint is not None:
         state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if isinstance(model, VisionTransformer):  # resamples pos_embed saved at another size, maps DINOv2 hub names
+            state = checkpoint_filter_fn(state, model)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {checkpoint} does not fit {model_name}: {err}") from None
         if missing:
             raise KeyError(f"checkpoint {checkpoint} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")
         if unexpected:
@@ -201,3 +215,13 @@ def knn_cli() -> None:
 def hummingbird_cli() -> None:
     """Console entry point of funai-hummingbird: exit status 0, or a one-line error."""
     _run(hummingbird_main, "funai-hummingbird")
+
+
+if __name__ == "__main__":  # python -m funai_common.cli knn|hummingbird ARGS...
+    import sys
+
+    commands = {"knn": knn_cli, "hummingbird": hummingbird_cli}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit("usage: python -m funai_common.cli {knn,hummingbird} [--help | ARGS...]")
+    command = sys.argv.pop(1)
+    commands[command]()

@@ -106,14 +106,15 @@ def build_memory(
     """Memory rows from one batch: (features / ||features|| (R, D), soft labels (R, C)).
 
     features: (N, S*S, D) patch features. ``memory_size=None`` keeps every patch (image-major, row-major patches);
-    otherwise k = memory_size // N patches per image, rare classes first (see ``select_memory_patches``).
+    otherwise k = memory_size // N patches per image (at least 1, at most all S*S), rare classes first (see
+    ``select_memory_patches``).
     """
     n, num_patches, dim = features.shape
     feats = features / features.norm(dim=-1, keepdim=True)
     labels = patch_labels(masks, patch_size, num_classes, ignore_index, ignore_as_background).to(feats.device)
     if memory_size is None:
         return feats.reshape(-1, dim), labels.reshape(-1, num_classes)
-    k = max(1, memory_size // n)
+    k = min(max(1, memory_size // n), num_patches)
     if draws is None:
         draws = torch.rand(n, num_patches)
     chosen = select_memory_patches(masks, patch_size, num_classes, k, draws, ignore_index, ignore_as_background)
@@ -245,8 +246,10 @@ class HummingbirdEvaluator:
         n_train = len(self.train_dataset)
         per_image = None
         if self.memory_size is not None:
-            # Reference rule: K = max(1, M // (N_train * epochs)) patches per augmented image.
+            # Reference rule: K = max(1, M // (N_train * epochs)) patches per augmented image; a memory larger than
+            # all patches (small training sets) keeps every patch instead of failing as the reference does.
             per_image = max(1, self.memory_size // (n_train * self.augmentation_epochs))
+            per_image = min(per_image, (self.input_size // self.patch_size) ** 2)
         generator = torch.Generator().manual_seed(self.seed)
         feats, labels = [], []
         for epoch in range(self.augmentation_epochs):
@@ -273,6 +276,11 @@ class HummingbirdEvaluator:
                 labels.append(ml.to(mf.device))
         memory_features, memory_labels = torch.cat(feats), torch.cat(labels)
         log.info("Hummingbird memory: %d rows of dim %d", *memory_features.shape)
+        if memory_features.shape[0] < self.num_neighbors:
+            raise ValueError(
+                f"the Hummingbird memory holds {memory_features.shape[0]} patches, fewer than "
+                f"num_neighbors={self.num_neighbors}: raise memory_size or lower num_neighbors"
+            )
         if self.keep_memory_features:
             self.memory_features = memory_features
         self._memory = (NeighborIndex(memory_features, backend=self.backend), memory_labels)

@@ -52,7 +52,8 @@ def knn_classify_many(
 ) -> dict[int, dict[str, float]]:
     """DINO weighted k-NN for several k from one neighbour search: {k: {"top1": %, "top5": %}}.
 
-    Features (N, D) are L2-normalised here; labels are integer class ids. k larger than the training set is clipped.
+    Features (N, D) are L2-normalised here; labels are integer class ids. A k larger than the training set votes with
+    all N training samples (results stay keyed by the requested k; top-5 still ranks min(5, k) classes).
     """
     train_f = F.normalize(_as_tensor(train_features, torch.float32), dim=1)
     test_f = F.normalize(_as_tensor(test_features, torch.float32), dim=1)
@@ -65,15 +66,17 @@ def knn_classify_many(
         )
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
-    ks = sorted({min(int(k), train_f.shape[0]) for k in ks})
+    ks = sorted({int(k) for k in ks})
+    n_train = train_f.shape[0]
     index = NeighborIndex(train_f, backend=backend)
     counts = {k: [0, 0] for k in ks}
     for start in range(0, test_f.shape[0], chunk_size):
-        sims, idx = index.search(test_f[start : start + chunk_size], ks[-1])
+        sims, idx = index.search(test_f[start : start + chunk_size], min(ks[-1], n_train))
         labels = test_y[start : start + chunk_size].to(sims.device)
         neighbor_labels = train_y.to(sims.device)[idx]
         for k in ks:
-            ranking = knn_predictions(sims[:, :k], neighbor_labels[:, :k], num_classes, temperature)
+            used = min(k, n_train)
+            ranking = knn_predictions(sims[:, :used], neighbor_labels[:, :used], num_classes, temperature)
             top1, top5 = _accuracies(ranking, labels, k)
             counts[k][0] += top1
             counts[k][1] += top5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,8 @@ WRAPPER_KEYS = ("teacher", "model", "state_dict")
 def load_state_dict(
     path, keys: Sequence[str] = WRAPPER_KEYS, strip_prefixes: Sequence[str] = ()
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.ckpt`` read with ``weights_only=True``.
+    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.ckpt`` read with ``weights_only=True`` (plain
+    containers, tensors and the ``argparse.Namespace`` of DINO-style training checkpoints; no other objects).
 
     In a legacy file the first of ``keys`` holding a dict is unwrapped (``teacher`` for DINO/DoRA releases,
     ``model``/``state_dict`` for others); each name loses the first of ``strip_prefixes`` it starts with,
@@ -27,7 +29,9 @@ def load_state_dict(
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # full training checkpoints (DINO, DoRA) also hold their argparse arguments: allow that plain container
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
         for key in keys:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
