@@ -108,5 +108,7 @@ def test_caption_files_and_class_names(tmp_path):
     assert load_class_names(tmp_path / "ja.txt") == ["金魚", "テンチ"]
     with pytest.raises(ValueError, match="keys must be label ids or the dataset's folder names"):
         load_class_names(tmp_path / "wnid.json")
+    # torchvision sets without .classes (GTSRB, SVHN) record [] as folder classes: id-keyed files still work
+    assert load_class_names(tmp_path / "zh.json", []) == ["丁鲷", "金鱼"]
     with pytest.raises(FileNotFoundError, match="class names file not found"):
         load_class_names(tmp_path / "missing.json")

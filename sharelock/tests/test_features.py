@@ -61,6 +61,42 @@ def test_vision_encoder_returns_cls_after_final_norm():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_roberta_style_positions_start_after_padding_idx(tiny_text):
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer, _, captions = tiny_text
+    tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, pad_token_id=pad)  # fmt: skip
+    torch.manual_seed(0)
+    model = RobertaModel(config).eval()
+    texts = captions[:3] + ["green"]
+    with torch.no_grad():  # the model's own position numbering (pad + 1, pad + 2, ...) on each unpadded text
+        expected = torch.stack([single_feature(model, tokenizer, t) for t in texts])
+    tokenizer.pad_token = None
+    for bs in (1, 4):
+        torch.testing.assert_close(last_token_features(model, tokenizer, texts, batch_size=bs), expected)
+
+
+def test_vision_checkpoint_at_another_resolution_and_hub_layout(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    spec = tiny_vit_spec(img_size=28)
+    torch.manual_seed(0)
+    native = timm.create_model(spec["model"], pretrained=False, num_classes=0, **{**spec["kwargs"], "img_size": 56})
+    state = dict(native.state_dict())
+    state["mask_token"] = torch.zeros(1, native.embed_dim)  # DINOv2's original files carry it; not part of timm's
+    save_file(state, str(tmp_path / "native.safetensors"))
+    model = build_vision_encoder({**spec, "checkpoint": str(tmp_path / "native.safetensors")})
+    grid = 28 // native.patch_embed.patch_size[0]
+    expected = resample_abs_pos_embed(native.pos_embed, (grid, grid), num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed, expected)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_features_close_to_fp32(tiny_text):

@@ -9,7 +9,7 @@ import torch
 from sharelock import demo, precompute, probe
 from sharelock import eval as evaluate
 from sharelock.models import load_model
-from sharelock.store import FeatureStore
+from sharelock.store import FeatureStore, FeatureWriter
 from sharelock.synthetic import CLASSES
 
 
@@ -99,6 +99,12 @@ def test_eval_with_precomputed_template_ensemble_and_other_language(demo_out, tm
     raw = evaluate.main([f"checkpoint={out / 'run'}", f"images={out / 'data' / 'test'}", f"class_names={names_file}",
                          f"out={tmp_path / 'e4'}", "batch_size=16", "num_workers=0"])  # fmt: skip
     assert raw["top1"] == pytest.approx(direct["top1"]) and raw["top5"] == pytest.approx(direct["top5"])
+    # class prompts encoded by another language model than the checkpoint's are refused, naming both
+    write = FeatureWriter(tmp_path / "other_lm", "other/llm", "text", test_store.dim)
+    write.close()
+    with pytest.raises(ValueError, match=f"made with model 'other/llm', but '{spec['model']}' was expected"):
+        evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}",
+                       f"class_features={tmp_path / 'other_lm'}", f"out={tmp_path / 'e5'}"])  # fmt: skip
     with pytest.raises(ValueError, match="set class_names=FILE or class_features=STORE"):
         evaluate.main([f"checkpoint={out / 'run'}", f"features={out / 'features' / 'test_images'}"])
 

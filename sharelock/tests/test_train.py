@@ -122,5 +122,28 @@ def test_split_missing_ids_and_config_errors(stores, tmp_path):
         StorePairs([{"vision": str(stores / "v"), "text": [str(tmp_path / "short")]}])
     with pytest.raises(KeyError, match="unknown config key 'optim.lrr'; valid keys: .*optim.lr"):
         load_config(["optim.lrr=1"], "default")
+    cfg = load_config(["optim.lr=1e-3", "--optim.weight_decay", "-2.5E-4"], "default")  # YAML 1.1: strings
+    assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["weight_decay"] == -0.00025
+    write_store(tmp_path / "v2", [f"{i:05d}" for i in range(120)], np.zeros((120, 8), np.float32), "image", "vit2")
+    with pytest.raises(ValueError, match="come from different vision models"):
+        StorePairs([{"vision": str(stores / "v"), "text": str(stores / "t0")},
+                    {"vision": str(tmp_path / "v2"), "text": str(stores / "t0")}])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="no feature store at"):
         train.main(tiny_args(stores, tmp_path / "x", "data.datasets=[{vision: /nonexistent, text: /nonexistent}]"))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_keys_and_exits_0(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main([flag])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "optim.lr = " in out and "tiny" in out
+
+
+def test_config_by_packaged_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: names fall back to the packaged configs
+    for given in ("cc3m", "cc3m.yaml", "configs/cc3m.yaml"):
+        assert load_config(["--config", given], "default")["name"] == "sharelock-cc3m"
+    with pytest.raises(FileNotFoundError, match="no file .*nope.* and no packaged config .*nope.yaml"):
+        load_config(["--config", "nope"], "default")

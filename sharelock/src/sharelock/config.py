@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_value(raw: str) -> Any:
+    """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("sharelock") / "configs" / f"{name}.yaml"))
+
 
 def default_config_path(name: str) -> Path:
     """Path of a config shipped inside the package (`configs/<name>.yaml`), editable or wheel install."""
-    path = Path(str(resources.files("sharelock") / "configs" / f"{name}.yaml"))
+    path = _packaged(name)
     if not path.is_file():
         raise FileNotFoundError(f"no packaged config {name!r} (looked for {path})")
     return path
+
+
+def resolve_config_path(given: str) -> Path:
+    """`--config` as a YAML path, else a packaged config by name (`cc3m`, `cc3m.yaml` or `configs/cc3m.yaml`)."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    if path.parent.name not in ("", "configs"):
+        raise FileNotFoundError(f"config file not found: {path.absolute()}")
+    packaged = _packaged(path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name)
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"config {given!r} not found: no file {path.absolute()} and no packaged config {packaged}")
+
+
+def print_help(default: str) -> None:
+    """Print the usage, the packaged configs and every key of config `default` with its value (`--help`, `-h`)."""
+    with open(default_config_path(default)) as f:
+        cfg = yaml.safe_load(f) or {}
+    names = sorted(p.stem for p in default_config_path(default).parent.glob("*.yaml"))
+    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print("packaged configs: " + ", ".join(names))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in _flatten(cfg).items()))
 
 
 def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -66,17 +102,22 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
         if key == "config":
             config_path = raw
         else:
-            pairs.append((key, yaml.safe_load(raw) if raw != "" else None))
+            pairs.append((key, parse_value(raw) if raw != "" else None))
         i += 1
     return config_path, pairs
 
 
 def load_config(argv: list[str] | None, default: str) -> dict:
-    """Load the packaged config `default` (or `--config PATH`) and apply the overrides in argv."""
-    config_path, pairs = parse_overrides(list(argv or []))
-    path = Path(config_path) if config_path else default_config_path(default)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    """Load the packaged config `default` (or `--config NAME|PATH`) and apply the overrides in argv.
+
+    `--help` / `-h` prints the keys with their defaults and exits with status 0.
+    """
+    argv = list(argv or [])
+    if "--help" in argv or "-h" in argv:
+        print_help(default)
+        raise SystemExit(0)
+    config_path, pairs = parse_overrides(argv)
+    path = resolve_config_path(config_path) if config_path else default_config_path(default)
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     if config_path:

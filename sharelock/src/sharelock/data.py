@@ -183,7 +183,7 @@ def load_class_names(source: str | Path | Sequence[str], folder_classes: Sequenc
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict):
-                if folder_classes is not None and all(c in data for c in folder_classes):
+                if folder_classes and all(c in data for c in folder_classes):
                     names = [data[c] for c in folder_classes]
                 elif all(k.isdigit() for k in data):
                     names = [data[k] for k in sorted(data, key=int)]

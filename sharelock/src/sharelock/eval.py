@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         features, labels, folder_classes = _image_features(model, cfg)
     templates = resolve_templates(cfg["templates"])
     if cfg["class_features"]:
-        classifier = classifier_from_store(model, FeatureStore(cfg["class_features"], modality="text"))
+        prompts = FeatureStore(cfg["class_features"], model=backbones.get("text_model"), modality="text")
+        classifier = classifier_from_store(model, prompts)
         templates_used = "precomputed"
     else:
         from sharelock.data import load_class_names

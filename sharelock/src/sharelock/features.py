@@ -17,23 +17,20 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
     """A frozen timm model returning the CLS token after the final norm, (B, 3, H, W) -> (B, D).
 
     spec: {"model": timm name, "pretrained": bool, "checkpoint": local safetensors/.pth or None, "kwargs": {...}}.
-    DINOv2 in timm (`vit_base_patch14_dinov2.lvd142m`) with `img_size=224` matches the torch.hub model at 224 px.
+    DINOv2 in timm (`vit_base_patch14_dinov2.lvd142m`) with `img_size=224` runs at 224 px like the torch.hub model.
+    A local checkpoint goes through timm's checkpoint filter, so weights saved at another resolution (DINOv2's 518 px
+    position table) or in the original layout (e.g. with a `mask_token`) load into the 224 px model.
     """
     import timm
 
     # CLS-token pooling by default (ViTs); other timm backbones take e.g. kwargs {global_pool: avg}
     kwargs = {"global_pool": "token", **(spec.get("kwargs") or {})}
     checkpoint = spec.get("checkpoint")
-    model = timm.create_model(
-        spec["model"], pretrained=bool(spec.get("pretrained", True)) and not checkpoint, num_classes=0, **kwargs
-    )
     if checkpoint:
-        model.load_state_dict(_load_weights(checkpoint), strict=True)
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": load_state_dict(checkpoint, keys=("state_dict", "model"))}
+    pretrained = bool(checkpoint) or bool(spec.get("pretrained", True))
+    model = timm.create_model(spec["model"], pretrained=pretrained, num_classes=0, **kwargs)
     return model.eval().requires_grad_(False)
-
-
-def _load_weights(path: str) -> dict[str, torch.Tensor]:
-    return load_state_dict(path, keys=("state_dict", "model"))
 
 
 def vision_dim(model: nn.Module) -> int:
@@ -81,9 +78,9 @@ def last_token_features(
 
     Batches are left-padded whatever the tokenizer's `padding_side` (pad token = EOS if the tokenizer has none), so the
     last position is the last real token; texts are sorted by token length first (length bucketing: little padding)
-    and the results put back in input order. Position ids follow the attention mask, so padding does not shift
-    positions and the features equal those of one text per call. A causal LM (e.g. LlamaForCausalLM) is run through
-    its base model (the output after the final norm).
+    and the results put back in input order. Position ids follow the attention mask (from `padding_idx + 1` for
+    RoBERTa-style embeddings), so padding does not shift positions and the features equal those of one text per call.
+    A causal LM (e.g. LlamaForCausalLM) is run through its base model (the output after the final norm).
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     base = getattr(model, "base_model", model)
@@ -95,6 +92,8 @@ def last_token_features(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     use_positions = _forward_accepts(base, "position_ids")
+    # RoBERTa-style embeddings number real tokens from padding_idx + 1, BERT/Llama-style from 0
+    first_position = getattr(getattr(base, "embeddings", None), "padding_idx", -1) + 1
     try:
         order = sorted(range(len(texts)), key=token_lengths(tokenizer, texts, max_length).__getitem__)
         out = torch.empty(0)
@@ -109,7 +108,8 @@ def last_token_features(
             )
             inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
             if use_positions:
-                inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+                positions = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+                inputs["position_ids"] = positions + first_position
             hidden = base(**inputs).last_hidden_state[:, -1].float().cpu()
             if out.numel() == 0:
                 out = torch.empty(len(texts), hidden.shape[-1])

@@ -28,10 +28,10 @@ class StorePairs:
             texts = [FeatureStore(p, modality="text", in_memory=in_memory) for p in _as_list(spec["text"])]
             if not texts:
                 raise ValueError(f"dataset {spec['vision']} has no caption store (data.datasets[{d}].text)")
-            if self.vision and vision.dim != self.vision[0].dim:
+            if self.vision and (vision.model, vision.dim) != (self.vision[0].model, self.vision[0].dim):
                 raise ValueError(
-                    f"vision stores {self.vision[0].path} and {vision.path} differ in width: "
-                    f"{self.vision[0].dim} vs {vision.dim}"
+                    f"vision stores {self.vision[0].path} ({self.vision[0].model}, {self.vision[0].dim}) and "
+                    f"{vision.path} ({vision.model}, {vision.dim}) come from different vision models"
                 )
             ref_text = self.texts[0][0] if self.texts else texts[0]
             for store in texts:
