@@ -70,3 +70,20 @@ def test_train_subset():
     assert train_subset(data, 1.0) is data
     with pytest.raises(ValueError, match="train_fraction"):
         train_subset(data, 0)
+
+
+def test_imagenet100_reads_only_the_listed_classes(tmp_path):
+    colours = {"n01": 10, "n02": 20, "n03": 30}
+    for wnid, value in colours.items():
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (value + i,) * 3).save(tmp_path / "train" / wnid / f"{wnid}_{i}.JPEG")
+    with pytest.raises(FileNotFoundError, match=r"imagenet100\.txt"):
+        build_image_dataset({"dataset": "imagenet100", "root": str(tmp_path)})
+    (tmp_path / "imagenet100.txt").write_text("n03\nn01\n\n")
+    data = build_image_dataset({"dataset": "imagenet100", "root": str(tmp_path)})
+    assert [data[i].getpixel((0, 0))[0] for i in range(len(data))] == [30, 31, 10, 11]  # listed order, n02 left out
+    assert len(build_image_dataset({"dataset": "imagenet", "root": str(tmp_path)})) == 6
+    (tmp_path / "imagenet100.txt").write_text("n03\nn04\n")
+    with pytest.raises(ValueError, match=r"imagenet100\.txt.*\['n04'\]"):
+        build_image_dataset({"dataset": "imagenet100", "root": str(tmp_path)})

@@ -159,3 +159,87 @@ def test_loss_falls_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
+
+
+def _tiny_timm(name, **kw):
+    return timm.create_model(name, pretrained=False, num_classes=0, depth=2, embed_dim=48, num_heads=2, **kw).eval()
+
+
+def test_patch_tokens_floor_crops_that_are_not_a_multiple_of_the_patch():
+    from neco.models import patch_tokens
+
+    # scaled-down DINO ViT-S/16 recipe (224/98 px with p = 16 -> 64/26 px with p = 8): 26 px -> floor(26/8) = 3
+    cfg = dict(TINY, name="vit_small_patch16_224", patch_size=8, drop_path=0.0)
+    cfg["overrides"] = {"img_size": 64, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    student, teacher = build_student_teacher(cfg)
+    teacher.eval()
+    local = torch.randn(2, 3, 26, 26)
+    tokens = patch_tokens(teacher.backbone, local)
+    assert tokens.shape == (2, 9, 48)
+    # a stride-8 convolution without padding never sees the last 26 - 24 = 2 rows and columns
+    border = local.clone()
+    border[..., 24:, :] = 5.0
+    border[..., :, 24:] = -5.0
+    torch.testing.assert_close(patch_tokens(teacher.backbone, border), tokens)
+    torch.testing.assert_close(patch_tokens(teacher.backbone, local[..., :24, :24]), tokens)
+
+    from neco.crops import sample_crop_boxes
+    from neco.losses import neco_loss
+
+    sizes = [64, 64, 26]
+    boxes = sample_crop_boxes(96, 96, num_local=1, generator=torch.Generator().manual_seed(0))[None]
+    crops = [torch.randn(1, 3, s, s) for s in sizes]
+    with torch.no_grad():
+        target = teacher(crops[:2])
+    out = student(crops)
+    assert [tuple(o.shape) for o in out] == [(1, 64, 8), (1, 64, 8), (1, 9, 8)]
+    loss = neco_loss(target, out, boxes, sizes, 8, ref_indices=[torch.randperm(49) for _ in range(4)])
+    loss.backward()
+    assert torch.isfinite(loss) and student.backbone.patch_embed.proj.weight.grad is not None
+
+
+def test_dinov2_hub_layouts_load_into_timm(tmp_path):
+    x = torch.randn(1, 3, 98, 98)
+    # registers: hub keeps register_tokens, a mask_token and the cls position inside pos_embed (1, 1 + N, D)
+    reg = _tiny_timm("vit_small_patch14_reg4_dinov2", img_size=98)
+    with torch.no_grad():
+        for p in reg.parameters():
+            p.normal_()  # random cls / register / position values, so a mix-up cannot go unnoticed
+    sd = reg.state_dict()
+    cls_pos = torch.randn(1, 1, 48)
+    hub = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    hub.update(
+        register_tokens=sd["reg_token"],
+        cls_token=sd["cls_token"] - cls_pos,  # DINOv2 adds the cls position at run time; timm folds it in
+        pos_embed=torch.cat([cls_pos, sd["pos_embed"]], 1),
+        mask_token=torch.zeros(1, 48),
+    )
+    torch.save(hub, tmp_path / "dinov2_vits14_reg.pth")
+    cfg = dict(TINY, drop_path=0.0, checkpoint=str(tmp_path / "dinov2_vits14_reg.pth"))
+    loaded = build_backbone(cfg).eval()
+    for key, value in sd.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reg(x))
+
+    # no registers: timm and hub share the (1, 1 + N, D) pos_embed; only the mask_token is extra
+    plain = _tiny_timm("vit_small_patch14_dinov2", img_size=98)
+    torch.save(dict(plain.state_dict(), mask_token=torch.zeros(1, 48)), tmp_path / "dinov2_vits14.pth")
+    cfg = dict(TINY, name="vit_small_patch14_dinov2", drop_path=0.0, checkpoint=str(tmp_path / "dinov2_vits14.pth"))
+    with torch.no_grad():
+        torch.testing.assert_close(build_backbone(cfg).eval()(x), plain(x))
+
+    wide = _tiny_timm("vit_small_patch14_reg4_dinov2", img_size=98, mlp_ratio=2.0)
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"wide\.safetensors.*blocks\.0\.mlp\.fc1\.weight \(96, 48\)"):
+        build_backbone(dict(TINY, checkpoint=str(tmp_path / "wide.safetensors")))
+
+
+def test_lightning_ckpt_loads_the_student_not_the_teacher(tmp_path):
+    student, teacher = (_tiny_timm("vit_small_patch14_reg4_dinov2", img_size=98) for _ in range(2))
+    state = {f"model.{k}": v for k, v in student.state_dict().items()}
+    state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})  # same names once unprefixed
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "neco.ckpt")
+    loaded = build_backbone(dict(TINY, checkpoint=str(tmp_path / "neco.ckpt")))
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)

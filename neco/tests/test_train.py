@@ -128,3 +128,15 @@ def test_two_processes_match_one_process(tmp_path):
 def test_bf16_step_on_gpu(tiny_args):
     out = main(tiny_args + ["optim.max_steps=2", "train.cpu=false", "train.mixed_precision=bf16"])
     assert all(torch.isfinite(torch.tensor(out["losses"])))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_keys_and_exits_0(flag, capsys):
+    from neco import export
+
+    for entry in (main, export.main):
+        with pytest.raises(SystemExit) as exc:
+            entry([flag])
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "loss.network = 'bitonic'" in out and "weights = 'student'" in out

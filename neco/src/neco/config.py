@@ -96,9 +96,34 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
     return config, pairs
 
 
+def wants_help(argv: list[str]) -> bool:
+    """Whether ``--help`` or ``-h`` is among the arguments."""
+    return "--help" in argv or "-h" in argv
+
+
+def print_help(defaults: dict[str, Any], default: str | None = None) -> None:
+    """Print the usage, the shipped configs and every key with its default value."""
+    names = sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml"))
+    keys = [k for k in _flat_keys(defaults) if not isinstance(get_key(defaults, k), dict) or not get_key(defaults, k)]
+    if default is not None:
+        print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+        print("shipped configs: " + ", ".join(names))
+    else:
+        print("usage: [key=value | --key value ...]")
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {get_key(defaults, k)!r}" for k in keys))
+
+
 def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) -> dict[str, Any]:
-    """Config from ``--config`` (default: the paper recipe) with command-line overrides applied."""
-    config, pairs = parse_overrides(list(argv or []))
+    """Config from ``--config`` (default: the paper recipe) with command-line overrides applied.
+
+    ``--help`` / ``-h`` prints the keys with their defaults and exits with status 0.
+    """
+    argv = list(argv or [])
+    if wants_help(argv):
+        with open(resolve_config_path(default)) as f:
+            print_help(yaml.safe_load(f) or {}, default)
+        raise SystemExit(0)
+    config, pairs = parse_overrides(argv)
     path = resolve_config_path(config or default)
     with open(path) as f:
         cfg = yaml.safe_load(f)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 from torchvision import transforms as T
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -164,6 +164,27 @@ def _require(path: str, what: str, layout: str) -> None:
         )
 
 
+def imagenet100_classes(root: str) -> list[str]:
+    """The class folders listed in ``<root>/imagenet100.txt`` (first word of each non-empty line, file order), as
+    the reference's ``imagenet100k`` dataset reads them; each must exist below ``<root>/train``."""
+    listing = os.path.join(root, "imagenet100.txt")
+    if not os.path.isfile(listing):
+        raise FileNotFoundError(
+            f"ImageNet-100 class list not found: expected the file {os.path.abspath(listing)!r} (one wnid per line, "
+            f"next to <data.root>/train), or use data.dataset=imagenet for every class folder"
+        )
+    with open(listing) as f:
+        classes = [line.split()[0] for line in f if line.strip()]
+    if not classes:
+        raise ValueError(f"ImageNet-100 class list {listing!r} is empty")
+    absent = [c for c in classes if not os.path.isdir(os.path.join(root, "train", c))]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} classes of {listing!r} have no folder in {os.path.join(root, 'train')!r}: {absent[:5]}"
+        )
+    return classes
+
+
 def build_image_dataset(cfg: dict[str, Any]) -> Dataset:
     """Unlabelled training images for ``cfg['dataset']`` in DATASETS rooted at ``cfg['root']``."""
     from funai_common import datasets as fds
@@ -176,6 +197,8 @@ def build_image_dataset(cfg: dict[str, Any]) -> Dataset:
     if name in ("imagenet", "imagenet100"):
         path = os.path.join(root, "train")
         _require(path, "ImageNet training images", "<data.root>/train/<wnid>/*.JPEG")
+        if name == "imagenet100":
+            return ConcatDataset([fds.ImageDirectory(os.path.join(path, wnid)) for wnid in imagenet100_classes(root)])
         return _ImagesOnly(fds.ImageFolderDataset(path))
     if name == "voc":
         _require(root, "Pascal VOC", "<data.root>/{images,SegmentationClassAug,sets}")

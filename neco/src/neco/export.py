@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from neco.config import parse_overrides
+from neco.config import parse_overrides, print_help, wants_help
 from neco.eval import backbone_from_checkpoint, resolve_checkpoint
 from neco.models import BACKBONES
 
@@ -23,7 +23,11 @@ DEFAULTS = {"checkpoint": None, "output": None, "weights": "student"}
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Export; returns {"output", "timm_name", "create_kwargs"} (also written next to the weights as JSON)."""
-    _, pairs = parse_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print_help(DEFAULTS)
+        raise SystemExit(0)
+    _, pairs = parse_overrides(argv)
     args = dict(DEFAULTS)
     for key, value in pairs:
         if key not in args:

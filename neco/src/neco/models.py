@@ -10,6 +10,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from funai_common.weights import load_state_dict
@@ -25,11 +26,16 @@ BACKBONES = {
     "dino_vits16": "vit_small_patch16_224.dino",
 }
 PREFIXES = ("module.", "model.", "teacher.", "student.", "backbone.")
+STUDENT_PREFIXES = ("model.", "student.")  # Lightning / NeCo names of the student next to a "teacher."
 
 
 def load_state_file(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .pth/.ckpt loaded with ``weights_only=True`` (never unpickled),
-    without wrapper prefixes (Lightning ``model.``/``teacher.``, DDP ``module.``, ``backbone.``)."""
+    without wrapper prefixes (Lightning ``model.``/``teacher.``, DDP ``module.``, ``backbone.``).
+
+    A reference Lightning ``.ckpt`` holds the student under ``model.`` and the EMA teacher under ``teacher.``; the
+    student is kept, as in the reference evaluation (``method: ours``) and NeCo's own ``student.safetensors``.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} does not exist; download the weights and set model.checkpoint=/path/to/weights "
@@ -37,7 +43,44 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
         )
     if os.path.isdir(path):
         path = os.path.join(path, "student.safetensors")
-    return load_state_dict(path, keys=("state_dict", "model", "teacher"), strip_prefixes=PREFIXES)
+    state = load_state_dict(path, keys=("state_dict", "model", "teacher"), strip_prefixes=("module.",))
+    for student in STUDENT_PREFIXES:
+        if any(k.startswith(student) for k in state) and any(k.startswith("teacher.") for k in state):
+            state = {k: v for k, v in state.items() if k.startswith(student)}
+            break
+    return _strip(state, PREFIXES)
+
+
+def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Names without any leading run of ``prefixes`` (``model.backbone.blocks...`` -> ``blocks...``)."""
+    out = {}
+    for name, tensor in state.items():
+        while name.startswith(prefixes):
+            name = name[len(next(p for p in prefixes if name.startswith(p))) :]
+        out[name] = tensor
+    return out
+
+
+def _load_checkpoint(model: nn.Module, name: str, path: str, drop_registers: bool) -> None:
+    """Load a backbone checkpoint (timm, DINOv2 torch.hub or NeCo layout) into the timm ``model`` called ``name``."""
+    state = load_state_file(path)
+    if "register_tokens" in state:
+        state.setdefault("mask_token", torch.zeros(1))  # timm converts the DINOv2 hub layout only when it sees one
+    # hub -> timm: register_tokens -> reg_token, cls position folded into cls_token, mask_token dropped, w12/w3
+    # renamed, pos_embed resampled to the model's grid
+    state = checkpoint_filter_fn(state, model)
+    if drop_registers:
+        state.pop("reg_token", None)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own}
+    if not state:
+        raise ValueError(f"checkpoint {path!r} holds no weights matching timm model {name!r}")
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {path!r} does not fit timm model {name!r}: {', '.join(wrong)}")
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        log.warning("backbone keys missing from %s: %s", path, missing)
 
 
 def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Module:
@@ -62,16 +105,7 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
     else:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if cfg.get("checkpoint"):
-        state = load_state_file(cfg["checkpoint"])
-        if cfg.get("drop_registers"):
-            state.pop("reg_token", None)
-        own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own}
-        if not state:
-            raise ValueError(f"checkpoint {cfg['checkpoint']!r} holds no weights matching timm model {name!r}")
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            log.warning("backbone keys missing from %s: %s", cfg["checkpoint"], missing)
+        _load_checkpoint(model, name, cfg["checkpoint"], bool(cfg.get("drop_registers")))
     return model
 
 
@@ -93,7 +127,14 @@ class ProjectionHead(nn.Module):
 
 
 def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Final-norm patch tokens (B, N, D) of a timm ViT, CLS and register tokens dropped."""
+    """Final-norm patch tokens (B, floor(H/p) * floor(W/p), D) of a timm ViT, CLS and register tokens dropped.
+
+    Images are cropped top-left to a multiple of the patch size p, which is what the reference's stride-p patch
+    convolution sees (98 px crops with p = 16 give 6 x 6 tokens); timm's dynamic-size patch embedding would
+    otherwise reject them.
+    """
+    ph, pw = backbone.patch_embed.patch_size
+    images = images[..., : images.shape[-2] // ph * ph, : images.shape[-1] // pw * pw]
     return backbone.forward_features(images)[:, backbone.num_prefix_tokens :]
 
 
