@@ -66,3 +66,15 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "knn_digits.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert 0 <= summary["kNN top-1 embeddings+FUNGI (%)"] <= 100
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_keys_and_exits_0(flag, capsys):
+    from fungi import hummingbird
+
+    for main in (extract.main, eval.main, hummingbird.main):
+        with pytest.raises(SystemExit) as exc:
+            main([flag])
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "pca_dim = 512" in out and "shipped configs:" in out and "hummingbird_tiny" in out

@@ -78,6 +78,26 @@ def test_seed_reproducibility_and_save_load(tmp_path, images, bank_images):
         make().load(tmp_path / "missing.safetensors")
 
 
+def test_load_refuses_other_objective_options(tmp_path, images, bank_images):
+    a = make(seed=0)
+    a.setup(bank_images[:2])
+    a.save(tmp_path / "state.safetensors")
+
+    def load(options):
+        torch.manual_seed(0)
+        ex = FUNGIExtractor(tiny_timm(), seed=0, objective_options=options)
+        return ex.load(tmp_path / "state.safetensors")
+
+    other = {**OPTIONS, "dino": {**OPTIONS["dino"], "teacher_temperature": 0.5}, "kl": {"temperature": 1}}
+    with pytest.raises(ValueError, match=r"kl.temperature: saved 15.0, here 1.*dino.teacher_temperature"):
+        load(other)
+    with pytest.raises(ValueError, match=r"dino.latent_dim: saved 64, here 32"):
+        load({**OPTIONS, "dino": {**OPTIONS["dino"], "latent_dim": 32}})
+    # spelling out a default, or a tuple where JSON gives a list, is the same setting
+    same = {**OPTIONS, "kl": {"temperature": 15.0}, "dino": {**OPTIONS["dino"], "global_scale": (0.25, 1.0)}}
+    assert torch.allclose(load(same)(images[:2]), a(images[:2]), atol=1e-6)
+
+
 def test_simclr_needs_negatives_and_objective_names(images):
     with pytest.raises(RuntimeError, match="setup"):
         make(objectives=("simclr",))(images)

@@ -121,3 +121,12 @@ def test_bad_layer_errors(timm_vit):
         per_sample_gradients(timm_vit, "blocks.1.attn.proj", views, lambda e: e.sum())
     with pytest.raises(ValueError, match="attention output projection"):
         default_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_inference_mode_is_a_clear_error(timm_vit):
+    views = _views((1, 1, 3, 32, 32))
+    with torch.no_grad():  # fine: autograd is re-enabled at the layer
+        expected = per_sample_gradients(timm_vit, "blocks.1.attn.proj", views, lambda e: e.sum((1, 2)))
+    assert torch.equal(expected, per_sample_gradients(timm_vit, "blocks.1.attn.proj", views, lambda e: e.sum((1, 2))))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="need autograd.*inference_mode"):
+        per_sample_gradients(timm_vit, "blocks.1.attn.proj", views, lambda e: e.sum((1, 2)))

@@ -1,6 +1,17 @@
+import math
+
+import pytest
 import torch
 
-from fungi.views import dino_views, noise_roll_views, patchify_geometry, patchify_views, resize, word_deletion
+from fungi.views import (
+    dino_views,
+    noise_roll_views,
+    patchify_geometry,
+    patchify_views,
+    resize,
+    sample_generator,
+    word_deletion,
+)
 
 
 def test_patchify_geometry_and_content():
@@ -29,7 +40,36 @@ def test_text_and_audio_views():
     views = word_deletion(text, 12, 0.1, seed=0)
     assert views == word_deletion(text, 12, 0.1, seed=0) and len(views) == 12
     assert all(set(v.split()) <= set(text.split()) for v in views)
-    assert word_deletion("a b c", 3, 1.0, seed=0) == ["a", "a", "a"]  # never empty
+    assert all(len(v.split()) == 1 for v in word_deletion("a b c", 3, 1.0, seed=0))  # never empty
     spec = torch.zeros(2, 20, 4)
     audio = noise_roll_views(spec, 5, seed=0, max_noise=0.1)
     assert audio.shape == (2, 5, 20, 4) and 0 <= audio.min() and audio.max() < 0.1
+
+
+@pytest.mark.parametrize("n, deleted", [(1, 0), (2, 1), (5, 1), (10, 1), (25, 3), (40, 4), (200, 10)])
+def test_word_deletion_count_like_nlpaug(n, deleted):
+    # nlpaug RandomWordAug(action="delete", aug_p=0.1, aug_min=1, aug_max=10): ceil(0.1 n) words, 1..10, keep one
+    words = [f"w{i}" for i in range(n)]
+    views = word_deletion(" ".join(words), 20, 0.1, seed=3)
+    for view in views:
+        kept = view.split()
+        assert len(kept) == n - deleted
+        assert kept == [w for w in words if w in set(kept)]  # order kept, distinct words
+    assert views == word_deletion(" ".join(words), 20, 0.1, seed=3)
+    if deleted:
+        assert views != word_deletion(" ".join(words), 20, 0.1, seed=4)
+
+
+def test_word_deletion_is_uniform_over_words():
+    words = [f"w{i}" for i in range(5)]
+    views = word_deletion(" ".join(words), 2000, 0.1, seed=0)  # one word deleted per view
+    counts = [sum(w not in v.split() for v in views) for w in words]
+    assert all(abs(c - 400) < 4 * math.sqrt(2000 * 0.2 * 0.8) for c in counts)
+
+
+def test_half_precision_samples_hash_as_float32():
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    seed = sample_generator(x, 1).initial_seed()
+    assert seed == sample_generator(x.float(), 1).initial_seed() != sample_generator(x * 2, 1).initial_seed()
+    views = noise_roll_views(x, 2, seed=0)  # (B=3, T=8, F=8) spectrograms in bf16
+    assert views.dtype == torch.bfloat16 and torch.allclose(views.float(), noise_roll_views(x.float(), 2, 0), atol=0.02)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_value(raw: str) -> Any:
+    """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
 
 
 def config_path(name_or_path: str) -> Path:
@@ -78,13 +88,39 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict]:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_value(value)
     return config, nested
 
 
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def print_help(defaults: dict, default_config: str | None) -> None:
+    """Print the usage, the shipped configs and every key with its default (``defaults`` <- ``default_config``)."""
+    cfg = merge(defaults, load_yaml(config_path(default_config))) if default_config else defaults
+    names = sorted(p.name[:-5] for p in (resources.files("fungi") / "configs").iterdir() if p.name.endswith(".yaml"))
+    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default_config or 'none'})")
+    print("shipped configs: " + ", ".join(names))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in _flatten(cfg).items()))
+
+
 def resolve(argv: Sequence[str] | None, defaults: dict, default_config: str | None) -> dict:
-    """Defaults <- YAML config (``--config``, else ``default_config``) <- command-line overrides."""
-    config_name, overrides = parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    """Defaults <- YAML config (``--config``, else ``default_config``) <- command-line overrides.
+
+    ``--help`` / ``-h`` prints the keys with their defaults and exits with status 0.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print_help(defaults, default_config)
+        raise SystemExit(0)
+    config_name, overrides = parse_overrides(argv)
     cfg = copy.deepcopy(defaults)
     name = config_name or default_config
     if name:

@@ -61,12 +61,12 @@ def digits_split(size: int = 32, train_per_class: int | None = None, seed: int =
 
 
 def read_table(path: str | Path) -> list[tuple[str, str]]:
-    """Rows ``input<TAB>label`` of a file list (a header line 'text'/'path' is skipped)."""
+    """Rows ``input<TAB>label`` of a file list (a header line 'text'/'path' is skipped); quotes are plain characters."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file list {path} does not exist (expected lines 'text-or-path<TAB>label')")
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t") if r]
+        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     if rows and rows[0][0].strip().lower() in ("text", "path", "input"):
         rows = rows[1:]
     bad = [i for i, r in enumerate(rows) if len(r) < 2]
@@ -105,16 +105,24 @@ def load_spectrogram(path: str | Path, num_mel_bins: int = 128, max_length: int 
 
 
 def torchvision_dataset(name: str, root: str, split: str):
-    """torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ``DTD``...) without download."""
+    """torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ``DTD``...) without download: ``split=`` is
+    passed to datasets that take it, ``train=(split == 'train')`` to those that take ``train``."""
+    import inspect
+
     import torchvision
 
     if not hasattr(torchvision.datasets, name):
         raise ValueError(f"torchvision has no dataset {name!r}")
     cls = getattr(torchvision.datasets, name)
-    try:
+    params = inspect.signature(cls).parameters
+    if "split" in params:
         return cls(root, split=split)
-    except TypeError:
+    if "train" in params:
         return cls(root, train=split == "train")
+    raise ValueError(
+        f"torchvision dataset {name!r} has no train/test split (it takes neither split= nor train=); write the split "
+        f"as class folders under data.root and use data.kind=imagefolder (data.train_split, data.test_split)"
+    )
 
 
 def build_split(data: dict, split: str):

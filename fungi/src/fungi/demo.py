@@ -106,4 +106,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -69,4 +69,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

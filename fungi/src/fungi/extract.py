@@ -139,4 +139,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

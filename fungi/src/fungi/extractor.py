@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from fungi.gradients import call_model, default_layer, get_linear, per_sample_gradients
 from fungi.models import Backbone, build_backbone
-from fungi.objectives import OBJECTIVES, build_objective
+from fungi.objectives import OBJECTIVES, build_objective, resolved_options
 from fungi.projection import l2_normalize, project, random_projection
 
 FORMAT_VERSION = 1
@@ -93,14 +93,15 @@ class FUNGIExtractor(nn.Module):
 
     # ----------------------------------------------------------------- inputs
     def transform(self, image):
-        """The model's inference transform (resize, center crop, normalise) for one PIL image -> (C, S, S)."""
+        """The model's inference transform (resize, center crop, normalise; see ``Backbone``) for one PIL image ->
+        (C, S, S)."""
         if self._transform is None:
             from torchvision.transforms import v2
 
             b = self.backbone
             self._transform = v2.Compose(
                 [
-                    v2.Resize(b.resize_size, interpolation=v2.InterpolationMode.BICUBIC),
+                    v2.Resize(b.resize_size, interpolation=v2.InterpolationMode(b.interpolation)),
                     v2.CenterCrop(b.input_size),
                     v2.ToImage(),
                     v2.ToDtype(torch.float32, scale=True),
@@ -256,7 +257,9 @@ class FUNGIExtractor(nn.Module):
         tmp.replace(path)
 
     def load(self, path: str | Path) -> FUNGIExtractor:
-        """Restore a state written by ``save``; the layer and objectives must match this extractor."""
+        """Restore a state written by ``save``. The layer, the objectives and their options (defaults filled in) must
+        match this extractor: features computed with other temperatures, views or head sizes would not be comparable
+        with those of the saved state, so a mismatch is a ValueError naming the options. The saved seed is adopted."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -269,6 +272,14 @@ class FUNGIExtractor(nn.Module):
             mine = self.describe()[key]
             if meta.get(key) != mine:
                 raise ValueError(f"{path}: saved {key} {meta.get(key)!r} does not match this extractor's {mine!r}")
+        saved_options = meta.get("objective_options", {})
+        diffs = []
+        for name in self.objective_names:
+            saved = resolved_options(name, saved_options.get(name))
+            mine = resolved_options(name, self.objective_options.get(name))
+            diffs += [f"{name}.{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if diffs:
+            raise ValueError(f"{path}: objective options differ from this extractor's: {'; '.join(diffs)}")
         self.seed = int(meta["seed"])
         self.embed_dim = None
         self.objectives = nn.ModuleDict()

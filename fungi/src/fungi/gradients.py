@@ -114,6 +114,11 @@ def layer_io_gradients(
     ``loss_fn`` maps the model output to a vector of independent losses. Everything before the layer runs without
     autograd. Returns (A (n, ..., I), G (n, ..., O)) exactly as the layer saw them.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "per-sample gradients need autograd, which torch.inference_mode() disables: "
+            "call the extractor outside inference_mode (torch.no_grad() is fine)"
+        )
     linear = get_linear(model, layer)
     store: dict[str, torch.Tensor] = {}
 

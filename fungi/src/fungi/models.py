@@ -6,6 +6,8 @@ modality and the image preprocessing it expects.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,17 +17,26 @@ from torch import nn
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 from funai_common.weights import load_state_dict
 
+log = logging.getLogger(__name__)
+# PIL resample codes used by Hugging Face image processors -> torchvision interpolation names
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
 
 @dataclass
 class Backbone:
-    """An embedding model and what it expects. ``modality`` is 'image', 'text' or 'audio'."""
+    """An embedding model and what it expects. ``modality`` is 'image', 'text' or 'audio'.
+
+    Image inference transform: resize to ``resize_size`` (an int resizes the shorter side, an (h, w) pair resizes to
+    exactly that size) with ``interpolation``, center crop ``input_size``, normalise with ``mean`` and ``std``.
+    """
 
     model: nn.Module
     modality: str = "image"
-    input_size: int = 224
+    input_size: int | tuple[int, int] = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    resize_size: int = 256
+    resize_size: int | tuple[int, int] = 256
+    interpolation: str = "bicubic"
     tokenizer: object | None = None
     extra: dict = field(default_factory=dict)
 
@@ -76,6 +87,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path, keys=("model", "state_dict", "teacher"))
 
 
+def resize_for(size: int | tuple[int, int], crop_pct: float = 0.875) -> int | tuple[int, int]:
+    """Resize size whose center crop ``crop_pct`` is ``size`` (timm's rule: floor(size / crop_pct) per side)."""
+    if isinstance(size, int):
+        return math.floor(size / crop_pct)
+    return tuple(math.floor(s / crop_pct) for s in size)
+
+
+def _square(size) -> int | tuple[int, int]:
+    """An int for square sizes, else (h, w); accepts an int, [s] or (h, w)."""
+    if isinstance(size, int):
+        return size
+    h, w = (int(size[0]), int(size[-1]))
+    return h if h == w else (h, w)
+
+
 def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None, **kwargs) -> Backbone:
     """timm model by name (``num_classes=0`` -> pooled CLS embedding); optional local checkpoint."""
     import timm
@@ -85,25 +111,53 @@ def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None
         missing, _ = model.load_state_dict(load_state_dict_file(checkpoint), strict=False)
         if missing:
             raise ValueError(f"checkpoint {checkpoint} misses {len(missing)} weights of {name}, e.g. {missing[:3]}")
-    cfg = model.pretrained_cfg or {}
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    crop_pct = float(cfg.get("crop_pct", 0.875) or 0.875)
+    cfg = timm.data.resolve_model_data_config(model)
+    # the data config keeps the pretrained input size; an img_size= override only shows on the built model
+    patch_embed = getattr(model, "patch_embed", None)
+    size = _square(getattr(patch_embed, "img_size", None) or cfg["input_size"][1:])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
     return Backbone(
         freeze(model),
         input_size=size,
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-        resize_size=int(round(size / crop_pct)),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        resize_size=resize_for(size, crop_pct),
+        interpolation=cfg.get("interpolation") or "bicubic",
     )
 
 
-def build_torchvision(name: str, pretrained: bool = True, **kwargs) -> Backbone:
-    """torchvision ViT (``vit_b_16``...) with the classification head removed -> CLS embedding."""
+def build_torchvision(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> Backbone:
+    """torchvision ViT (``vit_b_16``...) with the classification head removed -> CLS embedding.
+
+    ``weights``: a weights enum name (default ``DEFAULT`` when ``pretrained``); the inference transform (resize, crop,
+    interpolation, normalisation) is that of those weights. Without weights: resize floor(S / 0.875), bilinear, crop S.
+    """
     import torchvision
 
-    model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    weights = weights or ("DEFAULT" if pretrained else None)
+    weights = torchvision.models.get_model_weights(name).verify(weights) if weights else None
+    model = torchvision.models.get_model(name, weights=weights, **kwargs)
     model.heads = nn.Identity()
-    return Backbone(freeze(model), input_size=model.image_size)
+    return torchvision_backbone(freeze(model), weights)
+
+
+def torchvision_backbone(model: nn.Module, weights=None) -> Backbone:
+    """Backbone for a torchvision ViT with the inference transform of ``weights`` (a weights enum or None)."""
+    size = model.image_size
+    if weights is None:
+        return Backbone(model, input_size=size, resize_size=resize_for(size), interpolation="bilinear")
+    t = weights.transforms()
+    crop = _square(t.crop_size)
+    if crop != size:
+        raise ValueError(f"weights {weights} expect {crop} px inputs but the model is built for {size} px")
+    return Backbone(
+        model,
+        input_size=size,
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        resize_size=_square(t.resize_size),
+        interpolation=t.interpolation.value,
+    )
 
 
 def build_hf(name: str, modality: str | None = None, **kwargs) -> Backbone:
@@ -116,6 +170,33 @@ def build_hf(name: str, modality: str | None = None, **kwargs) -> Backbone:
     return wrap_hf(model, modality, name)
 
 
+def hf_image_transform(processor) -> dict:
+    """Backbone transform fields (input_size, resize_size, mean, std, interpolation) of a Hugging Face image
+    processor: {'shortest_edge': R} + crop -> resize R then crop; {'height', 'width'} without crop -> direct resize."""
+    size = processor.size  # a dict or transformers' SizeDict (both have .get)
+    if size.get("height") and size.get("width"):
+        resize = (int(size["height"]), int(size["width"]))
+    elif size.get("shortest_edge"):
+        resize = int(size["shortest_edge"])
+    else:
+        raise ValueError(f"unsupported image processor size {processor.size!r}: expected height/width or shortest_edge")
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop:
+        crop = _square((crop["height"], crop["width"]))
+    elif isinstance(resize, tuple):
+        crop = _square(resize)
+    else:
+        raise ValueError(f"image processor resizes the shorter side to {resize} without a crop: inputs vary in size")
+    resample = getattr(processor, "resample", 3)
+    return {
+        "input_size": crop,
+        "resize_size": resize,
+        "mean": tuple(float(m) for m in processor.image_mean),
+        "std": tuple(float(s) for s in processor.image_std),
+        "interpolation": PIL_RESAMPLE.get(int(resample), "bicubic"),
+    }
+
+
 def hf_modality(config) -> str:
     """'audio' for AST, 'image' for configs with an image size, else 'text'."""
     if config.model_type == "audio-spectrogram-transformer":
@@ -123,20 +204,31 @@ def hf_modality(config) -> str:
     return "image" if hasattr(config, "image_size") else "text"
 
 
-def wrap_hf(model: nn.Module, modality: str, tokenizer_name: str | None = None) -> Backbone:
-    """Wrap an instantiated transformers model (e.g. built from a small config in tests) as a Backbone."""
+def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbone:
+    """Wrap an instantiated transformers model (e.g. built from a small config in tests) as a Backbone.
+
+    ``name`` (hub id or folder) supplies the tokenizer (text) or the image processor whose resize, crop, mean and std
+    become the inference transform (image); without it images get resize floor(S / 0.875), crop S, ImageNet norm.
+    """
     if modality == "text":
         tokenizer = None
-        if tokenizer_name is not None:
+        if name is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(name)
         return Backbone(freeze(HFTextEmbedder(model)), modality="text", tokenizer=tokenizer)
     if modality == "audio":
         return Backbone(freeze(HFAudioEmbedder(model)), modality="audio")
-    size = model.config.image_size
-    size = size if isinstance(size, int) else size[0]
-    return Backbone(freeze(HFImageEmbedder(model)), input_size=size, resize_size=int(round(size / 0.875)))
+    size = _square(model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[:2])
+    if name is None:
+        return Backbone(freeze(HFImageEmbedder(model)), input_size=size, resize_size=resize_for(size))
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError as err:
+        raise ValueError(f"{name}: no image processor (preprocessor_config.json) to take the transform from") from err
+    return Backbone(freeze(HFImageEmbedder(model)), **hf_image_transform(processor))
 
 
 def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = None, **kwargs) -> Backbone:

@@ -6,8 +6,10 @@ Defaults are the paper scripts' values (spec b.), not the reference library's: K
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,3 +159,14 @@ def build_objective(name: str, embed_dim: int, gen: torch.Generator, **options) 
     if name not in OBJECTIVE_CLASSES:
         raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
     return OBJECTIVE_CLASSES[name](embed_dim, gen, **options)
+
+
+def resolved_options(name: str, options: Mapping | None = None) -> dict:
+    """All constructor options of objective ``name``: its defaults updated with ``options``, tuples as lists (as
+    they come back from JSON), so two settings that build the same objective compare equal."""
+    if name not in OBJECTIVE_CLASSES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+    params = list(inspect.signature(OBJECTIVE_CLASSES[name].__init__).parameters.values())[3:]
+    resolved = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    resolved.update(options or {})
+    return json.loads(json.dumps(resolved))

@@ -5,4 +5,4 @@ from fungi.extract import cli, main
 __all__ = ["cli", "main"]
 
 if __name__ == "__main__":
-    main()
+    cli()

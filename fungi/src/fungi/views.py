@@ -12,8 +12,12 @@ import torch.nn.functional as F
 
 
 def sample_generator(sample: torch.Tensor, seed: int) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the bytes of ``sample`` (same input -> same views in any batch)."""
-    digest = hashlib.blake2b(sample.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    """A CPU generator seeded from ``seed`` and the bytes of ``sample`` (same input -> same views in any batch).
+    Half-precision samples are hashed as their exact float32 values (numpy has no bfloat16)."""
+    sample = sample.detach().cpu()
+    if sample.is_floating_point() and sample.element_size() < 4:
+        sample = sample.float()
+    digest = hashlib.blake2b(sample.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=8).digest()
     gen = torch.Generator()
     gen.manual_seed((int.from_bytes(digest, "little") ^ seed) & ((1 << 63) - 1))
     return gen
@@ -93,16 +97,18 @@ def patchify_views(images: torch.Tensor, num_patches: int = 4, stride_scale: int
     return resize(crops, (height, width)).reshape(batch, n * n, channels, height, width)
 
 
-def word_deletion(text: str, num_views: int, p: float, seed: int) -> list[str]:
-    """``num_views`` copies of ``text`` with each word dropped with probability p (at least one word kept),
-    seeded by the text itself and ``seed`` (as nlpaug's RandomWordAug(action="delete"))."""
+def word_deletion(text: str, num_views: int, p: float, seed: int, max_deleted: int = 10) -> list[str]:
+    """``num_views`` copies of whitespace-split ``text``, each missing k distinct words drawn uniformly, as nlpaug's
+    RandomWordAug(action="delete", aug_p=p, aug_min=1, aug_max=10): k = min(max(1, ceil(p * n)), max_deleted) for
+    n words, further capped at n - 1 so that one word is always kept. Seeded by the text itself and ``seed``."""
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     rng = random.Random(int.from_bytes(digest, "little") ^ seed)
     words = text.split()
+    k = max(0, min(max(1, math.ceil(p * len(words))), max_deleted, len(words) - 1))
     views = []
     for _ in range(num_views):
-        kept = [w for w in words if rng.random() >= p] or words[:1]
-        views.append(" ".join(kept))
+        deleted = set(rng.sample(range(len(words)), k))
+        views.append(" ".join(w for i, w in enumerate(words) if i not in deleted))
     return views
 
 

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from PIL import Image
+
+from fungi import FUNGIExtractor
+from fungi.models import build_backbone, build_torchvision, torchvision_backbone
+
+TINY_VIT = {"patch_size": 16, "depth": 1, "embed_dim": 48, "num_heads": 2}
+
+
+def photo(width=90, height=60):
+    """A non-square RGB image with structure (so resizes and crops show)."""
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def test_timm_transform_uses_built_img_size():
+    import timm
+
+    bb = build_backbone("timm:vit_small_patch16_224.dino", pretrained=False, img_size=64, **TINY_VIT)
+    assert (bb.input_size, bb.resize_size, bb.interpolation) == (64, 71, "bicubic")  # crop_pct 0.9: floor(64 / 0.9)
+    # timm's own eval transform at the overridden size, as an independent reference
+    cfg = timm.data.resolve_data_config({"input_size": (3, 64, 64)}, model=bb.model)
+    reference = timm.data.create_transform(**cfg)(photo())
+    ex = FUNGIExtractor(bb, objectives=("kl",), seed=0)
+    assert torch.allclose(ex.transform(photo()), reference, atol=1e-5)
+    assert ex([photo(), photo(50, 70)]).shape == (2, 96)
+
+
+def test_timm_keeps_model_mean_std_crop():
+    bb = build_backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False, img_size=32, **TINY_VIT)
+    assert bb.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert bb.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    assert (bb.resize_size, bb.interpolation) == (35, "bicubic")  # crop_pct 0.9: floor(32 / 0.9)
+
+
+def tiny_vit_tv(image_size):
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size, patch_size=image_size // 2, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
+
+
+def test_torchvision_transform_from_weights():
+    from torchvision.models import ViT_B_16_Weights, ViT_H_14_Weights
+
+    bb = torchvision_backbone(tiny_vit_tv(518), ViT_H_14_Weights.DEFAULT)  # SWAG E2E weights: resize 518, crop 518
+    assert (bb.input_size, bb.resize_size, bb.interpolation) == (518, 518, "bicubic")
+    bb = torchvision_backbone(tiny_vit_tv(224), ViT_B_16_Weights.DEFAULT)
+    assert (bb.input_size, bb.resize_size, bb.interpolation) == (224, 256, "bilinear")
+    with pytest.raises(ValueError, match="518"):
+        torchvision_backbone(tiny_vit_tv(224), ViT_H_14_Weights.DEFAULT)
+
+
+def test_torchvision_without_weights_scales_resize_with_size():
+    bb = build_torchvision("vit_b_32", pretrained=False, image_size=384)
+    assert (bb.input_size, bb.resize_size) == (384, 438)  # floor(384 / 0.875)
+    x = FUNGIExtractor(bb, objectives=()).transform(Image.new("RGB", (800, 600), (255, 255, 255)))
+    assert x.shape == (3, 384, 384) and (x > 0).all()  # white everywhere: no black padding
+
+
+def save_hf_vit(path, processor):
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    ViTModel(cfg).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def test_hf_image_processor_direct_resize(tmp_path):
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 32, "width": 32})
+    save_hf_vit(tmp_path, processor)
+    bb = build_backbone(f"hf:{tmp_path}")
+    assert (bb.mean, bb.std, bb.input_size, bb.resize_size) == ((0.5,) * 3, (0.5,) * 3, 32, (32, 32))
+    ex = FUNGIExtractor(bb, objectives=("kl",))
+    expected = processor(images=photo(), return_tensors="pt")["pixel_values"][0]  # squashes, no crop
+    assert torch.allclose(ex.transform(photo()), expected, atol=2 / 255 + 1e-6)  # one uint8 level (rounding)
+
+
+def test_hf_image_processor_resize_and_crop(tmp_path):
+    from transformers import BitImageProcessor
+
+    processor = BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    save_hf_vit(tmp_path, processor)
+    bb = build_backbone(f"hf:{tmp_path}")
+    assert (bb.input_size, bb.resize_size, bb.interpolation) == (32, 40, "bicubic")
+    assert bb.mean == pytest.approx(processor.image_mean) and bb.std == pytest.approx(processor.image_std)
+    expected = processor(images=photo(), return_tensors="pt")["pixel_values"][0]
+    diff = (FUNGIExtractor(bb, objectives=()).transform(photo()) - expected).abs()
+    assert diff.max() < 0.016 and diff.mean() < 1e-3  # one uint8 level / CLIP std 0.26 = 0.015
