@@ -104,10 +104,19 @@ def test_count_image_tiles_small_exemplars():
 
 def test_tiling_above_50_protocol():
     ones = lambda x: torch.ones(1, x.shape[-2], x.shape[-1])  # noqa: E731
-    image, rect = torch.zeros(1, 3, 24, 40), torch.tensor([[0, 0, 2, 2]])
+    image = torch.zeros(1, 3, 24, 40)
+    # small exemplar (2x2 px): tiled first as in "original" (the reference's s_cnt rule): 72*120 / 1000, mass 49/1000
+    small = torch.tensor([[0, 0, 2, 2]])
+    count, density = count_image(ones, image, small, "tiling_above_50", window=24, stride=8, density_scaling=1000)
+    assert density.shape == (72, 120) and count == pytest.approx(8.64)
+    # 11x1 px exemplar is not small: untiled 960/1000 = 0.96 <= 50, kept
+    rect = torch.tensor([[0, 0, 10, 0]])
     count, density = count_image(ones, image, rect, "tiling_above_50", window=24, stride=8, density_scaling=1000)
     assert density.shape == (24, 40) and count == pytest.approx(0.96)
-    count, density = count_image(ones, image, rect, "tiling_above_50", window=24, stride=8, density_scaling=10)
-    assert density.shape == (72, 120)
+    # untiled 960/15 = 64 > 50 (mass 11/15 < 1.8): re-counted tiled, 8640/15 normalised by mass 31/15 (rows 0..30)
+    count, density = count_image(ones, image, rect, "tiling_above_50", window=24, stride=8, density_scaling=15)
+    assert density.shape == (72, 120) and count == pytest.approx(8640 / 31)
+    count, density = count_image(ones, image, rect, "original", window=24, stride=8, density_scaling=15)
+    assert density.shape == (24, 40) and count == pytest.approx(64.0)
     with pytest.raises(ValueError, match="protocol"):
         count_image(ones, image, rect, "nope", window=24)

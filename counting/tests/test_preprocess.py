@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,27 @@ def test_bad_step_and_missing_files(tmp_path):
         main(["nope"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["masks", f"image_root={tmp_path / 'none'}"])
+
+
+def test_resume_refuses_shards_made_with_other_settings(image_root, tmp_path):
+    args = common_args(image_root, tmp_path)
+    main(["all", *args])
+    masks, features = tmp_path / "masks", tmp_path / "features"
+    at_masks, at_features = re.escape(str(masks)), re.escape(str(features))
+    stamps = {p: p.stat().st_mtime_ns for p in [*masks.glob("*.safetensors"), *features.glob("*.safetensors")]}
+    main(["all", *args])  # same settings: resumes, nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(ValueError, match=f"{at_masks}.*max_images.*'6 images.*'5 images.*new output folder"):
+        main(["masks", *args, "max_images=5"])
+    with pytest.raises(ValueError, match=f"{at_masks}.*backbone='vit_s_16'.*backbone='vit_b_16'"):
+        main(["masks", *args, "backbone=vit_b_16"])
+    with pytest.raises(ValueError, match=f"{at_masks}.*method='saliency'.*method='files'"):
+        main(["masks", *args, "mask_method=files", f"mask_files={tmp_path}"])
+    with pytest.raises(ValueError, match=f"{at_features}.*max_images.*'6 images.*'4 images"):
+        main(["clusters", *args, "max_images=4"])
+    with pytest.raises(ValueError, match=f"{at_features}.*input_size=32.*input_size=64"):
+        main(["clusters", *args, "input_size=64"])
+    (features / "index.json").unlink()  # a folder from before index.json: the backbone in the shards is checked
+    with pytest.raises(ValueError, match=f"{at_features}.*backbone='vit_s_16'.*backbone='vit_b_16'"):
+        main(["clusters", *args, "backbone=vit_b_16"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -124,14 +124,22 @@ class CARPK(CountingTestSet):
             self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name))
 
 
+def mso_boxes(anno) -> np.ndarray:
+    """(n, 4) float64 boxes of one MSO annotation; an empty MATLAB matrix (None, or its size-2 dims array) -> (0, 4)."""
+    boxes = np.zeros(0) if anno is None else np.asarray(anno, dtype=np.float64)
+    return boxes.reshape(-1, 4) if boxes.size >= 4 else np.zeros((0, 4))
+
+
 def read_mso_index(path: Path) -> list[tuple[str, np.ndarray]]:
-    """(file name, (n, 4) xyxy boxes) per image of MSO's ``imgIdx.mat`` (MATLAB v7.3 = HDF5; needs mat73 or h5py)."""
+    """(file name, (n, 4) xyxy boxes) per image of MSO's ``imgIdx.mat`` (MATLAB v7.3 = HDF5; needs mat73 or h5py).
+
+    Images without objects get (0, 4) boxes.
+    """
     try:
         import mat73
 
         index = mat73.loadmat(str(path))["imgIdx"]
-        names, annos = index["name"], index["anno"]
-        return [(str(n), np.asarray(a, dtype=np.float64).reshape(-1, 4)) for n, a in zip(names, annos)]
+        return [(str(n), mso_boxes(a)) for n, a in zip(index["name"], index["anno"])]
     except ImportError:
         pass
     try:
@@ -141,8 +149,11 @@ def read_mso_index(path: Path) -> list[tuple[str, np.ndarray]]:
     with h5py.File(path, "r") as f:
         group = f["imgIdx"]
         names = ["".join(chr(int(c)) for c in np.asarray(f[ref]).reshape(-1)) for ref in group["name"][:, 0]]
-        annos = [np.asarray(f[ref], dtype=np.float64).T.reshape(-1, 4) for ref in group["anno"][:, 0]]
-    return list(zip(names, annos))
+        annos = [
+            None if f[ref].attrs.get("MATLAB_empty", 0) else np.asarray(f[ref], dtype=np.float64).T
+            for ref in group["anno"][:, 0]
+        ]
+    return [(name, mso_boxes(a)) for name, a in zip(names, annos)]
 
 
 class MSO(CountingTestSet):

@@ -190,4 +190,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -143,4 +143,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -117,12 +117,12 @@ def count_image(
 
     "original": sliding window, 3x3 tiling when an exemplar is under ``tile_min_side`` px in both sides, exemplar
     normalisation. "fixed_images": the image is already window x window, one pass + normalisation.
-    "tiling_above_50": tile (instead of the small-exemplar rule) when the untiled count exceeds 50.
+    "tiling_above_50": as "original", and an untiled image whose count exceeds 50 is re-counted tiled.
     The returned map is (H, W), or (3H, 3W) when tiled.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    if protocol == "original" and needs_tiling(rects, tile_min_side):
+    if protocol in ("original", "tiling_above_50") and needs_tiling(rects, tile_min_side):
         density = tiled_density(density_fn, image, window, stride)
         return exemplar_normalised_count(density, rects, 3, norm_threshold, density_scaling), density
     density = sliding_window(density_fn, image, window, stride)

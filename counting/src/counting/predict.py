@@ -80,4 +80,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -6,7 +6,8 @@ upsampled, thresholded so that the kept region holds ``saliency_mass`` of the at
 rule), largest connected component. The built-in saliency is a substitute for SelfMask, not a reproduction.
 clusters: CLS features of every pool image (224 x 224, ImageNet normalisation) and k-means (faiss if installed,
 else scikit-learn's KMeans(random_state=seed, n_init="auto") as the reference).
-Both steps write shards and skip the ones already on disk, so an interrupted run continues where it stopped.
+Both steps write shards and skip the ones already on disk, so an interrupted run continues where it stopped; the
+settings recorded in the output folder (``index.json``) must then match the current ones (ValueError otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
@@ -124,6 +126,31 @@ def load_backbone(cfg: dict) -> FrozenViT:
     ).to(device_of(cfg))
 
 
+def model_settings(cfg: dict) -> dict:
+    """The settings that determine a backbone's outputs (paths such as ``checkpoint_path`` are not compared)."""
+    return {k: cfg[k] for k in ("backbone", "pretrained", "backbone_kwargs", "input_size")}
+
+
+def check_resume(folder: Path, settings: dict, shards: list[Path]) -> None:
+    """Raise ValueError if ``folder``'s shards were made with other settings than ``settings``; then record these.
+
+    Settings missing from the recorded ``index.json`` (older runs) are not compared.
+    """
+    index_file, settings = folder / "index.json", json.loads(json.dumps(settings))
+    recorded = json.loads(index_file.read_text()) if shards and index_file.is_file() else {}
+    for key, now in settings.items():
+        if key in recorded and recorded[key] != now:
+            was = recorded[key]
+            if key == "images":
+                key = "images (image_root or max_images)"
+                was, now = (f"{len(v)} images: {v[0] if v else ''}, ..." for v in (was, now))
+            raise ValueError(
+                f"{folder} holds shards made with {key}={was!r} but this run has {key}={now!r}; "
+                "use a new output folder or delete it to recompute"
+            )
+    index_file.write_text(json.dumps(settings))
+
+
 def run_masks(cfg: dict) -> Path:
     """Write ``index.json`` and ``masks_<start>_<stop>.safetensors`` shards (uint8 (n, s, s)) to ``masks_dir``."""
     paths, out = pool_paths(cfg), Path(cfg["masks_dir"])
@@ -136,8 +163,9 @@ def run_masks(cfg: dict) -> Path:
         "method": cfg["mask_method"],
         "backbone": cfg["backbone"] if cfg["mask_method"] == "saliency" else None,
         "saliency_mass": cfg["saliency_mass"] if cfg["mask_method"] == "saliency" else None,
+        "model": model_settings(cfg) if cfg["mask_method"] == "saliency" else None,
     }
-    (out / "index.json").write_text(json.dumps(index))
+    check_resume(out, index, list(out.glob("masks_*.safetensors")))
     backbone = load_backbone(cfg) if cfg["mask_method"] == "saliency" else None
     cache: dict = {}
     for start, stop in tqdm(shard_ranges(len(paths), cfg["shard_size"]), desc="mask shards"):
@@ -199,6 +227,17 @@ def run_clusters(cfg: dict) -> Path:
     """CLS feature shards in ``features``, then k-means into ``num_clusters``; writes the ``clusters`` file."""
     paths, feat_dir = pool_paths(cfg), Path(cfg["features"])
     feat_dir.mkdir(parents=True, exist_ok=True)
+    shards = list(feat_dir.glob("features_*.safetensors"))
+    for shard in shards:  # the backbone is also in each shard (the only record of runs without index.json)
+        with safe_open(str(shard), "pt") as f:
+            if (made_with := (f.metadata() or {}).get("backbone")) != cfg["backbone"]:
+                raise ValueError(
+                    f"{feat_dir} holds shards made with backbone={made_with!r} but this run has "
+                    f"backbone={cfg['backbone']!r}; use a new output folder or delete it to recompute"
+                )
+    root = Path(cfg["image_root"])
+    images = [str(p.relative_to(root)) for p in paths]
+    check_resume(feat_dir, {"images": images, "shard_size": cfg["shard_size"], **model_settings(cfg)}, shards)
     backbone = None
     shards = []
     for start, stop in tqdm(shard_ranges(len(paths), cfg["shard_size"]), desc="feature shards"):
@@ -257,4 +296,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

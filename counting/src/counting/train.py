@@ -179,4 +179,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,0 +1,66 @@
+import sys
+import types
+
+import numpy as np
+
+from counting.data import MSO, mso_boxes
+
+BOXES = np.array([[1.0, 2, 30, 40], [5, 6, 7, 8]])
+
+
+def fake_mat73(annos):
+    return types.SimpleNamespace(loadmat=lambda path: {"imgIdx": {"name": ["a.jpg", "b.jpg"], "anno": annos}})
+
+
+def test_mso_boxes_of_empty_matlab_matrices():
+    assert mso_boxes(None).shape == (0, 4)  # mat73 >= 0.59
+    assert mso_boxes(np.array([0.0, 0.0])).shape == (0, 4)  # older mat73: the dims array
+    assert mso_boxes(np.array([1.0, 2, 3, 4])).tolist() == [[1, 2, 3, 4]]
+
+
+def test_mso_skips_images_without_objects_mat73(tmp_path, monkeypatch):
+    (tmp_path / "imgIdx.mat").touch()
+    for empty in (None, np.array([0.0, 0.0])):
+        monkeypatch.setitem(sys.modules, "mat73", fake_mat73([BOXES, empty]))
+        items = MSO(tmp_path).items
+        assert [(p.name, c) for p, _, c, _ in items] == [("a.jpg", 2.0)]
+        assert np.array_equal(items[0][1], BOXES)
+
+
+class Dataset:
+    def __init__(self, data, **attrs):
+        self.data, self.attrs = np.asarray(data), attrs
+
+    def __array__(self, dtype=None, copy=None):
+        return self.data.astype(dtype) if dtype else self.data
+
+
+class File(dict):
+    """h5py.File stand-in with the layout MATLAB v7.3 writes: cells of references, column-major data."""
+
+    def __init__(self, path, mode):
+        chars = lambda s: Dataset(np.array([[ord(c)] for c in s], dtype=np.uint16))  # noqa: E731
+        refs = np.array([["n0"], ["n1"]], dtype=object), np.array([["a0"], ["a1"]], dtype=object)
+        super().__init__(
+            imgIdx={"name": refs[0], "anno": refs[1]},
+            n0=chars("a.jpg"),
+            n1=chars("b.jpg"),
+            a0=Dataset(BOXES.T),  # a 2x4 MATLAB matrix is stored transposed
+            a1=Dataset(np.array([0, 0], dtype=np.uint64), MATLAB_class="double", MATLAB_empty=1),
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_mso_skips_images_without_objects_h5py(tmp_path, monkeypatch):
+    (tmp_path / "imgIdx.mat").touch()
+    modules = sys.modules
+    monkeypatch.setitem(modules, "mat73", None)  # import fails: the h5py path is taken
+    monkeypatch.setitem(modules, "h5py", types.SimpleNamespace(File=File))
+    items = MSO(tmp_path).items
+    assert [(p.name, c) for p, _, c, _ in items] == [("a.jpg", 2.0)]
+    assert np.array_equal(items[0][1], BOXES)
