@@ -1,17 +1,32 @@
 import torch
 
-from pin.prompts import IGNORE_INDEX, build_labels, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
+from pin.prompts import (
+    IGNORE_INDEX,
+    build_labels,
+    end_text,
+    eval_prompt,
+    loss_free_prefix,
+    masked_lm_loss,
+    training_text,
+)
 
 
 def test_templates():
     assert eval_prompt("dog") == "In the image is a dog located at"
     assert eval_prompt("apple") == "In the image is an apple located at"
-    assert training_text("dog", "[28,42,84,112]", "<|endofchunk|>", True) == (
-        "In the image is a dog located at [28,42,84,112] .<|endofchunk|>"
-    )
-    assert training_text("dog", "[0,0,14,14]", "</s>", False) == "In the image is a dog located at [0,0,14,14].</s>"
     assert loss_free_prefix("owl", True) == "In the image is an"
     assert loss_free_prefix("owl", False) == "In the image is an owl located at"
+
+
+def test_training_texts_of_both_vlms_and_phases():
+    # reference text_constructor: end text ".<|endofchunk|>" (OF) or "</s>" (BLIP-2), a space before it only while
+    # the name is reconstructed; so BLIP-2 texts carry no period (spec b, "Text, loss, training")
+    box = "[28,42,84,112]"
+    of, blip2 = end_text("openflamingo", "<|endofchunk|>"), end_text("blip2", "</s>")
+    assert training_text("dog", box, of, True) == "In the image is a dog located at [28,42,84,112] .<|endofchunk|>"
+    assert training_text("dog", box, of, False) == "In the image is a dog located at [28,42,84,112].<|endofchunk|>"
+    assert training_text("dog", box, blip2, True) == "In the image is a dog located at [28,42,84,112] </s>"
+    assert training_text("dog", box, blip2, False) == "In the image is a dog located at [28,42,84,112]</s>"
 
 
 def test_labels_on_hand_made_ids():
@@ -44,9 +59,10 @@ def test_loss_mask_on_the_real_tokenisation(tiny_blip2, codec):
     ids, mask, targets = training_batch(vlm, codec, ["circle", "square"], [[2, 3, 5, 7], [0, 0, 15, 15]], True)
     tok = vlm.tokenizer
     supervised = tok.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX])
-    assert supervised == " circle located at [28,42,84,112] .</s>"
+    assert supervised == " circle located at [28,42,84,112] </s>"
     ids, mask, targets = training_batch(vlm, codec, ["circle"], [[2, 3, 5, 7]], False)
-    assert tok.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX]) == " [28,42,84,112].</s>"
+    assert tok.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX]) == " [28,42,84,112]</s>"
+    assert tok.unk_token_id not in ids.flatten().tolist()
     # the sequence starts with the media placeholders then BOS
     q = vlm.num_image_tokens
     assert ids[0, :q].tolist() == [vlm.image_token_id] * q and ids[0, q].item() == tok.bos_token_id

@@ -56,6 +56,25 @@ def test_pool_from_folder_json_and_split(tmp_path):
         ObjectPool.from_folder(tmp_path / "missing")
 
 
+def test_pool_json_with_the_authors_absolute_paths(tmp_path):
+    root = tmp_path / "objects"
+    (root / "images" / "yak").mkdir(parents=True)
+    _cutout(root / "images" / "yak" / "0.png", (0, 200, 0))
+    _cutout(root / "own.png", (0, 0, 200))
+    # the released list: paths of the authors' machine, re-rooted after the last "images" component
+    authors = "/home/author/images/xpaste/images/yak/0.png"
+    data = {"yak": [authors, str(root / "own.png"), "own.png"]}
+    (root / "LVIS_instance_pools.json").write_text(json.dumps(data))
+    pool = ObjectPool.from_json(root / "LVIS_instance_pools.json")
+    assert [p for _, p in pool.instances] == [root / "images" / "yak" / "0.png", root / "own.png", root / "own.png"]
+    assert pool.load(0).shape == (10, 20, 4)
+    # a missing cut-out fails when the pool is built, naming the first missing file
+    data["yak"] += ["/elsewhere/images/yak/9.png", "/elsewhere/images/yak/8.png"]
+    (root / "LVIS_instance_pools.json").write_text(json.dumps(data))
+    with pytest.raises(FileNotFoundError, match=r"cut-out .*objects/images/yak/9\.png not found"):
+        ObjectPool.from_json(root / "LVIS_instance_pools.json")
+
+
 def test_held_out_classes_cover_coco_and_pvoc():
     assert {"person", "dining table", "tv", "aeroplane", "tvmonitor", "television set"} <= set(HELD_OUT_CLASSES)
     assert "wok" not in HELD_OUT_CLASSES

@@ -64,3 +64,63 @@ def test_default_config_is_the_paper_recipe():
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         train_mod.main(["--config", "tiny", f"out_dir={tmp_path}", "--resume", "latest"])
+
+
+class _ScaledAccelerator(train_mod.Accelerator):
+    """CPU stand-in for an fp16 run: accelerate's loss scaling with a torch GradScaler (growth after 3 good steps)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=3)
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(train_mod, "Accelerator", _ScaledAccelerator)
+    base = ["--config", "tiny", f"out_dir={tmp_path}"]
+    straight = train_mod.main(base + ["name=a"])
+    train_mod.main(base + ["name=b", "train.max_steps=2"])
+    resumed = train_mod.main(base + ["name=b", "--resume", "latest"])
+    assert straight["losses"][2:] == pytest.approx(resumed["losses"], abs=1e-6)
+
+    def scaler(run, step):
+        with open(tmp_path / run / "checkpoints" / f"step_{step:07d}" / "state.json") as f:
+            s = json.load(f)["scaler"]
+        return s["scale"], s["_growth_tracker"]
+
+    # finite grads every step: tracker 1, 2, then at 3 the scale doubles and the tracker resets, 1 after step 4
+    assert scaler("b", 2) == (16.0, 2)
+    assert scaler("a", 4) == scaler("b", 4) == (32.0, 1)  # a fresh scaler on resume would end at (16.0, 2)
+
+
+def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    from pin.checkpoint import load_scaler, load_state, save_checkpoint
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=5)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p])
+    for _ in range(2):
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    cfg, _ = load_config(["--config", "tiny"])
+    path = save_checkpoint(tmp_path, 2, {"w": p.detach().clone()}, opt, {"step": 2}, cfg, scaler)
+    state, _ = load_state(path)
+    fresh = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=5)
+    load_scaler(fresh, state["scaler"])
+    assert (fresh.get_scale(), fresh.state_dict()["_growth_tracker"]) == (8.0, 2)
+    load_scaler(None, state["scaler"])  # bf16 / fp32 resume: nothing to restore
+    assert save_checkpoint(tmp_path, 3, {"w": p.detach()}, opt, {"step": 3}, cfg).joinpath("state.json").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_keys_and_exits_0(flag, capsys):
+    from pin import localise
+
+    for main in (train_mod.main, localise.main):
+        with pytest.raises(SystemExit) as exc:
+            main([flag])
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "optim.lr = " in out and 'IMAGE "object name"' in out and "checkpoint=..." in out

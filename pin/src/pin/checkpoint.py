@@ -1,4 +1,5 @@
-"""Checkpoints without pickle: trainable tensors and optimiser tensors in safetensors, the rest in JSON.
+"""Checkpoints without pickle: trainable tensors and optimiser tensors in safetensors, the rest in JSON (including
+the fp16 gradient scaler's scale and growth tracker).
 
 Layout: <run>/checkpoints/step_0000123/{weights.safetensors, optimizer.safetensors, state.json, config.yaml};
 written to a temporary folder and renamed when complete.
@@ -66,8 +67,22 @@ def load_optimizer(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[s
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: dict, cfg: dict) -> Path:
-    """Write checkpoints/step_XXXXXXX atomically; `state` is JSON-serialisable (epoch, step, ...)."""
+def scaler_state(scaler) -> dict:
+    """JSON state of a torch GradScaler (scale, growth tracker, factors); {} without one (no fp16)."""
+    if scaler is None:
+        return {}
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
+
+
+def load_scaler(scaler, state: dict) -> None:
+    """Restore a GradScaler from `scaler_state` output; a checkpoint without one leaves the scaler as built."""
+    if scaler is not None and state:
+        scaler.load_state_dict(state)
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: dict, cfg: dict, scaler=None) -> Path:
+    """Write checkpoints/step_XXXXXXX atomically; `state` is JSON-serialisable (epoch, step, ...); `scaler` the
+    GradScaler of fp16 runs (or None)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -80,7 +95,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: d
     save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
     clean_cfg = {k: v for k, v in cfg.items() if k != "_cli"}
     with open(tmp / "state.json", "w") as f:
-        json.dump({**state, "rng": rng_meta, "optimizer": opt_meta, "config": clean_cfg}, f)
+        meta = {**state, "rng": rng_meta, "optimizer": opt_meta, "scaler": scaler_state(scaler), "config": clean_cfg}
+        json.dump(meta, f)
     dump_config(cfg, tmp / "config.yaml")
     if final.exists():
         shutil.rmtree(final)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_value(raw: str) -> Any:
+    """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+
 
 DEFAULT_CONFIG = "blip2.yaml"
 
@@ -80,16 +90,40 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return positional, pairs
 
 
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def print_help(default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage_args: str = "") -> None:
+    """Print the usage, the shipped configs, the CLI-only `flags` and every key of config `default` with its value."""
+    cfg = load_yaml(config_path(default))
+    names = sorted(p.name[:-5] for p in (resources.files("pin") / "configs").iterdir() if p.name.endswith(".yaml"))
+    args = f"{usage_args} " if usage_args else ""
+    print(f"usage: {args}[--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print("shipped configs: " + ", ".join(names))
+    if flags:
+        print("options: " + ", ".join(f"{f}=..." for f in flags))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
+
+
 def load_config(
-    argv: list[str] | None, default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = ()
+    argv: list[str] | None, default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage_args: str = ""
 ) -> tuple[dict, list]:
     """Defaults from the YAML chosen by `--config` (or `config=`), then overrides. Returns (config, positionals).
 
     `argv=None` reads sys.argv[1:] (console scripts).
 
     `flags` are CLI-only switches (e.g. `quick`, `resume`) kept in `cfg["_cli"]` instead of the config tree.
+    `--help` / `-h` prints the keys with their defaults (`usage_args` names the positional arguments in the usage
+    line) and exits with status 0.
     """
-    positional, pairs = split_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print_help(default, flags, usage_args)
+        raise SystemExit(0)
+    positional, pairs = split_argv(argv)
     chosen = default
     for key, value in pairs:
         if key == "config":
@@ -99,7 +133,7 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             continue
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = parse_value(value) if value != "" else ""
         if key in flags:
             cli[key] = parsed
         else:

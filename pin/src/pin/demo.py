@@ -208,4 +208,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

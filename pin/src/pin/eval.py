@@ -81,7 +81,7 @@ def kshot_context(cfg: dict, codec: GridCodec, k: int) -> str:
     parts = []
     for i in range(k):
         comp = ds.composer.compose(i, 0, fixed=False)
-        parts.append(training_text(comp.phrase, codec.encode(comp.boxes[comp.target]), "", False))
+        parts.append(training_text(comp.phrase, codec.encode(comp.boxes[comp.target]), ".", False))
     return " ".join(parts) + " "
 
 
@@ -194,4 +194,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -18,7 +18,7 @@ from .pipeline import codec_from_cfg, predict_boxes, vlm_from_cfg
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    cfg, positional = load_config(argv, flags=("checkpoint", "out"))
+    cfg, positional = load_config(argv, flags=("checkpoint", "out"), usage_args='IMAGE "object name"')
     if len(positional) != 2:
         raise SystemExit('usage: pin-localise IMAGE "object name" checkpoint=PATH [out=PNG] [--config NAME]')
     image_path, name = positional
@@ -57,4 +57,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

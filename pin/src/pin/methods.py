@@ -57,14 +57,23 @@ class Method:
             self._attach_lora(cfg.get("lora", {}))
 
     def _attach_vpt(self, c: dict) -> None:
-        if self.vlm.kind != "blip2":
-            raise ValueError("VPT changes the number of vision tokens; supported for BLIP-2 (Q-Former fusion) only")
+        if self.vlm.kind not in ("blip2", "openflamingo"):
+            raise ValueError(
+                "VPT changes the number of vision tokens; supported for BLIP-2 (Q-Former) and OpenFlamingo "
+                f"(Perceiver) only, not {self.vlm.kind!r}"
+            )
         vision = self.vlm.vision_encoder()
-        vcfg = self.vlm.model.config.vision_config
-        self.module = VisualPromptTokens(
-            c.get("num_tokens", 20), vcfg.hidden_size, vcfg.patch_size, c.get("dropout", 0.1)
-        )
-        self._handles.append(vision.embeddings.register_forward_hook(lambda _m, _a, out: self.module.insert(out)))
+        if self.vlm.kind == "blip2":
+            vcfg = self.vlm.model.config.vision_config
+            site, width, patch = vision.embeddings, vcfg.hidden_size, vcfg.patch_size
+        else:
+            if not hasattr(vision, "ln_pre"):
+                raise ValueError("VPT on OpenFlamingo needs open_clip's VisionTransformer (conv1, ln_pre) as encoder")
+            # open_clip ViT: [CLS, patches] leave ln_pre batch-first; the Perceiver takes any token count
+            site, width, patch = vision.ln_pre, vision.conv1.out_channels, vision.conv1.kernel_size[0]
+            self.vlm.set_vision_grad(True)
+        self.module = VisualPromptTokens(c.get("num_tokens", 20), width, patch, c.get("dropout", 0.1))
+        self._handles.append(site.register_forward_hook(lambda _m, _a, out: self.module.insert(out)))
 
     def _attach_lora(self, c: dict) -> None:
         try:
@@ -80,6 +89,8 @@ class Method:
         )
         vision = self.vlm.vision_encoder()
         inject_adapter_in_model(config, vision)
+        if self.vlm.kind == "openflamingo":
+            self.vlm.set_vision_grad(True)
         for name, p in vision.named_parameters():
             p.requires_grad_("lora_" in name)
         self.module = nn.ModuleDict({"vision": vision})
@@ -121,9 +132,15 @@ class Method:
 
 
 def _lora_targets(vlm: FrozenVLM) -> tuple[str, ...]:
-    """Attention and MLP projections of the vision tower (reference: c_fc/qkv/c_proj/proj of OF's ViT)."""
+    """Attention and MLP projections of the vision tower.
+
+    OpenFlamingo: the reference swaps open_clip's nn.MultiheadAttention for a qkv/proj module and targets
+    c_fc/qkv/c_proj/proj; here peft wraps the nn.MultiheadAttention `attn` itself (adapters on in_proj and out_proj,
+    the same shapes as qkv and proj). Targeting `out_proj` alone would do nothing: the attention reads its weight
+    directly instead of calling the module.
+    """
     if vlm.kind == "blip2":
         return ("qkv", "projection", "fc1", "fc2")
     if vlm.kind == "openflamingo":
-        return ("c_fc", "qkv", "c_proj", "proj")
+        return ("attn", "c_fc", "c_proj")
     return ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

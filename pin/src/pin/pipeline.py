@@ -9,14 +9,28 @@ import torch.nn.functional as F
 
 from .boxes import GridCodec
 from .layout import LayoutSampler
-from .prompts import build_labels, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
+from .prompts import build_labels, end_text, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
 from .synthetic import Backgrounds, Composer, ObjectPool, SyntheticCompositions, procedural_pool
 from .vlm import FrozenVLM
 from .zoo import build_vlm
 
 
+def check_image_size(cfg: dict, model_size: int | None) -> None:
+    """Compositions, eval frames and size bins live at codec.image_size, which must be the VLM's input size
+    (the reference has one image_size for both); `model_size` None (the checkpoint default, not known yet) passes."""
+    codec_size = cfg["codec"]["image_size"]
+    if model_size is not None and int(model_size) != int(codec_size):
+        raise ValueError(
+            f"codec.image_size={codec_size} differs from model.image_size={model_size}: synthetic images would be "
+            f"composed at {codec_size} px and resized; set codec.image_size={model_size} (or model.image_size="
+            f"{codec_size})"
+        )
+
+
 def codec_from_cfg(cfg: dict) -> GridCodec:
+    """The box codec; raises ValueError when codec.image_size != model.image_size."""
     c = cfg["codec"]
+    check_image_size(cfg, cfg.get("model", {}).get("image_size"))
     return GridCodec(c["grid"], c["max_value"], c["image_size"])
 
 
@@ -48,8 +62,9 @@ def class_names(cfg: dict) -> list[str]:
 
 
 def vlm_from_cfg(cfg: dict) -> FrozenVLM:
+    """The frozen VLM of model.*; its input size (model.image_size or the checkpoint's) must be codec.image_size."""
     m = cfg["model"]
-    return build_vlm(
+    vlm = build_vlm(
         m["name"],
         m.get("kind", "blip2"),
         class_names(cfg),
@@ -59,6 +74,8 @@ def vlm_from_cfg(cfg: dict) -> FrozenVLM:
         image_size=m.get("image_size"),
         tiny_options=m.get("tiny"),
     )
+    check_image_size(cfg, vlm.image_size)
+    return vlm
 
 
 def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: int | None = None):
@@ -91,7 +108,8 @@ def pixel_values(vlm: FrozenVLM, images: torch.Tensor) -> torch.Tensor:
 
 def training_batch(vlm: FrozenVLM, codec: GridCodec, phrases: Sequence[str], cells, reconstruct: bool):
     """(input_ids, attention_mask, targets) of the training sentences, right-padded."""
-    texts = [training_text(p, codec.encode(c), vlm.end_token, reconstruct) for p, c in zip(phrases, cells)]
+    end = end_text(vlm.kind, vlm.end_token)
+    texts = [training_text(p, codec.encode(c), end, reconstruct) for p, c in zip(phrases, cells)]
     ids, mask = vlm.batch(texts, padding_side="right")
     prefix = [vlm.prefix_length(loss_free_prefix(p, reconstruct)) for p in phrases]
     targets = build_labels(ids, prefix, vlm.pad_token_id, vlm.image_token_id, mask)

@@ -1,9 +1,11 @@
 """Prompts, training texts and the label masking of the reference.
 
-Training text: "{media}In the image is {a|an} {name} located at [x1,y1,x2,y2] .{end}" in the first phase (name,
-"located at" and box supervised; note the reference's space before ".") and "...[x1,y1,x2,y2].{end}" after the
-switch (box only). The loss-free prefix is "{media}In the image is {a|an}" (reconstruct) or the whole prompt up to
-"located at" (box only). Labels: pads, media tokens and the prefix are -100, then the usual causal shift by one.
+Training text: "{media}In the image is {a|an} {name} located at [x1,y1,x2,y2] {end}" in the first phase (name,
+"located at" and box supervised; note the reference's space before the end text) and "...[x1,y1,x2,y2]{end}" after
+the switch (box only). The end text is ".<|endofchunk|>" for OpenFlamingo and the bare end token ("</s>") for the
+others, so BLIP-2 texts carry no period (reference text_constructor). The loss-free prefix is
+"{media}In the image is {a|an}" (reconstruct) or the whole prompt up to "located at" (box only). Labels: pads, media
+tokens and the prefix are -100, then the usual causal shift by one.
 The end token ("<|endofchunk|>" for OpenFlamingo, "</s>" for OPT) stays supervised: the reference meant to mask
 it but compared ids to a string, so it is in fact trained -- kept here on purpose.
 """
@@ -26,10 +28,16 @@ def eval_prompt(name: str) -> str:
     return f"{PROMPT_HEAD} {article(name)} {name} located at"
 
 
-def training_text(name: str, box_text: str, end_token: str, reconstruct: bool) -> str:
-    """Full training sentence for one object; `reconstruct` keeps the reference's " ." quirk of the first phase."""
-    stop = " ." if reconstruct else "."
-    return f"{eval_prompt(name)} {box_text}{stop}{end_token}"
+def end_text(kind: str, end_token: str) -> str:
+    """What follows the box in a training text: "." + end token for OpenFlamingo, the bare end token otherwise."""
+    return f".{end_token}" if kind == "openflamingo" else end_token
+
+
+def training_text(name: str, box_text: str, end: str, reconstruct: bool) -> str:
+    """Full training sentence for one object; `end` from `end_text`. `reconstruct` keeps the reference's space
+    before the end text in the first phase ("[..] .<|endofchunk|>", "[..] </s>")."""
+    sep = " " if reconstruct else ""
+    return f"{eval_prompt(name)} {box_text}{sep}{end}"
 
 
 def loss_free_prefix(name: str, reconstruct: bool) -> str:

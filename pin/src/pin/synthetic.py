@@ -76,14 +76,23 @@ class ObjectPool:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ObjectPool:
-        """X-Paste/LVIS list {lvis_name: [png paths]}; relative paths are taken from the json's folder."""
+        """X-Paste/LVIS list {lvis_name: [png paths]}; relative paths are taken from the json's folder, and absolute
+        ones that do not exist (the authors' machine) are re-rooted by `resolve_pool_path`. Every file is checked
+        here, so a missing cut-out fails at start rather than in a data-loader worker."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"object list {path} not found; expected LVIS_instance_pools.json")
         with open(path) as f:
             data = json.load(f)
-        items = [(normalise_name(n), path.parent / p) for n, paths in data.items() for p in paths]
-        return cls(_drop_excluded(items))
+        items = [(normalise_name(n), resolve_pool_path(p, path.parent)) for n, paths in data.items() for p in paths]
+        items = _drop_excluded(items)
+        for _, file in items:
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"object list {path}: cut-out {file} not found (paths are relative to the list's folder; "
+                    f"absolute ones are looked up under {path.parent / 'images'} after their last 'images/')"
+                )
+        return cls(items)
 
     def split(
         self, held_out: Sequence[str] = HELD_OUT_CLASSES, val_size: int = 0, seed: int = 10
@@ -97,6 +106,18 @@ class ObjectPool:
         rest = [rest[i] for i in order]
         cut = len(rest) - val_size
         return ObjectPool(rest[:cut]), ObjectPool(rest[cut:]), ObjectPool(zero)
+
+
+def resolve_pool_path(entry: str, root: Path) -> Path:
+    """A path of the object list: relative -> root/entry; absolute and missing -> root/images/<part after the last
+    "images" component> (the released list holds the authors' absolute paths); otherwise unchanged."""
+    p = Path(entry)
+    if not p.is_absolute():
+        return root / p
+    if p.exists() or "images" not in p.parts:
+        return p
+    last = len(p.parts) - 1 - p.parts[::-1].index("images")
+    return root.joinpath("images", *p.parts[last + 1 :])
 
 
 def _drop_excluded(items):

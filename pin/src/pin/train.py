@@ -14,7 +14,15 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from .checkpoint import find_checkpoint, load_optimizer, load_state, load_weights, save_checkpoint, set_rng_state
+from .checkpoint import (
+    find_checkpoint,
+    load_optimizer,
+    load_scaler,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import dump_config, load_config
 from .methods import Method
 from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
@@ -75,13 +83,16 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()})
         load_optimizer(optimizer, state["optimizer"], {k: v for k, v in tensors.items() if not k.startswith("rng.")})
         set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
+        load_scaler(accelerator.scaler, state.get("scaler", {}))
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
 
     def checkpoint(epoch: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            path = save_checkpoint(run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg)
+            path = save_checkpoint(
+                run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg, accelerator.scaler
+            )
             log.info("saved %s", path)
 
     losses: list[float] = []
@@ -154,4 +165,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

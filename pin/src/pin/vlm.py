@@ -78,19 +78,8 @@ class FrozenVLM:
         """
         self.detach()
         module, mode = self.vision_site()
-        grad_state: list[bool] = []
-        encoder = self.vision_encoder()
-
-        def start_no_grad(_module, _args):
-            grad_state.append(torch.is_grad_enabled())
-            torch.set_grad_enabled(False)
-
-        def end_no_grad(_module, _args, _output):
-            torch.set_grad_enabled(grad_state.pop())
-
         if no_grad_vision:
-            self.handles.append(encoder.register_forward_pre_hook(start_no_grad))
-            self.handles.append(encoder.register_forward_hook(end_no_grad))
+            self.set_vision_grad(False)
         if mode == "output":
 
             def add_to_output(_module, _args, output):
@@ -106,6 +95,22 @@ class FrozenVLM:
                 return (insert.add_to(args[0]),) + tuple(args[1:])
 
             self.handles.append(module.register_forward_pre_hook(add_to_input))
+
+    def set_vision_grad(self, enabled: bool) -> None:
+        """Run the vision tower with autograd on or off, whatever the caller's mode (OpenFlamingo calls it under
+        no_grad, so VPT / LoRA there need it switched on); removed by `detach`."""
+        encoder = self.vision_encoder()
+        grad_state: list[bool] = []
+
+        def start(_module, _args):
+            grad_state.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(enabled)
+
+        def end(_module, _args, _output):
+            torch.set_grad_enabled(grad_state.pop())
+
+        self.handles.append(encoder.register_forward_pre_hook(start))
+        self.handles.append(encoder.register_forward_hook(end))
 
     def detach(self) -> None:
         """Remove every hook this wrapper installed."""

@@ -35,10 +35,12 @@ def word_tokenizer(names: Iterable[str], codec: GridCodec, extra_words: Sequence
     for name in list(names) + list(extra_words):
         corpus.append(eval_prompt(name))
         for reconstruct in (True, False):
-            corpus.append(training_text(name, codec.encode([0, 0, 1, 1]), "", reconstruct))
+            corpus.append(training_text(name, codec.encode([0, 0, 1, 1]), ".", reconstruct))
     corpus += [" [" + ",".join(codec.vocabulary) + "]", " ." + " ".join(codec.vocabulary)]
-    corpus += [training_text("x", codec.encode(c), "", r) for c in all_cells for r in (True, False)]
+    corpus += [training_text("x", codec.encode(c), ".", r) for c in all_cells for r in (True, False)]
     corpus += [" " + w for w in extra_words] + ["." + v for v in codec.vocabulary]
+    # texts ending in a bare end token (BLIP-2, no period); appended last so that earlier ids stay put
+    corpus += [training_text("x", codec.encode(c), "", r) for c in all_cells for r in (True, False)]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for text in corpus:
         for piece, _ in pre.pre_tokenize_str(text):
