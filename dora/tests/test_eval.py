@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dora import eval as dora_eval
 from dora.config import load_config
-from dora.davis import boundary_f, evaluate_davis, jaccard, label_propagation
+from dora.davis import boundary_f, evaluate_davis, jaccard, label_propagation, labels_to_mask
 from dora.models import build_network
 from dora.synthetic import labelled_objects
 
@@ -41,6 +41,14 @@ def test_label_propagation_follows_features():
     first = F.one_hot(torch.tensor([1, 0, 0, 0]), 2).float()
     out = label_propagation(feats, first, grid=(1, 4), topk=1, neighbourhood=0)
     assert [int(o[:, 1].argmax()) for o in out] == [0, 1, 2]
+
+
+def test_labels_to_mask_rescales_each_channel_like_dino():
+    """DINO's norm_mask: channel 0 (.9, .6, .95, .7) -> (.86, 0, 1, .29), channel 1 (.1, .4, .05, .3) -> (.14, 1, 0,
+    .71), so the argmax alternates although channel 0 is larger everywhere before rescaling."""
+    labels = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.7, 0.3]])
+    assert labels_to_mask(labels, (2, 2), 1, (2, 2)).tolist() == [[0, 1], [0, 1]]
+    assert labels_to_mask(labels, (2, 2), 2, (4, 4)).shape == (4, 4)
 
 
 def make_davis(root, num_videos=2, frames=5, size=64):
@@ -78,6 +86,16 @@ def test_davis_with_colour_features(tmp_path):
     assert res["J&F-Mean"] == pytest.approx((res["J-Mean"] + res["F-Mean"]) / 2)
     with pytest.raises(FileNotFoundError, match="ImageSets"):
         evaluate_davis(colour, tmp_path / "nowhere", patch_size=4)
+    # void (255) pixels in the first-frame annotation are background, not object 255 (davis2017-evaluation)
+    first = root / "Annotations" / "480p" / "vid0" / "00000.png"
+    anno = Image.open(first)
+    mask = np.asarray(anno).copy()
+    mask[:4] = 255
+    voided = Image.fromarray(mask, mode="P")
+    voided.putpalette(anno.getpalette())
+    voided.save(first)
+    res_void = evaluate_davis(colour, root, patch_size=4, short_side=64, neighbourhood=4)
+    assert res_void["J&F-Mean"] == pytest.approx(res["J&F-Mean"], abs=1e-9)
 
 
 def test_eval_main_end_to_end(tmp_path):

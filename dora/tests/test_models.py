@@ -72,3 +72,32 @@ def test_registers_rejected():
             reg_tokens=4,
             no_embed_class=True,
         )
+
+
+def test_pretrained_flag_reaches_timm(monkeypatch):
+    """``model.pretrained`` goes to timm.create_model (faked here: fixed 'downloaded' weights, no network)."""
+    import timm
+
+    from dora.config import load_config
+    from dora.models import build_network
+
+    create, calls = timm.create_model, []
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        with torch.random.fork_rng():
+            if pretrained:
+                torch.manual_seed(1234)
+            return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    cfg = load_config(["--config", "tiny"])
+    build_network(cfg)
+    assert calls == [False]
+    cfg = load_config(["--config", "tiny", "model.pretrained=true"])
+    student, teacher = build_network(cfg), build_network(cfg, teacher=True)
+    assert calls == [False, True, True]
+    for (name, a), b in zip(student.backbone.state_dict().items(), teacher.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="model.pretrained"):
+        build_network(load_config(["--config", "tiny", "model.pretrained=weights.pth"]))

@@ -43,6 +43,16 @@ def test_resume_reproduces_straight_run(tmp_path, video):
         sb = load_file(str(split / "checkpoints" / "step_000004" / f"{name}.safetensors"))
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=0)
+    # resuming mid-epoch (step 1 of epoch 0) continues the same trajectory too
+    mid = tmp_path / "mid"
+    train.main(tiny_args(mid, video, "optim.max_steps=1"))
+    assert (mid / "checkpoints" / "step_000001").is_dir()
+    train.main(tiny_args(mid, video, "resume=latest"))
+    assert losses(mid) == pytest.approx(a, abs=1e-6)
+    sa = load_file(str(straight / "checkpoints" / "step_000004" / "teacher.safetensors"))
+    sm = load_file(str(mid / "checkpoints" / "step_000004" / "teacher.safetensors"))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sm[k], atol=1e-6, rtol=0)
     # only the newest checkpoints are kept, written atomically, with the resolved config
     kept = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert kept == ["step_000002", "step_000004"]
@@ -69,6 +79,24 @@ def test_bad_config_and_inputs(tmp_path):
         train.main(tiny_args(tmp_path / "r", tmp_path / "missing.mp4"))
     cfg = load_config(["--config", "tiny", "optim.lr=1e-4", "--data.step", "5"])
     assert cfg["optim"]["lr"] == 1e-4 and cfg["data"]["step"] == 5
+
+
+def test_config_yaml_quirks(tmp_path):
+    """YAML 1.1 reads ``no`` as False and ``1e-3`` as a string, in files as on the command line."""
+    from dora.config import config_path
+
+    text = config_path("tiny").read_text().replace("lr: 5.0e-4", "lr: 1e-3").replace('precision: "no"', "precision: no")
+    assert "lr: 1e-3" in text and "mixed_precision: no\n" in text
+    user = tmp_path / "user.yaml"
+    user.write_text(text)
+    cfg = load_config(["--config", str(user)])
+    assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["optim"]["mixed_precision"] == "no"
+    cfg = load_config(["--config", "tiny", "optim.mixed_precision=no", "optim.min_lr=2E-6", "name=1e3x"])
+    assert cfg["optim"]["mixed_precision"] == "no" and cfg["optim"]["min_lr"] == 2e-6 and cfg["name"] == "1e3x"
+    assert load_config(["--config", "tiny", "optim.mixed_precision=bf16"])["optim"]["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="optim.mixed_precision=True"):
+        load_config(["--config", "tiny", "optim.mixed_precision=yes"])
 
 
 def test_one_step_updates_teacher_center_and_masks():
@@ -121,9 +149,20 @@ def test_gradient_rules():
     assert net.head.last_layer.weight_v.grad is None and net.head.last_layer.weight_g.grad is None
     assert net.head.mlp[0].weight.grad is not None
 
+
+def test_weight_decay_groups_follow_dino():
+    """DINO's get_params_groups: no decay for ``.bias`` and 1-D parameters; weight_g (out_dim, 1) is decayed."""
+    cfg = load_config(["--config", "tiny"])
+    net = build_network(cfg)
     decay, no_decay = param_groups(net)
-    assert all(p.ndim > 1 for p in decay["params"])
-    assert any(p is net.head.mlp[0].bias for p in no_decay["params"])
+    name = {id(p): n for n, p in net.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    exempt = {name[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    weights = {"head.last_layer.weight_g", "head.last_layer.weight_v", "head.mlp.0.weight", "backbone.pos_embed"}
+    assert weights <= decayed
+    assert {"head.mlp.0.bias", "backbone.norm.weight", "backbone.blocks.0.norm1.weight"} <= exempt
+    assert decayed | exempt == {n for n, _ in net.named_parameters()} and not decayed & exempt
 
 
 def test_ema_hand_value():

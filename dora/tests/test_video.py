@@ -91,3 +91,36 @@ def test_dataset_over_video_matches_clip_indices(coded_video):
     assert len(ds) == 2 * (100 - 60)
     clips = ds.read_clips([0, 39, 40, 45])
     assert [[decode_index(f) for f in c] for c in clips] == [[0, 20, 40], [39, 59, 79], [0, 20, 40], [5, 25, 45]]
+
+
+def test_variable_frame_rate_frames_are_indexed_in_presentation_order(tmp_path):
+    """Frame i shown for 1, 1, 5, 2, 1 or 4 ticks of 1/60 s: rounding pts x average rate would misplace frames."""
+    import fractions
+
+    import av
+
+    from dora.synthetic import CODE_BITS, coded_frame
+
+    path = tmp_path / "vfr.mp4"
+    tb = fractions.Fraction(1, 60)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = CODE_BITS * 12, 64, "yuv420p"
+        stream.codec_context.time_base = tb
+        stream.gop_size = 12
+        pts = 0
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(coded_frame(i), format="rgb24")
+            frame.pts, frame.time_base = pts, tb
+            pts += [1, 1, 5, 2, 1, 4][i % 6]
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    src = PyAVFrameSource(path, short_side=None, seek_gap=4)
+    assert src.num_frames == 60
+    got = src.read(range(60))
+    assert {i: decode_index(f) for i, f in got.items()} == {i: i for i in range(60)}
+    got = src.read([51, 7, 30, 31, 59])  # backwards and far jumps seek by timestamp
+    assert {i: decode_index(f) for i, f in got.items()} == {i: i for i in (7, 30, 31, 51, 59)}
+    assert src.skipped_frames == 0

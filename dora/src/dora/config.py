@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,31 @@ def set_key(cfg: dict, dotted: str, value: Any) -> None:
             node = node[part]
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML safe loader that also reads exponent floats without a dot (``1e-4``, which YAML 1.1 leaves a string)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+
+
 def parse_value(raw: str) -> Any:
-    """YAML scalar/list/dict; also accepts floats YAML 1.1 reads as strings (``1e-4``)."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    """YAML scalar/list/dict of a command-line value (``1e-4`` is a float)."""
+    return yaml.load(raw, Loader=ConfigLoader)
+
+
+def _check(cfg: dict) -> None:
+    """Undo YAML 1.1 booleans where a string is meant: ``mixed_precision: no`` reads as False."""
+    optim = cfg.get("optim")
+    if isinstance(optim, dict) and "mixed_precision" in optim:
+        value = optim["mixed_precision"]
+        if value is False or value is None:
+            optim["mixed_precision"] = "no"
+        elif value not in MIXED_PRECISION:
+            raise ValueError(f"optim.mixed_precision={value!r}: expected one of {', '.join(MIXED_PRECISION)}")
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
@@ -90,14 +107,38 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
     return config, pairs
 
 
+def print_help(default: str) -> None:
+    """Print the usage, the shipped configs and every key of config ``default`` with its value."""
+    with open(config_path(default)) as f:
+        cfg = yaml.load(f, Loader=ConfigLoader) or {}
+    names = sorted(p.stem for p in Path(str(resources.files("dora") / "configs")).glob("*.yaml"))
+    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print("shipped configs: " + ", ".join(names))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) -> dict:
-    """Resolve a config: the YAML given by ``--config`` / ``config=`` (else ``default``) plus overrides."""
-    config, pairs = parse_overrides(list(argv or []))
+    """Resolve a config: the YAML given by ``--config`` / ``config=`` (else ``default``) plus overrides.
+
+    ``--help`` / ``-h`` prints the keys with their defaults and exits with status 0.
+    """
+    argv = list(argv or [])
+    if "--help" in argv or "-h" in argv:
+        print_help(default)
+        raise SystemExit(0)
+    config, pairs = parse_overrides(argv)
     with open(config_path(config or default)) as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.load(f, Loader=ConfigLoader) or {}
     cfg = copy.deepcopy(cfg)
     for key, value in pairs:
         set_key(cfg, key, value)
+    _check(cfg)
     return cfg
 
 

@@ -20,6 +20,7 @@ from dora.augment import normalize
 
 logger = logging.getLogger(__name__)
 
+VOID = 255  # DAVIS label of pixels left unannotated: never an object
 DAVIS_LAYOUT = (
     "<root>/JPEGImages/480p/<video>/00000.jpg, <root>/Annotations/480p/<video>/00000.png, <root>/ImageSets/2017/val.txt"
 )
@@ -113,11 +114,15 @@ def label_propagation(
 
 
 def labels_to_mask(labels: torch.Tensor, grid: tuple[int, int], patch: int, size: tuple[int, int]) -> np.ndarray:
-    """(P, C) patch labels -> (H, W) object ids: bilinear upsampling by the patch size, argmax, nearest resize."""
+    """(P, C) patch labels -> (H, W) object ids: bilinear upsampling by the patch size, each channel min-max
+    rescaled to [0, 1] (DINO's ``norm_mask``; a constant channel becomes 0), argmax, nearest resize."""
     h, w = grid
-    lab = labels.t().reshape(1, -1, h, w)
-    lab = F.interpolate(lab, scale_factor=patch, mode="bilinear", align_corners=False)
-    ids = lab[0].argmax(0).to(torch.uint8).numpy()
+    lab = labels.t().reshape(1, -1, h, w).float()
+    lab = F.interpolate(lab, scale_factor=patch, mode="bilinear", align_corners=False)[0]
+    lo = lab.amin(dim=(1, 2), keepdim=True)
+    span = lab.amax(dim=(1, 2), keepdim=True) - lo
+    lab = torch.where(span > 0, (lab - lo) / span.clamp_min(1e-12), torch.zeros_like(lab))
+    ids = lab.argmax(0).to(torch.uint8).numpy()
     return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
 
 
@@ -156,6 +161,7 @@ def evaluate_davis(
     for video in tqdm(videos, desc="davis"):
         frames, annos = read_davis_video(root, video, resolution)
         first = np.asarray(Image.open(annos[0]))
+        first = np.where(first == VOID, 0, first)  # void pixels are background, as in davis2017-evaluation
         num_obj = int(first.max())
         feats, grid = [], None
         for fp in frames:

@@ -151,10 +151,19 @@ class DoRANetwork(nn.Module):
 
 
 def build_network(cfg: dict, teacher: bool = False) -> DoRANetwork:
-    """Student (drop_path from cfg) or teacher (no drop_path) network from the ``model`` config section."""
+    """Student (drop_path from cfg) or teacher (no drop_path) network from the ``model`` config section.
+
+    ``model.pretrained: true`` starts the backbone from timm's pretrained weights for ``model.arch``.
+    """
     m = cfg["model"]
+    pretrained = m.get("pretrained", False)
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"model.pretrained={pretrained!r}: expected true or false (timm weights for model.arch)")
     backbone = build_backbone(
-        m["arch"], drop_path_rate=0.0 if teacher else m["drop_path_rate"], **dict(m.get("overrides") or {})
+        m["arch"],
+        drop_path_rate=0.0 if teacher else m["drop_path_rate"],
+        pretrained=pretrained,
+        **dict(m.get("overrides") or {}),
     )
     head = DINOHead(
         backbone.embed_dim,

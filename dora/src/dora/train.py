@@ -55,12 +55,15 @@ def setup_logging(run_dir: Path | None, main_process: bool) -> None:
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Weight decay on weights only: biases and 1-D parameters (norms, weight-norm g) are not decayed."""
+    """Weight decay except on biases and 1-D parameters (norms), as DINO's ``get_params_groups``.
+
+    The head's weight-norm ``last_layer.weight_g`` is (out_dim, 1), so it is decayed, as in the reference.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 or name.endswith("weight_g") else decay).append(p)
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
             set_rng_state(json.loads(rng_file.read_text()))
         logger.info("resumed from %s at step %d", ckpt, step)
     student, optimizer = accelerator.prepare(student, optimizer)
+    if ckpt is None:
+        # each process built its networks under its own seed; DDP has just broadcast rank 0's student, so the
+        # teacher copies it again to start identical on every process
+        teacher.load_state_dict(accelerator.unwrap_model(student).state_dict())
     if ckpt is not None and scaler_state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler_state)
     teacher.to(accelerator.device)

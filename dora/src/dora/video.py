@@ -97,9 +97,48 @@ class ImageFolderFrameSource(FrameSource):
         return out
 
 
+_PTS_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+
+
+def frame_timestamps(path: str | Path, header_frames: int = 0, fps: Fraction | None = None) -> np.ndarray:
+    """(N,) int64 pts of the video frames of ``path`` in presentation order, from its demuxed packets.
+
+    Frame i of a video is the i-th distinct presentation time, so variable-frame-rate files index correctly. The
+    scan reads packets without decoding, once per file and process (forked loader workers inherit the table). When
+    the header promises more frames than the file holds (a truncated download), the missing tail gets timestamps
+    extrapolated at the median frame spacing (``fps`` for a single frame), so that those frames exist and are
+    reported missing when read.
+    """
+    import av
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _PTS_CACHE:
+        return _PTS_CACHE[key]
+    pts = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            tb = Fraction(stream.time_base)
+            for packet in container.demux(stream):
+                if packet.size > 0 and packet.pts is not None and not getattr(packet, "is_discard", False):
+                    pts.append(packet.pts)
+    except av.error.FFmpegError as e:  # a damaged tail: keep the packets read so far
+        logger.warning("%s: packet scan stopped early (%s)", path, e)
+    table = np.unique(np.asarray(pts, dtype=np.int64))
+    if header_frames > len(table) and len(table) and fps:
+        step = np.median(np.diff(table)) if len(table) > 1 else 1 / (fps * tb)
+        extra = table[-1] + np.round(step * np.arange(1, header_frames - len(table) + 1)).astype(np.int64)
+        table = np.concatenate([table, extra])
+    _PTS_CACHE[key] = table
+    return table
+
+
 class PyAVFrameSource(FrameSource):
     """A video file decoded with PyAV, converted to RGB at ``short_side`` (not the native 4K).
 
+    Frame i is the i-th frame in presentation order (:func:`frame_timestamps`), for constant or variable frame rate.
     Requests within ``seek_gap`` frames of the decoding position are reached by decoding forward; larger jumps
     seek to the preceding keyframe. Frames whose packets fail to decode, or that a truncated file lacks, are
     skipped and counted (``skipped_frames``) with a warning.
@@ -117,7 +156,8 @@ class PyAVFrameSource(FrameSource):
         self._open()
         s = self._stream
         self.fps = Fraction(s.average_rate or s.guessed_rate or 30)
-        self.num_frames = int(s.frames or 0) or self._count_frames()
+        self._pts = frame_timestamps(self.path, s.frames or 0, self.fps)
+        self.num_frames = len(self._pts)
         if self.num_frames <= 0:
             raise ValueError(f"video {self.path} has no decodable video frames")
         self.size = output_size(s.codec_context.width, s.codec_context.height, short_side)
@@ -135,19 +175,14 @@ class PyAVFrameSource(FrameSource):
         if self.threads:
             self._stream.thread_type = "AUTO"
         self._start = self._stream.start_time or 0
-        self._tb = Fraction(self._stream.time_base)
         self._gen = None
         self._next = 0
         self._seek_target = -1
 
-    def _count_frames(self) -> int:
-        n = sum(1 for p in self._container.demux(self._stream) if p.size > 0)
-        self.close()
-        self._open()
-        return n
-
     def _index(self, pts: int) -> int:
-        return int(round((pts - self._start) * self._tb * self.fps))
+        """Presentation-order index of a decoded frame's pts (-1 when the file's packets never announced it)."""
+        i = int(np.searchsorted(self._pts, pts))
+        return i if i < len(self._pts) and self._pts[i] == pts else -1
 
     def _frames(self):
         import av
@@ -160,11 +195,12 @@ class PyAVFrameSource(FrameSource):
                 logger.warning("%s: undecodable packet skipped (%d so far)", self.name, self.skipped_frames)
                 continue
             for frame in frames:
-                if frame.pts is not None:
-                    yield self._index(frame.pts), frame
+                idx = -1 if frame.pts is None else self._index(frame.pts)
+                if idx >= 0:
+                    yield idx, frame
 
     def _seek(self, target: int) -> None:
-        pts = self._start + int(Fraction(target) / self.fps / self._tb)
+        pts = int(self._pts[min(max(target, 0), self.num_frames - 1)])
         self._container.seek(max(pts, self._start), stream=self._stream, backward=True, any_frame=False)
         self._gen = self._frames()
         self._seek_target = target
