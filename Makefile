@@ -72,12 +72,20 @@ test-%: ## Tests of one paper package
 	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest $*/tests -q
 
+# common has evaluators (funai-knn, funai-hummingbird) but no train/eval scripts.
+define require_trainable
+	@if [ "$(1)" = common ]; then \
+	  echo "error: common has no $(2) script; use $(BIN)/funai-knn or $(BIN)/funai-hummingbird" >&2; exit 2; fi
+endef
+
 %-train: ## Train a paper's method (default config), e.g. make neco-train ARGS="--config neco/configs/tiny.yaml"
+	$(call require_trainable,$*,train)
 	$(call require_paper,$*)
 	@$(MAKE) --no-print-directory install
 	$(BIN)/$*-train $(ARGS)
 
 %-eval: ## Evaluate a paper's checkpoint, e.g. make neco-eval ARGS="..."
+	$(call require_trainable,$*,eval)
 	$(call require_paper,$*)
 	@$(MAKE) --no-print-directory install
 	$(BIN)/$*-eval $(ARGS)
