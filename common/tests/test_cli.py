@@ -158,3 +158,25 @@ def test_demo_quick(tmp_path):
     assert metrics["colour features"]["hummingbird_miou"] > 90
     assert (tmp_path / "hummingbird.png").stat().st_size > 0
     assert set(json.loads((tmp_path / "summary.json").read_text())) >= {"colour mIoU", "noise mIoU"}
+
+
+def test_checkpoint_of_another_patch_size_is_refused(tmp_path):
+    import timm
+
+    from funai_common.cli import timm_patch_features
+
+    args = dict(depth=1, embed_dim=24, num_heads=2)
+    p16 = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, **args)
+    save_file(p16.state_dict(), str(tmp_path / "p16.safetensors"))
+    with pytest.raises(ValueError, match=r"patch size \(16, 16\) differs from the model's \(8, 8\)"):
+        timm_patch_features("vit_tiny_patch16_224", 32, checkpoint=tmp_path / "p16.safetensors", patch_size=8, **args)
+
+
+def test_training_checkpoints_with_args_need_torch_2_5(tmp_path, monkeypatch):
+    """Without torch.serialization.safe_globals (torch < 2.5) plain files still load; argparse args are refused."""
+    torch.save({"teacher": {"w": torch.ones(1)}}, tmp_path / "plain.pth")
+    torch.save({"teacher": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "args.pth")
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    assert list(load_state_dict(tmp_path / "plain.pth")) == ["w"]
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        load_state_dict(tmp_path / "args.pth")

@@ -75,8 +75,15 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.frames <= T * STEP:
+        parser.error(f"--frames must exceed {T * STEP} (one clip of {T} frames {STEP} apart)")
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="dora_bench_"))
+    with tempfile.TemporaryDirectory(prefix="dora_bench_") as tmp:
+        measure(args, Path(tmp))
+
+
+def measure(args, tmp: Path) -> None:
+    """Write the 1080p video under ``tmp``, time the loaders and the training step, print the table."""
     t0 = time.perf_counter()
     video = write_video(tmp / "walk1080p.mp4", textured_frames(args.frames), fps=60, crf=23)
     print(

@@ -124,3 +124,28 @@ def test_variable_frame_rate_frames_are_indexed_in_presentation_order(tmp_path):
     got = src.read([51, 7, 30, 31, 59])  # backwards and far jumps seek by timestamp
     assert {i: decode_index(f) for i, f in got.items()} == {i: i for i in (7, 30, 31, 51, 59)}
     assert src.skipped_frames == 0
+
+
+def test_truncated_file_without_frame_count_keeps_later_frames_in_place(tmp_path):
+    """An mkv (no frame count in the header) cut at 95 %: B-frame reordering loses frame 98's packet but not 99's;
+    frame 99 must stay frame 99, and 98 be reported missing."""
+    import av
+
+    from dora.synthetic import CODE_BITS, coded_frame
+
+    full, cut = tmp_path / "full.mkv", tmp_path / "cut.mkv"
+    with av.open(str(full), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = CODE_BITS * 12, 64, "yuv420p"
+        stream.gop_size, stream.options = 10, {"crf": "10"}
+        for i in range(100):
+            for p in stream.encode(av.VideoFrame.from_ndarray(coded_frame(i), format="rgb24")):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    data = full.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.95)])
+    got = PyAVFrameSource(cut, short_side=None, seek_gap=4).read(range(90, 100))
+    decoded = {i: decode_index(f) for i, f in got.items()}
+    assert decoded and all(i == v for i, v in decoded.items())  # never another frame under an index
+    assert len(decoded) < 10  # the cut lost something

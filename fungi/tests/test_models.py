@@ -90,3 +90,13 @@ def test_hf_image_processor_resize_and_crop(tmp_path):
     expected = processor(images=photo(), return_tensors="pt")["pixel_values"][0]
     diff = (FUNGIExtractor(bb, objectives=()).transform(photo()) - expected).abs()
     assert diff.max() < 0.016 and diff.mean() < 1e-3  # one uint8 level / CLIP std 0.26 = 0.015
+
+
+def test_hf_folder_without_processor_falls_back_to_imagenet_transform(tmp_path, caplog):
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    ViTModel(cfg).save_pretrained(tmp_path)
+    bb = build_backbone(f"hf:{tmp_path}")
+    assert (bb.input_size, bb.resize_size) == (32, 36)  # floor(32 / 0.875)
+    assert "no image processor" in caplog.text

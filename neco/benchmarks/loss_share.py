@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import resource
 import time
+from queue import Empty
 
 
 def _setup(batch: int, device: str, model_needed: bool):
@@ -100,7 +101,13 @@ def run(kind: str, args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_phase, args=(kind, args.batch, args.device, args.threads, args.repeats, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a phase that fails (e.g. --device cuda without a GPU) must not leave the parent waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"phase {kind!r} exited with status {proc.exitcode} (traceback above)") from None
     proc.join()
     return result
 

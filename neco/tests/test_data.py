@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from neco.data import MultiCropDataset, StepBatchSampler, build_image_dataset, collate_multicrop
+from neco.data import MultiCropDataset, StepBatchSampler, build_image_dataset, collate_multicrop, imagenet100_classes
 from neco.eval import train_subset
 
 
@@ -87,3 +87,8 @@ def test_imagenet100_reads_only_the_listed_classes(tmp_path):
     (tmp_path / "imagenet100.txt").write_text("n03\nn04\n")
     with pytest.raises(ValueError, match=r"imagenet100\.txt.*\['n04'\]"):
         build_image_dataset({"dataset": "imagenet100", "root": str(tmp_path)})
+    # an extracted subset of exactly 100 class folders needs no list
+    (tmp_path / "imagenet100.txt").unlink()
+    for i in range(100 - len(list((tmp_path / "train").iterdir()))):
+        (tmp_path / "train" / f"x{i:03d}").mkdir()
+    assert imagenet100_classes(str(tmp_path))[:3] == ["n01", "n02", "n03"]

@@ -1,16 +1,18 @@
 """PIN benchmarks (CPU, tiny BLIP-2): data throughput vs training consumption; PIN vs VPT vs LoRA cost.
 
-    python pin/benchmarks/bench_pin.py [--steps 20] [--compositions 100] [--batch-size 16]
+    python pin/benchmarks/bench_pin.py [--steps 20] [--rounds 5] [--compositions 100] [--batch-size 16]
 
 1. Compositions per second of one data-loader worker at 224 px (procedural objects and backgrounds) against the
    compositions per second one training step consumes on the tiny BLIP-2: ratio > 1 means one worker keeps up.
-2. Trainable parameters and step time of PIN, VPT-shallow and LoRA on the same tiny BLIP-2, as ratios to PIN,
-   plus the trainable-parameter counts at the paper's scale (BLIP-2 EVA ViT-g/14, built on the meta device).
+2. Trainable parameters and step time (median of interleaved rounds) of PIN, VPT-shallow and LoRA on the same tiny
+   BLIP-2, as ratios to PIN, plus the trainable-parameter counts at the paper's scale (BLIP-2 EVA ViT-g/14, built on
+   the meta device).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -21,20 +23,25 @@ from pin.pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, train
 from pin.synthetic import collate
 
 
-def step_time(cfg, method_name: str, batch, steps: int) -> tuple[int, float]:
-    vlm = vlm_from_cfg(cfg)
-    method = Method(vlm, method_name, cfg)
-    params = method.parameters()
-    opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    codec = codec_from_cfg(cfg)
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
-            start = time.perf_counter()
-        loss = training_loss(vlm, codec, batch, "cpu")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return sum(p.numel() for p in params), (time.perf_counter() - start) / steps
+class Trainer:
+    """One method on its own tiny BLIP-2, with an optimiser; `time(steps)` returns seconds per training step."""
+
+    def __init__(self, cfg, method_name: str, batch) -> None:
+        self.vlm = vlm_from_cfg(cfg)
+        self.method = Method(self.vlm, method_name, cfg)
+        self.params = self.method.parameters()
+        self.opt = torch.optim.Adam(self.params, lr=1e-3, foreach=True)
+        self.codec, self.batch = codec_from_cfg(cfg), batch
+        self.time(2)  # warm-up
+
+    def time(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = training_loss(self.vlm, self.codec, self.batch, "cpu")
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+        return (time.perf_counter() - start) / steps
 
 
 def paper_scale_counts() -> dict[str, int]:
@@ -64,8 +71,9 @@ def paper_scale_counts() -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--compositions", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per method and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median step time is reported")
+    parser.add_argument("--compositions", type=int, default=100, help="compositions timed for the data worker")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -81,12 +89,17 @@ def main() -> None:
     per_worker = args.compositions / (time.perf_counter() - start)
     batch = collate([ds[i] for i in range(args.batch_size)])
 
-    rows = {}
+    trainers = {}
     for name in ("pin", "vpt", "lora"):
         try:
-            rows[name] = step_time(cfg, name, batch, args.steps)
+            trainers[name] = Trainer(cfg, name, batch)
         except ImportError as err:
             print(f"{name}: skipped ({err})")
+    times = {name: [] for name in trainers}
+    for _ in range(args.rounds):  # interleaved, so that load changes on a shared machine hit every method alike
+        for name, trainer in trainers.items():
+            times[name].append(trainer.time(args.steps))
+    rows = {name: (sum(p.numel() for p in t.params), statistics.median(times[name])) for name, t in trainers.items()}
     consumed = args.batch_size / rows["pin"][1]
     print(f"data: {per_worker:.1f} compositions/s per worker (224 px, 3 objects, procedural pool)")
     print(f"training (tiny BLIP-2, batch {args.batch_size}, 1 thread): {consumed:.1f} compositions/s consumed")

@@ -95,6 +95,10 @@ def test_vision_checkpoint_at_another_resolution_and_hub_layout(tmp_path):
     expected = resample_abs_pos_embed(native.pos_embed, (grid, grid), num_prefix_tokens=1)
     torch.testing.assert_close(model.pos_embed, expected)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
+    # a checkpoint lacking weights is refused, not silently completed with random ones
+    save_file({k: v for k, v in state.items() if not k.startswith("blocks.1.")}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="partial.safetensors does not fit"):
+        build_vision_encoder({**spec, "checkpoint": str(tmp_path / "partial.safetensors")})
 
 
 @pytest.mark.gpu

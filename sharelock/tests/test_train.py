@@ -147,3 +147,5 @@ def test_config_by_packaged_name(tmp_path, monkeypatch):
         assert load_config(["--config", given], "default")["name"] == "sharelock-cc3m"
     with pytest.raises(FileNotFoundError, match="no file .*nope.* and no packaged config .*nope.yaml"):
         load_config(["--config", "nope"], "default")
+    with pytest.raises(FileNotFoundError, match="config file not found: .*elsewhere/configs/cc3m.yaml"):
+        load_config(["--config", str(tmp_path / "elsewhere" / "configs" / "cc3m.yaml")], "default")

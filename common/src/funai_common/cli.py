@@ -15,7 +15,7 @@ from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_data
 from funai_common.hummingbird import HummingbirdEvaluator
 from funai_common.knn import knn_classify_many
 from funai_common.search import BACKENDS
-from funai_common.weights import load_state_dict
+from funai_common.weights import fit_to_timm_vit, load_state_dict
 
 log = logging.getLogger("funai_common")
 
@@ -111,16 +111,14 @@ def timm_patch_features(
         import timm
     except ImportError:
         raise ImportError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     model = timm.create_model(
         model_name, pretrained=pretrained and checkpoint is None, num_classes=0, img_size=input_size, **model_args
     )
     if checkpoint is not None:
         state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
-        if isinstance(model, VisionTransformer):  # resamples pos_embed saved at another size, maps DINOv2 hub names
-            state = checkpoint_filter_fn(state, model)
         try:
+            state = fit_to_timm_vit(state, model)  # pos_embed saved at another size, DINOv2 hub names
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {checkpoint} does not fit {model_name}: {err}") from None

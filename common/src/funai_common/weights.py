@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def load_state_dict(
         state = load_file(str(path))
     else:
         # full training checkpoints (DINO, DoRA) also hold their argparse arguments: allow that plain container
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # (torch >= 2.5; older versions refuse such files)
+        allow = getattr(torch.serialization, "safe_globals", None)
+        with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
         for key in keys:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -48,3 +51,19 @@ def load_state_dict(
                     name, stripped = name[len(prefix) :], True
         out[name] = tensor
     return out
+
+
+def fit_to_timm_vit(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` adapted to a timm ``VisionTransformer`` by timm's own checkpoint filter: a position table saved at
+    another resolution is resampled, the DINOv2 torch.hub layout (``mask_token``, ``register_tokens``) renamed. A
+    checkpoint of another patch size is refused (ValueError) rather than resampled. Other models: unchanged."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
+        return state
+    saved, own = state.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
+    if saved is not None and saved.ndim == 4 and saved.shape[-2:] != own.shape[-2:]:
+        raise ValueError(
+            f"checkpoint patch size {tuple(saved.shape[-2:])} differs from the model's {tuple(own.shape[-2:])}"
+        )
+    return checkpoint_filter_fn(state, model)

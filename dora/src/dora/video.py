@@ -126,13 +126,28 @@ def frame_timestamps(path: str | Path, header_frames: int = 0, fps: Fraction | N
                     pts.append(packet.pts)
     except av.error.FFmpegError as e:  # a damaged tail: keep the packets read so far
         logger.warning("%s: packet scan stopped early (%s)", path, e)
-    table = np.unique(np.asarray(pts, dtype=np.int64))
+    table = _fill_constant_rate_gaps(np.unique(np.asarray(pts, dtype=np.int64)))
     if header_frames > len(table) and len(table) and fps:
         step = np.median(np.diff(table)) if len(table) > 1 else 1 / (fps * tb)
         extra = table[-1] + np.round(step * np.arange(1, header_frames - len(table) + 1)).astype(np.int64)
         table = np.concatenate([table, extra])
     _PTS_CACHE[key] = table
     return table
+
+
+def _fill_constant_rate_gaps(table: np.ndarray) -> np.ndarray:
+    """A constant-rate table (every spacing a whole multiple of the median) with a few gaps (at most 1 % of the frames,
+    or 2) has them filled: a frame whose packet was lost (truncated or damaged file) keeps its slot, so later frames
+    are not renumbered. Other tables (no gap, or variable frame rate) are returned as given."""
+    if len(table) < 3:
+        return table
+    step = float(np.median(np.diff(table)))
+    ratios = np.diff(table) / step
+    gaps = int((ratios > 1.5).sum())
+    if step <= 0 or not np.allclose(ratios, np.round(ratios), atol=0.02) or not 0 < gaps <= max(2, len(table) // 100):
+        return table
+    count = int(round((table[-1] - table[0]) / step)) + 1
+    return table[0] + np.round(step * np.arange(count)).astype(np.int64)
 
 
 class PyAVFrameSource(FrameSource):

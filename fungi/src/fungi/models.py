@@ -226,8 +226,10 @@ def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbon
 
     try:
         processor = AutoImageProcessor.from_pretrained(name)
-    except OSError as err:
-        raise ValueError(f"{name}: no image processor (preprocessor_config.json) to take the transform from") from err
+    except OSError:
+        log.warning("%s has no image processor (preprocessor_config.json): ImageNet mean/std, resize %s, crop %s",
+                    name, resize_for(size), size)  # fmt: skip
+        return Backbone(freeze(HFImageEmbedder(model)), input_size=size, resize_size=resize_for(size))
     return Backbone(freeze(HFImageEmbedder(model)), **hf_image_transform(processor))
 
 

@@ -166,12 +166,18 @@ def _require(path: str, what: str, layout: str) -> None:
 
 def imagenet100_classes(root: str) -> list[str]:
     """The class folders listed in ``<root>/imagenet100.txt`` (first word of each non-empty line, file order), as
-    the reference's ``imagenet100k`` dataset reads them; each must exist below ``<root>/train``."""
+    the reference's ``imagenet100k`` dataset reads them; each must exist below ``<root>/train``. Without the list, a
+    ``<root>/train`` holding exactly 100 class folders (an already extracted subset) is taken whole, sorted."""
     listing = os.path.join(root, "imagenet100.txt")
     if not os.path.isfile(listing):
+        train = os.path.join(root, "train")
+        folders = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+        if len(folders) == 100:
+            return folders
         raise FileNotFoundError(
             f"ImageNet-100 class list not found: expected the file {os.path.abspath(listing)!r} (one wnid per line, "
-            f"next to <data.root>/train), or use data.dataset=imagenet for every class folder"
+            f"next to <data.root>/train), since {train!r} holds {len(folders)} class folders, not 100; or use "
+            f"data.dataset=imagenet for every class folder"
         )
     with open(listing) as f:
         classes = [line.split()[0] for line in f if line.strip()]

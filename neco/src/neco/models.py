@@ -10,10 +10,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from funai_common.weights import load_state_dict
+from funai_common.weights import fit_to_timm_vit, load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,8 @@ def _load_checkpoint(model: nn.Module, name: str, path: str, drop_registers: boo
     if "register_tokens" in state:
         state.setdefault("mask_token", torch.zeros(1))  # timm converts the DINOv2 hub layout only when it sees one
     # hub -> timm: register_tokens -> reg_token, cls position folded into cls_token, mask_token dropped, w12/w3
-    # renamed, pos_embed resampled to the model's grid
-    state = checkpoint_filter_fn(state, model)
+    # renamed, pos_embed resampled to the model's grid; another patch size is an error
+    state = fit_to_timm_vit(state, model)
     if drop_registers:
         state.pop("reg_token", None)
     own = model.state_dict()

@@ -36,7 +36,7 @@ def resolve_config_path(given: str) -> Path:
     path = Path(given)
     if path.is_file():
         return path
-    if path.parent.name not in ("", "configs"):
+    if str(path.parent) not in (".", "configs"):
         raise FileNotFoundError(f"config file not found: {path.absolute()}")
     packaged = _packaged(path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name)
     if packaged.is_file():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from funai_common.weights import load_state_dict
+from funai_common.weights import fit_to_timm_vit, load_state_dict
 
 
 # ----------------------------------------------------------------------------------------------- vision side
@@ -26,10 +26,14 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
     # CLS-token pooling by default (ViTs); other timm backbones take e.g. kwargs {global_pool: avg}
     kwargs = {"global_pool": "token", **(spec.get("kwargs") or {})}
     checkpoint = spec.get("checkpoint")
-    if checkpoint:
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": load_state_dict(checkpoint, keys=("state_dict", "model"))}
-    pretrained = bool(checkpoint) or bool(spec.get("pretrained", True))
+    pretrained = bool(spec.get("pretrained", True)) and not checkpoint
     model = timm.create_model(spec["model"], pretrained=pretrained, num_classes=0, **kwargs)
+    if checkpoint:
+        state = fit_to_timm_vit(load_state_dict(checkpoint, keys=("state_dict", "model")), model)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"vision checkpoint {checkpoint} does not fit {spec['model']}: {err}") from None
     return model.eval().requires_grad_(False)
 
 
