@@ -57,6 +57,24 @@ def test_missing_paths_name_the_expected_layout(tmp_path):
         ImageFolderDataset(tmp_path / "imagenet")
 
 
+def test_missing_files_and_colour_masks_are_reported_up_front(tmp_path):
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    (root / "sets" / "val.txt").write_text("a\nb\n")
+    for name in "ab":
+        _image(root / "images" / f"{name}.jpg")
+    _save(root / "SegmentationClass" / "a.png", np.zeros((8, 8, 3)), "RGB")  # colour-coded, b.png missing
+    with pytest.raises(FileNotFoundError, match=r"1 image/mask files of 2 pairs are missing, e.g. .*b\.png"):
+        VOCSegmentation(root, "val")
+    (root / "sets" / "val.txt").write_text("a\n")
+    with pytest.raises(ValueError, match=r"a\.png has shape \(8, 8, 3\): expected a single-channel PNG"):
+        VOCSegmentation(root, "val")[0]
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "annotations" / "validation").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no image/mask pairs found in .*images/validation/\*\.jpg"):
+        ADE20K(root, "val")
+
+
 def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     _image(tmp_path / "leftImg8bit" / "val" / "bonn" / "x_leftImg8bit.png")
     raw = np.array([[7, 8, 33, 0], [26, 1, 255, 24]] * 4)[:8, :4].repeat(2, axis=1)

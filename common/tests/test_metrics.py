@@ -52,6 +52,13 @@ def test_streaming_equals_one_shot():
     assert cm.miou()[0] == pytest.approx(miou(gt, pred, 5)[0], abs=1e-12)
 
 
+def test_ground_truth_outside_the_classes_is_an_error():
+    cm = ConfusionMatrix(5, ignore_index=255)
+    cm.update(np.array([0, 4, 255]), np.array([0, 1, 2]))  # the ignore value is fine
+    with pytest.raises(ValueError, match=r"ground-truth ids \[20\] outside \[0, 5\)"):
+        cm.update(np.array([0, 20]), np.array([0, 1]))
+
+
 def test_bad_matching():
     with pytest.raises(ValueError, match="unknown matching"):
         miou([0], [0], 1, matching="greedy")

@@ -1,4 +1,6 @@
 import json
+import logging
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from counting.checkpoint import save_checkpoint
 from counting.collage import normalize
 from counting.config import load_config
 from counting.data import CARPK, FSC147, prepare_test_image
+from counting.eval import cli as eval_cli
 from counting.eval import main as eval_main
 from counting.metrics import count_metrics
 from counting.models import build_model
@@ -68,14 +71,52 @@ def test_fsc147_parsing(fsc_root):
         FSC147(fsc_root / "missing")
 
 
-def test_carpk_parsing(tmp_path):
+@pytest.fixture
+def carpk_root(tmp_path):
     for d in ("Images", "Annotations", "ImageSets"):
         (tmp_path / d).mkdir()
-    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "Images" / "x.png")
+    for name in ("x", "empty"):
+        Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "Images" / f"{name}.png")
     (tmp_path / "Annotations" / "x.txt").write_text("1 2 10 12 1\n20 20 30 28 1\n")
-    (tmp_path / "ImageSets" / "test.txt").write_text("x\n")
-    item = CARPK(tmp_path, target_height=32, patch_size=8)[0]
+    (tmp_path / "Annotations" / "empty.txt").write_text("")
+    (tmp_path / "ImageSets" / "test.txt").write_text("x\nempty\n")
+    return tmp_path
+
+
+def test_carpk_parsing_skips_images_without_cars(carpk_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="counting"):
+        ds = CARPK(carpk_root, target_height=32, patch_size=8)
+    assert [name for *_, name in ds.items] == ["x"]
+    assert "skipped 1 images without annotated cars" in caplog.text and "'empty'" in caplog.text
+    item = ds[0]
     assert item["count"] == 2.0 and item["image"].shape == (3, 32, 32) and item["exemplars"].shape[0] == 2
+    with pytest.raises(ValueError, match="no exemplar boxes"):
+        prepare_test_image(torch.rand(3, 40, 60), torch.zeros(0, 4))
+
+
+def test_fsc147_image_missing_from_annotations(fsc_root, tmp_path):
+    for name in ("annotation_FSC147_384.json", "images_384_VarV2"):
+        (tmp_path / name).symlink_to(fsc_root / name)
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"test": ["b.jpg", "9.jpg"]}))
+    with pytest.raises(ValueError, match=r"1 images of FSC-147 split 'test'.*annotation_FSC147_384.json: \['9.jpg'\]"):
+        FSC147(tmp_path, "test")
+
+
+def test_eval_carpk_default_split_and_errors(checkpoint, carpk_root, tmp_path, monkeypatch, capsys):
+    args = [f"checkpoint={checkpoint}", "dataset=carpk", f"root={carpk_root}", "target_height=64", "window=64"]
+    results = eval_main([*args, "stride=32", "figures=0", f"out={tmp_path / 'eval'}"])
+    assert set(results) == {"test"} and results["test"]["num_images"] == 1
+    with pytest.raises(FileNotFoundError, match=r"val.txt missing \(split 'val'; lists found: \['test'\]\)"):
+        eval_main([*args, "splits=[val]", f"out={tmp_path / 'val'}"])
+    with pytest.raises(ValueError, match="MSO has a single split"):
+        eval_main([f"checkpoint={checkpoint}", "dataset=mso", f"root={tmp_path}", "splits=[val]", f"out={tmp_path}"])
+    # a missing optional reader is reported by the console script in one line
+    (tmp_path / "imgIdx.mat").touch()
+    monkeypatch.setitem(sys.modules, "mat73", None)
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    monkeypatch.setattr(sys, "argv", ["counting-eval", f"checkpoint={checkpoint}", "dataset=mso", f"root={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"^counting-eval: error: reading MSO's imgIdx.mat needs `pip install mat73`"):
+        eval_cli()
 
 
 def test_eval_main_end_to_end(checkpoint, fsc_root, tmp_path):

@@ -149,3 +149,21 @@ def test_feature_helpers(tiny_vit):
     assert cat.shape == (2, 64)
     torch.testing.assert_close(cat[:, 32:], dora_eval.cls_features(tiny_vit, x))
     assert dora_eval.patch_features(tiny_vit, x).shape == (2, 16, 32)
+
+
+def test_eval_refuses_train_and_val_with_different_class_folders(tmp_path):
+    for split, classes in (("train", "abc"), ("val", "ac")):  # val's "c" would be label 1, train's "b"
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    cfg = load_config(["--config", "tiny"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in build_network(cfg, teacher=True).state_dict().items()},
+        str(ckpt / "teacher.safetensors"),
+    )
+    args = [f"out_dir={tmp_path / 'out'}", f"checkpoint={ckpt}", f"model_overrides={TINY}", "tasks=[knn]"]
+    args += [f"imagenet.train={tmp_path / 'train'}", f"imagenet.val={tmp_path / 'val'}", "device=cpu"]
+    with pytest.raises(ValueError, match=r"class folders of .*train \(3\) and .*val \(2\) differ \(e.g. \['b'\]\)"):
+        dora_eval.main(args)

@@ -45,6 +45,8 @@ def test_config_errors_and_overrides():
     for name in ("paper", "text", "audio", "tiny"):
         cfg = resolve(["--config", name], extract.DEFAULTS, None)
         assert cfg["kl"]["temperature"] == 15.0  # paper default everywhere
+    with pytest.raises(ValueError, match=r"unknown split 'val'.*\['train', 'test'\]"):
+        extract.main(["--config", "tiny", "splits=[train,val]", "run_dir=unused"])
     with pytest.raises(ValueError, match="protocols"):
         eval.main(["features=x.safetensors", "protocols=[knn,svm]"])
 

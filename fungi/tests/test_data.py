@@ -1,6 +1,10 @@
-import pytest
+from pathlib import Path
 
-from fungi.data import read_table, torchvision_dataset
+import numpy as np
+import pytest
+from PIL import Image
+
+from fungi.data import build_split, read_table, torchvision_dataset, wave_to_float
 
 
 def test_tsv_quotes_are_plain_characters(tmp_path):
@@ -14,8 +18,52 @@ def test_torchvision_dataset_kinds(tmp_path):
         torchvision_dataset("EuroSAT", str(tmp_path), "train")
     with pytest.raises(ValueError, match="no dataset 'NotADataset'"):
         torchvision_dataset("NotADataset", str(tmp_path), "train")
-    # split= and train= datasets reach their own (missing files) check
-    with pytest.raises(RuntimeError, match="not found|download"):
-        torchvision_dataset("DTD", str(tmp_path), "train")
-    with pytest.raises(RuntimeError, match="not found|download"):
-        torchvision_dataset("CIFAR10", str(tmp_path), "test")
+
+
+def test_tsv_glue_header_with_label_second_column(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tLabel\nit is good\t1\nbad\t0\n")
+    assert read_table(path) == [("it is good", "1"), ("bad", "0")]
+
+
+def test_missing_torchvision_dataset_is_file_not_found(tmp_path):
+    for name in ("DTD", "Flowers102", "CIFAR10"):
+        expected = f"{name} not found .or incomplete. under data.root='{tmp_path}'.*never downloads"
+        with pytest.raises(FileNotFoundError, match=expected):
+            torchvision_dataset(name, str(tmp_path), "test")
+
+
+def make_folders(root, split, classes):
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / split / c / "0.png")
+
+
+def test_imagefolder_test_split_uses_train_class_indices(tmp_path):
+    make_folders(tmp_path, "train", "abc")
+    make_folders(tmp_path, "val", "ac")
+    data = {"kind": "imagefolder", "root": str(tmp_path), "train_split": "train", "test_split": "val"}
+    assert build_split(data, "train").targets == [0, 1, 2]
+    val = build_split(data, "test")
+    assert [(Path(p).parent.name, y) for p, y in val.samples] == [("a", 0), ("c", 2)]
+    assert val.targets == [0, 2] and val[1][1] == 2 and val.class_to_idx == {"a": 0, "b": 1, "c": 2}
+    make_folders(tmp_path, "extra", "ad")
+    with pytest.raises(ValueError, match=r"extra has classes \['d'\] that train split .*train lacks"):
+        build_split({**data, "test_split": "extra"}, "test")
+
+
+def test_unknown_split_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown split 'val'.*\['train', 'test'\]"):
+        build_split({"kind": "digits", "image_size": 8}, "val")
+
+
+def test_wave_to_float_scales_by_dtype_range():
+    quiet = np.array([-2, 0, 16384], dtype=np.int16)  # peak far below 1.0 after scaling: still divided by 32768
+    assert wave_to_float(quiet).tolist() == [-2 / 32768, 0.0, 0.5]
+    assert wave_to_float(np.array([-32768, 32767], dtype=np.int16)).tolist() == [-1.0, np.float32(32767 / 32768)]
+    assert wave_to_float(np.array([2**30, -(2**31), 3], dtype=np.int32)).tolist() == [0.5, -1.0, np.float32(3 / 2**31)]
+    assert wave_to_float(np.array([0, 128, 192], dtype=np.uint8)).tolist() == [-1.0, 0.0, 0.5]
+    floats = np.array([0.25, -2.0], dtype=np.float32)
+    assert wave_to_float(floats).tolist() == [0.25, -2.0]
+    stereo = np.array([[16384, -16384]], dtype=np.int16)
+    assert wave_to_float(stereo).tolist() == [[0.5, -0.5]]

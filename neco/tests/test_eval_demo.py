@@ -187,3 +187,17 @@ def test_eval_missing_voc_fails_before_loading_weights(tmp_path):
     # the default model is pretrained=True: a download attempt would fail differently (offline machine)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         eval_main([f"data.root={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}"])
+
+
+def test_eval_num_classes_must_match_a_real_dataset(tmp_path):
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    for split in ("trainaug", "val"):
+        (root / "sets" / f"{split}.txt").write_text("a\n")
+    (root / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "images" / "a.jpg")
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (root / folder).mkdir()
+        Image.new("L", (8, 8), 15).save(root / folder / "a.png")
+    with pytest.raises(ValueError, match=r"data.num_classes=5 but voc has 21 classes"):
+        eval_main([f"data.root={root}", "data.num_classes=5", f"output={tmp_path / 'out'}"])

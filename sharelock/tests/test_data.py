@@ -110,5 +110,24 @@ def test_caption_files_and_class_names(tmp_path):
         load_class_names(tmp_path / "wnid.json")
     # torchvision sets without .classes (GTSRB, SVHN) record [] as folder classes: id-keyed files still work
     assert load_class_names(tmp_path / "zh.json", []) == ["丁鲷", "金鱼"]
+    # Keras' imagenet_class_index.json: {"0": [wnid, name]}, by wnid for a class subset (ImageNet-R/-A folders)
+    (tmp_path / "keras.json").write_text(json.dumps({"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}))
+    assert load_class_names(tmp_path / "keras.json") == ["tench", "goldfish"]
+    assert load_class_names(tmp_path / "keras.json", ["n01443537"]) == ["goldfish"]
+    # 2 names for 1 class folder (e.g. the 1000 ImageNet names for a 200-class subset) is refused
+    with pytest.raises(ValueError, match="holds 2 class names but the dataset has 1 class folders"):
+        load_class_names(tmp_path / "zh.json", ["n01443537"])
+    (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(ValueError, match="COCO-style annotation file"):
+        read_captions(tmp_path / "coco.json")
+    (tmp_path / "bom.csv").write_text("image,caption\na.png,one\n", encoding="utf-8-sig")
+    assert read_captions(tmp_path / "bom.csv") == {"a.png": "one"}
     with pytest.raises(FileNotFoundError, match="class names file not found"):
         load_class_names(tmp_path / "missing.json")
+
+
+def test_torchvision_sets_never_download_and_say_where_they_looked(tmp_path):
+    from sharelock.data import LabelledImages
+
+    with pytest.raises(FileNotFoundError, match=f"torchvision DTD not found under {tmp_path}"):
+        LabelledImages(tmp_path, "DTD", "val")

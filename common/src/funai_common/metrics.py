@@ -32,13 +32,19 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, self.num_predicted), dtype=np.int64)
 
     def update(self, gt, pred) -> None:
-        """Add integer maps of equal shape (torch or numpy)."""
+        """Add integer maps of equal shape (torch or numpy); ground-truth ids outside [0, num_classes) other than the
+        ignore index are an error (a num_classes that does not match the dataset)."""
         gt, pred = _flat_numpy(gt), _flat_numpy(pred)
         if gt.shape != pred.shape:
             raise ValueError(f"gt and pred must have the same number of pixels, got {gt.size} and {pred.size}")
-        keep = (gt >= 0) & (gt < self.num_classes) & (pred >= 0) & (pred < self.num_predicted)
-        if self.ignore_index is not None:
-            keep &= gt != self.ignore_index
+        valid = gt != self.ignore_index if self.ignore_index is not None else np.ones(gt.shape, bool)
+        outside = valid & ((gt < 0) | (gt >= self.num_classes))
+        if outside.any():  # a num_classes that disagrees with the dataset would otherwise score silently
+            raise ValueError(
+                f"ground-truth ids {np.unique(gt[outside])[:5].tolist()} outside [0, {self.num_classes}) "
+                f"(ignore index {self.ignore_index}): num_classes does not match the masks"
+            )
+        keep = valid & (pred >= 0) & (pred < self.num_predicted)
         codes = gt[keep] * self.num_predicted + pred[keep]
         self.matrix += np.bincount(codes, minlength=self.matrix.size).reshape(self.matrix.shape)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from torch.utils.data import Dataset
 from counting.collage import normalize
 from counting.pools import load_rgb
 from counting.resize import resize_image
+
+log = logging.getLogger("counting")
 
 
 def test_size(height: int, width: int, patch_size: int, target_height: int = 384, fixed: bool = False):
@@ -41,6 +45,8 @@ def prepare_test_image(
     new_h, new_w = test_size(height, width, patch_size, target_height, fixed)
     resized = normalize(resize_image(image, (new_h, new_w), antialias=True))
     boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    if not len(boxes):
+        raise ValueError("no exemplar boxes: counting needs at least one (x1, y1, x2, y2) box per image")
     sx, sy = new_w / width, new_h / height
     rects = torch.stack(
         [(boxes[:, 1] * sy).long(), (boxes[:, 0] * sx).long(), (boxes[:, 3] * sy).long(), (boxes[:, 2] * sx).long()],
@@ -99,6 +105,12 @@ class FSC147(CountingTestSet):
         if split not in names:
             raise ValueError(f"unknown FSC-147 split {split!r}; expected one of {sorted(names)}")
         annotations = json.loads(annotation.read_text())
+        missing = [name for name in names[split] if name not in annotations]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} images of FSC-147 split {split!r} in {splits} have no entry in {annotation}: "
+                f"{missing[:5]}"
+            )
         for name in names[split]:
             ann = annotations[name]
             corners = np.asarray(ann["box_examples_coordinates"], dtype=np.float64)
@@ -110,6 +122,7 @@ class CARPK(CountingTestSet):
     """CARPK: ``<root>/{Images/*.png, Annotations/*.txt ("x1 y1 x2 y2 cls" per car), ImageSets/<split>.txt}``.
 
     As in the reference's baseline evaluator: square 384 x 384 resize, the first 3 annotated cars as exemplars.
+    Images with an empty annotation file have no exemplars to count with: they are skipped (logged), as MSO's.
     """
 
     def __init__(self, root: str | Path, split: str = "test", **kwargs):
@@ -118,10 +131,26 @@ class CARPK(CountingTestSet):
         root = Path(root)
         listing = root / "ImageSets" / f"{split}.txt"
         if not listing.is_file():
-            raise FileNotFoundError(f"CARPK list {listing} missing; expected <root>/ImageSets, Images, Annotations")
+            lists = sorted(p.stem for p in listing.parent.glob("*.txt"))
+            raise FileNotFoundError(
+                f"CARPK list {listing} missing (split {split!r}; lists found: {lists}); "
+                "expected <root>/ImageSets/<split>.txt, Images, Annotations"
+            )
+        skipped = []
         for name in listing.read_text().split():
-            rows = np.loadtxt(root / "Annotations" / f"{name}.txt", ndmin=2)
+            text = (root / "Annotations" / f"{name}.txt").read_text()
+            if not text.strip():
+                skipped.append(name)
+                continue
+            rows = np.loadtxt(io.StringIO(text), ndmin=2)
             self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name))
+        if skipped:
+            log.warning(
+                "CARPK %s: skipped %d images without annotated cars (no exemplars): %s",
+                split,
+                len(skipped),
+                skipped[:5],
+            )
 
 
 def mso_boxes(anno) -> np.ndarray:

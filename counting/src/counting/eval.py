@@ -86,6 +86,16 @@ def evaluate_split(
     return records, metrics
 
 
+def eval_splits(dataset: str, splits: list[str] | None) -> list[str]:
+    """Splits to evaluate: ``splits`` if given, else the dataset's own (FSC-147 val and test; CARPK and MSO test)."""
+    name = dataset.lower().replace("-", "")
+    if splits is None:
+        return ["val", "test"] if name == "fsc147" else ["test"]
+    if name == "mso" and list(splits) != ["test"]:
+        raise ValueError(f"MSO has a single split, test; got splits={list(splits)} (leave splits unset)")
+    return list(splits)
+
+
 def format_table(results: dict[str, dict]) -> str:
     """Markdown table shaped like the paper's: MAE / RMSE per split, then the test subsets."""
     lines = ["| split | MAE | RMSE | images |", "| --- | --- | --- | --- |"]
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not ecfg["checkpoint"]:
         raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory)")
     checkpoint = Path(ecfg["checkpoint"])
+    splits = eval_splits(ecfg["dataset"], ecfg["splits"])
     out = Path(ecfg["out"]) if ecfg["out"] else checkpoint.parent.parent / f"eval_{ecfg['dataset']}"
     setup_logging(out)
     device = torch.device(
@@ -115,7 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
     model, cfg = load_trained_model(checkpoint, ecfg["model_config"])
     model.to(device)
     scaling = cfg["collage"]["density_scaling"]
-    splits = ecfg["splits"] if ecfg["dataset"].lower() != "mso" else ["test"]
     results, predictions = {}, {}
     for split in splits:
         kwargs = {"patch_size": model.patch_size, "target_height": ecfg["target_height"]}
@@ -138,7 +148,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
         raise SystemExit(f"counting-eval: error: {err}") from None
 
 

@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
         im = cfg["imagenet"]
         tf = eval_transform(im["resize"], im["crop"])
         train_ds, val_ds = ImageFolderDataset(im["train"], tf), ImageFolderDataset(im["val"], tf)
+        if list(train_ds.classes) != list(val_ds.classes):
+            only = sorted(set(train_ds.classes) ^ set(val_ds.classes))[:5]
+            raise ValueError(
+                f"class folders of {im['train']} ({len(train_ds.classes)}) and {im['val']} ({len(val_ds.classes)}) "
+                f"differ (e.g. {only}): labels would not match"
+            )
         num_classes = len(train_ds.classes)
         n_last = cfg["linear"]["n_last_blocks"]
         need_linear = "linear" in cfg["tasks"]

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+SPLITS = ("train", "test")
+
 
 class TensorPairs(Dataset):
     """(input, label) pairs from two sequences."""
@@ -61,13 +63,19 @@ def digits_split(size: int = 32, train_per_class: int | None = None, seed: int =
 
 
 def read_table(path: str | Path) -> list[tuple[str, str]]:
-    """Rows ``input<TAB>label`` of a file list (a header line 'text'/'path' is skipped); quotes are plain characters."""
+    """Rows ``input<TAB>label`` of a file list; quotes are plain characters.
+
+    A header line is skipped: first column 'text', 'path' or 'input', or second column 'label' (GLUE-style).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file list {path} does not exist (expected lines 'text-or-path<TAB>label')")
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-    if rows and rows[0][0].strip().lower() in ("text", "path", "input"):
+    if rows and (
+        rows[0][0].strip().lower() in ("text", "path", "input")
+        or (len(rows[0]) > 1 and rows[0][1].strip().lower() == "label")
+    ):
         rows = rows[1:]
     bad = [i for i, r in enumerate(rows) if len(r) < 2]
     if bad:
@@ -87,17 +95,26 @@ def label_ids(labels: list[str], classes: list[str] | None = None) -> tuple[list
     return [lookup[s] for s in labels], classes
 
 
+def wave_to_float(wave: np.ndarray) -> np.ndarray:
+    """Samples (N,) or (N, C) as float32 in [-1, 1): integers divided by their dtype's half range (int16 by 32768,
+    int32 by 2**31, uint8 centred at 128 then divided by 128), whatever their peak; floats unchanged."""
+    if np.issubdtype(wave.dtype, np.integer):
+        info = np.iinfo(wave.dtype)
+        half = (int(info.max) - int(info.min) + 1) / 2
+        centre = (int(info.max) + int(info.min) + 1) / 2
+        return ((wave.astype(np.float64) - centre) / half).astype(np.float32)
+    return wave.astype(np.float32)
+
+
 def load_spectrogram(path: str | Path, num_mel_bins: int = 128, max_length: int = 1024) -> torch.Tensor:
     """AST input (T, F) of a .wav file: Kaldi fbank through transformers' ASTFeatureExtractor (16 kHz mono)."""
     from scipy.io import wavfile
     from transformers import ASTFeatureExtractor
 
     rate, wave = wavfile.read(str(path))
-    wave = wave.astype(np.float32)
+    wave = wave_to_float(wave)
     if wave.ndim > 1:
         wave = wave.mean(1)
-    if np.abs(wave).max() > 1.0:
-        wave = wave / 32768.0
     if rate != 16000:
         raise ValueError(f"{path}: sampling rate {rate} Hz, AST expects 16000 Hz (resample first)")
     fe = ASTFeatureExtractor(num_mel_bins=num_mel_bins, max_length=max_length)
@@ -116,25 +133,72 @@ def torchvision_dataset(name: str, root: str, split: str):
     cls = getattr(torchvision.datasets, name)
     params = inspect.signature(cls).parameters
     if "split" in params:
-        return cls(root, split=split)
-    if "train" in params:
-        return cls(root, train=split == "train")
-    raise ValueError(
-        f"torchvision dataset {name!r} has no train/test split (it takes neither split= nor train=); write the split "
-        f"as class folders under data.root and use data.kind=imagefolder (data.train_split, data.test_split)"
-    )
+        kwargs = {"split": split}
+    elif "train" in params:
+        kwargs = {"train": split == "train"}
+    else:
+        raise ValueError(
+            f"torchvision dataset {name!r} has no train/test split (it takes neither split= nor train=); write the "
+            f"split as class folders under data.root and use data.kind=imagefolder (data.train_split, data.test_split)"
+        )
+    try:
+        return cls(root, **kwargs)
+    except RuntimeError as err:
+        if "download=True" not in str(err):
+            raise
+        raise FileNotFoundError(
+            f"torchvision dataset {name} not found (or incomplete) under data.root={root!r}; fungi-extract never "
+            f"downloads: fetch it first, e.g. torchvision.datasets.{name}(root, download=True) on a machine online"
+        ) from err
+
+
+def imagefolder_split(root: str | Path, folder: str, train_folder: str):
+    """``<root>/<folder>`` as an ImageFolder labelled with the class indices of ``<root>/<train_folder>``.
+
+    torchvision numbers only the classes present in each folder, so a test folder missing a train class would
+    otherwise shift the labels of every later class. A test class absent from the train folder is an error.
+    """
+    from torchvision.datasets.folder import find_classes
+
+    from funai_common.datasets import ImageFolderDataset
+
+    dataset = ImageFolderDataset(Path(root) / folder)
+    if folder == train_folder:
+        return dataset
+    train_dir = Path(root) / train_folder
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"train split {train_dir} missing; its class folders define the labels of {folder}")
+    classes, class_to_idx = find_classes(str(train_dir))
+    unknown = sorted(set(dataset.classes) - set(class_to_idx))
+    if unknown:
+        raise ValueError(
+            f"test split {Path(root) / folder} has classes {unknown[:5]} that train split {train_dir} lacks"
+        )
+    dataset.samples = [(path, class_to_idx[dataset.classes[y]]) for path, y in dataset.samples]
+    dataset.imgs = dataset.samples
+    dataset.targets = [y for _, y in dataset.samples]
+    dataset.classes, dataset.class_to_idx = classes, class_to_idx
+    return dataset
+
+
+def check_split(split: str) -> None:
+    """Raise ValueError unless ``split`` is one of SPLITS."""
+    if split not in SPLITS:
+        raise ValueError(
+            f"unknown split {split!r}; splits must be among {list(SPLITS)} "
+            "(data.train_split / data.test_split name the folders or torchvision splits they read)"
+        )
 
 
 def build_split(data: dict, split: str):
     """Dataset for ``split`` ('train' or 'test') from the ``data`` config section."""
+    check_split(split)
     kind = data["kind"]
     if kind == "digits":
         train, test = digits_split(data["image_size"], data.get("train_per_class"), data.get("seed", 0))
         return train if split == "train" else test
     if kind == "imagefolder":
-        from funai_common.datasets import ImageFolderDataset
-
-        return ImageFolderDataset(Path(data["root"]) / data[f"{split}_split"])
+        return imagefolder_split(data["root"], data[f"{split}_split"], data["train_split"])
     if kind == "torchvision":
         return torchvision_dataset(data["name"], data["root"], data[f"{split}_split"])
     if kind in ("text", "audio"):

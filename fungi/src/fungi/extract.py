@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fungi.config import resolve, save_config
-from fungi.data import build_split
+from fungi.data import build_split, check_split
 from fungi.extractor import FUNGIExtractor
 from fungi.models import build_backbone
 from fungi.runs import resolve_device, resolve_dtype, save_features, setup_logging
@@ -103,6 +103,10 @@ def limited(dataset, limit: int | None):
 def main(argv: list[str] | None = None) -> Path:
     """Extract features for each split into ``<run_dir>/features.safetensors``; returns that path."""
     cfg = resolve(argv, DEFAULTS, None)
+    if not cfg["splits"]:
+        raise ValueError("splits is empty; expected e.g. splits=[train,test]")
+    for split in cfg["splits"]:
+        check_split(split)
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)
     save_config(cfg, run_dir / "config.yaml")

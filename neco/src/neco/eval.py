@@ -88,6 +88,11 @@ def _datasets(cfg: dict[str, Any]):
         }
     train = build_segmentation_dataset(d["dataset"], d["root"], d["train_split"], **extra)
     val = build_segmentation_dataset(d["dataset"], d["root"], d["val_split"], **extra)
+    if d["dataset"] != "synthetic" and d["num_classes"] and int(d["num_classes"]) != val.num_classes:
+        raise ValueError(
+            f"data.num_classes={d['num_classes']} but {d['dataset']} has {val.num_classes} classes: "
+            "set data.num_classes=null (the dataset's)"
+        )
     return train, val, int(d["num_classes"] or val.num_classes), getattr(val, "ignore_index", 255)
 
 

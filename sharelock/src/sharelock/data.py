@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import inspect
 import io
 import json
 import re
@@ -117,6 +118,11 @@ def read_captions(path: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"captions file not found: {path} (expected .json or .csv)")
     if path.suffix.lower() == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "annotations" in data and "images" in data:
+            raise ValueError(
+                f"{path} is a COCO-style annotation file: convert it to {{image file: caption}} JSON or a CSV with "
+                "image and caption columns (one caption per image and file)"
+            )
         records = (
             data.items()
             if isinstance(data, dict)
@@ -124,7 +130,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
         )
         return {str(k): str(v) for k, v in records}
     if path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is dropped
             rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             return {str(_pick(r, ID_COLS, path)): str(_pick(r, CAP_COLS, path)) for r in rows}
     raise ValueError(f"unsupported captions file {path}: expected .json, .csv or .tsv")
@@ -173,15 +179,22 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------ labelled sets
 def load_class_names(source: str | Path | Sequence[str], folder_classes: Sequence[str] | None = None) -> list[str]:
-    """Class names in label order from a list, a .txt (one per line), or JSON: a list, {"0": name, ...}, or
-    {folder name (e.g. WordNet id): name} ordered like `folder_classes`. Any language (UTF-8). As in the reference,
-    only the first comma-separated synonym is kept ("tench, Tinca tinca" -> "tench")."""
+    """Class names in label order from a list, a .txt (one per line), or JSON: a list, {"0": name, ...},
+    {folder name (e.g. WordNet id): name} ordered like `folder_classes`, or Keras' imagenet_class_index.json
+    ({"0": [wnid, name], ...}, matched by wnid when `folder_classes` are wnids). Any language (UTF-8). As in the
+    reference, only the first comma-separated synonym is kept ("tench, Tinca tinca" -> "tench"). With (non-empty)
+    `folder_classes`, the number of names must equal the number of class folders (ValueError otherwise)."""
+    where = source if isinstance(source, str | Path) else "the class-name list"
     if isinstance(source, str | Path):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"class names file not found: {path} (expected .json or .txt)")
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data and all(_is_wnid_pair(v) for v in data.values()):
+                pairs, data = data, {wnid: name for wnid, name in data.values()}
+                if not (folder_classes and all(c in data for c in folder_classes)):
+                    data = {k: v[1] for k, v in pairs.items()}
             if isinstance(data, dict):
                 if folder_classes and all(c in data for c in folder_classes):
                     names = [data[c] for c in folder_classes]
@@ -195,7 +208,19 @@ def load_class_names(source: str | Path | Sequence[str], folder_classes: Sequenc
             names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         names = list(source)
-    return [n.split(",")[0].strip() if isinstance(n, str) else str(n) for n in names]
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"{where}: class names must be strings, got e.g. {bad[0]!r}")
+    if folder_classes and len(names) != len(folder_classes):
+        raise ValueError(
+            f"{where} holds {len(names)} class names but the dataset has {len(folder_classes)} class folders "
+            f"(e.g. {list(folder_classes)[:3]}): give names keyed by folder name, or one per folder in label order"
+        )
+    return [n.split(",")[0].strip() for n in names]
+
+
+def _is_wnid_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -219,11 +244,21 @@ class LabelledImages(torch.utils.data.Dataset):
                 raise ValueError(
                     f"unknown dataset kind {kind!r}: use 'imagefolder' or a torchvision dataset class name"
                 )
+            params = inspect.signature(cls).parameters
+            kwargs = {"download": False} if "download" in params else {}
+            if "split" in params:
+                kwargs["split"] = split
+            elif "train" in params:
+                kwargs["train"] = split == "train"
             try:
-                self.dataset = cls(str(root), split=split, download=False)
-            except TypeError:
-                self.dataset = cls(str(root), train=split == "train", download=False)
-        self.classes = list(getattr(self.dataset, "classes", []))
+                self.dataset = cls(str(root), **kwargs)
+            except RuntimeError as err:  # torchvision: "Dataset not found ... use download=True"
+                raise FileNotFoundError(
+                    f"torchvision {kind} not found under {root} (never downloaded here): {err}"
+                ) from None
+        # folder names where the dataset has them (torchvision ImageNet: wnids; its .classes are name tuples)
+        classes = getattr(self.dataset, "wnids", None) or getattr(self.dataset, "classes", [])
+        self.classes = [c if isinstance(c, str) else str(c[0]) for c in classes]
 
     def __len__(self) -> int:
         return len(self.dataset)

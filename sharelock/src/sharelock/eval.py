@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         templates_used = f"{len(templates)} template(s)"
     if classifier.shape[0] <= int(labels.max()):
         raise ValueError(f"{classifier.shape[0]} classes but labels go up to {int(labels.max())}")
+    if folder_classes and classifier.shape[0] != len(folder_classes):
+        raise ValueError(f"{classifier.shape[0]} class prototypes for {len(folder_classes)} class folders of {source}")
     metrics = evaluate_features(model, features, labels, classifier.to(device))
     result = {"dataset": name, "checkpoint": str(ckpt), "templates": templates_used, "n": len(labels), **metrics}
     out.mkdir(parents=True, exist_ok=True)

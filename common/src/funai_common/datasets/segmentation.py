@@ -85,9 +85,17 @@ class SegmentationDataset(Dataset):
     class_names: tuple[str, ...] = ()
     layout: str = ""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], transforms=None, table: np.ndarray | None = None):
+    def __init__(
+        self, pairs: list[tuple[Path, Path]], transforms=None, table: np.ndarray | None = None, searched: str = ""
+    ):
         if not pairs:
-            raise FileNotFoundError(f"no image/mask pairs found (layout: {self.layout})")
+            raise FileNotFoundError(f"no image/mask pairs found in {searched} (layout: {self.layout})")
+        missing = [f for pair in pairs for f in pair if not f.is_file()]
+        if missing:  # found now, not after the memory of an evaluation has been built
+            raise FileNotFoundError(
+                f"{len(missing)} image/mask files of {len(pairs)} pairs are missing, "
+                f"e.g. {[str(m) for m in missing[:3]]}"
+            )
         self.pairs, self.transforms, self.table = pairs, transforms, table
 
     def __len__(self) -> int:
@@ -97,6 +105,10 @@ class SegmentationDataset(Dataset):
         image_path, mask_path = self.pairs[i]
         image = Image.open(image_path).convert("RGB")
         mask = np.array(Image.open(mask_path))
+        if mask.ndim != 2:
+            raise ValueError(
+                f"mask {mask_path} has shape {mask.shape}: expected a single-channel PNG of class ids, not colours"
+            )
         if self.table is not None:
             mask = self.table[mask]
         mask = Image.fromarray(mask.astype(np.uint8), mode="L")
@@ -118,7 +130,8 @@ class VOCSegmentation(SegmentationDataset):
         ids = require(root / "sets" / f"{split}.txt", self.layout).read_text().split()
         mask_dir = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
         require(mask_dir, self.layout)
-        super().__init__([(root / "images" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids], transforms)
+        pairs = [(root / "images" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
+        super().__init__(pairs, transforms, searched=str(root / "sets" / f"{split}.txt"))
 
 
 class ADE20K(SegmentationDataset):
@@ -132,7 +145,9 @@ class ADE20K(SegmentationDataset):
         folder = {"train": "training", "val": "validation"}.get(split, split)
         images = sorted(require(root / "images" / folder, self.layout).glob("*.jpg"))
         masks = require(root / "annotations" / folder, self.layout)
-        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms)
+        super().__init__(
+            [(p, masks / f"{p.stem}.png") for p in images], transforms, searched=f"{root}/images/{folder}/*.jpg"
+        )
 
 
 class Cityscapes(SegmentationDataset):
@@ -147,7 +162,7 @@ class Cityscapes(SegmentationDataset):
         gt = require(root / "gtFine" / split, self.layout)
         pairs = [(p, gt / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")) for p in images]
         table = lookup_table({raw: i for i, raw in enumerate(CITYSCAPES_EVAL_IDS)})
-        super().__init__(pairs, transforms, table)
+        super().__init__(pairs, transforms, table, searched=f"{root}/leftImg8bit/{split}/*/*_leftImg8bit.png")
 
 
 def _supercategory_table(categories: dict[int, str]) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -172,10 +187,12 @@ class COCOStuff(SegmentationDataset):
         root = require(Path(root), self.layout)
         ann = root / "annotations" / "stuff_annotations"
         masks = require(ann / f"stuff_{split}2017_pixelmaps", self.layout)
-        categories = _categories_from_json(ann / f"stuff_{split}2017.json", STUFF_SUPERCATEGORY)
+        # categories from the small val json (the same 92 stuff classes as train's ~1 GB one), else the built-in table
+        categories = _categories_from_json(ann / "stuff_val2017.json", STUFF_SUPERCATEGORY)
         table, self.class_names = _supercategory_table(categories)
         images = sorted(require(root / "images" / f"{split}2017", self.layout).glob("*.jpg"))
-        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms, table)
+        pairs = [(p, masks / f"{p.stem}.png") for p in images]
+        super().__init__(pairs, transforms, table, searched=f"{root}/images/{split}2017/*.jpg")
 
 
 class COCOThings(SegmentationDataset):
@@ -187,7 +204,8 @@ class COCOThings(SegmentationDataset):
     def __init__(self, root, split: str = "val", transforms=None):
         root = require(Path(root), self.layout)
         masks = require(root / "annotations" / f"{split}2017", self.layout)
-        categories = _categories_from_json(root / "annotations" / f"panoptic_{split}2017.json", THING_SUPERCATEGORY)
+        categories = _categories_from_json(root / "annotations" / "panoptic_val2017.json", THING_SUPERCATEGORY)
         table, self.class_names = _supercategory_table(categories)
         images = sorted(require(root / "images" / f"{split}2017", self.layout).glob("*.jpg"))
-        super().__init__([(p, masks / f"{p.stem}.png") for p in images], transforms, table)
+        pairs = [(p, masks / f"{p.stem}.png") for p in images]
+        super().__init__(pairs, transforms, table, searched=f"{root}/images/{split}2017/*.jpg")
