@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML safe loader that also reads exponent floats without a dot (``1e-4``, a string to plain YAML 1.1)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def config_dir() -> Path:
@@ -29,7 +39,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_yaml(path: str | Path) -> dict:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=ConfigLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -62,7 +72,7 @@ def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
+    value = yaml.load(raw, Loader=ConfigLoader)
     if isinstance(value, str):
         try:
             return float(value)

@@ -12,13 +12,19 @@ from typing import Any
 
 import yaml
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML safe loader that also reads exponent floats without a dot (``1e-4``, a string to plain YAML 1.1)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
-    value = yaml.safe_load(raw)
-    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+    return yaml.load(raw, Loader=ConfigLoader)
 
 
 def config_path(name_or_path: str) -> Path:
@@ -35,7 +41,7 @@ def config_path(name_or_path: str) -> Path:
 
 def load_yaml(path: Path) -> dict:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=ConfigLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
     return data

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import resources
 from typing import Any
 
 import yaml
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML safe loader that also reads exponent floats without a dot (``1e-4``, a string to plain YAML 1.1)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 DEFAULT_CONFIG = "dinov2r_vits14"
 
@@ -65,7 +75,7 @@ def get_key(cfg: dict[str, Any], dotted: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """YAML value, with YAML 1.1's gap filled: ``1e-4`` (no dot) is a float, not a string."""
-    value = yaml.safe_load(text)
+    value = yaml.load(text, Loader=ConfigLoader)
     if isinstance(value, str):
         try:
             return float(value)
@@ -121,12 +131,12 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     argv = list(argv or [])
     if wants_help(argv):
         with open(resolve_config_path(default)) as f:
-            print_help(yaml.safe_load(f) or {}, default)
+            print_help(yaml.load(f, Loader=ConfigLoader) or {}, default)
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
     path = resolve_config_path(config or default)
     with open(path) as f:
-        cfg = yaml.safe_load(f)
+        cfg = yaml.load(f, Loader=ConfigLoader)
     cfg = copy.deepcopy(cfg)
     for key, value in pairs:
         set_key(cfg, key, value)

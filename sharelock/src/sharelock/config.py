@@ -10,13 +10,19 @@ from typing import Any
 
 import yaml
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML safe loader that also reads exponent floats without a dot (``1e-4``, a string to plain YAML 1.1)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
-    value = yaml.safe_load(raw)
-    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value) else value
+    return yaml.load(raw, Loader=ConfigLoader)
 
 
 def _packaged(name: str) -> Path:
@@ -47,7 +53,7 @@ def resolve_config_path(given: str) -> Path:
 def print_help(default: str) -> None:
     """Print the usage, the packaged configs and every key of config `default` with its value (`--help`, `-h`)."""
     with open(default_config_path(default)) as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.load(f, Loader=ConfigLoader) or {}
     names = sorted(p.stem for p in default_config_path(default).parent.glob("*.yaml"))
     print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
     print("packaged configs: " + ", ".join(names))
@@ -119,11 +125,11 @@ def load_config(argv: list[str] | None, default: str) -> dict:
     config_path, pairs = parse_overrides(argv)
     path = resolve_config_path(config_path) if config_path else default_config_path(default)
     with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.load(f, Loader=ConfigLoader) or {}
     if config_path:
         # user configs may omit keys: start from the packaged defaults so every key exists
         with open(default_config_path(default)) as f:
-            base = yaml.safe_load(f)
+            base = yaml.load(f, Loader=ConfigLoader)
         cfg = merge(base, cfg)
     for key, value in pairs:
         set_key(cfg, key, value)

@@ -1,0 +1,13 @@
+import yaml
+
+from sharelock.config import ConfigLoader, parse_value
+
+
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
+    # plain YAML 1.1 (yaml.safe_load) reads 1e-4 as a string; user configs write it that way
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}
+    text = "lr: 1e-4\nwd: -2.5E-2\nsteps: 100\nname: e5\nbetas: [0.9, 1e-3]\nrun: 1e3x"
+    assert yaml.load(text, Loader=ConfigLoader) == {
+        "lr": 1e-4, "wd": -0.025, "steps": 100, "name": "e5", "betas": [0.9, 0.001], "run": "1e3x"
+    }  # fmt: skip
+    assert parse_value("1e-3") == 0.001 and parse_value("[1e-3, 2]") == [0.001, 2] and parse_value("abc") == "abc"
