@@ -71,3 +71,18 @@ def test_linear_probe_separable():
     x = centres[y] + rng.normal(size=(300, 5))
     result = linear_probe(x[:200], y[:200], x[200:], y[200:])
     assert result["top1"] > 95 and result["top5"] == 100.0
+
+
+def test_linear_probe_lambda_grid_is_the_mean_loss_penalty():
+    """With lambdas (cyanure's (1/n) sum loss + lambda/2 |w|^2), the refit uses C = 1/(n lambda) and no intercept."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(3, 6))[y] * 2 + rng.normal(size=(300, 6))
+    opts = dict(lambdas=(1e-3, 1e-1), val_fraction=0.2, fit_intercept=False, tol=1e-3, max_iter=300, standardize=False)
+    result = linear_probe(x[:200], y[:200], x[200:], y[200:], **opts)
+    assert result["lambda"] in (1e-3, 1e-1) and result["C"] == pytest.approx(1 / (200 * result["lambda"]))
+    ref = LogisticRegression(C=result["C"], fit_intercept=False, tol=1e-3, max_iter=300, random_state=0)
+    ref.fit(x[:200], y[:200])
+    assert result["top1"] == pytest.approx(100 * (ref.predict(x[200:]) == y[200:]).mean())

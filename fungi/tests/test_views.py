@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +74,14 @@ def test_half_precision_samples_hash_as_float32():
     assert seed == sample_generator(x.float(), 1).initial_seed() != sample_generator(x * 2, 1).initial_seed()
     views = noise_roll_views(x, 2, seed=0)  # (B=3, T=8, F=8) spectrograms in bf16
     assert views.dtype == torch.bfloat16 and torch.allclose(views.float(), noise_roll_views(x.float(), 2, 0), atol=0.02)
+
+
+def test_linear_probe_rows_are_the_incremental_combinations_only():
+    from fungi.evaluation import evaluate_blocks
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 20)
+    blocks = {n: torch.from_numpy(rng.normal(size=(40, 4)) + y[:, None]).float() for n in ("embeddings", "kl", "dino")}
+    rows = evaluate_blocks(blocks, y, blocks, y, protocols=("knn", "linear"), pca_dim=None)
+    with_linear = [r["features"] for r in rows if "linear_top1" in r]
+    assert len(rows) == 7 and with_linear == ["embeddings", "embeddings+kl", "embeddings+kl+dino"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -15,8 +17,10 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _fit(features, labels, C: float, max_iter: int, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(features, labels)
+def _fit(features, labels, C: float, max_iter: int, seed: int, fit_intercept: bool, tol: float):
+    return LogisticRegression(C=C, max_iter=max_iter, random_state=seed, fit_intercept=fit_intercept, tol=tol).fit(
+        features, labels
+    )
 
 
 def _topk(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -33,22 +37,40 @@ def linear_probe(
     C: float | None = None,
     max_iter: int = 1000,
     seed: int = 0,
+    *,
+    lambdas: Sequence[float] | None = None,
+    val_fraction: float = 0.1,
+    fit_intercept: bool = True,
+    tol: float = 1e-4,
+    standardize: bool = True,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of a logistic regression on standardised features.
+    """Top-1 / top-5 accuracy (%) of a multinomial logistic regression (L2) on (standardised) features.
 
-    ``C=None`` picks the inverse regularisation from a small grid on a stratified 10 % of the training split, then
-    refits on all of it; the chosen value is returned as "C".
+    ``C=None`` picks the inverse regularisation on a stratified ``val_fraction`` of the training split, then refits on
+    all of it; the chosen value is returned as "C". The grid is ``DEFAULT_C_GRID``, or, with ``lambdas``, the
+    penalties of the mean-loss form (1/n) sum loss + lambda/2 |w|^2 (cyanure's), C = 1/(n lambda) for the n samples
+    of each fit; the chosen one is also returned as "lambda".
     """
     x_train, y_train = _numpy(train_features).astype(np.float64), _numpy(train_labels).astype(np.int64)
     x_test, y_test = _numpy(test_features).astype(np.float64), _numpy(test_labels).astype(np.int64)
-    scaler = StandardScaler().fit(x_train)
-    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    if standardize:
+        scaler = StandardScaler().fit(x_train)
+        x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    fit = dict(max_iter=max_iter, seed=seed, fit_intercept=fit_intercept, tol=tol)
+    chosen_lambda = None
     if C is None:
         stratify = y_train if np.bincount(y_train).min() >= 2 else None
         x_fit, x_val, y_fit, y_val = train_test_split(
-            x_train, y_train, test_size=0.1, random_state=seed, stratify=stratify
+            x_train, y_train, test_size=val_fraction, random_state=seed, stratify=stratify
         )
-        scores = [_fit(x_fit, y_fit, c, max_iter, seed).score(x_val, y_val) for c in DEFAULT_C_GRID]
-        C = DEFAULT_C_GRID[int(np.argmax(scores))]
-    model = _fit(x_train, y_train, C, max_iter, seed)
-    return {**_topk(model.predict_proba(x_test), model.classes_, y_test), "C": C}
+        grid = [1.0 / (len(y_fit) * lam) for lam in lambdas] if lambdas is not None else list(DEFAULT_C_GRID)
+        scores = [_fit(x_fit, y_fit, c, **fit).score(x_val, y_val) for c in grid]
+        best = int(np.argmax(scores))
+        if lambdas is not None:
+            chosen_lambda = float(lambdas[best])
+            C = 1.0 / (len(y_train) * chosen_lambda)
+        else:
+            C = grid[best]
+    model = _fit(x_train, y_train, C, **fit)
+    result = {**_topk(model.predict_proba(x_test), model.classes_, y_test), "C": C}
+    return result if chosen_lambda is None else {**result, "lambda": chosen_lambda}

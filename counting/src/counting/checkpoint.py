@@ -77,9 +77,16 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: UnCounTR, optimizer: torch.optim.Optimizer, cfg: dict, metrics: dict
+    run_dir: Path,
+    step: int,
+    model: UnCounTR,
+    optimizer: torch.optim.Optimizer,
+    cfg: dict,
+    metrics: dict,
+    scaler=None,
 ) -> Path:
-    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically (temporary name, then rename)."""
+    """Write ``<run_dir>/checkpoints/step_<step>/`` atomically (temporary name, then rename); ``scaler`` is the fp16
+    GradScaler, if any."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -92,6 +99,7 @@ def save_checkpoint(
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"step": step, "config": cfg, "optimizer": opt_meta, "rng": rng_meta, "metrics": metrics}
+    state["scaler"] = scaler_state(scaler)
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -119,3 +127,10 @@ def load_checkpoint(path: Path, model: UnCounTR, optimizer: torch.optim.Optimize
         restore_optimizer(optimizer, load_file(str(Path(path) / "optimizer.safetensors")), state["optimizer"])
         restore_rng(load_file(str(Path(path) / "rng.safetensors")), state["rng"])
     return state
+
+
+def scaler_state(scaler) -> dict:
+    """JSON state of the fp16 GradScaler (scale, growth tracker, factors); {} without one."""
+    if scaler is None:
+        return {}
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     if rest:
         raise SystemExit(f"unexpected arguments {rest}; use key=value overrides")
     train = cfg["train"]
-    accelerator = Accelerator(mixed_precision=train["mixed_precision"])
+    cuda = torch.cuda.is_available()  # CPU runs (gloo) as neco: two processes must not both think they are rank 0
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=train["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
     setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = 0
     if cfg["resume"]:
         path = find_checkpoint(run_dir, str(cfg["resume"]))
-        start = load_checkpoint(path, model, optimizer)["step"]
+        state = load_checkpoint(path, model, optimizer)
+        start = state["step"]
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", path, start)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             pred = model(batch["image"].to(device), batch["exemplars"][:, :shots].to(device))
         target = batch["density"].to(device)
         loss = density_mse_loss(pred.float(), target, keep_mask=keep_mask, standard_size=train["standard_size"])
-        if not torch.isfinite(loss):
+        if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum")):  # every process stops alike
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {step}; stopping (last good checkpoint left in {run_dir})"
             )
@@ -164,7 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
         if done % train["checkpoint_every"] == 0 or done == total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, cfg, {"loss": loss_value})
+                save_checkpoint(
+                    run_dir,
+                    done,
+                    accelerator.unwrap_model(model),
+                    optimizer,
+                    cfg,
+                    {"loss": loss_value},
+                    accelerator.scaler,
+                )
     bar.close()
     accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "losses": losses, "step": total_steps}

@@ -158,3 +158,10 @@ def load_checkpoint(
         set_rng_state(load_file(rng_file), json.load(f))
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)
+
+
+def scaler_state(scaler) -> dict:
+    """JSON state of the fp16 GradScaler (scale, growth tracker, factors); {} without one."""
+    if scaler is None:
+        return {}
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}

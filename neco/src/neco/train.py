@@ -23,7 +23,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, scaler_state
 from neco.config import load_config
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path = resolve_resume(tcfg["resume"], run_dir)
         meta = load_checkpoint(path, modules, optimizer, rank)
         start_step, history = meta["step"], meta.get("losses", [])
+        if accelerator.scaler is not None and meta.get("scaler"):
+            accelerator.scaler.load_state_dict(meta["scaler"])
         log.info("resumed from %s at step %d", path, start_step)
     else:
         seed_everything(cfg["seed"])  # model init consumed RNG; restart the stream identically on every process
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def checkpoint(step: int) -> str:
         meta = {"config": cfg, "losses": losses, "iters_per_epoch": iters_per_epoch}
+        meta["scaler"] = scaler_state(accelerator.scaler)
         mods = {"student": accelerator.unwrap_model(student), "teacher": teacher, "queue": queue}
         return save_checkpoint(
             run_dir, step, mods, optimizer, meta, rank, accelerator.wait_for_everyone, tcfg["keep_checkpoints"]

@@ -87,8 +87,11 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
 
+    saved_at = [-1]  # step of the last checkpoint, known to every process (not only to the one that writes)
+
     def checkpoint(epoch: int) -> None:
         accelerator.wait_for_everyone()
+        saved_at[0] = step
         if accelerator.is_main_process:
             path = save_checkpoint(
                 run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg, accelerator.scaler
@@ -110,6 +113,9 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             collate_fn=collate,
             num_workers=cfg["data"]["num_workers"],
             drop_last=True,
+            # its own generator: starting an epoch must not draw from the global RNG (dropout, VPT/LoRA), or a run
+            # resumed mid-epoch would draw once more than the straight run
+            generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch),
         )
         loader = accelerator.prepare_data_loader(loader)
         skip = step - epoch * steps_per_epoch
@@ -142,8 +148,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             if step >= total or end_of_epoch:
                 break
     bar.close()
-    last = run_dir / "checkpoints" / f"step_{step:07d}"
-    if not last.exists():
+    if saved_at[0] != step:  # every process takes this branch alike (a folder check would race the writer)
         checkpoint(max(0, math.ceil(step / steps_per_epoch) - 1))
     return {"losses": losses, "run_dir": str(run_dir), "step": step, "method": method, "vlm": vlm}
 
