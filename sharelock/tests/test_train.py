@@ -149,3 +149,20 @@ def test_config_by_packaged_name(tmp_path, monkeypatch):
         load_config(["--config", "nope"], "default")
     with pytest.raises(FileNotFoundError, match="config file not found: .*elsewhere/configs/cc3m.yaml"):
         load_config(["--config", str(tmp_path / "elsewhere" / "configs" / "cc3m.yaml")], "default")
+
+
+def test_checkpoint_folder_is_replaced_without_a_window_where_neither_exists(tmp_path):
+    from sharelock.training import replace_dir
+
+    target, new = tmp_path / "step_0000004", tmp_path / "tmp"
+    target.mkdir()
+    (target / "w").write_text("old")
+    new.mkdir()
+    (new / "w").write_text("new")
+    replace_dir(new, target)
+    assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004"]
+    # a crash after moving the old folder aside (here: the new folder is gone) leaves it complete, under a name
+    # that step_* lookups do not match
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "missing", target)
+    assert (tmp_path / ".old_step_0000004" / "w").read_text() == "new"

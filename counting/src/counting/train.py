@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = SelfCollageDataset(build_generator(cfg), train["samples_per_epoch"], cfg["seed"])
     rank, world = accelerator.process_index, accelerator.num_processes
+    if train["batch_size"] % world:
+        raise ValueError(f"train.batch_size={train['batch_size']} must be divisible by the {world} processes")
     batches = [batch_indices(s, cfg, steps_per_epoch, rank, world) for s in range(start, total_steps)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=train["num_workers"])
     log.info(

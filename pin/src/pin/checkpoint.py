@@ -98,10 +98,19 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: d
         meta = {**state, "rng": rng_meta, "optimizer": opt_meta, "scaler": scaler_state(scaler), "config": clean_cfg}
         json.dump(meta, f)
     dump_config(cfg, tmp / "config.yaml")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replace_dir(tmp, final)
     return final
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``; an existing ``target`` is moved aside first and deleted only afterwards, so a
+    crash leaves either folder complete (the old one as ``.old_<target name>``)."""
+    old = target.with_name(f".old_{target.name}")  # hidden: never matched by step_* lookups
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:

@@ -200,7 +200,8 @@ def fit(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of `sharelock-train`; returns a summary dict (also written to `<run>/summary.json`)."""
     cfg = load_config(sys.argv[1:] if argv is None else argv, "default")
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+    cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -145,10 +145,19 @@ def save_checkpoint(
             "loop": state or {},
         }
         (tmp / "trainer_state.json").write_text(json.dumps(full))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    replace_dir(tmp, directory)
     return directory
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``; an existing ``target`` is moved aside first and deleted only afterwards, so a
+    crash leaves either folder complete (the old one as ``.old_<target name>``)."""
+    old = target.with_name(f".old_{target.name}")  # hidden: never matched by step_* lookups
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_trainer_state(
