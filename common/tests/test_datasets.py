@@ -123,3 +123,13 @@ def test_synthetic_classification_labels_follow_the_dominant_class():
         mask = np.array(seg[i][1])
         counts = np.bincount(mask.reshape(-1), minlength=4)[1:]
         assert cls[i][1] == counts.argmax()
+
+
+def test_image_folder_with_given_classes_keeps_their_numbering(tmp_path):
+    for c in "ac":
+        _image(tmp_path / "val" / c / "0.jpg")
+    val = ImageFolderDataset(tmp_path / "val", classes=["a", "b", "c"])
+    assert val.targets == [0, 2] and val.classes == ["a", "b", "c"]  # without classes: [0, 1]
+    assert ImageFolderDataset(tmp_path / "val").targets == [0, 1]
+    with pytest.raises(ValueError, match=r"class folders \['c'\] that are not among the given classes"):
+        ImageFolderDataset(tmp_path / "val", classes=["a", "b"])

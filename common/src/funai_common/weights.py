@@ -39,16 +39,18 @@ def load_state_dict(
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not strip_prefixes:
+    return strip_prefixes_from(state, strip_prefixes)
+
+
+def strip_prefixes_from(state: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Names without any leading run of ``prefixes`` (``module.backbone.blocks...`` -> ``blocks...``)."""
+    prefixes = tuple(prefixes)
+    if not prefixes:
         return state
     out = {}
     for name, tensor in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in strip_prefixes:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
+        while name.startswith(prefixes):
+            name = name[len(next(p for p in prefixes if name.startswith(p))) :]
         out[name] = tensor
     return out
 
@@ -66,4 +68,6 @@ def fit_to_timm_vit(state: dict[str, torch.Tensor], model: torch.nn.Module) -> d
         raise ValueError(
             f"checkpoint patch size {tuple(saved.shape[-2:])} differs from the model's {tuple(own.shape[-2:])}"
         )
+    if "register_tokens" in state and "mask_token" not in state:
+        state = {**state, "mask_token": torch.zeros(1)}  # timm converts the hub layout only when it sees one
     return checkpoint_filter_fn(state, model)

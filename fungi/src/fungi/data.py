@@ -162,23 +162,15 @@ def imagefolder_split(root: str | Path, folder: str, train_folder: str):
 
     from funai_common.datasets import ImageFolderDataset
 
-    dataset = ImageFolderDataset(Path(root) / folder)
     if folder == train_folder:
-        return dataset
+        return ImageFolderDataset(Path(root) / folder)
     train_dir = Path(root) / train_folder
     if not train_dir.is_dir():
         raise FileNotFoundError(f"train split {train_dir} missing; its class folders define the labels of {folder}")
-    classes, class_to_idx = find_classes(str(train_dir))
-    unknown = sorted(set(dataset.classes) - set(class_to_idx))
-    if unknown:
-        raise ValueError(
-            f"test split {Path(root) / folder} has classes {unknown[:5]} that train split {train_dir} lacks"
-        )
-    dataset.samples = [(path, class_to_idx[dataset.classes[y]]) for path, y in dataset.samples]
-    dataset.imgs = dataset.samples
-    dataset.targets = [y for _, y in dataset.samples]
-    dataset.classes, dataset.class_to_idx = classes, class_to_idx
-    return dataset
+    try:
+        return ImageFolderDataset(Path(root) / folder, classes=find_classes(str(train_dir))[0])
+    except ValueError as err:
+        raise ValueError(f"test split {Path(root) / folder} vs train split {train_dir}: {err}") from None
 
 
 def check_split(split: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
-from funai_common.weights import load_state_dict
+from funai_common.weights import fit_to_timm_vit, load_state_dict
 
 log = logging.getLogger(__name__)
 # PIL resample codes used by Hugging Face image processors -> torchvision interpolation names
@@ -108,7 +108,7 @@ def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None
 
     model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0, **kwargs)
     if checkpoint:
-        missing, _ = model.load_state_dict(load_state_dict_file(checkpoint), strict=False)
+        missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:
             raise ValueError(f"checkpoint {checkpoint} misses {len(missing)} weights of {name}, e.g. {missing[:3]}")
     cfg = timm.data.resolve_model_data_config(model)

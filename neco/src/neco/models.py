@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funai_common.weights import fit_to_timm_vit, load_state_dict
+from funai_common.weights import fit_to_timm_vit, load_state_dict, strip_prefixes_from
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +47,12 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
         if any(k.startswith(student) for k in state) and any(k.startswith("teacher.") for k in state):
             state = {k: v for k, v in state.items() if k.startswith(student)}
             break
-    return _strip(state, PREFIXES)
-
-
-def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Names without any leading run of ``prefixes`` (``model.backbone.blocks...`` -> ``blocks...``)."""
-    out = {}
-    for name, tensor in state.items():
-        while name.startswith(prefixes):
-            name = name[len(next(p for p in prefixes if name.startswith(p))) :]
-        out[name] = tensor
-    return out
+    return strip_prefixes_from(state, PREFIXES)
 
 
 def _load_checkpoint(model: nn.Module, name: str, path: str, drop_registers: bool) -> None:
     """Load a backbone checkpoint (timm, DINOv2 torch.hub or NeCo layout) into the timm ``model`` called ``name``."""
     state = load_state_file(path)
-    if "register_tokens" in state:
-        state.setdefault("mask_token", torch.zeros(1))  # timm converts the DINOv2 hub layout only when it sees one
     # hub -> timm: register_tokens -> reg_token, cls position folded into cls_token, mask_token dropped, w12/w3
     # renamed, pos_embed resampled to the model's grid; another patch size is an error
     state = fit_to_timm_vit(state, model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -14,13 +15,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolderDataset(ImageFolder):
-    """``<root>/<class>/<image>`` (ImageNet train/val once val is sorted into class folders): (image, label)."""
+    """``<root>/<class>/<image>`` (ImageNet train/val once val is sorted into class folders): (image, label).
 
-    def __init__(self, root, transform=None):
+    ``classes`` (e.g. the train split's) fixes the label numbering, so that a split lacking some class folders keeps
+    the same labels; a class folder not in it is a ValueError. Default: the sorted class folders of ``root``.
+    """
+
+    def __init__(self, root, transform=None, classes: Sequence[str] | None = None):
         path = require(Path(root), "<root>/<class name>/<image>.{jpg,png,...}")
         if not any(p.is_dir() for p in path.iterdir()):
             raise FileNotFoundError(f"{path} has no class sub-folders (layout: <root>/<class name>/<image>)")
-        super().__init__(str(path), transform=transform)
+        self._given_classes = None if classes is None else list(classes)
+        # a split may lack some of the given classes (allow_empty), never have others (find_classes)
+        super().__init__(str(path), transform=transform, allow_empty=classes is not None)
+
+    def find_classes(self, directory):
+        found, class_to_idx = super().find_classes(directory)
+        if self._given_classes is None:
+            return found, class_to_idx
+        unknown = sorted(set(found) - set(self._given_classes))
+        if unknown:
+            raise ValueError(f"{directory} has class folders {unknown[:5]} that are not among the given classes")
+        return self._given_classes, {c: i for i, c in enumerate(self._given_classes)}
 
 
 class ImageDirectory(Dataset):
