@@ -59,6 +59,7 @@ def test_default_config_is_the_paper_recipe():
     assert cfg["train"]["epochs"] == 160 and cfg["train"]["batch_size"] == 64
     assert cfg["data"]["train_size"] == 60000 and cfg["data"]["switch_epoch"] == 40
     assert cfg["eval"]["num_beams"] == 3 and cfg["eval"]["max_new_tokens"] == 12
+    assert cfg["train"]["val_every_epochs"] == 10  # the reference validates every 10 epochs
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

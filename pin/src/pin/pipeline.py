@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .boxes import GridCodec
 from .layout import LayoutSampler
-from .prompts import build_labels, end_text, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
+from .prompts import IGNORE_INDEX, build_labels, end_text, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
 from .synthetic import Backgrounds, Composer, ObjectPool, SyntheticCompositions, procedural_pool
 from .vlm import FrozenVLM
 from .zoo import build_vlm
@@ -116,12 +116,21 @@ def training_batch(vlm: FrozenVLM, codec: GridCodec, phrases: Sequence[str], cel
     return ids, mask, targets
 
 
-def training_loss(vlm: FrozenVLM, codec: GridCodec, batch: dict, device) -> torch.Tensor:
-    """Next-token cross-entropy of a collated synthetic batch on the (hooked) VLM."""
+def _logits_and_targets(vlm: FrozenVLM, codec: GridCodec, batch: dict, device):
     ids, mask, targets = training_batch(vlm, codec, batch["phrase"], batch["cells"].tolist(), batch["reconstruct"])
     pv = pixel_values(vlm, batch["image"].to(device)).to(next(vlm.model.parameters()).dtype)
-    logits = vlm.logits(pv, ids.to(device), mask.to(device))
-    return masked_lm_loss(logits, targets.to(device))
+    return vlm.logits(pv, ids.to(device), mask.to(device)), targets.to(device)
+
+
+def training_loss(vlm: FrozenVLM, codec: GridCodec, batch: dict, device) -> torch.Tensor:
+    """Next-token cross-entropy of a collated synthetic batch on the (hooked) VLM."""
+    return masked_lm_loss(*_logits_and_targets(vlm, codec, batch, device))
+
+
+def summed_training_loss(vlm: FrozenVLM, codec: GridCodec, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """(sum of the supervised tokens' cross-entropies, their number): for token means over many batches."""
+    logits, targets = _logits_and_targets(vlm, codec, batch, device)
+    return masked_lm_loss(logits, targets, reduction="sum"), int((targets != IGNORE_INDEX).sum())
 
 
 def predict_boxes(

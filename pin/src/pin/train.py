@@ -28,6 +28,7 @@ from .methods import Method
 from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
 from .runlog import setup_logging
 from .synthetic import collate
+from .validation import SyntheticValidation
 
 
 def lr_at_epoch(cfg: dict, epoch: int) -> float:
@@ -37,7 +38,7 @@ def lr_at_epoch(cfg: dict, epoch: int) -> float:
 
 
 def train(cfg: dict, resume: str | None = None) -> dict:
-    """Run training; returns {"losses": [...], "run_dir": str, "step": int, "method": Method}."""
+    """Run training; returns {"losses", "validation" (one dict per validation), "run_dir", "step", "method", "vlm"}."""
     t = cfg["train"]
     mp = t["mixed_precision"] if torch.cuda.is_available() else "no"
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
@@ -75,6 +76,10 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     total = (
         t["epochs"] * steps_per_epoch if t["max_steps"] is None else min(t["max_steps"], t["epochs"] * steps_per_epoch)
     )
+
+    val_every = t.get("val_every_epochs")
+    validation = SyntheticValidation(cfg, run_dir) if val_every else None
+    history: list[dict] = []
 
     step = 0
     if resume:
@@ -145,12 +150,26 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             end_of_epoch = step % steps_per_epoch == 0
             if (every and step % every == 0) or (end_of_epoch and (epoch + 1) % t["checkpoint_every_epochs"] == 0):
                 checkpoint(epoch)
+            if validation is not None and end_of_epoch and (epoch + 1) % val_every == 0:
+                history.append(validation.run(vlm, codec, method, accelerator, epoch, step))
+                log.info("validation after epoch %d: %s", epoch, _fmt(history[-1]))
             if step >= total or end_of_epoch:
                 break
     bar.close()
     if saved_at[0] != step:  # every process takes this branch alike (a folder check would race the writer)
         checkpoint(max(0, math.ceil(step / steps_per_epoch) - 1))
-    return {"losses": losses, "run_dir": str(run_dir), "step": step, "method": method, "vlm": vlm}
+    return {
+        "losses": losses,
+        "validation": history,
+        "run_dir": str(run_dir),
+        "step": step,
+        "method": method,
+        "vlm": vlm,
+    }
+
+
+def _fmt(row: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,0 +1,72 @@
+"""Validation inside pin-train: every `train.val_every_epochs` epochs (10, the reference's Lightning setting).
+
+On the held-out synthetic compositions (the val object pool on `data.val_backgrounds`, `data.val_size` images) it
+reports the training loss at the current epoch's phase (a token mean over the whole set) and the mIoU of generated
+boxes: the same queries and numbers as `pin-eval eval.datasets=[synthetic]`. The work is split over the processes;
+RNG states are left untouched, so a run with validation follows the same training trajectory as one without.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from .boxes import GridCodec
+from .eval import evaluate_queries, summarise
+from .eval_data import synthetic_queries
+from .methods import Method
+from .pipeline import dataset_from_cfg, pools_from_cfg, summed_training_loss
+from .synthetic import collate
+from .vlm import FrozenVLM
+
+
+class SyntheticValidation:
+    """The validation set of a training run; `run(...)` evaluates and appends a line to `<run>/validation.jsonl`."""
+
+    def __init__(self, cfg: dict, run_dir: Path) -> None:
+        size = cfg["data"].get("val_size", 0)
+        if not size:
+            raise ValueError(
+                f"train.val_every_epochs={cfg['train']['val_every_epochs']} needs data.val_size > 0 held-out "
+                "compositions; set train.val_every_epochs=null to train without validation"
+            )
+        _, val_pool, _ = pools_from_cfg(cfg)
+        if not len(val_pool):
+            raise ValueError(
+                "the validation object pool is empty; raise data.val_size or set train.val_every_epochs=null"
+            )
+        self.cfg, self.path = cfg, run_dir / "validation.jsonl"
+        self.dataset = dataset_from_cfg(cfg, val_pool, "val")
+        self.queries = synthetic_queries(self.dataset, size)
+
+    def run(self, vlm: FrozenVLM, codec: GridCodec, method: Method, accelerator: Accelerator, epoch: int, step: int):
+        """Validation loss and mIoU after `epoch`; every process returns the same dict."""
+        e = self.cfg["eval"]
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        method.train(False)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.dataset.set_epoch(epoch)
+            indices = list(range(len(self.dataset)))
+            batch = self.cfg["train"]["batch_size"]
+            with accelerator.split_between_processes(indices) as mine:
+                sums = torch.zeros(2, device=accelerator.device)  # token cross-entropy sum, supervised tokens
+                for start in range(0, len(mine), batch):
+                    items = collate([self.dataset[i] for i in mine[start : start + batch]])
+                    with accelerator.autocast():
+                        loss, tokens = summed_training_loss(vlm, codec, items, accelerator.device)
+                    sums += torch.stack([loss.float(), loss.new_tensor(float(tokens))])
+            sums = accelerator.reduce(sums, "sum")
+            with accelerator.split_between_processes(self.queries) as mine:
+                result = evaluate_queries(vlm, codec, mine, e["batch_size"], e["num_beams"], e["max_new_tokens"])
+            result = {key: gather_object(result[key]) for key in ("preds", "gts", "texts", "batches")}
+        method.train(True)
+        row = {"epoch": epoch, "step": step, "val_loss": (sums[0] / sums[1]).item()}
+        row.update(summarise(result, codec.image_size))
+        if accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
