@@ -19,7 +19,9 @@ def test_mso_boxes_of_empty_matlab_matrices():
 
 
 def test_mso_skips_images_without_objects_mat73(tmp_path, monkeypatch):
-    (tmp_path / "imgIdx.mat").touch()
+    (tmp_path / "img").mkdir()
+    for name in ("imgIdx.mat", "img/a.jpg"):
+        (tmp_path / name).touch()
     for empty in (None, np.array([0.0, 0.0])):
         monkeypatch.setitem(sys.modules, "mat73", fake_mat73([BOXES, empty]))
         items = MSO(tmp_path).items
@@ -57,7 +59,9 @@ class File(dict):
 
 
 def test_mso_skips_images_without_objects_h5py(tmp_path, monkeypatch):
-    (tmp_path / "imgIdx.mat").touch()
+    (tmp_path / "img").mkdir()
+    for name in ("imgIdx.mat", "img/a.jpg"):
+        (tmp_path / name).touch()
     modules = sys.modules
     monkeypatch.setitem(modules, "mat73", None)  # import fails: the h5py path is taken
     monkeypatch.setitem(modules, "h5py", types.SimpleNamespace(File=File))

@@ -102,6 +102,23 @@ def test_fsc147_image_missing_from_annotations(fsc_root, tmp_path):
         FSC147(tmp_path, "test")
 
 
+def test_fsc147_and_carpk_check_listed_images_exist_up_front(fsc_root, carpk_root, tmp_path):
+    for name in ("annotation_FSC147_384.json", "images_384_VarV2"):
+        (tmp_path / name).symlink_to(fsc_root / name)
+    listed = ["b.jpg", "gone1.jpg", "c.jpg", "gone2.jpg"]
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"test": listed}))
+    annotations = json.loads((fsc_root / "annotation_FSC147_384.json").read_text())
+    annotations["gone1.jpg"] = annotations["gone2.jpg"] = annotations["b.jpg"]
+    (tmp_path / "annotation_FSC147_384.json").unlink()
+    (tmp_path / "annotation_FSC147_384.json").write_text(json.dumps(annotations))
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 images listed in .*Train_Test_Val_FSC_147.json") as err:
+        FSC147(tmp_path, "test")
+    assert str(tmp_path / "images_384_VarV2" / "gone1.jpg") in str(err.value) and "c.jpg" not in str(err.value)
+    (carpk_root / "Images" / "x.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 1 images listed in .*test.txt .*x.png"):
+        CARPK(carpk_root)
+
+
 def test_eval_carpk_default_split_and_errors(checkpoint, carpk_root, tmp_path, monkeypatch, capsys):
     args = [f"checkpoint={checkpoint}", "dataset=carpk", f"root={carpk_root}", "target_height=64", "window=64"]
     results = eval_main([*args, "stride=32", "figures=0", f"out={tmp_path / 'eval'}"])
@@ -141,6 +158,11 @@ def test_eval_main_end_to_end(checkpoint, fsc_root, tmp_path):
     assert (out / "figures" / "test" / "b.png").is_file() and not (out / "figures" / "test" / "c.png").exists()
     with pytest.raises(SystemExit, match="checkpoint=PATH"):
         eval_main([f"root={fsc_root}"])
+    # a wrong checkpoint path is reported before anything is written (the default out is <run>/eval_<dataset>)
+    missing = tmp_path / "run" / "checkpoints" / "step_000009"
+    with pytest.raises(FileNotFoundError, match=r"step_000009/state.json not found.*model_config=PATH"):
+        eval_main([f"checkpoint={missing}", f"root={fsc_root}"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_predict_main(checkpoint, tmp_path, capsys):

@@ -92,3 +92,16 @@ def test_only_the_head_gets_gradients(tiny_model_cfg):
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("backbone"))
     assert float(model.image_proj.bias.detach().abs().sum()) == 0.0 and float(model.norm.weight.detach().mean()) == 1.0
+
+
+def test_backbone_weights_not_found_name_the_model_and_path(tmp_path, monkeypatch):
+    missing = tmp_path / "dino_vitb16.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint_path={missing} for vit_base_patch16_224.dino"):
+        build_backbone("vit_b_16", pretrained=True, checkpoint_path=str(missing))
+
+    def offline(*args, **kwargs):  # what timm raises offline for weights not in the cache (an OSError subclass)
+        raise FileNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr("timm.create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"backbone vit_base_patch8_224.dino .*checkpoint_path=/path/to"):
+        build_backbone("vit_b_8", pretrained=True)

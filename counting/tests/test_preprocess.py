@@ -133,3 +133,10 @@ def test_resume_refuses_shards_made_with_other_settings(image_root, tmp_path):
     with pytest.raises(ValueError, match=f"{at_features}.*backbone='vit_s_16'.*backbone='vit_b_16'"):
         main(["clusters", *args, "backbone=vit_b_16"])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_help_shows_the_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: [masks|clusters|all (default)] [--config") and "mask_method = 'saliency'" in out

@@ -101,3 +101,22 @@ def test_pretrained_flag_reaches_timm(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="model.pretrained"):
         build_network(load_config(["--config", "tiny", "model.pretrained=weights.pth"]))
+
+
+def test_checkpoint_of_another_architecture_and_offline_weights_are_clear_errors(tmp_path, tiny_vit, monkeypatch):
+    import timm
+
+    path = tmp_path / "vits16_teacher.pth"
+    torch.save({"teacher": {"module.backbone.norm.bias": torch.zeros(384)}}, path)
+    with pytest.raises(ValueError, match=r"vits16_teacher.pth does not fit .*norm.bias \(384,\) vs \(32,\).*arch"):
+        load_backbone(tiny_vit, path)
+
+    def offline(*args, **kwargs):  # what timm raises offline for weights not in the cache (an OSError subclass)
+        raise FileNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"pretrained weights of timm backbone 'vit_small_patch16_224.dino' not available.*local checkpoint",
+    ):
+        build_backbone("vit_small_patch16_224.dino", pretrained=True)

@@ -13,6 +13,16 @@ def timm_vit():
 
 
 @pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The Hugging Face Hub offline with an empty cache: pretrained weights are unavailable, as on a machine with no
+    network (timm and transformers both download through huggingface_hub)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+
+
+@pytest.fixture
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from fungi import demo, eval, extract
 from fungi.config import parse_overrides, resolve
@@ -80,3 +81,13 @@ def test_help_prints_keys_and_exits_0(flag, capsys):
         assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "pca_dim = 512" in out and "shipped configs:" in out and "hummingbird_tiny" in out
+
+
+def test_extract_reports_missing_data_before_fetching_weights(tmp_path, offline_hub):
+    root = tmp_path / "flowers"
+    with pytest.raises(FileNotFoundError, match=str(root / "train")):
+        extract.main(["--config", "paper", f"data.root={root}", f"run_dir={tmp_path / 'run'}"])
+    (root / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / "0.png")
+    with pytest.raises(FileNotFoundError, match="model=timm:vit_base_patch16_224.dino"):
+        extract.main(["--config", "paper", f"data.root={root}", "data.test_split=train", f"run_dir={tmp_path / 'run'}"])

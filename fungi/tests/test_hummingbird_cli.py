@@ -43,3 +43,8 @@ def test_train_limit_keeps_the_first_images():
     assert len(train) == 3 and len(val) == 6
     full, _ = hummingbird.build_datasets(dict(cfg, train_limit=None))
     assert np.array_equal(np.asarray(train[2][0]), np.asarray(full[2][0]))
+
+
+def test_hummingbird_cli_unavailable_weights_name_the_model(tmp_path, offline_hub):
+    with pytest.raises(FileNotFoundError, match="pretrained weights of model=timm:vit_small_patch16_224 not available"):
+        hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "pretrained=true"])

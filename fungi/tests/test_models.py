@@ -100,3 +100,9 @@ def test_hf_folder_without_processor_falls_back_to_imagenet_transform(tmp_path, 
     bb = build_backbone(f"hf:{tmp_path}")
     assert (bb.input_size, bb.resize_size) == (32, 36)  # floor(32 / 0.875)
     assert "no image processor" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["timm:vit_small_patch16_224.dino", "hf:google-bert/bert-base-uncased"])
+def test_unavailable_pretrained_weights_are_an_error_naming_the_model(offline_hub, name):
+    with pytest.raises(FileNotFoundError, match=f"pretrained weights of model={name} not available.*checkpoint=PATH"):
+        build_backbone(name)

@@ -243,3 +243,12 @@ def test_lightning_ckpt_loads_the_student_not_the_teacher(tmp_path):
     loaded = build_backbone(dict(TINY, checkpoint=str(tmp_path / "neco.ckpt")))
     for key, value in student.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("drop_registers", [False, True])
+def test_unavailable_pretrained_weights_are_an_error_naming_the_model(offline_hub, drop_registers):
+    cfg = {"name": "vit_small_patch14_reg4_dinov2.lvd142m", "pretrained": True, "checkpoint": None}
+    cfg.update(drop_registers=drop_registers, drop_path=0.0, overrides={})
+    match = "pretrained weights of model.name=vit_small_patch14_reg4_dinov2.lvd142m .*not available.*model.checkpoint="
+    with pytest.raises(FileNotFoundError, match=match):
+        build_backbone(cfg)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import neco.train as train_mod
@@ -72,6 +73,19 @@ def test_missing_coco_fails_at_once_naming_path_and_override(tmp_path):
         main([f"data.root={missing}", f"train.run_dir={tmp_path / 'run'}", "train.cpu=true"])
     msg = str(err.value)
     assert str(missing / "train2017") in msg and "data.root=" in msg and "tiny" in msg
+
+
+def test_default_config_without_weights_fails_naming_the_model(tmp_path, offline_hub):
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "coco" / "train2017" / "000000000001.jpg")
+    args = [
+        f"data.root={tmp_path / 'coco'}",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.cpu=true",
+        "optim.batch_size=1",
+    ]
+    with pytest.raises(FileNotFoundError, match="model.name=vit_small_patch14_reg4_dinov2.lvd142m"):
+        main(args)
 
 
 def test_config_errors():

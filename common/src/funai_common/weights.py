@@ -71,3 +71,27 @@ def fit_to_timm_vit(state: dict[str, torch.Tensor], model: torch.nn.Module) -> d
     if "register_tokens" in state and "mask_token" not in state:
         state = {**state, "mask_token": torch.zeros(1)}  # timm converts the hub layout only when it sees one
     return checkpoint_filter_fn(state, model)
+
+
+def weights_unavailable(name: str, err: OSError, hint: str) -> FileNotFoundError:
+    """The error for pretrained weights that cannot be fetched (offline, not cached): the Hub's own messages do not
+    name the model. ``hint`` says how to give local weights instead."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return FileNotFoundError(f"pretrained weights of {name} not available ({reason}); {hint}")
+
+
+def create_timm_model(
+    name: str, pretrained: bool = False, label: str | None = None, hint: str | None = None, **kwargs
+) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)``; weights that cannot be fetched raise
+    ``weights_unavailable``: FileNotFoundError naming ``label`` (default "timm model <name>"), then ``hint``."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:
+        if not pretrained:
+            raise
+        raise weights_unavailable(
+            label or f"timm model {name}", err, hint or "download them once on a machine online (they are cached)"
+        ) from err

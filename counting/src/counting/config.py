@@ -114,12 +114,16 @@ def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]],
     return config, overrides, rest
 
 
-def load_config(argv: list[str] | None, default: str = "uncountr") -> tuple[dict, list[str]]:
-    """Load the selected (or default) config and apply the overrides; returns (config, positional arguments)."""
+def load_config(argv: list[str] | None, default: str = "uncountr", positional: str = "") -> tuple[dict, list[str]]:
+    """Load the selected (or default) config and apply the overrides; returns (config, positional arguments).
+
+    ``positional`` describes the positional arguments in the ``--help`` usage line (e.g. ``{masks,clusters,all}``).
+    """
     argv = list(argv or [])
     if "-h" in argv or "--help" in argv:
         cfg = load_yaml(resolve_config_path(default))
-        print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+        prefix = f"{positional} " if positional else ""
+        print(f"usage: {prefix}[--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
         print("shipped configs: " + ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml"))))
         print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
         raise SystemExit(0)

@@ -71,6 +71,15 @@ class CountingTestSet(Dataset):
         self.patch_size, self.target_height, self.fixed, self.shots = patch_size, target_height, fixed, shots
         self.items: list[tuple[Path, np.ndarray, float, str]] = []
 
+    def check_images(self, listing: Path) -> None:
+        """Raise FileNotFoundError naming the first listed images that are not on disk (and how many are missing)."""
+        missing = [str(path) for path, *_ in self.items if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(self.items)} images listed in {listing} are missing on disk, "
+                f"e.g. {missing[:3]}"
+            )
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -116,6 +125,7 @@ class FSC147(CountingTestSet):
             corners = np.asarray(ann["box_examples_coordinates"], dtype=np.float64)
             boxes = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 2, 0], corners[:, 2, 1]], axis=1)
             self.items.append((root / "images_384_VarV2" / name, boxes, float(len(ann["points"])), name))
+        self.check_images(splits)
 
 
 class CARPK(CountingTestSet):
@@ -144,6 +154,7 @@ class CARPK(CountingTestSet):
                 continue
             rows = np.loadtxt(io.StringIO(text), ndmin=2)
             self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name))
+        self.check_images(listing)
         if skipped:
             log.warning(
                 "CARPK %s: skipped %d images without annotated cars (no exemplars): %s",
@@ -199,6 +210,7 @@ class MSO(CountingTestSet):
         for name, boxes in read_mso_index(index):
             if len(boxes):
                 self.items.append((root / "img" / name, boxes, float(len(boxes)), name))
+        self.check_images(index)
 
 
 def build_test_set(name: str, root: str | Path, split: str = "test", **kwargs) -> CountingTestSet:

@@ -30,7 +30,10 @@ def load_trained_model(checkpoint: str | Path, model_config: str | Path | None =
     else:
         state = checkpoint / "state.json"
         if not state.is_file():
-            raise FileNotFoundError(f"{state} not found: give a checkpoint directory or model_config=PATH")
+            raise FileNotFoundError(
+                f"{state} not found: give a checkpoint directory (<run>/checkpoints/step_XXXXXX) or a model config "
+                "(counting-eval model_config=PATH, counting-predict --model-config PATH)"
+            )
         cfg = json.loads(state.read_text())["config"]
     model = build_model(cfg["model"])
     load_model_weights(model, checkpoint)
@@ -117,13 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = Path(ecfg["checkpoint"])
     splits = eval_splits(ecfg["dataset"], ecfg["splits"])
     out = Path(ecfg["out"]) if ecfg["out"] else checkpoint.parent.parent / f"eval_{ecfg['dataset']}"
-    setup_logging(out)
     device = torch.device(
         "cuda"
         if ecfg["device"] == "auto" and torch.cuda.is_available()
         else ("cpu" if ecfg["device"] == "auto" else ecfg["device"])
     )
-    model, cfg = load_trained_model(checkpoint, ecfg["model_config"])
+    model, cfg = load_trained_model(checkpoint, ecfg["model_config"])  # before ``out`` exists: a typo leaves nothing
+    setup_logging(out)
     model.to(device)
     scaling = cfg["collage"]["density_scaling"]
     results, predictions = {}, {}

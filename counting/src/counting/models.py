@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from funai_common.weights import create_timm_model
 
 BACKBONES = {
     "vit_b_16": "vit_base_patch16_224.dino",
@@ -80,13 +82,19 @@ def build_backbone(
     """Frozen timm ViT by name (``vit_base_patch16_224.dino`` or a reference alias ``vit_b_16``) or local weights.
 
     ``kwargs`` go to ``timm.create_model`` (e.g. depth=2, embed_dim=48, num_heads=2 for tests). Inputs of any size
-    are accepted (``dynamic_img_size``: position embeddings bicubically resampled, as DINO does).
+    are accepted (``dynamic_img_size``: position embeddings bicubically resampled, as DINO does). Weights that cannot
+    be found (a missing ``checkpoint_path``, or no download offline) raise FileNotFoundError naming the model.
     """
     name = BACKBONES.get(name, name)
+    if checkpoint_path and not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"backbone weights checkpoint_path={checkpoint_path} for {name}: no such file")
     extra = {"pretrained_cfg_overlay": {"file": checkpoint_path}} if checkpoint_path else {}
-    vit = timm.create_model(
+    vit = create_timm_model(
         name,
-        pretrained=pretrained or bool(checkpoint_path),
+        pretrained or bool(checkpoint_path),
+        f"backbone {name}",
+        "download them once (timm / Hugging Face cache) or give a local file with checkpoint_path=/path/to/weights "
+        "(model.checkpoint_path in training configs)",
         num_classes=0,
         img_size=img_size,
         dynamic_img_size=True,

@@ -274,7 +274,8 @@ def run_clusters(cfg: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     """``counting-preprocess masks|clusters|all key=value ...``; returns the written paths."""
-    cfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="preprocess")
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, rest = load_config(argv, default="preprocess", positional="[masks|clusters|all (default)]")
     steps = rest or ["all"]
     if len(steps) != 1 or steps[0] not in ("masks", "clusters", "all"):
         raise SystemExit(f"expected one step: masks, clusters or all; got {rest}")

@@ -6,13 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from funai_common.weights import load_state_dict
+from funai_common.weights import create_timm_model, load_state_dict
 
 
 def build_backbone(
@@ -24,10 +23,13 @@ def build_backbone(
     """A timm ViT without classifier, accepting any input size that is a multiple of the patch size.
 
     ``overrides`` go to ``timm.create_model`` (tests use e.g. ``img_size=32, patch_size=8, embed_dim=32, depth=2``).
+    Pretrained weights that cannot be found (offline, not cached) raise FileNotFoundError naming the model.
     """
-    model = timm.create_model(
+    model = create_timm_model(
         name,
-        pretrained=pretrained,
+        pretrained,
+        f"timm backbone {name!r}",
+        "download them once (Hugging Face cache) or pass a local checkpoint file instead",
         num_classes=0,
         drop_path_rate=drop_path_rate,
         dynamic_img_size=True,
@@ -206,5 +208,16 @@ def load_backbone(model: VisionTransformer, path: str | Path, key: str = "teache
 
         grid = int(math.sqrt(model.pos_embed.shape[1] - model.num_prefix_tokens))
         state["pos_embed"] = resample_abs_pos_embed(pe, (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path} does not fit the backbone ({len(wrong)} shape mismatches, checkpoint vs model, e.g. {wrong[:2]}): "
+            "set arch / model_overrides to the run's model.arch / model.overrides"
+        )
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)

@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)
     save_config(cfg, run_dir / "config.yaml")
+    # data first: a missing dataset is reported before any weights are fetched
+    datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     torch.manual_seed(cfg["seed"])
     extractor = build_extractor(cfg)
     log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
-    datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     if cfg["state"] and Path(cfg["state"]).is_file():
         extractor.load(cfg["state"])
         log.info("loaded heads, projection and negatives from %s", cfg["state"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
-from funai_common.weights import fit_to_timm_vit, load_state_dict
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict, weights_unavailable
 
 log = logging.getLogger(__name__)
 # PIL resample codes used by Hugging Face image processors -> torchvision interpolation names
@@ -82,6 +82,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+WEIGHTS_HINT = (
+    "download them once on a machine online (they are cached), or use local weights: checkpoint=PATH (timm), "
+    "model=hf:/local/folder (Hugging Face), or pretrained=false for random weights (timm, torchvision)"
+)
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a local .safetensors or .pth/.pt file (the latter with ``weights_only=True``)."""
     return load_state_dict(path, keys=("model", "state_dict", "teacher"))
@@ -106,7 +112,9 @@ def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None
     """timm model by name (``num_classes=0`` -> pooled CLS embedding); optional local checkpoint."""
     import timm
 
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0, **kwargs)
+    model = create_timm_model(
+        name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, num_classes=0, **kwargs
+    )
     if checkpoint:
         missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:
@@ -136,7 +144,12 @@ def build_torchvision(name: str, pretrained: bool = True, weights: str | None = 
 
     weights = weights or ("DEFAULT" if pretrained else None)
     weights = torchvision.models.get_model_weights(name).verify(weights) if weights else None
-    model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    try:
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except OSError as err:
+        if weights is None:
+            raise
+        raise weights_unavailable(f"model=torchvision:{name}", err, WEIGHTS_HINT) from err
     model.heads = nn.Identity()
     return torchvision_backbone(freeze(model), weights)
 
@@ -164,9 +177,12 @@ def build_hf(name: str, modality: str | None = None, **kwargs) -> Backbone:
     """Hugging Face model id or local folder; modality inferred from the config (text, image or audio)."""
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise weights_unavailable(f"model=hf:{name}", err, WEIGHTS_HINT) from err
     modality = modality or hf_modality(config)
-    model = AutoModel.from_pretrained(name, **kwargs)
     return wrap_hf(model, modality, name)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funai_common.weights import fit_to_timm_vit, load_state_dict, strip_prefixes_from
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict, strip_prefixes_from
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,15 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
     if cfg.get("drop_registers"):
         kwargs["reg_tokens"] = 0
     pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint")
+    label = f"model.name={cfg['name']} (timm {name})"
+    hint = "download them once on a machine online (they are cached), or set model.checkpoint=PATH to local weights"
     if pretrained and cfg.get("drop_registers"):
         model = timm.create_model(name, pretrained=False, **kwargs)
-        source = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True).state_dict()
+        source = create_timm_model(name, True, label, hint, num_classes=0, dynamic_img_size=True).state_dict()
         source.pop("reg_token", None)
         model.load_state_dict(source, strict=True)
     else:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = create_timm_model(name, pretrained, label, hint, **kwargs)
     if cfg.get("checkpoint"):
         _load_checkpoint(model, name, cfg["checkpoint"], bool(cfg.get("drop_registers")))
     return model
