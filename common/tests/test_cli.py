@@ -152,6 +152,27 @@ def test_hummingbird_cli_on_synthetic_data_with_a_tiny_vit(tmp_path):
     assert 0.0 <= result["miou"] <= 1.0 and json.loads(out.read_text())["miou"] == result["miou"]
 
 
+def test_hummingbird_cli_names_the_missing_dataset_or_model(tmp_path, monkeypatch):
+    import timm
+
+    from funai_common.cli import timm_patch_features
+
+    # a missing dataset is reported before the model is built (here it could not be)
+    with pytest.raises(FileNotFoundError, match="VOCSegmentation.*layout"):
+        hummingbird_main(
+            ["--model", "no_such_vit", "--dataset", "voc", "--data-dir", str(tmp_path / "VOCSegmentation")]
+        )
+    with pytest.raises(ValueError, match="--model 'no_such_vit': not a timm model name"):
+        timm_patch_features("no_such_vit", 32, pretrained=False)
+
+    def offline(*args, **kwargs):  # what timm raises when the weights are neither cached nor downloadable
+        raise OSError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"'vit_small_patch14_dinov2.lvd142m' .* --checkpoint PATH"):
+        timm_patch_features("vit_small_patch14_dinov2.lvd142m", 504)
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     metrics = demo.main(["--out", str(tmp_path), "--quick"])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -26,9 +28,22 @@ def test_forward_with_attention_matches_manual(tiny_vit):
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 17))
 
 
-def test_rectangular_input(tiny_vit):
-    _, tokens, attn, _, _ = forward_with_attention(tiny_vit, torch.randn(1, 3, 48, 24))
+def test_rectangular_input_follows_the_official_dino_position_interpolation(tiny_vit):
+    x = torch.randn(1, 3, 48, 24)
+    _, tokens, attn, _, _ = forward_with_attention(tiny_vit, x)
     assert tokens.shape == (1, 1 + 6 * 3, 32) and attn.shape == (1, 4, 19, 19)
+    # the official ViT's prepare_tokens: interpolate_pos_encoding with its +0.1 offset (bicubic, no antialias)
+    m = tiny_vit
+    side = int(math.sqrt(m.pos_embed.shape[1] - 1))
+    table = m.pos_embed[:, 1:].reshape(1, side, side, 32).permute(0, 3, 1, 2)
+    table = torch.nn.functional.interpolate(table, scale_factor=(6.1 / side, 3.1 / side), mode="bicubic")
+    pos = torch.cat([m.pos_embed[:, :1], table.permute(0, 2, 3, 1).reshape(1, 18, 32)], 1)
+    h = torch.cat([m.cls_token, m.patch_embed(x).reshape(1, 18, 32)], 1) + pos
+    torch.testing.assert_close(tokens, m.norm(m.blocks(h)))
+    # square inputs of the stored size use the table as it is
+    y = torch.randn(1, 3, 32, 32)
+    h = torch.cat([m.cls_token, m.patch_embed(y).reshape(1, 16, 32)], 1) + m.pos_embed
+    torch.testing.assert_close(forward_with_attention(m, y)[1], m.norm(m.blocks(h)))
 
 
 def test_dino_head_weight_norm():

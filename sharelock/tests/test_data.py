@@ -81,6 +81,23 @@ def test_features_cli_from_webdataset_resumes(tmp_path):
     torch.testing.assert_close(store.get(sorted(images)), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_features_cli_checks_the_source_before_loading_a_backbone(tmp_path):
+    # the backbones named here cannot be loaded: the missing data must be reported first, and no store created
+    store = tmp_path / "store"
+    image = ["modality=image", "vision.model=no_such_vit", "vision.pretrained=false", f"out={store}"]
+    with pytest.raises(FileNotFoundError, match="no webdataset shard matches"):
+        precompute.main([*image, "source.type=webdataset", f"source.path={tmp_path / 'wds' / '{00000..00003}.tar'}"])
+    with pytest.raises(FileNotFoundError, match="dataset root not found"):
+        precompute.main([*image, "source.type=labelled", f"source.path={tmp_path / 'val'}"])
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match="source.type=folder needs source.captions"):
+        precompute.main([*image, "source.type=folder", f"source.path={tmp_path / 'images'}"])
+    text = ["modality=text", f"language.model={tmp_path / 'no-such-llm'}", f"out={store}"]
+    with pytest.raises(FileNotFoundError, match="captions file not found"):
+        precompute.main([*text, "source.type=captions", f"source.path={tmp_path / 'captions.json'}"])
+    assert not store.exists()
+
+
 def test_caption_files_and_class_names(tmp_path):
     (tmp_path / "caps.json").write_text(json.dumps({"a.png": "one", "b.png": "two"}))
     (tmp_path / "caps.csv").write_text('filepath,title\na.png,one\nb.png,"two, with comma"\n')

@@ -51,3 +51,29 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-4)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_two_feature_processes_share_the_work(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m sharelock.precompute` on CPU: two ranks, one shard series
+    each, every caption exactly once."""
+    from sharelock.tiny import build_tiny_llama, build_word_tokenizer
+
+    captions = {f"{i:04d}": f"caption number {i} " + "word " * (i % 5) for i in range(30)}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    tokenizer = build_word_tokenizer(captions.values())
+    build_tiny_llama(len(tokenizer), hidden_size=16).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # the documented command alone must form one two-process job
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "sharelock.precompute", "modality=text",
+           "source.type=captions", f"source.path={tmp_path / 'captions.json'}", f"language.model={tmp_path / 'llm'}",
+           f"out={tmp_path / 'store'}", "shard_size=4"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from sharelock.store import FeatureStore
+
+    ranks = {p.name[: len("shard_r000")] for p in (tmp_path / "store").glob("shard_*.json")}
+    assert ranks == {"shard_r000", "shard_r001"}
+    assert sorted(FeatureStore(tmp_path / "store").ids) == sorted(captions)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sharelock.features import build_vision_encoder, last_token_features
+from sharelock.features import build_language_encoder, build_vision_encoder, last_token_features
 from sharelock.tiny import build_tiny_llama, tiny_vit_spec
 
 
@@ -101,6 +101,21 @@ def test_vision_checkpoint_at_another_resolution_and_hub_layout(tmp_path):
         build_vision_encoder({**spec, "checkpoint": str(tmp_path / "partial.safetensors")})
 
 
+def test_backbones_that_cannot_be_loaded_are_named(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"language model '.*no-such-llm' could not be loaded"):
+        build_language_encoder({"model": str(tmp_path / "no-such-llm"), "dtype": None})
+    with pytest.raises(ValueError, match="vision.model='no_such_vit': not a timm model name"):
+        build_vision_encoder({"model": "no_such_vit", "pretrained": False})
+    import timm
+
+    def offline(*args, **kwargs):  # what timm raises when the weights are neither cached nor downloadable
+        raise OSError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"'vit_base_patch14_dinov2.lvd142m' .* vision.checkpoint=PATH"):
+        build_vision_encoder({"model": "vit_base_patch14_dinov2.lvd142m", "pretrained": True})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_features_close_to_fp32(tiny_text):
@@ -111,3 +126,23 @@ def test_cuda_bf16_features_close_to_fp32(tiny_text):
     assert gpu.dtype == torch.float32 and gpu.device.type == "cpu"
     cos = torch.nn.functional.cosine_similarity(cpu, gpu, dim=-1)
     assert bool((cos > 0.99).all())
+
+
+def test_dynamic_vit_interpolates_its_table_like_dinov2_hub():
+    import timm
+
+    from funai_common.vit import dino_interpolate
+
+    spec = tiny_vit_spec(img_size=56)
+    spec["kwargs"]["dynamic_img_size"] = True
+    torch.manual_seed(0)
+    model = build_vision_encoder(spec)  # 4 x 4 table (patch 14), run at 28 px: a 2 x 2 grid
+    x = torch.randn(3, 3, 28, 28)
+    fixed = timm.create_model(spec["model"], pretrained=False, num_classes=0, **{**spec["kwargs"], "img_size": 28})
+    state = dict(model.state_dict())
+    pos = state["pos_embed"]
+    state["pos_embed"] = torch.cat([pos[:, :1], dino_interpolate(pos[:, 1:], (2, 2), offset=0.1)], 1)
+    fixed.load_state_dict(state)
+    torch.testing.assert_close(model(x), fixed.eval()(x))
+    # without dynamic_img_size nothing changes: timm's own model
+    assert type(build_vision_encoder(tiny_vit_spec(img_size=28))) is timm.models.vision_transformer.VisionTransformer

@@ -124,6 +124,10 @@ def test_probe_class_disjoint(demo_out, tmp_path):
         + ["val_check_interval=10", "data.val_size=4"]
     )
     assert result["n_test_classes"] == 2 and result["chance_top1"] == 50.0
+    # the resolved config is written to the run directory, as by sharelock-train
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["probe"]["splits"] == str(splits)
     assert 0 <= result["unseen top1"] <= 100 and result["unseen top5"] == 100.0  # k capped at the 2 test classes
     assert len(names) == 12
     bad = tmp_path / "bad.json"

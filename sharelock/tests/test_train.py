@@ -55,6 +55,13 @@ def test_resume_continues_the_same_trajectory(stores, tmp_path):
     shutil.copytree(straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004")
     train.main(tiny_args(stores, resumed, "resume=latest"))
     np.testing.assert_allclose(losses(resumed), losses(straight)[4:], rtol=1e-6, atol=1e-6)
+    # resuming a finished run trains no step: its summary.json stays strict JSON (no NaN loss)
+    assert train.main(tiny_args(stores, resumed, "resume=latest"))["train_loss"] is None
+
+    def no_constants(name):
+        raise ValueError(f"{name} in summary.json")
+
+    assert json.loads((resumed / "summary.json").read_text(), parse_constant=no_constants)["step"] == 8
     a = load_file(str(straight / "checkpoints" / "step_000008" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step_000008" / "model.safetensors"))
     assert a.keys() == b.keys()

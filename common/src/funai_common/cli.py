@@ -15,7 +15,7 @@ from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_data
 from funai_common.hummingbird import HummingbirdEvaluator
 from funai_common.knn import knn_classify_many
 from funai_common.search import BACKENDS
-from funai_common.weights import fit_to_timm_vit, load_state_dict
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict
 
 log = logging.getLogger("funai_common")
 
@@ -108,12 +108,18 @@ def timm_patch_features(
 ):
     """(feature_fn, patch_size) for a timm ViT: feature_fn(images) -> (B, S*S, D) final-norm patch tokens."""
     try:
-        import timm
+        import timm  # noqa: F401 (a clear message when the optional dependency is missing)
     except ImportError:
         raise ImportError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
 
-    model = timm.create_model(
-        model_name, pretrained=pretrained and checkpoint is None, num_classes=0, img_size=input_size, **model_args
+    model = create_timm_model(
+        model_name,
+        pretrained and checkpoint is None,
+        f"--model {model_name!r}",
+        "offline, give local weights with --checkpoint PATH",
+        num_classes=0,
+        img_size=input_size,
+        **model_args,
     )
     if checkpoint is not None:
         state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
@@ -158,6 +164,11 @@ def hummingbird_main(argv=None) -> dict:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # the datasets first: a wrong --data-dir fails before any weights are loaded (or downloaded)
+    train_split = args.train_split or ("trainaug" if args.dataset == "voc" else "train")
+    extra = {"image_size": args.input_size} if args.dataset == "synthetic" else {}
+    train = build_segmentation_dataset(args.dataset, args.data_dir, train_split, **extra)
+    val = build_segmentation_dataset(args.dataset, args.data_dir, args.val_split, **extra)
     feature_fn, patch_size = timm_patch_features(
         args.model,
         args.input_size,
@@ -166,10 +177,6 @@ def hummingbird_main(argv=None) -> dict:
         args.device,
         **_parse_kwargs(args.model_args),
     )
-    train_split = args.train_split or ("trainaug" if args.dataset == "voc" else "train")
-    extra = {"image_size": args.input_size} if args.dataset == "synthetic" else {}
-    train = build_segmentation_dataset(args.dataset, args.data_dir, train_split, **extra)
-    val = build_segmentation_dataset(args.dataset, args.data_dir, args.val_split, **extra)
     evaluator = HummingbirdEvaluator(
         feature_fn,
         train,

@@ -83,15 +83,21 @@ def weights_unavailable(name: str, err: OSError, hint: str) -> FileNotFoundError
 def create_timm_model(
     name: str, pretrained: bool = False, label: str | None = None, hint: str | None = None, **kwargs
 ) -> torch.nn.Module:
-    """``timm.create_model(name, pretrained=pretrained, **kwargs)``; weights that cannot be fetched raise
-    ``weights_unavailable``: FileNotFoundError naming ``label`` (default "timm model <name>"), then ``hint``."""
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)`` with errors that name the model: ValueError for a
+    name timm does not know, and for pretrained weights that cannot be fetched ``weights_unavailable``, naming
+    ``label`` (default "timm model <name>") followed by ``hint``."""
     import timm
 
+    label = label or f"timm model {name}"
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        raise ValueError(f"{label}: not a timm model name (timm.list_models() lists them)") from None
     except OSError as err:
         if not pretrained:
             raise
         raise weights_unavailable(
-            label or f"timm model {name}", err, hint or "download them once on a machine online (they are cached)"
+            label, err, hint or "download them once on a machine online (they are cached)"
         ) from err

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from funai_common.vit import use_dino_interpolation
 from funai_common.weights import create_timm_model
 
 BACKBONES = {
@@ -82,7 +83,8 @@ def build_backbone(
     """Frozen timm ViT by name (``vit_base_patch16_224.dino`` or a reference alias ``vit_b_16``) or local weights.
 
     ``kwargs`` go to ``timm.create_model`` (e.g. depth=2, embed_dim=48, num_heads=2 for tests). Inputs of any size
-    are accepted (``dynamic_img_size``: position embeddings bicubically resampled, as DINO does). Weights that cannot
+    are accepted (``dynamic_img_size``), the position table interpolated as the official DINO ViT does (bicubic,
+    +0.1 offset, no antialias: ``use_dino_interpolation``; the 64 px exemplar crops use it). Weights that cannot
     be found (a missing ``checkpoint_path``, or no download offline) raise FileNotFoundError naming the model.
     """
     name = BACKBONES.get(name, name)
@@ -101,7 +103,7 @@ def build_backbone(
         **extra,
         **kwargs,
     )
-    return FrozenViT(vit)
+    return FrozenViT(use_dino_interpolation(vit))
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int | None = None) -> torch.Tensor:

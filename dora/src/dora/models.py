@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from funai_common.vit import use_dino_interpolation
 from funai_common.weights import create_timm_model, load_state_dict
 
 
@@ -20,7 +21,8 @@ def build_backbone(
     pretrained: bool = False,
     **overrides: Any,
 ) -> VisionTransformer:
-    """A timm ViT without classifier, accepting any input size that is a multiple of the patch size.
+    """A timm ViT without classifier, accepting any input size that is a multiple of the patch size; at other sizes
+    than its own the position table is interpolated as the official DINO ViT does (``use_dino_interpolation``).
 
     ``overrides`` go to ``timm.create_model`` (tests use e.g. ``img_size=32, patch_size=8, embed_dim=32, depth=2``).
     Pretrained weights that cannot be found (offline, not cached) raise FileNotFoundError naming the model.
@@ -37,7 +39,7 @@ def build_backbone(
     )
     if not isinstance(model, VisionTransformer) or model.num_prefix_tokens != 1:
         raise ValueError(f"{name!r}: DoRA needs a timm VisionTransformer with a CLS token and no registers")
-    return model
+    return use_dino_interpolation(model)
 
 
 def forward_with_attention(model: VisionTransformer, images: torch.Tensor):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from funai_common.vit import use_dino_interpolation
 from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict, strip_prefixes_from
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ def _load_checkpoint(model: nn.Module, name: str, path: str, drop_registers: boo
 def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Module:
     """timm ViT from ``cfg`` (``model`` section): name, pretrained, checkpoint, drop_registers, timm overrides.
 
-    ``dynamic_img_size`` lets one network take the 518 px global and 98 px local crops (bicubic pos-embed
-    interpolation). ``drop_registers`` builds the "R-XR" variant: DINOv2R weights without register tokens.
+    ``dynamic_img_size`` lets one network take the 518 px global and 98 px local crops, with the position table
+    interpolated as the DINO / DINOv2 code does (bicubic, +0.1 offset, no antialias: ``use_dino_interpolation``).
+    ``drop_registers`` builds the "R-XR" variant: DINOv2R weights without register tokens.
     """
     name = BACKBONES.get(cfg["name"], cfg["name"])
     kwargs = dict(
@@ -95,7 +97,7 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
         model = create_timm_model(name, pretrained, label, hint, **kwargs)
     if cfg.get("checkpoint"):
         _load_checkpoint(model, name, cfg["checkpoint"], bool(cfg.get("drop_registers")))
-    return model
+    return use_dino_interpolation(model)
 
 
 class ProjectionHead(nn.Module):

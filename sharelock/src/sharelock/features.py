@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from funai_common.weights import fit_to_timm_vit, load_state_dict
+from funai_common.vit import use_dino_interpolation
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict
 
 
 # ----------------------------------------------------------------------------------------------- vision side
@@ -17,23 +18,34 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
     """A frozen timm model returning the CLS token after the final norm, (B, 3, H, W) -> (B, D).
 
     spec: {"model": timm name, "pretrained": bool, "checkpoint": local safetensors/.pth or None, "kwargs": {...}}.
-    DINOv2 in timm (`vit_base_patch14_dinov2.lvd142m`) with `img_size=224` runs at 224 px like the torch.hub model.
-    A local checkpoint goes through timm's checkpoint filter, so weights saved at another resolution (DINOv2's 518 px
-    position table) or in the original layout (e.g. with a `mask_token`) load into the 224 px model.
+    A ViT built with `dynamic_img_size: true` keeps its stored position table and interpolates it for other input
+    sizes as the official DINO / DINOv2 code does (`use_dino_interpolation`): DINOv2 in timm
+    (`vit_base_patch14_dinov2.lvd142m`, 518 px table) then gives the torch.hub model's features at 224 px. A local
+    checkpoint goes through timm's checkpoint filter, so weights saved at another resolution or in the original
+    layout (e.g. with a `mask_token`) load too.
     """
-    import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     # CLS-token pooling by default (ViTs); other timm backbones take e.g. kwargs {global_pool: avg}
     kwargs = {"global_pool": "token", **(spec.get("kwargs") or {})}
     checkpoint = spec.get("checkpoint")
     pretrained = bool(spec.get("pretrained", True)) and not checkpoint
-    model = timm.create_model(spec["model"], pretrained=pretrained, num_classes=0, **kwargs)
+    model = create_timm_model(
+        spec["model"],
+        pretrained,
+        f"vision.model={spec['model']!r}",
+        "offline, give local weights: vision.checkpoint=PATH vision.pretrained=false",
+        num_classes=0,
+        **kwargs,
+    )
     if checkpoint:
         state = fit_to_timm_vit(load_state_dict(checkpoint, keys=("state_dict", "model")), model)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"vision checkpoint {checkpoint} does not fit {spec['model']}: {err}") from None
+    if isinstance(model, VisionTransformer) and getattr(model, "dynamic_img_size", False):
+        use_dino_interpolation(model)
     return model.eval().requires_grad_(False)
 
 
@@ -50,8 +62,15 @@ def build_language_encoder(spec: dict[str, Any], device: str | torch.device = "c
     from transformers import AutoModel, AutoTokenizer
 
     dtype = getattr(torch, spec.get("dtype") or "float32")
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModel.from_pretrained(spec["model"], dtype=dtype).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+        model = AutoModel.from_pretrained(spec["model"], dtype=dtype).to(device)
+    except OSError as err:  # not a local folder, and not in the Hugging Face cache nor downloadable
+        reason = " ".join(str(err).split())  # one line
+        raise FileNotFoundError(
+            f"language model {spec['model']!r} could not be loaded ({reason}); give a Hugging Face id that is cached "
+            "or downloadable, or the path of a local model folder (offline: HF_HUB_OFFLINE=1 and a local path)"
+        ) from None
     return model.eval().requires_grad_(False), tokenizer
 
 

@@ -71,26 +71,32 @@ class _Pending(torch.utils.data.Dataset):
 def extract_images(cfg: dict, accelerator: Accelerator) -> Path:
     """Image features for a webdataset, a captioned image folder or a labelled set (labels stored too)."""
     src = cfg["source"]
+    # the source first: a wrong path fails before a backbone is loaded (or downloaded) and before the store exists
+    if src["type"] == "webdataset":
+        urls, samples = expand_urls(src["path"]), None
+    elif src["type"] == "folder":
+        if not src["captions"]:
+            raise ValueError("source.type=folder needs source.captions=FILE (JSON or CSV naming the images)")
+        samples = ImageCaptionFolder(src["path"], src["captions"])
+    elif src["type"] == "labelled":
+        samples = LabelledImages(src["path"], src["kind"], src["split"])
+    else:
+        raise ValueError(f"source.type={src['type']!r} is not an image source: use webdataset, folder or labelled")
     encoder = build_vision_encoder(cfg["vision"]).to(accelerator.device)
     source = dict(src)
     if src["type"] == "labelled":  # the folder/class order that the labels index, for class-name files keyed by folder
-        source["classes"] = LabelledImages(src["path"], src["kind"], src["split"]).classes
+        source["classes"] = samples.classes
     writer = FeatureWriter(
         cfg["out"], vision_store_name(cfg["vision"]), "image", vision_dim(encoder), cfg["store_dtype"],
         cfg["shard_size"], accelerator.process_index, backbone={"vision": cfg["vision"]}, source=source,
     )  # fmt: skip
+    accelerator.wait_for_everyone()  # every rank has read the completed ids before any rank adds shards
     rank, world = accelerator.process_index, accelerator.num_processes
-    if src["type"] == "webdataset":
-        dataset = _WebImages(expand_urls(src["path"]), writer.done, rank, world)
-        total = None
-    elif src["type"] == "folder":
-        dataset = _Pending(ImageCaptionFolder(src["path"], src["captions"]), writer.done, rank, world)
-        total = len(dataset)
-    elif src["type"] == "labelled":
-        dataset = _Pending(LabelledImages(src["path"], src["kind"], src["split"]), writer.done, rank, world)
-        total = len(dataset)
+    if samples is None:
+        dataset, total = _WebImages(urls, writer.done, rank, world), None
     else:
-        raise ValueError(f"source.type={src['type']!r} is not an image source: use webdataset, folder or labelled")
+        dataset = _Pending(samples, writer.done, rank, world)
+        total = len(dataset)
     workers = cfg["num_workers"] if not isinstance(dataset, _WebImages) else min(cfg["num_workers"], len(dataset.urls))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=workers)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=accelerator.device.type == "cuda")
@@ -124,6 +130,7 @@ def _texts(src: dict) -> tuple[list[str], list[str]]:
 
 def extract_texts(cfg: dict, accelerator: Accelerator) -> Path:
     """Last-token LLM features of captions or class-name prompts, length-bucketed within chunks."""
+    ids, texts = _texts(cfg["source"])  # first: a wrong source fails before the language model is loaded
     spec = dict(cfg["language"])
     if spec.get("dtype") is None:
         spec["dtype"] = "bfloat16" if accelerator.device.type == "cuda" else "float32"
@@ -132,7 +139,7 @@ def extract_texts(cfg: dict, accelerator: Accelerator) -> Path:
         cfg["out"], spec["model"], "text", text_dim(model), cfg["store_dtype"], cfg["shard_size"],
         accelerator.process_index, backbone={"text": spec}, source=cfg["source"],
     )  # fmt: skip
-    ids, texts = _texts(cfg["source"])
+    accelerator.wait_for_everyone()  # every rank has read the completed ids before any rank adds shards
     todo = [i for i, k in enumerate(ids) if k not in writer.done][
         accelerator.process_index :: accelerator.num_processes
     ]
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError("set out=DIR (the feature store directory)")
     if not cfg["source"]["path"]:
         raise ValueError("set source.path (tar pattern, image root, captions file or class-names file)")
-    accelerator = Accelerator()
+    # CPU processes (gloo, `accelerate launch --multi_gpu` without GPUs) must form one job, not several rank-0 runs
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if cfg["modality"] == "image":
         out = extract_images(cfg, accelerator)
     elif cfg["modality"] == "text":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from sharelock.config import load_config
+from sharelock.config import load_config, save_config
 from sharelock.data import load_class_names
 from sharelock.eval import evaluate_features
 from sharelock.models import format_prompt
@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe = cfg["probe"]
     if not probe["features"] or not probe["class_names"]:
         raise ValueError("set probe.features=STORE (labelled image features) and probe.class_names=FILE")
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+    cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
     images = FeatureStore(probe["features"], modality="image")
     if images.labels is None:
         raise ValueError(f"feature store {images.path} has no labels (extract it with source.type=labelled)")

@@ -146,7 +146,7 @@ def fit(
         metrics_file.write_text("".join(r + "\n" for r in kept))
     model.train()
     bar = tqdm(total=opt_cfg["max_steps"], initial=state["step"], desc="train", disable=not accelerator.is_main_process)
-    loss_value = float("nan")
+    loss_value: float | None = None  # stays None when no step runs (a run resumed at max_steps)
     perms: dict[int, np.ndarray] = {}
     while state["step"] < opt_cfg["max_steps"] and not state["stopped"]:
         losses = []
