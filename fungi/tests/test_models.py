@@ -28,6 +28,26 @@ def test_timm_transform_uses_built_img_size():
     assert ex([photo(), photo(50, 70)]).shape == (2, 96)
 
 
+def test_timm_input_size_on_a_dynamic_vit_interpolates_like_dino():
+    from funai_common.vit import DinoInterpolationViT, dino_interpolate
+
+    torch.manual_seed(0)
+    bb = build_backbone(
+        "timm:vit_small_patch16_224.dino", False, None, 32, img_size=64, dynamic_img_size=True, **TINY_VIT
+    )
+    assert isinstance(bb.model, DinoInterpolationViT) and (bb.input_size, bb.resize_size) == (32, 35)
+    x = torch.randn(2, 3, 32, 32)
+    m = bb.model
+    grid = 32 // m.patch_embed.patch_size[0]
+    pos = torch.cat([m.pos_embed[:, :1], dino_interpolate(m.pos_embed[:, 1:], (grid, grid))], 1)
+    tokens = torch.cat([m.cls_token.expand(2, -1, -1), m.patch_embed(x).flatten(1, 2)], 1) + pos
+    torch.testing.assert_close(m(x), m.norm(m.blocks(tokens))[:, 0])
+    with pytest.raises(ValueError, match=r"input_size=32 differs from .* built size 64.*dynamic_img_size: true"):
+        build_backbone("timm:vit_small_patch16_224.dino", False, None, 32, img_size=64, **TINY_VIT)
+    with pytest.raises(ValueError, match="input_size=32 applies to timm models"):
+        build_backbone("torchvision:vit_b_16", False, None, 32)
+
+
 def test_timm_keeps_model_mean_std_crop():
     bb = build_backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False, img_size=32, **TINY_VIT)
     assert bb.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))

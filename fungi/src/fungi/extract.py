@@ -24,6 +24,7 @@ DEFAULTS = {
     "pretrained": True,
     "checkpoint": None,
     "model_kwargs": {},
+    "input_size": None,
     "layer": None,
     "objectives": ["kl", "dino", "simclr"],
     "seed": 42,
@@ -78,7 +79,7 @@ def build_extractor(cfg: dict) -> FUNGIExtractor:
     """FUNGIExtractor from a resolved config (model, layer, objectives and their options, seed, device, dtype)."""
     device = resolve_device(cfg["device"])
     backbone = build_backbone(
-        cfg["model"], pretrained=cfg["pretrained"], checkpoint=cfg["checkpoint"], **cfg["model_kwargs"]
+        cfg["model"], cfg["pretrained"], cfg["checkpoint"], cfg["input_size"], **cfg["model_kwargs"]
     )
     return FUNGIExtractor(
         backbone,

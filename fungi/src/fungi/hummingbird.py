@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train, val = build_datasets(cfg)  # a missing dataset fails before any weights are fetched
     device = resolve_device(cfg["device"])
     torch.manual_seed(cfg["seed"])  # random-weight models (tiny config) are reproducible too
-    kwargs = {"img_size": cfg["input_size"], **cfg["model_kwargs"]}
-    model = build_timm(cfg["model"], cfg["pretrained"], cfg["checkpoint"], **kwargs).model.to(device)
+    # the stored position table, interpolated at input_size as the protocol's DINO models do
+    kwargs = {"dynamic_img_size": True, **cfg["model_kwargs"]}
+    model = build_timm(cfg["model"], cfg["pretrained"], cfg["checkpoint"], cfg["input_size"], **kwargs).model
+    model.to(device)
 
     def evaluator(feature_fn, keep: bool = False) -> HummingbirdEvaluator:
         return HummingbirdEvaluator(

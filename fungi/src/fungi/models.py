@@ -108,9 +108,19 @@ def _square(size) -> int | tuple[int, int]:
     return h if h == w else (h, w)
 
 
-def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None, **kwargs) -> Backbone:
-    """timm model by name (``num_classes=0`` -> pooled CLS embedding); optional local checkpoint."""
+def build_timm(
+    name: str, pretrained: bool = True, checkpoint: str | None = None, input_size: int | None = None, **kwargs
+) -> Backbone:
+    """timm model by name (``num_classes=0`` -> pooled CLS embedding); optional local checkpoint.
+
+    The transform runs the model at its built ``img_size``, or at ``input_size`` when given. A ViT built with
+    ``dynamic_img_size=True`` keeps its stored position table and interpolates it for other sizes as the official
+    DINO / DINOv2 code does (``use_dino_interpolation``): e.g. DINOv2's 518 px table at 224 px, as torch.hub's model.
+    """
     import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from funai_common.vit import use_dino_interpolation
 
     model = create_timm_model(
         name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, num_classes=0, **kwargs
@@ -119,10 +129,19 @@ def build_timm(name: str, pretrained: bool = True, checkpoint: str | None = None
         missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:
             raise ValueError(f"checkpoint {checkpoint} misses {len(missing)} weights of {name}, e.g. {missing[:3]}")
+    dynamic = isinstance(model, VisionTransformer) and getattr(model, "dynamic_img_size", False)
+    if dynamic:
+        use_dino_interpolation(model)
     cfg = timm.data.resolve_model_data_config(model)
     # the data config keeps the pretrained input size; an img_size= override only shows on the built model
     patch_embed = getattr(model, "patch_embed", None)
-    size = _square(getattr(patch_embed, "img_size", None) or cfg["input_size"][1:])
+    built = _square(getattr(patch_embed, "img_size", None) or cfg["input_size"][1:])
+    if input_size and _square(input_size) != built and not dynamic:
+        raise ValueError(
+            f"input_size={input_size} differs from {name}'s built size {built}: build it with "
+            "model_kwargs={dynamic_img_size: true} (or img_size)"
+        )
+    size = _square(input_size) if input_size else built
     crop_pct = float(cfg.get("crop_pct") or 0.875)
     return Backbone(
         freeze(model),
@@ -249,11 +268,16 @@ def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbon
     return Backbone(freeze(HFImageEmbedder(model)), **hf_image_transform(processor))
 
 
-def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = None, **kwargs) -> Backbone:
-    """Backbone from ``timm:<name>`` (or a bare timm name), ``torchvision:<name>`` or ``hf:<id or path>``."""
+def build_backbone(
+    name: str, pretrained: bool = True, checkpoint: str | None = None, input_size: int | None = None, **kwargs
+) -> Backbone:
+    """Backbone from ``timm:<name>`` (or a bare timm name), ``torchvision:<name>`` or ``hf:<id or path>``;
+    ``input_size`` (timm only) runs the model at another size than its built one."""
     family, _, model_name = name.partition(":") if ":" in name else ("timm", "", name)
     if family == "timm":
-        return build_timm(model_name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        return build_timm(model_name, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, **kwargs)
+    if input_size:
+        raise ValueError(f"input_size={input_size} applies to timm models; {name} takes its size from its weights")
     if family == "torchvision":
         return build_torchvision(model_name, pretrained=pretrained, **kwargs)
     if family == "hf":
