@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sharelock.store import FeatureStore, FeatureWriter
+from sharelock.store import FeatureStore, FeatureWriter, same_model
 
 
 def make_store(path, n=23, dim=5, shard_size=7, model="m", dtype="float32", labels=True):
@@ -61,6 +61,19 @@ def test_errors_name_both_models_and_missing_ids(tmp_path):
         FeatureStore(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"expected features of shape \(2, 5\)"):
         FeatureWriter(tmp_path / "s", "dinov2", "image", 5).add(["a", "b"], np.zeros((2, 4)))
+
+
+def test_hub_id_and_local_folder_of_one_model_match(tmp_path, caplog):
+    assert same_model("meta-llama/Meta-Llama-3-8B", "/models/Meta-Llama-3-8B/")
+    assert same_model("/a/Meta-Llama-3-8B", "/b/meta-llama-3-8b") and same_model("m", "m")
+    assert not same_model("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-70B")
+    assert not same_model("/models/llama", "/models/llama2")
+    make_store(tmp_path / "s", model="meta-llama/Meta-Llama-3-8B")
+    with caplog.at_level("WARNING"):
+        assert FeatureStore(tmp_path / "s", model="/models/Meta-Llama-3-8B").model == "meta-llama/Meta-Llama-3-8B"
+    assert "the same model" in caplog.text
+    with pytest.raises(ValueError, match="made with model 'meta-llama/Meta-Llama-3-8B', but '/models/llama3'"):
+        FeatureStore(tmp_path / "s", model="/models/llama3")
 
 
 def test_resume_skips_done_and_ignores_incomplete_shards(tmp_path):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sharelock.store import FeatureStore
+from sharelock.store import FeatureStore, same_model
 
 
 class StorePairs:
@@ -28,14 +28,14 @@ class StorePairs:
             texts = [FeatureStore(p, modality="text", in_memory=in_memory) for p in _as_list(spec["text"])]
             if not texts:
                 raise ValueError(f"dataset {spec['vision']} has no caption store (data.datasets[{d}].text)")
-            if self.vision and (vision.model, vision.dim) != (self.vision[0].model, self.vision[0].dim):
+            if self.vision and (vision.dim != self.vision[0].dim or not same_model(vision.model, self.vision[0].model)):
                 raise ValueError(
                     f"vision stores {self.vision[0].path} ({self.vision[0].model}, {self.vision[0].dim}) and "
                     f"{vision.path} ({vision.model}, {vision.dim}) come from different vision models"
                 )
             ref_text = self.texts[0][0] if self.texts else texts[0]
             for store in texts:
-                if store.model != ref_text.model or store.dim != ref_text.dim:
+                if store.dim != ref_text.dim or not same_model(store.model, ref_text.model):
                     raise ValueError(
                         f"caption stores {ref_text.path} ({ref_text.model}, {ref_text.dim}) and {store.path} "
                         f"({store.model}, {store.dim}) come from different language models"

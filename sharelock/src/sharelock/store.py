@@ -14,6 +14,7 @@ memory map per shard, never one file per row.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 FORMAT = "sharelock-features/1"
+log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16")
 
 
@@ -38,8 +40,20 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model: equal, or a Hugging Face id and a local folder (or two
+    folders) with the same last component, e.g. ``meta-llama/Meta-Llama-3-8B`` and ``/models/Meta-Llama-3-8B``."""
+    if a == b:
+        return True
+    name_a, name_b = (Path(str(x).rstrip("/")).name.lower() for x in (a, b))
+    if name_a and name_a == name_b:
+        log.warning("taking %r and %r for the same model (same name)", a, b)
+        return True
+    return False
+
+
 def _check_model(path: Path, meta: dict, model: str | None, modality: str | None) -> None:
-    if model is not None and meta["model"] != model:
+    if model is not None and not same_model(meta["model"], model):
         raise ValueError(f"feature store {path} was made with model {meta['model']!r}, but {model!r} was expected")
     if modality is not None and meta["modality"] != modality:
         raise ValueError(f"feature store {path} holds {meta['modality']} features, but {modality} was expected")
