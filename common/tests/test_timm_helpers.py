@@ -8,7 +8,12 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from funai_common.vit import DinoInterpolationViT, dino_interpolate, use_dino_interpolation  # noqa: E402
+from funai_common.vit import (  # noqa: E402
+    DinoInterpolationViT,
+    dino_interpolate,
+    supports_dino_interpolation,
+    use_dino_interpolation,
+)
 
 
 def _cubic(x: float, a: float = -0.75) -> float:
@@ -115,6 +120,13 @@ def test_copies_and_pickles_keep_the_interpolation():
 def test_refuses_models_it_cannot_patch():
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
         use_dino_interpolation(_vit(dynamic_img_size=False))
+    # a 2 x 8 grid has as many entries as a 4 x 4 one: it must not be read as one
+    wide = _vit(img_size=(16, 64))
+    assert not supports_dino_interpolation(wide) and supports_dino_interpolation(_vit())
+    with pytest.raises(ValueError, match=r"square position grid, got \(2, 8\)"):
+        use_dino_interpolation(wide)
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, dynamic_img_size=True)
+    assert not supports_dino_interpolation(distilled)
     with pytest.raises(ValueError, match="needs a timm VisionTransformer, got Linear"):
         use_dino_interpolation(torch.nn.Linear(2, 2))
 

@@ -48,6 +48,20 @@ def test_timm_input_size_on_a_dynamic_vit_interpolates_like_dino():
         build_backbone("torchvision:vit_b_16", False, None, 32)
 
 
+def test_dynamic_vits_the_dino_interpolation_does_not_fit_keep_timms_resampling():
+    from timm.models.deit import VisionTransformerDistilled
+
+    from funai_common.vit import DinoInterpolationViT
+
+    # DeiT's distillation token: a VisionTransformer subclass with its own token layout
+    kw = {"img_size": 64, "dynamic_img_size": True, **TINY_VIT}
+    bb = build_backbone("timm:deit_tiny_distilled_patch16_224", False, None, 32, **kw)
+    assert type(bb.model) is VisionTransformerDistilled and bb.model(torch.randn(1, 3, 32, 32)).shape[0] == 1
+    # a 2 x 8 table (as many entries as 4 x 4) is not an M x M grid
+    bb = build_backbone("timm:vit_small_patch16_224", False, None, 48, **{**kw, "img_size": (32, 128)})
+    assert not isinstance(bb.model, DinoInterpolationViT) and bb.model(torch.randn(1, 3, 48, 48)).shape == (1, 48)
+
+
 def test_timm_keeps_model_mean_std_crop():
     bb = build_backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False, img_size=32, **TINY_VIT)
     assert bb.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))

@@ -17,7 +17,14 @@ def test_two_process_gloo_training_matches_the_global_batch(tmp_path):
     if torchrun is None:
         pytest.skip("torchrun not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["config=tiny", f"out_dir={tmp_path}", "train.max_steps=2", "train.epochs=1", "train.val_every_epochs=1"]
+    common = [
+        "config=tiny",
+        f"out_dir={tmp_path}",
+        "train.max_steps=2",
+        "train.epochs=1",
+        "train.val_every_epochs=1",
+        "eval.batch_size=3",
+    ]
     cmd = [torchrun, "--nproc_per_node", "2", "-m", "pin.train", *common, "name=ddp", "train.batch_size=2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,4 +40,6 @@ def test_two_process_gloo_training_matches_the_global_batch(tmp_path):
     (one,) = single["validation"]
     assert ddp["num"] == one["num"] > 0 and ddp["step"] == one["step"] == 2
     assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
-    assert ddp["miou"] == pytest.approx(one["miou"], abs=1e-6)
+    for key in ("miou", "miou_s", "miou_m", "miou_l"):  # also the batch-weighted ones: the same eval batches
+        for k in (key, f"batch_weighted_{key}"):
+            assert ddp[k] == pytest.approx(one[k], abs=1e-6), k

@@ -9,7 +9,15 @@ from pin.eval import run_eval
 from pin.pipeline import codec_from_cfg, dataset_from_cfg, pixel_values, pools_from_cfg, training_batch
 
 
-def test_validation_every_epoch_matches_pin_eval_and_a_plain_loss_loop(tmp_path):
+def _boxes_from_pixels(vlm, codec, images, names, *args, **kwargs):
+    """Stand-in for the tiny VLM's generations (all fallback boxes, IoU 0): a square whose side follows the image's
+    mean, so that the mIoU of two runs agrees only when they score the same queries the same way."""
+    sides = [float(56 + 168 * image.mean()) for image in images]
+    return [[0.0, 0.0, side, side] for side in sides], [""] * len(names)
+
+
+def test_validation_every_epoch_matches_pin_eval_and_a_plain_loss_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr("pin.eval.predict_boxes", _boxes_from_pixels)
     args = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=1"]
     result = train_mod.main(args)
     rows = result["validation"]
@@ -22,7 +30,9 @@ def test_validation_every_epoch_matches_pin_eval_and_a_plain_loss_loop(tmp_path)
     cfg["eval"]["checkpoint"] = str(tmp_path / "tiny" / "checkpoints" / "step_0000004")
     cfg["eval"]["datasets"] = ["synthetic"]
     evaluated, _ = run_eval(cfg, out_dir=tmp_path / "eval")
-    assert rows[-1]["miou"] == pytest.approx(evaluated[0]["miou"], abs=1e-9)
+    assert rows[-1]["miou"] > 0.05
+    for key in ("miou", "miou_m", "miou_l", "batch_weighted_miou_m", "batch_weighted_miou_l"):
+        assert rows[-1][key] == pytest.approx(evaluated[0][key], abs=1e-9), key
     assert rows[-1]["num"] == evaluated[0]["num"] > 0
 
     # loss: token mean over the val compositions at epoch 1, here one image at a time from the per-token losses
@@ -64,3 +74,40 @@ def test_validation_does_not_change_the_training_trajectory(tmp_path, method):
 def test_validation_without_held_out_compositions_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"val_every_epochs=1 needs data.val_size > 0.*val_every_epochs=null"):
         train_mod.main(["--config", "tiny", f"out_dir={tmp_path}", "data.val_size=0"])
+
+
+def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path, monkeypatch):
+    """The batch-weighted mIoU bins depend on the batches: split over processes, each evaluates whole batches of the
+    single process's partition (here as rank 0 and 1 of 2, with accelerate's contiguous, uneven split)."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    from pin import validation as val_mod
+
+    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "eval.batch_size=3"])
+    validation = val_mod.SyntheticValidation(cfg, tmp_path)
+    assert len(validation.queries) % 3 and len(validation.queries) // 3 > 2
+    seen = []
+
+    def record(vlm, codec, queries, size, *args):
+        seen.append((list(queries), size))
+        return {"preds": [], "gts": [], "texts": [], "batches": []}
+
+    monkeypatch.setattr(val_mod, "evaluate_queries", record)
+    monkeypatch.setattr(val_mod, "summed_training_loss", lambda *args: (torch.tensor(1.0), 1))
+    monkeypatch.setattr(val_mod, "summarise", lambda result, image_size: {})
+    accelerator = Accelerator(cpu=True)
+    for rank in range(2):
+
+        @contextlib.contextmanager
+        def split(items, rank=rank):
+            per, extra = divmod(len(items), 2)
+            start = rank * per + min(rank, extra)
+            yield items[start : start + per + (rank < extra)]
+
+        monkeypatch.setattr(accelerator, "split_between_processes", split)
+        validation.run(None, codec_from_cfg(cfg), torch.nn.Identity(), accelerator, 0, 0)
+    got = [[id(q) for q in queries[i : i + size]] for queries, size in seen for i in range(0, len(queries), size)]
+    single = [[id(q) for q in validation.queries[i : i + 3]] for i in range(0, len(validation.queries), 3)]
+    assert got == single

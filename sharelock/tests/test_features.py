@@ -146,3 +146,13 @@ def test_dynamic_vit_interpolates_its_table_like_dinov2_hub():
     torch.testing.assert_close(model(x), fixed.eval()(x))
     # without dynamic_img_size nothing changes: timm's own model
     assert type(build_vision_encoder(tiny_vit_spec(img_size=28))) is timm.models.vision_transformer.VisionTransformer
+
+
+def test_dynamic_vit_subclass_keeps_timms_own_resampling():
+    from timm.models.deit import VisionTransformerDistilled
+
+    spec = {**tiny_vit_spec(img_size=56), "model": "deit_tiny_distilled_patch16_224"}
+    spec["kwargs"] = {**spec["kwargs"], "patch_size": 14, "dynamic_img_size": True}
+    spec["kwargs"].pop("init_values")
+    model = build_vision_encoder(spec)
+    assert type(model) is VisionTransformerDistilled and model(torch.randn(1, 3, 28, 28)).shape == (1, 48)

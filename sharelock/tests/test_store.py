@@ -68,6 +68,9 @@ def test_hub_id_and_local_folder_of_one_model_match(tmp_path, caplog):
     assert same_model("/a/Meta-Llama-3-8B", "/b/meta-llama-3-8b") and same_model("m", "m")
     assert not same_model("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-70B")
     assert not same_model("/models/llama", "/models/llama2")
+    # vision stores with local checkpoints: other weights that happen to share the file name
+    assert not same_model("vit_base_patch16_224.dino@/ckpt/a/model.safetensors", "vit_b@/ckpt/b/model.safetensors")
+    assert not same_model("vit_b@/runs/1/model.pth", "vit_b@/runs/2/model.pth")
     make_store(tmp_path / "s", model="meta-llama/Meta-Llama-3-8B")
     with caplog.at_level("WARNING"):
         assert FeatureStore(tmp_path / "s", model="/models/Meta-Llama-3-8B").model == "meta-llama/Meta-Llama-3-8B"

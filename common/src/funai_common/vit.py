@@ -63,6 +63,16 @@ class DinoInterpolationViT(VisionTransformer):
         return self.pos_drop(x)
 
 
+def supports_dino_interpolation(model: torch.nn.Module) -> bool:
+    """Whether ``use_dino_interpolation`` applies to ``model``: a plain timm ``VisionTransformer`` (not a subclass
+    with its own token layout, e.g. DeiT's distillation token) built with ``dynamic_img_size=True``, whose position
+    table covers a square grid (the DINO / DINOv2 code interpolates an M x M table)."""
+    if type(model) not in (VisionTransformer, DinoInterpolationViT) or model.pos_embed is None:
+        return False
+    grid = tuple(model.patch_embed.grid_size)
+    return bool(getattr(model, "dynamic_img_size", False)) and grid[0] == grid[1]
+
+
 def use_dino_interpolation(model: torch.nn.Module, offset: float = 0.1, antialias: bool = False) -> torch.nn.Module:
     """Make a timm ``VisionTransformer`` built with ``dynamic_img_size=True`` interpolate its position table like the
     official DINO (``offset=0.1``) and DINOv2 (``offset=0.1, antialias=False``, its defaults) code; returns the model.
@@ -74,6 +84,11 @@ def use_dino_interpolation(model: torch.nn.Module, offset: float = 0.1, antialia
         raise ValueError(f"use_dino_interpolation needs a timm VisionTransformer, got {type(model).__name__}")
     if not getattr(model, "dynamic_img_size", False) or model.pos_embed is None:
         raise ValueError("use_dino_interpolation needs a ViT built with dynamic_img_size=True and a position table")
+    if not supports_dino_interpolation(model):
+        raise ValueError(
+            f"use_dino_interpolation needs a square position grid, got {tuple(model.patch_embed.grid_size)} "
+            "(img_size of unequal sides)"
+        )
     model.__class__ = DinoInterpolationViT
     model.dino_interpolation = (float(offset), bool(antialias))
     return model

@@ -116,11 +116,11 @@ def build_timm(
     The transform runs the model at its built ``img_size``, or at ``input_size`` when given. A ViT built with
     ``dynamic_img_size=True`` keeps its stored position table and interpolates it for other sizes as the official
     DINO / DINOv2 code does (``use_dino_interpolation``): e.g. DINOv2's 518 px table at 224 px, as torch.hub's model.
+    Other dynamic models (ViT subclasses such as distilled DeiT, non-square tables) keep timm's own resampling.
     """
     import timm
-    from timm.models.vision_transformer import VisionTransformer
 
-    from funai_common.vit import use_dino_interpolation
+    from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 
     model = create_timm_model(
         name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, num_classes=0, **kwargs
@@ -129,8 +129,8 @@ def build_timm(
         missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:
             raise ValueError(f"checkpoint {checkpoint} misses {len(missing)} weights of {name}, e.g. {missing[:3]}")
-    dynamic = isinstance(model, VisionTransformer) and getattr(model, "dynamic_img_size", False)
-    if dynamic:
+    dynamic = bool(getattr(model, "dynamic_img_size", False))
+    if supports_dino_interpolation(model):
         use_dino_interpolation(model)
     cfg = timm.data.resolve_model_data_config(model)
     # the data config keeps the pretrained input size; an img_size= override only shows on the built model

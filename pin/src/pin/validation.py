@@ -60,8 +60,12 @@ class SyntheticValidation:
                         loss, tokens = summed_training_loss(vlm, codec, items, accelerator.device)
                     sums += torch.stack([loss.float(), loss.new_tensor(float(tokens))])
             sums = accelerator.reduce(sums, "sum")
-            with accelerator.split_between_processes(self.queries) as mine:
-                result = evaluate_queries(vlm, codec, mine, e["batch_size"], e["num_beams"], e["max_new_tokens"])
+            # whole evaluation batches per process: the batch-weighted figures then match a single process
+            size = e["batch_size"]
+            batches = [self.queries[i : i + size] for i in range(0, len(self.queries), size)]
+            with accelerator.split_between_processes(batches) as mine:
+                mine = [q for b in mine for q in b]
+                result = evaluate_queries(vlm, codec, mine, size, e["num_beams"], e["max_new_tokens"])
             result = {key: gather_object(result[key]) for key in ("preds", "gts", "texts", "batches")}
         method.train(True)
         row = {"epoch": epoch, "step": step, "val_loss": (sums[0] / sums[1]).item()}

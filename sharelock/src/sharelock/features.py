@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from funai_common.vit import use_dino_interpolation
+from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict
 
 
@@ -24,8 +24,6 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
     checkpoint goes through timm's checkpoint filter, so weights saved at another resolution or in the original
     layout (e.g. with a `mask_token`) load too.
     """
-    from timm.models.vision_transformer import VisionTransformer
-
     # CLS-token pooling by default (ViTs); other timm backbones take e.g. kwargs {global_pool: avg}
     kwargs = {"global_pool": "token", **(spec.get("kwargs") or {})}
     checkpoint = spec.get("checkpoint")
@@ -44,7 +42,7 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"vision checkpoint {checkpoint} does not fit {spec['model']}: {err}") from None
-    if isinstance(model, VisionTransformer) and getattr(model, "dynamic_img_size", False):
+    if supports_dino_interpolation(model):
         use_dino_interpolation(model)
     return model.eval().requires_grad_(False)
 

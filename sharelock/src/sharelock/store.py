@@ -42,9 +42,13 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 def same_model(a: str, b: str) -> bool:
     """Whether two model references name the same model: equal, or a Hugging Face id and a local folder (or two
-    folders) with the same last component, e.g. ``meta-llama/Meta-Llama-3-8B`` and ``/models/Meta-Llama-3-8B``."""
+    folders) with the same last component, e.g. ``meta-llama/Meta-Llama-3-8B`` and ``/models/Meta-Llama-3-8B``.
+    Vision store names with a local checkpoint (``timm_name@/path/weights.pth``) must be equal: weight files often
+    share a name (``model.safetensors``)."""
     if a == b:
         return True
+    if "@" in str(a) or "@" in str(b):
+        return False
     name_a, name_b = (Path(str(x).rstrip("/")).name.lower() for x in (a, b))
     if name_a and name_a == name_b:
         log.warning("taking %r and %r for the same model (same name)", a, b)
