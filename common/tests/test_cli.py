@@ -76,26 +76,34 @@ def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
         load_state_dict(tmp_path / "missing.pth")
 
 
-def test_checkpoint_saved_at_another_resolution_is_resampled(tmp_path):
+def test_checkpoint_keeps_its_table_interpolated_like_dino(tmp_path):
     import timm
     from timm.layers import resample_abs_pos_embed
 
     from funai_common.cli import timm_patch_features
+    from funai_common.vit import dino_interpolate
 
     args = dict(patch_size=8, depth=1, embed_dim=24, num_heads=2)
-    # saved with a 2x2 patch grid, evaluated with 4x4
+    # saved with a 2x2 patch grid, evaluated with 4x4: the 2x2 table, DINO-interpolated at every forward
     small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, num_classes=0, **args)
     state = {f"backbone.{k}": v for k, v in small.state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))
     fn, patch = timm_patch_features("vit_tiny_patch16_224", 32, checkpoint=tmp_path / "w.safetensors", **args)
     big = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0, **args).eval()
     expected = dict(small.state_dict())
-    expected["pos_embed"] = resample_abs_pos_embed(small.pos_embed, (4, 4), num_prefix_tokens=1)
+    table = small.pos_embed.detach()
+    expected["pos_embed"] = torch.cat([table[:, :1], dino_interpolate(table[:, 1:], (4, 4))], 1)
     big.load_state_dict(expected)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fn(x), big.forward_features(x)[:, 1:])
     assert patch == 8
+    # img_size given: the table is resampled to it at load (timm), then used as it is at that size
+    fn, _ = timm_patch_features("vit_tiny_patch16_224", 32, checkpoint=tmp_path / "w.safetensors", img_size=32, **args)
+    expected["pos_embed"] = resample_abs_pos_embed(table, (4, 4), num_prefix_tokens=1)
+    big.load_state_dict(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), big.forward_features(x)[:, 1:])
 
 
 def test_model_args_read_exponents_as_floats():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -103,28 +104,50 @@ def _parse_kwargs(items: list[str]) -> dict:
     return out
 
 
+def _stored_img_size(state: dict) -> int | None:
+    """Input size of a checkpoint's square position table (its side times the patch size), when it has one."""
+    table, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if table is None or patch is None or table.ndim != 3:
+        return None
+    for prefix in (1, 0):  # a class-token entry (DINO, DINOv2 hub) or patches only (timm register models)
+        side = math.isqrt(table.shape[1] - prefix)
+        if side * side == table.shape[1] - prefix:
+            return side * patch.shape[-1]
+    return None
+
+
 def timm_patch_features(
     model_name: str, input_size: int, pretrained: bool = True, checkpoint=None, device="cpu", **model_args
 ):
-    """(feature_fn, patch_size) for a timm ViT: feature_fn(images) -> (B, S*S, D) final-norm patch tokens."""
+    """(feature_fn, patch_size) for a timm ViT: feature_fn(images) -> (B, S*S, D) final-norm patch tokens.
+
+    The model keeps the position table it was trained with (the pretrained weights', or the checkpoint's size) and
+    interpolates it at ``input_size`` as the official DINO / DINOv2 code does (``use_dino_interpolation``), like the
+    torch.hub models of the Hummingbird protocol. ``img_size`` in ``model_args`` fixes the table size instead.
+    """
     try:
         import timm  # noqa: F401 (a clear message when the optional dependency is missing)
     except ImportError:
         raise ImportError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
+    from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 
+    state = None
+    if checkpoint is not None:
+        state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
+        stored = _stored_img_size(state)
+        if stored and "img_size" not in model_args:
+            model_args = {"img_size": stored, **model_args}
     model = create_timm_model(
         model_name,
         pretrained and checkpoint is None,
         f"--model {model_name!r}",
         "offline, give local weights with --checkpoint PATH",
         num_classes=0,
-        img_size=input_size,
-        **model_args,
+        **{"dynamic_img_size": True, **model_args},
     )
-    if checkpoint is not None:
-        state = load_state_dict(checkpoint, strip_prefixes=("module.", "backbone."))
+    if state is not None:
         try:
-            state = fit_to_timm_vit(state, model)  # pos_embed saved at another size, DINOv2 hub names
+            state = fit_to_timm_vit(state, model)  # DINOv2 hub names; a table of another size is resampled
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {checkpoint} does not fit {model_name}: {err}") from None
@@ -132,6 +155,8 @@ def timm_patch_features(
             raise KeyError(f"checkpoint {checkpoint} lacks {len(missing)} weights of {model_name}, e.g. {missing[:3]}")
         if unexpected:
             log.warning("ignored %d checkpoint keys not in %s, e.g. %s", len(unexpected), model_name, unexpected[:3])
+    if supports_dino_interpolation(model):
+        use_dino_interpolation(model)
     model.eval().to(device)
     prefix = getattr(model, "num_prefix_tokens", 1)
 
