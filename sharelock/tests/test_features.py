@@ -102,7 +102,7 @@ def test_vision_checkpoint_at_another_resolution_and_hub_layout(tmp_path):
 
 
 def test_backbones_that_cannot_be_loaded_are_named(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"language model '.*no-such-llm' could not be loaded"):
+    with pytest.raises(FileNotFoundError, match=r"pretrained weights of language model '.*no-such-llm' not available"):
         build_language_encoder({"model": str(tmp_path / "no-such-llm"), "dtype": None})
     with pytest.raises(ValueError, match="vision.model='no_such_vit': not a timm model name"):
         build_vision_encoder({"model": "no_such_vit", "pretrained": False})

@@ -7,7 +7,6 @@ import logging
 import os
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,7 +88,7 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
     label = f"model.name={cfg['name']} (timm {name})"
     hint = "download them once on a machine online (they are cached), or set model.checkpoint=PATH to local weights"
     if pretrained and cfg.get("drop_registers"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = create_timm_model(name, False, label, hint, **kwargs)
         source = create_timm_model(name, True, label, hint, num_classes=0, dynamic_img_size=True).state_dict()
         source.pop("reg_token", None)
         model.load_state_dict(source, strict=True)

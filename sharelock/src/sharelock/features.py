@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
-from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict, weights_unavailable
 
 
 # ----------------------------------------------------------------------------------------------- vision side
@@ -64,10 +64,11 @@ def build_language_encoder(spec: dict[str, Any], device: str | torch.device = "c
         tokenizer = AutoTokenizer.from_pretrained(spec["model"])
         model = AutoModel.from_pretrained(spec["model"], dtype=dtype).to(device)
     except OSError as err:  # not a local folder, and not in the Hugging Face cache nor downloadable
-        reason = " ".join(str(err).split())  # one line
-        raise FileNotFoundError(
-            f"language model {spec['model']!r} could not be loaded ({reason}); give a Hugging Face id that is cached "
-            "or downloadable, or the path of a local model folder (offline: HF_HUB_OFFLINE=1 and a local path)"
+        raise weights_unavailable(
+            f"language model {spec['model']!r}",
+            err,
+            "give a Hugging Face id that is cached or downloadable, or the path of a local model folder "
+            "(offline: HF_HUB_OFFLINE=1 and a local path)",
         ) from None
     return model.eval().requires_grad_(False), tokenizer
 
