@@ -7,6 +7,7 @@ from pin import train as train_mod
 from pin.config import load_config
 from pin.eval import run_eval
 from pin.pipeline import codec_from_cfg, dataset_from_cfg, pixel_values, pools_from_cfg, training_batch
+from pin.synthetic import to_tensor
 
 
 def _boxes_from_pixels(vlm, codec, images, names, *args, **kwargs):
@@ -35,25 +36,32 @@ def test_validation_every_epoch_matches_pin_eval_and_a_plain_loss_loop(tmp_path,
         assert rows[-1][key] == pytest.approx(evaluated[0][key], abs=1e-9), key
     assert rows[-1]["num"] == evaluated[0]["num"] > 0
 
-    # loss: token mean over the val compositions at epoch 1, here one image at a time from the per-token losses
+    # loss: token mean over the fixed val compositions (pin-eval's held-out epoch) in the phase of epoch 1 (box only),
+    # here one image at a time from the per-token losses
     vlm, method = result["vlm"], result["method"]
-    val = dataset_from_cfg(cfg, pools_from_cfg(cfg)[1], "val")
-    val.set_epoch(1)
+    composer = dataset_from_cfg(cfg, pools_from_cfg(cfg)[1], "val").composer
     codec = codec_from_cfg(cfg)
     method.train(False)
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for j in range(len(val)):
-            ids, mask, targets = training_batch(
-                vlm, codec, [val[j]["phrase"]], [val[j]["cells"].tolist()], val.first_phase
-            )
-            logits = vlm.logits(pixel_values(vlm, val[j]["image"][None]), ids, mask)
+        for j in range(cfg["data"]["val_size"]):
+            comp = composer.compose(j, 10**6, fixed=False)
+            cells = [list(comp.boxes[comp.target])]
+            ids, mask, targets = training_batch(vlm, codec, [comp.phrase], cells, False)
+            logits = vlm.logits(pixel_values(vlm, to_tensor(comp.image)[None]), ids, mask)
             keep = targets.flatten() != -100
             total += torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1)[keep], targets.flatten()[keep], reduction="sum"
             )
             tokens += int(keep.sum())
     assert rows[-1]["val_loss"] == pytest.approx(total.item() / tokens, rel=1e-5)
+
+
+def test_validation_scores_the_same_images_each_time(tmp_path):
+    # nothing trains (lr 0) and the phase does not change: the validation loss must not either
+    args = ["--config", "tiny", f"out_dir={tmp_path}", "optim.lr=0", "data.switch_epoch=5", "train.epochs=3"]
+    rows = train_mod.main(args)["validation"]
+    assert len(rows) == 3 and rows[0]["val_loss"] == rows[1]["val_loss"] == rows[2]["val_loss"]
 
 
 def test_validation_every_second_epoch_only(tmp_path):

@@ -288,12 +288,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 class SyntheticCompositions(torch.utils.data.Dataset):
     """`length` compositions of one epoch; call `set_epoch` to move on (fresh samples, the object-count switch).
+    With `sample_epoch` set, the samples are those of that epoch whatever `set_epoch` says (a fixed validation set),
+    while the phase still follows `set_epoch`.
 
     Items: {"image": (3, S, S) in [0, 1], "phrase", "cells" (4,) long, "all_cells" (k, 4), "reconstruct" bool}.
     """
 
-    def __init__(self, composer: Composer, length: int, switch_epoch: int = 40) -> None:
+    def __init__(
+        self, composer: Composer, length: int, switch_epoch: int = 40, sample_epoch: int | None = None
+    ) -> None:
         self.composer, self.length, self.switch_epoch = composer, length, switch_epoch
+        self.sample_epoch = sample_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -308,7 +313,8 @@ class SyntheticCompositions(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        comp = self.composer.compose(index, self.epoch, fixed=self.first_phase)
+        epoch = self.epoch if self.sample_epoch is None else self.sample_epoch
+        comp = self.composer.compose(index, epoch, fixed=self.first_phase)
         return {
             "image": to_tensor(comp.image),
             "phrase": comp.phrase,

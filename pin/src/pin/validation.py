@@ -1,9 +1,10 @@
 """Validation inside pin-train: every `train.val_every_epochs` epochs (10, the reference's Lightning setting).
 
 On the held-out synthetic compositions (the val object pool on `data.val_backgrounds`, `data.val_size` images) it
-reports the training loss at the current epoch's phase (a token mean over the whole set) and the mIoU of generated
-boxes: the same queries and numbers as `pin-eval eval.datasets=[synthetic]`. The work is split over the processes;
-RNG states are left untouched, so a run with validation follows the same training trajectory as one without.
+reports the training loss at the current epoch's phase (a token mean over the whole set; the same images every time)
+and the mIoU of generated boxes: the same queries and numbers as `pin-eval eval.datasets=[synthetic]`. The work is
+split over the processes; RNG states are left untouched, so a run with validation follows the same training trajectory
+as one without.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .methods import Method
 from .pipeline import dataset_from_cfg, pools_from_cfg, summed_training_loss
 from .synthetic import collate
 from .vlm import FrozenVLM
+
+VAL_EPOCH = 10**6  # the held-out epoch of pin-eval's synthetic queries, never used in training
 
 
 class SyntheticValidation:
@@ -42,6 +45,7 @@ class SyntheticValidation:
         self.cfg, self.path = cfg, run_dir / "validation.jsonl"
         self.dataset = dataset_from_cfg(cfg, val_pool, "val")
         self.queries = synthetic_queries(self.dataset, size)
+        self.dataset.sample_epoch = VAL_EPOCH  # the same images at every validation; the phase follows training
 
     def run(self, vlm: FrozenVLM, codec: GridCodec, method: Method, accelerator: Accelerator, epoch: int, step: int):
         """Validation loss and mIoU after `epoch`; every process returns the same dict."""
