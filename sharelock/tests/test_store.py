@@ -104,3 +104,14 @@ def test_two_ranks_write_one_store(tmp_path):
             w.add([str(i) for i in range(rank, 6, 2)], feats[rank::2])
     store = FeatureStore(path)
     np.testing.assert_array_equal(store.get([str(i) for i in range(6)]).numpy(), feats)
+
+
+def test_appending_with_other_backbone_settings_is_refused(tmp_path):
+    spec = {"vision": {"model": "vit", "checkpoint": None, "kwargs": {"img_size": 224}}}
+    with FeatureWriter(tmp_path / "s", "vit", "image", 2, backbone=spec) as w:
+        w.add(["a"], np.zeros((1, 2)))
+    with FeatureWriter(tmp_path / "s", "vit", "image", 2, backbone=json.loads(json.dumps(spec))) as w:  # resume
+        assert w.done == {"a"}
+    other = {"vision": {"model": "vit", "checkpoint": None, "kwargs": {"dynamic_img_size": True}}}
+    with pytest.raises(ValueError, match=r"vision.kwargs.dynamic_img_size: None -> True; vision.kwargs.img_size: 224"):
+        FeatureWriter(tmp_path / "s", "vit", "image", 2, backbone=other)

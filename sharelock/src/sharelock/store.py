@@ -63,6 +63,18 @@ def _check_model(path: Path, meta: dict, model: str | None, modality: str | None
         raise ValueError(f"feature store {path} holds {meta['modality']} features, but {modality} was expected")
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def _complete_shards(path: Path) -> list[Path]:
     return sorted(p.with_suffix(".npy") for p in path.glob("shard_*.json") if p.with_suffix(".npy").is_file())
 
@@ -95,6 +107,12 @@ class FeatureWriter:
             if old["dim"] != dim or old["dtype"] != dtype:
                 raise ValueError(
                     f"feature store {self.path} holds dim={old['dim']} {old['dtype']}, cannot append dim={dim} {dtype}"
+                )
+            changed = _differences(old.get("backbone") or {}, meta["backbone"])
+            if changed:
+                raise ValueError(
+                    f"feature store {self.path} was extracted with other backbone settings ({'; '.join(changed)}): "
+                    "appending would mix features; write to a new store (out=DIR) or use the store's settings"
                 )
         else:
             tmp = self.path / f"metadata.json.tmp{os.getpid()}"
