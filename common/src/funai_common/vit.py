@@ -6,6 +6,10 @@ factor ``(grid + 0.1) / M`` (M the stored grid side; the "+0.1" offset of DINO i
 positions. Released DINO / DINOv2 / DoRA / NeCo checkpoints run at another resolution than they were stored at
 (local crops, DINOv2 at 224 px, DAVIS frames) therefore give other features under timm's default.
 ``use_dino_interpolation(model)`` makes a timm ViT interpolate as the reference does. Needs timm.
+
+The port sees the token grid only: for inputs whose sides are not multiples of the patch size and give the stored grid
+(e.g. 64 x 70 px, patch 8, an 8 x 8 table), the reference still resamples the table by (8 + 0.1) / 8; here it is used
+as it is. Every caller in this repository feeds multiples of the patch size.
 """
 
 from __future__ import annotations
