@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +106,48 @@ def test_choose_heads():
     heads = choose_heads(6, 3, random.Random(0))
     assert len(set(heads)) == 3 and all(0 <= h < 6 for h in heads)
     assert heads == choose_heads(6, 3, random.Random(0))
+
+
+def test_intermediates_against_per_element_loops():
+    # P = A0 Q0, S = Zn P^T, M = SK(S), P' = M^T Zn, tracks = softmax_N(P' K_t^T / sqrt(D)), masks thresholded at
+    # the mean over the batch and patches of the L2-normalised tracks
+    torch.manual_seed(2)
+    T, B = 2, 2
+    attn = torch.rand(T, B, H, N + 1, N + 1).softmax(-1)
+    query, key = torch.randn(T, B, H, N + 1, DH), torch.randn(T, B, H, N + 1, DH)
+    tokens = torch.randn(T, B, N, D)
+    heads = [1, 3, 2]
+    _, inter = track_and_mask(
+        attn, query, key, tokens, torch.randn(B, T, 3, G * P, G * P), P, heads, return_intermediates=True
+    )
+
+    def merged(x, t, b, n):  # heads concatenated along channels, token n + 1 (CLS skipped)
+        return torch.cat([x[t, b, h, n + 1] for h in range(H)])
+
+    protos = torch.zeros(B, 3, D)
+    for b in range(B):
+        for k, head in enumerate(heads):
+            protos[b, k] = sum(attn[0, b, head, 0, n + 1] * merged(query, 0, b, n) for n in range(N))
+    z = torch.stack([torch.stack([tokens[0, b, n] / tokens[0, b, n].norm() for n in range(N)]) for b in range(B)])
+    sk_input = torch.tensor([[[float(z[b, n] @ protos[b, k]) for k in range(3)] for n in range(N)] for b in range(B)])
+    torch.testing.assert_close(inter["prototypes"], protos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inter["sk_input"], sk_input, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inter["sk_output"], sinkhorn_knopp(sk_input), atol=1e-5, rtol=1e-4)
+    m = inter["sk_output"]
+    refined = torch.stack(
+        [torch.stack([sum(m[b, n, k] * z[b, n] for n in range(N)) for k in range(3)]) for b in range(B)]
+    )
+    torch.testing.assert_close(inter["refined"], refined, atol=1e-5, rtol=1e-5)
+    tracks = torch.zeros(T, B, 3, N)
+    for t in range(T):
+        for b in range(B):
+            for k in range(3):
+                logits = torch.stack([refined[b, k] @ merged(key, t, b, n) for n in range(N)]) / math.sqrt(D)
+                tracks[t, b, k] = logits.softmax(0)
+    torch.testing.assert_close(inter["tracks"], tracks, atol=1e-6, rtol=1e-4)
+    normed = tracks / tracks.norm(dim=-1, keepdim=True)
+    for t in range(T):
+        for k in range(3):
+            threshold = normed[t, :, k].mean()  # one threshold for the whole batch
+            torch.testing.assert_close(inter["masks"][t, :, k], (normed[t, :, k] > threshold).float())
+    assert 0 < inter["masks"].sum() < inter["masks"].numel()

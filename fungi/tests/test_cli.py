@@ -64,6 +64,22 @@ def test_knn_protocol_matches_brute_force_and_few_shot():
     assert few_shot_indices([2, 0, 2, 1, 0, 2, 1], 2).tolist() == [0, 1, 2, 3, 4, 6]
 
 
+def test_knn_after_pca_matches_an_svd_projection_and_brute_force():
+    # PCA fitted on train only: centre with the train mean, keep the top-3 right singular vectors of train
+    gen = torch.Generator().manual_seed(1)
+    train, test = torch.randn(40, 6, generator=gen).double(), torch.randn(9, 6, generator=gen).double()
+    train[:, 0] *= 5  # a dominant direction, so PCA differs visibly from the raw features
+    labels = torch.arange(40) % 4
+    mean = train.mean(0)
+    _, _, vh = torch.linalg.svd(train - mean, full_matrices=False)
+    train_p, test_p = (train - mean) @ vh[:3].T, (test - mean) @ vh[:3].T  # signs do not change distances
+    votes = labels[torch.cdist(test_p, train_p).topk(7, largest=False).indices]
+    expected = [torch.bincount(v, minlength=4).argmax().item() for v in votes]
+    assert knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=3).tolist() == expected
+    raw = knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=None).tolist()
+    assert raw != expected  # the case distinguishes projecting from not projecting
+
+
 def test_demo_quick(tmp_path):
     summary = demo.main(["--out", str(tmp_path), "--quick"])
     assert (tmp_path / "knn_digits.png").stat().st_size > 0

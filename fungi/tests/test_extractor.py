@@ -10,6 +10,7 @@ from fungi.gradients import per_sample_gradients_loop
 from fungi.losses import kl_uniform_per_sample
 from fungi.models import Backbone
 from fungi.tiny import tiny_timm
+from fungi.views import dino_views, patchify_views
 
 OPTIONS = {"dino": {"latent_dim": 64, "num_local": 2}, "simclr": {"num_negatives": 3, "stride_scale": 2}}
 
@@ -55,6 +56,61 @@ def test_kl_block_matches_independent_computation(images):
     expected = F.normalize(grads.reshape(4, -1) @ proj.T, dim=-1)
     assert torch.allclose(blocks["kl"], expected, atol=1e-4)
     assert torch.allclose(blocks["embeddings"], F.normalize(model(images), dim=-1), atol=1e-5)
+
+
+def test_every_block_and_the_concat_order_match_an_independent_computation(images, bank_images):
+    ex = make(seed=5)
+    ex.setup(bank_images)
+    feats = ex(images)
+    torch.manual_seed(0)  # same weights as the extractor's model
+    model = tiny_timm()
+    gen = torch.Generator().manual_seed(5)
+
+    def head(out_dim):  # nn.Linear's default init, weight then bias, drawn from the seed in objective order
+        bound = 1 / math.sqrt(48)
+        w = torch.empty(out_dim, 48).uniform_(-bound, bound, generator=gen)
+        b = torch.empty(out_dim).uniform_(-bound, bound, generator=gen)
+        return lambda x: x @ w.T + b
+
+    kl_head, student, teacher, simclr_head = head(768), head(64), head(64), head(96)
+    # negative bank: 3 of the 4 bank images (seeded permutation), 9 patch views each, head on raw embeddings
+    picked = torch.stack(bank_images)[torch.randperm(4, generator=torch.Generator().manual_seed(5))[:3]]
+    with torch.no_grad():
+        negatives = simclr_head(model(patchify_views(picked, 4, 2).flatten(0, 1)))
+    assert torch.allclose(ex.objectives["simclr"].negatives, negatives, atol=1e-5)
+
+    def kl_loss(emb):
+        log_p = torch.log_softmax(kl_head(F.normalize(emb[:, 0], dim=-1)) / 15.0, -1)
+        return (-math.log(768) - log_p).mean(-1) / 768
+
+    def dino_loss(emb):  # sum over 2 teacher (global) views x all 4 student views, same-view pairs included;
+        # the teacher is a frozen copy of the backbone: no gradient flows through its branch
+        z = F.normalize(emb[0], dim=-1)
+        p, log_q = torch.softmax(teacher(z[:2].detach()) / 0.07, -1), torch.log_softmax(student(z) / 0.1, -1)
+        return -sum((p[g] * log_q[v]).sum() for g in range(2) for v in range(4))[None]
+
+    def simclr_loss(emb):  # paper InfoNCE: tau inside the logsumexp, self-similarity -10000
+        views = F.normalize(simclr_head(emb[0]), dim=-1)
+        rows = torch.cat([F.normalize(negatives, dim=-1), views])
+        nll = []
+        for i in range(len(views)):
+            sim = rows @ views[i]
+            sim = torch.cat([sim[: len(negatives) + i], sim.new_full((1,), -10000.0), sim[len(negatives) + i + 1 :]])
+            others = [sim[len(negatives) + j] for j in range(len(views)) if j != i]
+            nll.append(-sum(others) / (len(others) * 0.07) + torch.logsumexp(sim / 0.07, 0))
+        return torch.stack(nll).mean()[None]
+
+    proj = random_projection(48, 48 * 49, seed=5)
+    expected = [F.normalize(model(images), dim=-1)]
+    for loss_fn, views in (
+        (kl_loss, images[:, None]),
+        (dino_loss, dino_views(images, 5, 2, 2)),
+        (simclr_loss, patchify_views(images, 4, 2)),
+    ):
+        grads = per_sample_gradients_loop(model, "blocks.1.attn.proj", views, loss_fn)
+        expected.append(F.normalize(grads.reshape(4, -1) @ proj.T, dim=-1))
+    # embeddings first, then KL, DINO, SimCLR, each block L2-normalised separately
+    assert torch.allclose(feats, torch.cat(expected, dim=1), atol=1e-4)
 
 
 def test_seed_reproducibility_and_save_load(tmp_path, images, bank_images):

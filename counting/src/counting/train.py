@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         done = step + 1
         if done % train["log_every"] == 0 or done == total_steps:
             scale = cfg["collage"]["density_scaling"]
-            mae = float((pred.detach().sum((1, 2)) / scale - batch["count"].to(device)).abs().mean())
+            counts = (pred.detach().sum((1, 2)) / scale).clamp_min(0)  # the reference clips counts at 0
+            mae = float((counts - batch["count"].to(device)).abs().mean())
             log.info("step %d loss %.5f train-batch MAE %.2f lr %.2e shots %d", done, loss_value, mae, lr, shots)
         if done % train["checkpoint_every"] == 0 or done == total_steps:
             accelerator.wait_for_everyone()
