@@ -169,3 +169,18 @@ def test_loss_bad_ref_indices():
     teacher, student, boxes, perms = _batch()
     with pytest.raises(ValueError, match="one permutation per crop pair"):
         neco_loss(teacher, student, boxes, SIZES, 14, ref_indices=perms[:3])
+
+
+def test_neco_loss_student_gradients_match_slow_loop():
+    """Spec 12.5: the gradients w.r.t. the student embeddings, not only the loss value, equal the slow loop's."""
+    teacher, student, boxes, perms = _batch(seed=6)
+    fast_in = [s.clone().requires_grad_(True) for s in student]
+    slow_in = [s.clone().requires_grad_(True) for s in student]
+    fast = neco_loss(teacher, fast_in, boxes, SIZES, 14, ref_indices=perms, steepness=100.0)
+    slow = _slow_loss(teacher, slow_in, boxes, perms, 100.0)
+    fast_grads = torch.autograd.grad(fast, fast_in)
+    slow_grads = torch.autograd.grad(slow, slow_in)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(fast_grads, slow_grads):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)

@@ -101,6 +101,10 @@ def test_param_groups_and_schedules():
     )
     assert opt.param_groups[2]["lr"] == pytest.approx(1e-4 * 0.5)  # t = T/2
     assert sched["momentum"][0] == pytest.approx(0.9995)
+    # momentum 0.9995 -> 1 over T = 6 steps: 1 - 0.00025 (1 + cos(pi t / 6)), i.e. 0.99975 at t = 3
+    expected = [1 - 0.00025 * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
+    np.testing.assert_allclose(sched["momentum"], expected, rtol=0, atol=1e-12)
+    assert sched["momentum"][3] == pytest.approx(0.99975)
 
 
 def test_patch_queue_fifo():

@@ -156,3 +156,25 @@ def test_dynamic_vit_subclass_keeps_timms_own_resampling():
     spec["kwargs"].pop("init_values")
     model = build_vision_encoder(spec)
     assert type(model) is VisionTransformerDistilled and model(torch.randn(1, 3, 28, 28)).shape == (1, 48)
+
+
+def test_batches_are_left_padded_with_eos_after_bos(tiny_text):
+    """Spec g7: the ids the model sees are left-padded with the EOS id, each text starts with BOS, mask 0 on pads."""
+    tokenizer, model, captions = tiny_text
+    seen = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        last_token_features(model, tokenizer, captions, batch_size=len(captions))
+    finally:
+        handle.remove()
+    (inputs,) = seen
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    lengths = sorted(len(tokenizer(c)["input_ids"]) for c in captions)  # texts go in sorted by length
+    assert mask.sum(1).tolist() == lengths and ids.shape[1] == max(lengths)
+    for row, m, n in zip(ids.tolist(), mask.tolist(), lengths):
+        pad = len(row) - n
+        assert m == [0] * pad + [1] * n  # left padding: the last position is the last real token
+        assert row[:pad] == [eos] * pad and row[pad] == bos and eos not in row[pad:]
+    # positions follow the mask: 0 at the first real token whatever the padding
+    torch.testing.assert_close(inputs["position_ids"], (mask.cumsum(1) - 1).clamp(min=0))

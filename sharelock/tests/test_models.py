@@ -135,15 +135,19 @@ def test_clip_loss_hand_case_and_properties():
 def test_clip_loss_gradient_matches_closed_form():
     torch.manual_seed(0)
     a = F.normalize(torch.randn(4, 3), dim=-1).requires_grad_(True)
-    b = F.normalize(torch.randn(4, 3), dim=-1)
+    b = F.normalize(torch.randn(4, 3), dim=-1).requires_grad_(True)
     clip_loss(a, b).backward()
     s = LOGIT_SCALE
-    logits = s * a.detach() @ b.t()
+    a0, b0 = a.detach(), b.detach()
+    logits = s * a0 @ b0.t()
     p_rows, p_cols = logits.softmax(1), logits.t().softmax(1)
     eye = torch.eye(4)
     # dL/da = s/(2B) [(P_rows - I) b + (P_cols - I)^T b]
-    grad = s / 8 * ((p_rows - eye) @ b + (p_cols - eye).t() @ b)
+    grad = s / 8 * ((p_rows - eye) @ b0 + (p_cols - eye).t() @ b0)
     torch.testing.assert_close(a.grad, grad, atol=1e-5, rtol=1e-4)
+    # dL/db = s/(2B) [(P_rows - I)^T a + (P_cols - I) a]
+    grad_b = s / 8 * ((p_rows - eye).t() @ a0 + (p_cols - eye) @ a0)
+    torch.testing.assert_close(b.grad, grad_b, atol=1e-5, rtol=1e-4)
 
 
 def test_embedding_dim_when_only_the_text_head_is_identity():
@@ -166,3 +170,68 @@ def test_reference_weight_layout_converts():
     m.load_state_dict(from_reference_state_dict(state))
     x = torch.randn(4, 10)
     torch.testing.assert_close(m.eval().text_head(x), F.normalize(ref(x), dim=-1))
+
+
+def test_model_loss_and_parameter_gradients_match_a_float64_hand_computation():
+    """Spec g3: z_v, z_t, the loss and d loss / d params in eval mode, against the block written out by hand."""
+    torch.manual_seed(0)
+    m = ShareLock(vision_dim=5, text_dim=7, text_layers=3, hidden_dim=6, vision_layers=0, embedding_dim=99)
+    bns = [mod for mod in m.text_head.modules() if isinstance(mod, nn.BatchNorm1d)]
+    for bn in bns:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    m.eval()
+    v, t = torch.randn(6, 5), torch.randn(6, 7)
+    zv, zt = m(v, t)
+    assert m.embedding_dim == 5 and zv.shape == zt.shape == (6, 5)  # identity vision head: d_v, not embedding_dim
+    loss = clip_loss(zv, zt)
+    loss.backward()
+
+    # the same computation in float64 on leaf copies of the parameters
+    leaves = {n: p.detach().double().requires_grad_(True) for n, p in m.named_parameters()}
+    linears = [mod for mod in m.text_head.modules() if isinstance(mod, nn.Linear)]
+    names = {id(p): n for n, p in m.named_parameters()}
+    x = t.double()
+    for i, lin in enumerate(linears):
+        x = x @ leaves[names[id(lin.weight)]].t() + leaves[names[id(lin.bias)]]
+        if i < len(bns):
+            bn = bns[i]
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+            x = (x - mean) / torch.sqrt(var + bn.eps) * leaves[names[id(bn.weight)]] + leaves[names[id(bn.bias)]]
+            x = torch.clamp(x, min=0)
+    ref_zt = x / torch.sqrt((x * x).sum(-1, keepdim=True))
+    ref_zv = v.double() / torch.sqrt((v.double() ** 2).sum(-1, keepdim=True))
+    s = math.exp(2.6592)
+    logits = s * ref_zv @ ref_zt.t()
+    rows = sum(torch.logsumexp(logits[i], 0) - logits[i, i] for i in range(6)) / 6
+    cols = sum(torch.logsumexp(logits[:, j], 0) - logits[j, j] for j in range(6)) / 6
+    ref_loss = 0.5 * (rows + cols)
+    grads = torch.autograd.grad(ref_loss, list(leaves.values()))
+    torch.testing.assert_close(zv.double(), ref_zv, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(zt.double(), ref_zt.detach(), atol=1e-5, rtol=1e-4)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for (name, p), g in zip(m.named_parameters(), grads):
+        torch.testing.assert_close(p.grad.double(), g, atol=1e-5, rtol=1e-3, msg=name)
+    # eval-mode BN: the running statistics are inputs, not updated by the forward pass
+    assert all(bn.num_batches_tracked.item() == 0 for bn in bns)
+
+
+def test_zero_shot_accuracy_from_features_hand_case():
+    """Spec g4: argmax of cosine logits against the class prototypes, accuracy = mean equality, in batches."""
+    from sharelock.eval import evaluate_features, topk_accuracy
+
+    m = ShareLock(vision_dim=2, text_dim=2, text_layers=0)  # identity heads: prototypes = normalised class rows
+    classifier = m.zero_shot_classifier(torch.tensor([[3.0, 0.0], [0.0, 0.5]]))
+    torch.testing.assert_close(classifier, torch.eye(2))
+    v = torch.tensor([[2.0, 1.0], [1.0, 3.0], [-1.0, 0.5], [1.0, -1.0], [0.5, 0.4]])
+    labels = torch.tensor([0, 1, 0, 0, 1])
+    # by hand: the larger coordinate (after normalisation) wins -> predictions 0, 1, 1, 0, 0: 3 of 5 right
+    for batch_size in (2, 4096):
+        out = evaluate_features(m, v, labels, classifier, batch_size=batch_size)
+        assert out["top1"] == pytest.approx(60.0) and out["top5"] == pytest.approx(100.0)  # k capped at C = 2
+    logits = torch.tensor([[0.1, 0.5, 0.3, 0.0], [0.9, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]])
+    # ranks of the true class: 2nd, 1st, 4th
+    acc = topk_accuracy(logits, torch.tensor([2, 0, 0]), ks=(1, 2, 3, 5))
+    assert acc == pytest.approx({"top1": 100 / 3, "top2": 200 / 3, "top3": 200 / 3, "top5": 100.0})

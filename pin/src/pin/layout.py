@@ -19,7 +19,8 @@ class LayoutSampler:
         min_fractions: f_k for k = 1, 2, 3, ...; minimum extent in cells round(f_k * G) (5, 3, 2 for G = 16).
         max_cells: maximum extent bound (16 for every k); s is drawn in [min, max_cells - 1].
         overlap_threshold: a position is valid if the summed overlap ratio with the placed boxes is <= this.
-        overlap_both: ratio = max(inter/area_new, inter/area_old) (else inter/area_new).
+        overlap_both: ratio = max(inter/area_new, inter/area_old) (else inter/area_old, as the reference's
+            `compute_overlap_ratio(new, old)`).
         outside_ratio: allowed fraction of a box outside the image (0: fully inside).
         max_resample: size resamples when no position is valid, before the minimum-size fallback.
     """
@@ -53,7 +54,11 @@ class LayoutSampler:
     def sample_extent(self, rng: np.random.Generator, k: int, aspect: float) -> tuple[int, int]:
         """(s_x, s_y) keeping aspect = w/h: the longer side ~ U{min..max-1}, the other round(long / ratio) >= 1."""
         lo, hi = self.min_cells(k), self.max_cells - 1
-        long = int(rng.integers(lo, hi + 1))
+        return self.fit_extent(int(rng.integers(lo, hi + 1)), aspect)
+
+    @staticmethod
+    def fit_extent(long: int, aspect: float) -> tuple[int, int]:
+        """(s_x, s_y) with the longer side `long` and the other round(long / ratio), at least 1."""
         if aspect >= 1:
             return long, max(1, int(round(long / aspect)))
         return max(1, int(round(long * aspect))), long
@@ -65,14 +70,14 @@ class LayoutSampler:
         return np.array([x1 * c, y1 * c, (x2 + 1) * c, (y2 + 1) * c], dtype=np.float64)
 
     def overlap_ratio(self, new, old) -> float:
-        """Intersection over the new box's area (or the max with over the old box's area), in pixels."""
+        """Intersection over the placed (old) box's area, or the max with over the new box's area, in pixels."""
         a, b = self.pixel_box(new), self.pixel_box(old)
         iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
         ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
         inter = iw * ih
         area_a = (a[2] - a[0]) * (a[3] - a[1])
         area_b = (b[2] - b[0]) * (b[3] - b[1])
-        return max(inter / area_a, inter / area_b) if self.overlap_both else inter / area_a
+        return max(inter / area_a, inter / area_b) if self.overlap_both else inter / area_b
 
     def outside_fraction(self, box) -> float:
         """Fraction of the box's area outside the image."""
@@ -103,9 +108,9 @@ class LayoutSampler:
             inter = (np.minimum(x2, b[2]) - np.maximum(x1, b[0])).clip(0) * (
                 np.minimum(y2, b[3]) - np.maximum(y1, b[1])
             ).clip(0)
-            ratio = inter / area
+            ratio = inter / ((b[2] - b[0]) * (b[3] - b[1]))
             if self.overlap_both:
-                ratio = np.maximum(ratio, inter / ((b[2] - b[0]) * (b[3] - b[1])))
+                ratio = np.maximum(ratio, inter / area)
             total += ratio
         ok &= total <= self.overlap_threshold + 1e-12
         return [(int(x), int(y)) for x, y in zip(xs[ok], ys[ok])]
@@ -128,10 +133,10 @@ class LayoutSampler:
                     x, y = positions[int(rng.integers(len(positions)))]
                     box = (x, y, x + sx, y + sy)
                     break
-            if box is None:
-                s = self.min_cells(k)
-                x, y = int(rng.integers(0, self.grid - s)), int(rng.integers(0, self.grid - s))
-                box = (x, y, x + s, y + s)
+            if box is None:  # the reference's fallback: minimum size, aspect ratio kept, overlap ignored
+                sx, sy = self.fit_extent(self.min_cells(k), aspect)
+                x, y = int(rng.integers(0, self.grid - sx)), int(rng.integers(0, self.grid - sy))
+                box = (x, y, x + sx, y + sy)
             placed.append(box)
         g = self.grid - 1
         return [[min(max(v, 0), g) for v in b] for b in placed]
