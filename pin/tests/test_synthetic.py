@@ -68,10 +68,11 @@ def test_pool_json_with_the_authors_absolute_paths(tmp_path):
     pool = ObjectPool.from_json(root / "LVIS_instance_pools.json")
     assert [p for _, p in pool.instances] == [root / "images" / "yak" / "0.png", root / "own.png", root / "own.png"]
     assert pool.load(0).shape == (10, 20, 4)
-    # a missing cut-out fails when the pool is built, naming the first missing file
+    # missing cut-outs fail when the pool is built, counted, the first ones named in list order
     data["yak"] += ["/elsewhere/images/yak/9.png", "/elsewhere/images/yak/8.png"]
     (root / "LVIS_instance_pools.json").write_text(json.dumps(data))
-    with pytest.raises(FileNotFoundError, match=r"cut-out .*objects/images/yak/9\.png not found"):
+    match = r"2 of 5 cut-outs not found, e.g. \['.*objects/images/yak/9\.png', '.*objects/images/yak/8\.png'\]"
+    with pytest.raises(FileNotFoundError, match=match):
         ObjectPool.from_json(root / "LVIS_instance_pools.json")
 
 

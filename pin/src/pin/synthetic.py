@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +87,15 @@ class ObjectPool:
             data = json.load(f)
         items = [(normalise_name(n), resolve_pool_path(p, path.parent)) for n, paths in data.items() for p in paths]
         items = _drop_excluded(items)
-        for _, file in items:
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"object list {path}: cut-out {file} not found (paths are relative to the list's folder; "
-                    f"absolute ones are looked up under {path.parent / 'images'} after their last 'images/')"
-                )
+        with ThreadPoolExecutor(max_workers=32) as pool:  # ~60k stats: seconds, not minutes, on network storage
+            found = list(pool.map(lambda item: item[1].is_file(), items))
+        missing = [str(file) for (_, file), ok in zip(items, found) if not ok]
+        if missing:
+            raise FileNotFoundError(
+                f"object list {path}: {len(missing)} of {len(items)} cut-outs not found, e.g. {missing[:3]} (paths are "
+                f"relative to the list's folder; absolute ones are looked up under {path.parent / 'images'} after "
+                "their last 'images/')"
+            )
         return cls(items)
 
     def split(
