@@ -77,12 +77,17 @@ def reference_mot(attn, query, key, patch_tokens, images, patch_size, heads):
     return out
 
 
-def test_matches_reference_loops_on_random_inputs():
-    torch.manual_seed(0)
-    T, B = 3, 2
+def random_inputs(T: int, B: int, seed: int):
+    """Softmaxed attention, queries, keys and patch tokens of T frames of a batch of B."""
+    torch.manual_seed(seed)
     attn = torch.rand(T, B, H, N + 1, N + 1).softmax(-1)
     query, key = torch.randn(T, B, H, N + 1, DH), torch.randn(T, B, H, N + 1, DH)
-    tokens = torch.randn(T, B, N, D)
+    return attn, query, key, torch.randn(T, B, N, D)
+
+
+def test_matches_reference_loops_on_random_inputs():
+    T, B = 3, 2
+    attn, query, key, tokens = random_inputs(T, B, seed=0)
     images = torch.randn(B, T, 3, G * P, G * P)
     heads = [3, 1, 0]
     torch.testing.assert_close(
@@ -111,11 +116,8 @@ def test_choose_heads():
 def test_intermediates_against_per_element_loops():
     # P = A0 Q0, S = Zn P^T, M = SK(S), P' = M^T Zn, tracks = softmax_N(P' K_t^T / sqrt(D)), masks thresholded at
     # the mean over the batch and patches of the L2-normalised tracks
-    torch.manual_seed(2)
     T, B = 2, 2
-    attn = torch.rand(T, B, H, N + 1, N + 1).softmax(-1)
-    query, key = torch.randn(T, B, H, N + 1, DH), torch.randn(T, B, H, N + 1, DH)
-    tokens = torch.randn(T, B, N, D)
+    attn, query, key, tokens = random_inputs(T, B, seed=2)
     heads = [1, 3, 2]
     _, inter = track_and_mask(
         attn, query, key, tokens, torch.randn(B, T, 3, G * P, G * P), P, heads, return_intermediates=True

@@ -88,7 +88,7 @@ def use_dino_interpolation(model: torch.nn.Module, offset: float = 0.1, antialia
         raise ValueError(f"use_dino_interpolation needs a timm VisionTransformer, got {type(model).__name__}")
     if not getattr(model, "dynamic_img_size", False) or model.pos_embed is None:
         raise ValueError("use_dino_interpolation needs a ViT built with dynamic_img_size=True and a position table")
-    if not supports_dino_interpolation(model):
+    if model.patch_embed.grid_size[0] != model.patch_embed.grid_size[1]:
         raise ValueError(
             f"use_dino_interpolation needs a square position grid, got {tuple(model.patch_embed.grid_size)} "
             "(img_size of unequal sides)"

@@ -139,7 +139,13 @@ def refcoco_queries(root: str | Path, image_size: int = 224, split: str = "testA
     return out
 
 
-def synthetic_queries(dataset: SyntheticCompositions, num_images: int, epoch: int = 10**6) -> list[ObjectQuery]:
+HELD_OUT_EPOCH = 10**6
+"""The epoch of the held-out synthetic compositions (pin-eval's and pin-train's validation); never trained on."""
+
+
+def synthetic_queries(
+    dataset: SyntheticCompositions, num_images: int, epoch: int = HELD_OUT_EPOCH
+) -> list[ObjectQuery]:
     """Held-out compositions (1..3 objects, an epoch never used in training); every object is a query."""
     out = []
     cell = dataset.composer.sampler.cell

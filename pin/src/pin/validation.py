@@ -18,13 +18,11 @@ from accelerate.utils import gather_object
 
 from .boxes import GridCodec
 from .eval import evaluate_queries, summarise
-from .eval_data import synthetic_queries
+from .eval_data import HELD_OUT_EPOCH, synthetic_queries
 from .methods import Method
 from .pipeline import dataset_from_cfg, pools_from_cfg, summed_training_loss
 from .synthetic import collate
 from .vlm import FrozenVLM
-
-VAL_EPOCH = 10**6  # the held-out epoch of pin-eval's synthetic queries, never used in training
 
 
 class SyntheticValidation:
@@ -45,7 +43,7 @@ class SyntheticValidation:
         self.cfg, self.path = cfg, run_dir / "validation.jsonl"
         self.dataset = dataset_from_cfg(cfg, val_pool, "val")
         self.queries = synthetic_queries(self.dataset, size)
-        self.dataset.sample_epoch = VAL_EPOCH  # the same images at every validation; the phase follows training
+        self.dataset.sample_epoch = HELD_OUT_EPOCH  # the same images at every validation; the phase follows training
 
     def run(self, vlm: FrozenVLM, codec: GridCodec, method: Method, accelerator: Accelerator, epoch: int, step: int):
         """Validation loss and mIoU after `epoch`; every process returns the same dict."""
