@@ -25,7 +25,7 @@ def test_mso_skips_images_without_objects_mat73(tmp_path, monkeypatch):
     for empty in (None, np.array([0.0, 0.0])):
         monkeypatch.setitem(sys.modules, "mat73", fake_mat73([BOXES, empty]))
         items = MSO(tmp_path).items
-        assert [(p.name, c) for p, _, c, _ in items] == [("a.jpg", 2.0)]
+        assert [(p.name, c) for p, _, c, *_ in items] == [("a.jpg", 2.0)]
         assert np.array_equal(items[0][1], BOXES)
 
 
@@ -66,5 +66,5 @@ def test_mso_skips_images_without_objects_h5py(tmp_path, monkeypatch):
     monkeypatch.setitem(modules, "mat73", None)  # import fails: the h5py path is taken
     monkeypatch.setitem(modules, "h5py", types.SimpleNamespace(File=File))
     items = MSO(tmp_path).items
-    assert [(p.name, c) for p, _, c, _ in items] == [("a.jpg", 2.0)]
+    assert [(p.name, c) for p, _, c, *_ in items] == [("a.jpg", 2.0)]
     assert np.array_equal(items[0][1], BOXES)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from counting.density import density_from_boxes, gaussian_kernel1d, kernel_size_and_sigma
+from counting.density import density_from_boxes, dot_density_map, gaussian_kernel1d, kernel_size_and_sigma
 
 
 def hand_gaussian(size: int, sigma: float) -> np.ndarray:
@@ -67,3 +67,35 @@ def test_reflect_padding_at_the_border_matches_scipy_mirror():
 def test_empty_boxes_give_zeros():
     d = density_from_boxes(torch.zeros(0, 4), 8, 9)
     assert d.shape == (8, 9) and float(d.abs().sum()) == 0.0
+
+
+def slow_reflect_blur(dots: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Direct 2-D convolution with the separable kernel over a half-sample symmetric extension ("d c b a | a b c d")."""
+    r = len(kernel) // 2
+    padded = np.pad(dots, r, mode="symmetric")
+    out = np.zeros_like(dots, dtype=np.float64)
+    for i in range(dots.shape[0]):
+        for j in range(dots.shape[1]):
+            window = padded[i : i + 2 * r + 1, j : j + 2 * r + 1]
+            out[i, j] = (window * np.outer(kernel, kernel)).sum()
+    return out
+
+
+def test_dot_map_interior_dot_by_hand():
+    # one dot at (x 10.6, y 7.2) of a 40 x 60 image shown at 20 x 30: pixel (row int(3.6), col int(5.3)) = (3, 5)
+    density = dot_density_map(np.array([[10.6, 7.2]]), 20, 30, scale_xy=(0.5, 0.5))
+    g = hand_gaussian(9, 1.0)  # sigma 1, scipy's default truncation at 4 sigma
+    assert density.shape == (20, 30)
+    assert float(density[3, 5]) == pytest.approx(3000 * g[4] ** 2, rel=1e-5)
+    assert float(density[3, 7]) == pytest.approx(3000 * g[4] * g[6], rel=1e-5)
+    assert float(density.sum()) == pytest.approx(3000, rel=1e-5)
+
+
+def test_dot_map_duplicates_borders_and_slow_loop():
+    points = np.array([[0.2, 0.4], [0.9, 0.1], [15.0, 9.0], [100.0, -3.0]])  # two on pixel (0, 0); one off the map
+    density = dot_density_map(points, 12, 16).numpy()
+    dots = np.zeros((12, 16))
+    dots[0, 0] = dots[9, 15] = dots[0, 15] = 1.0  # the off-map point is clamped to the last column, row 0
+    assert np.allclose(density, 3000 * slow_reflect_blur(dots, hand_gaussian(9, 1.0)), atol=1e-3)
+    assert float(density.sum()) == pytest.approx(3 * 3000, rel=1e-5)  # reflect mode keeps the mass at borders
+    assert float(dot_density_map(np.zeros((0, 2)), 5, 6).abs().sum()) == 0.0

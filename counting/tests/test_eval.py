@@ -65,6 +65,10 @@ def test_fsc147_parsing(fsc_root):
     ds = FSC147(fsc_root, "test", patch_size=8, target_height=64)
     assert len(ds) == 2 and ds.items[1][2] == 45.0
     assert ds.items[0][1].tolist()[1] == [20, 10, 31, 22]
+    item = ds[1]  # c.jpg, 50 x 90 shown at 64 x 112; 45 dots on (1, 1) -> one pixel (int(1.28), int(1.24))
+    assert item["gt_density"].shape == item["image"].shape[-2:] == (64, 112)
+    assert float(item["gt_density"].sum()) == pytest.approx(3000, rel=1e-4)
+    assert divmod(int(item["gt_density"].argmax()), 112) == (1, 1)
     with pytest.raises(ValueError, match="unknown FSC-147 split"):
         FSC147(fsc_root, "nope")
     with pytest.raises(FileNotFoundError, match="annotation_FSC147_384.json"):
@@ -86,7 +90,7 @@ def carpk_root(tmp_path):
 def test_carpk_parsing_skips_images_without_cars(carpk_root, caplog):
     with caplog.at_level(logging.WARNING, logger="counting"):
         ds = CARPK(carpk_root, target_height=32, patch_size=8)
-    assert [name for *_, name in ds.items] == ["x"]
+    assert [item[3] for item in ds.items] == ["x"]
     assert "skipped 1 images without annotated cars" in caplog.text and "'empty'" in caplog.text
     item = ds[0]
     assert item["count"] == 2.0 and item["image"].shape == (3, 32, 32) and item["exemplars"].shape[0] == 2

@@ -4,7 +4,7 @@ import yaml
 from safetensors.torch import load_file
 
 from counting.config import load_config
-from counting.train import learning_rate, main
+from counting.train import learning_rate, main, train_step_inputs
 
 
 def test_config_overrides_and_unknown_keys():
@@ -71,3 +71,26 @@ def test_console_scripts_return_none(monkeypatch):
 
     monkeypatch.setattr(counting.eval, "main", lambda argv=None: {"val": {}})
     assert scripts["counting-eval"].load()() is None
+
+
+def test_keep_masks_split_over_processes_and_shared_mask():
+    cfg, _ = load_config(["--config", "tiny", "train.batch_size=4"])
+    shots, whole = train_step_inputs(5, cfg, 0, 1)
+    halves = [train_step_inputs(5, cfg, rank, 2) for rank in (0, 1)]
+    assert all(s == shots for s, _ in halves) and 1 <= shots <= cfg["collage"]["max_shots"]
+    assert torch.equal(whole[0::2], halves[0][1]) and torch.equal(whole[1::2], halves[1][1])
+    assert not torch.equal(whole[0], whole[1])
+    cfg["train"]["shared_mask"] = True
+    _, shared = train_step_inputs(5, cfg, 0, 1)
+    assert all(torch.equal(shared[0], row) for row in shared)
+    assert 0.7 < shared.float().mean() < 0.9  # keep_prob 0.8
+
+
+def test_train_with_loss_ablations(tmp_path):
+    # same model, data and keep-masks: keeping distractor pixels and weighting them x2 can only add to the loss
+    base = ["--config", "tiny", f"output_dir={tmp_path}", "train.max_steps=1"]
+    plain = main([*base, "name=plain"])["losses"][0]
+    ablated = main([*base, "name=ablated", "train.keep_all_object_pixels=true", "train.distractor_weight=2.0"])
+    assert ablated["losses"][0] > plain
+    shared = main([*base, "name=shared", "train.shared_mask=true"])["losses"][0]
+    assert shared != plain and torch.isfinite(torch.tensor(shared))

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from counting.collage import normalize
+from counting.density import dot_density_map
 from counting.pools import load_rgb
 from counting.resize import resize_image
 
@@ -64,12 +65,18 @@ def prepare_test_image(
     return {"image": resized, "rects": rects, "exemplars": exemplars, "rel_boxes": rel.float()}
 
 
+def centres(boxes: np.ndarray) -> np.ndarray:
+    """(n, 2) xy centres of (n, >= 4) xyxy boxes."""
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+
+
 class CountingTestSet(Dataset):
-    """Base: subclasses fill ``self.items`` with (image path, (k,4) xyxy exemplar boxes, gt count, name)."""
+    """Base: subclasses fill ``self.items`` with (image path, (k,4) xyxy exemplar boxes, gt count, name, (n,2) xy
+    object points in original pixels: FSC-147's annotated dots, box centres for CARPK and MSO)."""
 
     def __init__(self, patch_size: int = 16, target_height: int = 384, fixed: bool = False, shots: int = 3):
         self.patch_size, self.target_height, self.fixed, self.shots = patch_size, target_height, fixed, shots
-        self.items: list[tuple[Path, np.ndarray, float, str]] = []
+        self.items: list[tuple[Path, np.ndarray, float, str, np.ndarray]] = []
 
     def check_images(self, listing: Path) -> None:
         """Raise FileNotFoundError naming the first listed images that are not on disk (and how many are missing)."""
@@ -84,12 +91,14 @@ class CountingTestSet(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        path, boxes, count, name = self.items[index]
+        path, boxes, count, name, points = self.items[index]
         image = load_rgb(path)
         out = prepare_test_image(
             image, torch.as_tensor(boxes[: self.shots]), self.patch_size, self.target_height, self.fixed
         )
-        out.update(count=float(count), name=name)
+        (height, width), (new_h, new_w) = image.shape[-2:], out["image"].shape[-2:]
+        gt_density = dot_density_map(points, new_h, new_w, (new_w / width, new_h / height))
+        out.update(count=float(count), name=name, gt_density=gt_density)
         return out
 
 
@@ -124,7 +133,8 @@ class FSC147(CountingTestSet):
             ann = annotations[name]
             corners = np.asarray(ann["box_examples_coordinates"], dtype=np.float64)
             boxes = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 2, 0], corners[:, 2, 1]], axis=1)
-            self.items.append((root / "images_384_VarV2" / name, boxes, float(len(ann["points"])), name))
+            points = np.asarray(ann["points"], dtype=np.float64).reshape(-1, 2)
+            self.items.append((root / "images_384_VarV2" / name, boxes, float(len(points)), name, points))
         self.check_images(splits)
 
 
@@ -153,7 +163,7 @@ class CARPK(CountingTestSet):
                 skipped.append(name)
                 continue
             rows = np.loadtxt(io.StringIO(text), ndmin=2)
-            self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name))
+            self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name, centres(rows)))
         self.check_images(listing)
         if skipped:
             log.warning(
@@ -209,7 +219,7 @@ class MSO(CountingTestSet):
             raise FileNotFoundError(f"MSO index {index} missing; expected <root>/imgIdx.mat and <root>/img/")
         for name, boxes in read_mso_index(index):
             if len(boxes):
-                self.items.append((root / "img" / name, boxes, float(len(boxes)), name))
+                self.items.append((root / "img" / name, boxes, float(len(boxes)), name, centres(boxes)))
         self.check_images(index)
 
 

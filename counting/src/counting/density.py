@@ -6,6 +6,7 @@ reflect padding), re-implemented so that it does not depend on the torchvision v
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +81,28 @@ def density_from_boxes(boxes: torch.Tensor, height: int, width: int, scale: floa
     kx, sx = kernel_size_and_sigma(float((boxes[:, 2] - boxes[:, 0]).mean()))
     ky, sy = kernel_size_and_sigma(float((boxes[:, 3] - boxes[:, 1]).mean()))
     return gaussian_blur(points, (kx, ky), (sx, sy))
+
+
+def dot_density_map(
+    points: torch.Tensor | np.ndarray,
+    height: int,
+    width: int,
+    scale_xy: tuple[float, float] = (1.0, 1.0),
+    scale: float = DENSITY_SCALING,
+    sigma: float = 1.0,
+) -> torch.Tensor:
+    """Ground-truth density (H, W) of annotated dots, as the reference's FSC-147 test set draws it for figures.
+
+    Each (x, y) point, multiplied by ``scale_xy`` (resized / original size), sets pixel (int(y), int(x)) (clamped
+    to the map) to 1 -- two dots on one pixel count once --; the map is blurred with scipy's Gaussian of ``sigma``
+    (reflect mode, which keeps the mass at the borders) and multiplied by ``scale``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    dots = np.zeros((height, width), np.float32)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(points):
+        cols = np.clip((points[:, 0] * scale_xy[0]).astype(np.int64), 0, width - 1)
+        rows = np.clip((points[:, 1] * scale_xy[1]).astype(np.int64), 0, height - 1)
+        dots[rows, cols] = 1.0
+    return torch.from_numpy(gaussian_filter(dots, sigma=sigma, mode="reflect") * scale)

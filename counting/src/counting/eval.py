@@ -81,7 +81,13 @@ def evaluate_split(
             h, w = item["image"].shape[-2:]
             boxes = item["rel_boxes"][: ecfg["shots"]] * torch.tensor([w, h, w, h])
             save_density_figure(
-                fig_dir / f"{Path(item['name']).stem}.png", item["image"], density.cpu(), count, item["count"], boxes
+                fig_dir / f"{Path(item['name']).stem}.png",
+                item["image"],
+                density.cpu(),
+                count,
+                item["count"],
+                boxes,
+                gt_density=item["gt_density"],
             )
     metrics = count_metrics([r["pred"] for r in records], [r["gt"] for r in records])
     metrics["kendall_tau"] = kendall_tau([r["pred"] for r in records], [r["gt"] for r in records])

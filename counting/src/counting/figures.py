@@ -26,8 +26,10 @@ def save_density_figure(
     gt: float | None = None,
     boxes_xyxy: torch.Tensor | None = None,
     title: str = "",
+    gt_density: torch.Tensor | None = None,
 ) -> None:
-    """Image with exemplar boxes | density overlay, predicted (and true) count in the title."""
+    """Image with exemplar boxes | predicted density overlay, predicted (and true) count in the title | the
+    ground-truth dot density (``gt_density``, (H, W) at the image's size) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +42,7 @@ def save_density_figure(
             density[None, None].float(), size=tuple(shown.shape[:2]), mode="bilinear", align_corners=False
         )[0, 0]
     density = density.detach().cpu().clamp_min(0).numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, axes = plt.subplots(1, 2 if gt_density is None else 3, figsize=(10 if gt_density is None else 15, 4.5))
     axes[0].imshow(shown)
     for x1, y1, x2, y2 in [] if boxes_xyxy is None else boxes_xyxy.tolist():
         axes[0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=2))
@@ -49,6 +51,10 @@ def save_density_figure(
     axes[1].imshow(density, cmap="jet", alpha=0.55)
     label = f"count {count:.1f}" + (f" (gt {gt:.0f})" if gt is not None else "")
     axes[1].set_title(label)
+    if gt_density is not None:
+        axes[2].imshow(shown.mean(-1), cmap="gray")
+        axes[2].imshow(gt_density.detach().cpu().numpy(), cmap="jet", alpha=0.55)
+        axes[2].set_title("annotated objects (dots, sigma 1)")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

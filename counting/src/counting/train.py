@@ -79,14 +79,14 @@ def train_step_inputs(step: int, cfg: dict, rank: int, world: int) -> tuple[int,
     """Shots of this step (one k ~ U{min_shots..max_shots} per batch) and this process's rows of the loss keep-mask.
 
     The Bernoulli keep-mask is drawn for the whole global batch from a generator seeded by (seed, step), so any
-    number of processes trains on exactly the same masks.
+    number of processes trains on exactly the same masks; ``train.shared_mask`` draws one mask for all images.
     """
     rng = np.random.default_rng([cfg["seed"], step, 2])
     shots = int(rng.integers(cfg["train"]["min_shots"], cfg["collage"]["max_shots"] + 1))
-    size = cfg["collage"]["img_size"]
+    size, batch = cfg["collage"]["img_size"], cfg["train"]["batch_size"]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    draws = torch.rand((cfg["train"]["batch_size"], size, size), generator=generator)
-    return shots, (draws < cfg["train"]["keep_prob"])[rank::world]
+    draws = torch.rand((1 if cfg["train"]["shared_mask"] else batch, size, size), generator=generator)
+    return shots, (draws < cfg["train"]["keep_prob"]).expand(batch, size, size)[rank::world]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -151,7 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
         with accelerator.autocast():
             pred = model(batch["image"].to(device), batch["exemplars"][:, :shots].to(device))
         target = batch["density"].to(device)
-        loss = density_mse_loss(pred.float(), target, keep_mask=keep_mask, standard_size=train["standard_size"])
+        loss = density_mse_loss(
+            pred.float(),
+            target,
+            keep_mask=keep_mask,
+            standard_size=train["standard_size"],
+            target_all=batch["density_all"].to(device),
+            keep_all_objects=train["keep_all_object_pixels"],
+            distractor_weight=train["distractor_weight"],
+            density_scaling=cfg["collage"]["density_scaling"],
+        )
         if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum")):  # every process stops alike
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {step}; stopping (last good checkpoint left in {run_dir})"
