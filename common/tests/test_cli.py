@@ -181,6 +181,42 @@ def test_hummingbird_cli_names_the_missing_dataset_or_model(tmp_path, monkeypatc
         timm_patch_features("vit_small_patch14_dinov2.lvd142m", 504)
 
 
+def test_hummingbird_cli_passes_file_sets_fraction_ignore_index_and_fp16_bank(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from funai_common import cli
+
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    (root / "sets" / "trainaug.txt").write_text("a\nb\nc\nd\n")
+    (root / "sets" / "val.txt").write_text("e\nf\n")
+    for name, folder in [*((n, "SegmentationClassAug") for n in "abcd"), *((n, "SegmentationClass") for n in "ef")]:
+        for path, mode in ((root / "images" / f"{name}.jpg", "RGB"), (root / folder / f"{name}.png", "L")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (8, 8)).save(path)
+    (tmp_path / "train_fs.txt").write_text("b\nd\nc\n")
+    (tmp_path / "val_fs.txt").write_text("f\n")
+    seen = {}
+
+    class FakeEvaluator:
+        def __init__(self, feature_fn, train, val, *args, **kwargs):
+            seen.update(train=[p.stem for p, _ in train.pairs], val=[p.stem for p, _ in val.pairs], **kwargs)
+
+        def evaluate(self):
+            return {"miou": 0.5, "per_class_iou": [], "memory_rows": 1}
+
+    monkeypatch.setattr(cli, "timm_patch_features", lambda *a, **k: (None, 8))
+    monkeypatch.setattr(cli, "HummingbirdEvaluator", FakeEvaluator)
+    base = ["--model", "m", "--dataset", "voc", "--data-dir", str(root), "--input-size", "8"]
+    hummingbird_main([*base, "--train-fs", str(tmp_path / "train_fs.txt"), "--val-fs", str(tmp_path / "val_fs.txt")])
+    assert seen["train"] == ["b", "c", "d"] and seen["val"] == ["f"]
+    assert seen["ignore_index"] is None and seen["bank_dtype"] is None  # defaults: the dataset's index, float32
+    seen.clear()
+    hummingbird_main([*base, "--train-fraction", "0.5", "--ignore-index", "0", "--bank-fp16"])
+    assert len(seen["train"]) == 2 and set(seen["train"]) <= set("abcd") and seen["val"] == ["e", "f"]
+    assert seen["ignore_index"] == 0 and seen["bank_dtype"] == torch.float16
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     metrics = demo.main(["--out", str(tmp_path), "--quick"])

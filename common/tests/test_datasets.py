@@ -13,6 +13,7 @@ from funai_common.datasets import (
     SyntheticSegmentation,
     VOCSegmentation,
     build_segmentation_dataset,
+    subset,
 )
 
 
@@ -30,6 +31,7 @@ def test_voc_layout(tmp_path):
     (root / "sets").mkdir(parents=True)
     (root / "sets" / "val.txt").write_text("a\nb\n")
     (root / "sets" / "trainaug.txt").write_text("a\n")
+    (root / "sets" / "train.txt").write_text("a\n")
     for name in "ab":
         _image(root / "images" / f"{name}.jpg")
         _save(root / "SegmentationClass" / f"{name}.png", np.full((8, 8), 255), "L")
@@ -38,6 +40,7 @@ def test_voc_layout(tmp_path):
     image, mask = val[1]
     assert len(val) == 2 and image.size == (8, 8) and np.array(mask).max() == 255
     assert np.array(VOCSegmentation(root, "trainaug")[0][1]).max() == 3
+    assert np.array(VOCSegmentation(root, "train")[0][1]).max() == 3  # train masks also from SegmentationClassAug
     assert val.num_classes == 21 and val.ignore_index == 255
 
 
@@ -133,3 +136,62 @@ def test_image_folder_with_given_classes_keeps_their_numbering(tmp_path):
     assert ImageFolderDataset(tmp_path / "val").targets == [0, 1]
     with pytest.raises(ValueError, match=r"class folders \['c'\] that are not among the given classes"):
         ImageFolderDataset(tmp_path / "val", classes=["a", "b"])
+
+
+def _voc(tmp_path, names, split="trainaug"):
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True, exist_ok=True)
+    (root / "sets" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    folder = "SegmentationClassAug" if split == "trainaug" else "SegmentationClass"
+    for i, name in enumerate(names):
+        _image(root / "images" / f"{name}.jpg")
+        _save(root / folder / f"{name}.png", np.full((8, 8), i), "L")
+    return root
+
+
+def test_file_sets_select_the_listed_images_in_dataset_order(tmp_path):
+    root = _voc(tmp_path, ["e", "a", "d", "b", "c"])
+    full = VOCSegmentation(root, "trainaug")
+    (tmp_path / "fs.txt").write_text("c\n\n a \nc\n")  # blank line, spaces and a duplicate
+    part = subset(full, tmp_path / "fs.txt")
+    assert [img.stem for img, _ in part.pairs] == ["a", "c"]  # order of sets/trainaug.txt, not of the file set
+    assert [int(np.array(part[i][1])[0, 0]) for i in range(2)] == [1, 4]  # their own masks
+    assert len(full) == 5 and part.num_classes == 21  # the original is untouched
+    assert [img.stem for img, _ in subset(full, ["b.jpg", "e"]).pairs] == ["e", "b"]
+    with pytest.raises(
+        FileNotFoundError, match=r"2 ids of the file set are not images of the dataset, e.g. \['x', 'y'\]"
+    ):
+        subset(full, ["a", "y", "x"])
+    with pytest.raises(FileNotFoundError, match="file set .*nope.txt not found"):
+        subset(full, tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="no image files"):
+        subset(SyntheticSegmentation(num_images=2, image_size=16, num_classes=2), ["a"])
+
+
+def test_cityscapes_file_sets_list_base_names(tmp_path):
+    for name in ("x", "y"):
+        _image(tmp_path / "leftImg8bit" / "val" / "bonn" / f"bonn_{name}_leftImg8bit.png")
+        _save(tmp_path / "gtFine" / "val" / "bonn" / f"bonn_{name}_gtFine_labelIds.png", np.zeros((8, 8)), "L")
+    part = subset(Cityscapes(tmp_path, "val"), ["bonn_y"])  # the reference's ids drop "_leftImg8bit.png"
+    assert [img.name for img, _ in part.pairs] == ["bonn_y_leftImg8bit.png"]
+
+
+def test_fraction_keeps_a_seeded_share_in_dataset_order(tmp_path):
+    names = [f"{i:02d}" for i in range(10)]
+    full = VOCSegmentation(_voc(tmp_path, names), "trainaug")
+    picks = {}
+    for seed in range(6):
+        kept = [img.stem for img, _ in subset(full, fraction=0.35, seed=seed).pairs]
+        assert len(kept) == 3 and kept == sorted(kept) and set(kept) <= set(names)  # int(10 * 0.35)
+        assert kept == [img.stem for img, _ in subset(full, fraction=0.35, seed=seed).pairs]
+        picks[seed] = tuple(kept)
+    assert len(set(picks.values())) > 1  # the seed matters
+    assert [img.stem for img, _ in subset(full, fraction=1.0).pairs] == names
+    # a file set first, then the fraction of it
+    kept = [img.stem for img, _ in subset(full, ["01", "03", "05", "07"], fraction=0.5).pairs]
+    assert len(kept) == 2 and set(kept) <= {"01", "03", "05", "07"}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            subset(full, fraction=bad)
+    with pytest.raises(ValueError, match="keeps none"):
+        subset(full, fraction=0.05)

@@ -172,6 +172,24 @@ def test_memory_features_are_kept_only_on_request():
     assert plain.memory_features is None
 
 
+def test_float16_bank_equals_a_float32_search_of_the_rounded_memory():
+    w = torch.randn(192, 16, generator=torch.Generator().manual_seed(0))
+
+    def fn(x):  # a random projection of each 8 x 8 patch: features that float16 rounding changes
+        patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], 64, -1)
+        return patches @ w
+
+    half = _evaluator(fn, backend="torch", bank_dtype=torch.float16, keep_memory_features=True)
+    index, labels = half.build_memory()
+    assert index.bank.dtype == torch.float16
+    assert not torch.equal(index.bank.float(), half.memory_features)
+    images = torch.stack([half.val_transform(*half.val_dataset[i])[0] for i in range(4)])
+    rounded = half.memory_features.half().float()
+    expected = upsample_predictions(transfer_labels(rounded, labels, fn(images), backend="torch"), 64)
+    assert torch.equal(half.predict(images), expected)
+    assert _evaluator(fn, backend="torch").build_memory()[0].bank.dtype == torch.float32  # default unchanged
+
+
 def test_feature_fn_shape_is_checked():
     with pytest.raises(ValueError, match="feature_fn must return"):
         _evaluator(lambda x: torch.randn(x.shape[0], 10, 4)).evaluate()

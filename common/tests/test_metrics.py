@@ -15,6 +15,20 @@ def test_identity_hand_case():
     assert value == pytest.approx(1 / 3)
 
 
+def test_tp_fp_fn_hand_cases():
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 0, 1, 1, 2, 255]), np.array([0, 1, 1, 1, 0, 2]))
+    # pixel 1 (gt 0 -> 1): FN of 0, FP of 1; pixel 4 (gt 2 -> 0): FN of 2, FP of 0; pixel 5 ignored
+    tp, fp, fn = cm.counts("identity")
+    assert tp.tolist() == [1, 2, 0] and fp.tolist() == [1, 1, 0] and fn.tolist() == [1, 0, 1]
+    # Hungarian on 4 clusters of 2 classes: clusters 1 -> 0 and 3 -> 1 are matched, 0 and 2 fall to class 0
+    cm = ConfusionMatrix(2, num_predicted=4)
+    cm.update(np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 1, 2, 3, 3]))
+    tp, fp, fn = cm.counts()
+    assert tp.tolist() == [3, 2] and fp.tolist() == [1, 0] and fn.tolist() == [0, 1]
+    assert cm.miou()[1].tolist() == pytest.approx([3 / 4, 2 / 3])  # TP / (TP + FP + FN)
+
+
 def test_hungarian_undoes_a_permutation():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 4, size=(3, 10, 10))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_dataset
+from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_dataset, subset
 from funai_common.hummingbird import HummingbirdEvaluator
 from funai_common.knn import knn_classify_many
 from funai_common.search import BACKENDS
@@ -177,6 +177,11 @@ def hummingbird_main(argv=None) -> dict:
     p.add_argument("--data-dir", help="dataset root (see the README for each layout)")
     p.add_argument("--train-split", help="default: trainaug for voc, train otherwise")
     p.add_argument("--val-split", default="val")
+    p.add_argument("--train-fs", help="file set: image ids (one per line) of the memory images, e.g. 1_div_8 subsets")
+    p.add_argument("--val-fs", help="file set of the evaluated images")
+    p.add_argument("--train-fraction", type=float, help="random fraction of the memory images (seeded by --seed)")
+    p.add_argument("--ignore-index", type=int, help="ground-truth id left out of the mIoU (default: the dataset's)")
+    p.add_argument("--bank-fp16", action="store_true", help="memory bank in float16 (torch and faiss-gpu backends)")
     p.add_argument("--input-size", type=int, default=504)
     p.add_argument("--memory-size", type=int)
     p.add_argument("--augmentation-epochs", type=int, default=2)
@@ -194,6 +199,10 @@ def hummingbird_main(argv=None) -> dict:
     extra = {"image_size": args.input_size} if args.dataset == "synthetic" else {}
     train = build_segmentation_dataset(args.dataset, args.data_dir, train_split, **extra)
     val = build_segmentation_dataset(args.dataset, args.data_dir, args.val_split, **extra)
+    if args.train_fs or args.train_fraction is not None:
+        train = subset(train, args.train_fs, args.train_fraction, args.seed)
+    if args.val_fs:
+        val = subset(val, args.val_fs)
     feature_fn, patch_size = timm_patch_features(
         args.model,
         args.input_size,
@@ -217,6 +226,8 @@ def hummingbird_main(argv=None) -> dict:
         seed=args.seed,
         device=args.device,
         num_workers=args.num_workers,
+        ignore_index=args.ignore_index,
+        bank_dtype=torch.float16 if args.bank_fp16 else None,
     )
     result = evaluator.evaluate()
     print(

@@ -185,6 +185,8 @@ class HummingbirdEvaluator:
     dataset's (VOC 255, ADE20K 0). ``remap_ignore_to_zero`` reproduces the reference's memory quirk (ignored pixels
     become class 0); ``std`` defaults to the reference's (0.229, 0.224, 0.255). With ``keep_memory_features`` the
     memory's features stay available as ``memory_features`` after ``build_memory`` (e.g. as a support bank).
+    ``bank_dtype=torch.float16`` stores the memory in half precision (the reference's faiss ``use_fp16``; torch and
+    faiss-gpu backends), scores are still accumulated in float32.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class HummingbirdEvaluator:
         std=HUMMINGBIRD_REFERENCE_STD,
         progress: bool = True,
         keep_memory_features: bool = False,
+        bank_dtype: torch.dtype | None = None,
     ):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
@@ -224,6 +227,7 @@ class HummingbirdEvaluator:
         self.val_transform = HummingbirdValTransform(input_size, std=std)
         self.progress = progress
         self.keep_memory_features = keep_memory_features
+        self.bank_dtype = bank_dtype
         self.memory_features: torch.Tensor | None = None
         self._memory = None
 
@@ -283,7 +287,8 @@ class HummingbirdEvaluator:
             )
         if self.keep_memory_features:
             self.memory_features = memory_features
-        self._memory = (NeighborIndex(memory_features, backend=self.backend), memory_labels)
+        index = NeighborIndex(memory_features, backend=self.backend, bank_dtype=self.bank_dtype)
+        self._memory = (index, memory_labels)
         return self._memory
 
     @torch.no_grad()

@@ -66,15 +66,19 @@ class ConfusionMatrix:
         mapping[rows] = cols
         return mapping
 
-    def miou(self, matching: str = "hungarian") -> tuple[float, np.ndarray]:
-        """(mean IoU over all classes, per-class IoU (num_classes,)) after matching predicted ids to classes."""
+    def counts(self, matching: str = "hungarian") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class pixel counts (TP, FP, FN), each (num_classes,) int64, after matching predicted ids to classes
+        (the reference's ``PredsmIoU.compute`` returns them next to the IoU)."""
         mapping = self.assignment(matching)
         matched = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
         for pred_id, cls in enumerate(mapping):
             matched[:, cls] += self.matrix[:, pred_id]
-        tp = np.diag(matched).astype(np.float64)
-        fp = matched.sum(0) - tp
-        fn = matched.sum(1) - tp
+        tp = np.diag(matched).copy()
+        return tp, matched.sum(0) - tp, matched.sum(1) - tp
+
+    def miou(self, matching: str = "hungarian") -> tuple[float, np.ndarray]:
+        """(mean IoU over all classes, per-class IoU (num_classes,)) after matching predicted ids to classes."""
+        tp, fp, fn = (c.astype(np.float64) for c in self.counts(matching))
         iou = tp / np.maximum(tp + fp + fn, 1e-8)
         return float(iou.mean()), iou
 

@@ -10,6 +10,8 @@ from funai_common.datasets.segmentation import (
     COCOThings,
     SegmentationDataset,
     VOCSegmentation,
+    read_file_set,
+    subset,
 )
 from funai_common.datasets.synthetic import SyntheticClassification, SyntheticSegmentation
 
@@ -50,4 +52,6 @@ __all__ = [
     "SyntheticSegmentation",
     "VOCSegmentation",
     "build_segmentation_dataset",
+    "read_file_set",
+    "subset",
 ]

@@ -5,6 +5,7 @@ Each dataset yields (PIL RGB image, PIL "L" mask of class ids) unless ``transfor
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -118,7 +119,8 @@ class SegmentationDataset(Dataset):
 class VOCSegmentation(SegmentationDataset):
     """Pascal VOC 2012 in the Hummingbird/NeCo layout (root points inside ``VOCSegmentation``).
 
-    split "trainaug" reads SegmentationClassAug (10,582 SBD-augmented masks), other splits SegmentationClass.
+    splits "trainaug" and "train" read SegmentationClassAug (10,582 SBD-augmented masks, which include the 1,464
+    train images; the reference reads it for both), other splits (val) SegmentationClass.
     21 classes including background 0; 255 marks object boundaries.
     """
 
@@ -128,7 +130,7 @@ class VOCSegmentation(SegmentationDataset):
     def __init__(self, root, split: str = "val", transforms=None):
         root = require(Path(root), self.layout)
         ids = require(root / "sets" / f"{split}.txt", self.layout).read_text().split()
-        mask_dir = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
+        mask_dir = root / ("SegmentationClassAug" if split in ("trainaug", "train") else "SegmentationClass")
         require(mask_dir, self.layout)
         pairs = [(root / "images" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
         super().__init__(pairs, transforms, searched=str(root / "sets" / f"{split}.txt"))
@@ -209,3 +211,53 @@ class COCOThings(SegmentationDataset):
         images = sorted(require(root / "images" / f"{split}2017", self.layout).glob("*.jpg"))
         pairs = [(p, masks / f"{p.stem}.png") for p in images]
         super().__init__(pairs, transforms, table, searched=f"{root}/images/{split}2017/*.jpg")
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def read_file_set(path) -> list[str]:
+    """Image ids of a file set, one per line, as open-hummingbird-eval's ``file_sets/`` (e.g.
+    ``voc/1_div_8/trainaug_8_42.txt``, the data-efficiency subsets); blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file set {path} not found (expected a text file with one image id per line)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _image_id(name: str) -> str:
+    """Image file name without extension (and without Cityscapes' ``_leftImg8bit``): the id file sets list."""
+    if name.lower().endswith(_IMAGE_SUFFIXES):
+        name = name.rsplit(".", 1)[0]
+    return name.removesuffix("_leftImg8bit")
+
+
+def subset(dataset: SegmentationDataset, file_set=None, fraction: float | None = None, seed: int = 0):
+    """A copy of ``dataset`` restricted to the images of ``file_set`` (a file-set path or a list of ids: file names
+    without extension) and then to a random ``fraction`` of them: the first int(n * fraction) of a permutation
+    seeded by ``seed`` (the reference's ``voc*0.2`` shuffles unseeded). Images keep the dataset's order."""
+    if not hasattr(dataset, "pairs"):
+        raise ValueError(f"{type(dataset).__name__} has no image files to select from (file sets need a dataset root)")
+    pairs = list(dataset.pairs)
+    if file_set is not None:
+        ids = read_file_set(file_set) if isinstance(file_set, (str, Path)) else [str(i) for i in file_set]
+        wanted = {_image_id(i) for i in ids}
+        present = {_image_id(image.name) for image, _ in pairs}
+        missing = sorted(wanted - present)
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} ids of the file set are not images of the dataset, e.g. {missing[:3]} "
+                f"(layout: {dataset.layout})"
+            )
+        pairs = [pair for pair in pairs if _image_id(pair[0].name) in wanted]
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        count = int(len(pairs) * fraction)
+        if count == 0:
+            raise ValueError(f"fraction {fraction} of {len(pairs)} images keeps none")
+        keep = np.sort(np.random.default_rng(seed).permutation(len(pairs))[:count])
+        pairs = [pairs[i] for i in keep]
+    out = copy.copy(dataset)
+    out.pairs = pairs
+    return out
