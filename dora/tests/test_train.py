@@ -61,6 +61,43 @@ def test_resume_reproduces_straight_run(tmp_path, video):
     assert (straight / "config.yaml").is_file() and (straight / "log.txt").is_file()
 
 
+def test_milestones_follow_the_reference_saveckp_freq():
+    from dora.checkpoint import is_milestone
+
+    # reference: after 0-based epoch e, checkpoint{e:04}.pth is kept when e % 20 == 0 (epochs 1, 21, 41, ... done)
+    kept = [s for s in range(1, 100 * 10 + 1) if is_milestone(s, 10, 20)]
+    assert kept == [10, 210, 410, 610, 810]
+    assert not any(is_milestone(s, 10, None) or is_milestone(s, 10, 0) for s in range(1, 1001))
+    assert not is_milestone(0, 10, 20) and not is_milestone(215, 10, 20)
+
+
+def test_prune_keeps_the_newest_and_the_milestones(tmp_path):
+    from dora.checkpoint import prune_checkpoints
+
+    def make(steps):
+        for s in steps:
+            d = tmp_path / "checkpoints" / f"step_{s:06d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "state.json").write_text("{}")
+
+    def left():
+        return sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").iterdir())
+
+    make(range(5, 65, 5))  # 5 steps per epoch: ends of epochs 1 .. 12
+    prune_checkpoints(tmp_path, 2, keep_every_epochs=4, steps_per_epoch=5)
+    assert left() == [5, 25, 45, 55, 60]  # 0-based epochs 0, 4, 8, plus the 2 newest
+    prune_checkpoints(tmp_path, 2)  # without milestones: only the newest
+    assert left() == [55, 60]
+
+
+def test_training_keeps_milestone_checkpoints(tmp_path, video):
+    run = tmp_path / "run"
+    extra = ("optim.epochs=3", "checkpoint_every=100", "keep_checkpoints=1", "keep_every_epochs=2")
+    train.main(tiny_args(run, video, *extra))
+    # 2 steps per epoch; epochs end at steps 2, 4, 6; 0-based epochs 0 and 2 are milestones
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000006"]
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, video, monkeypatch):
     run = tmp_path / "run"
     train.main(tiny_args(run, video, "optim.max_steps=2"))

@@ -148,7 +148,20 @@ def load_checkpoint(path: Path) -> dict:
     return out
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints."""
+def is_milestone(step: int, steps_per_epoch: int, every_epochs: int | None) -> bool:
+    """Whether ``step`` ends a 0-based epoch e with e % every_epochs == 0: the reference's ``saveckp_freq`` rule,
+    which keeps ``checkpoint{e:04}.pth`` after epochs 1, 21, 41, ... for every_epochs = 20."""
+    if not every_epochs or steps_per_epoch <= 0 or step <= 0 or step % steps_per_epoch:
+        return False
+    return (step // steps_per_epoch - 1) % every_epochs == 0
+
+
+def prune_checkpoints(
+    run_dir: Path, keep: int, *, keep_every_epochs: int | None = None, steps_per_epoch: int = 0
+) -> None:
+    """Delete all but the ``keep`` newest checkpoints; with ``keep_every_epochs`` the end-of-epoch milestones of
+    :func:`is_milestone` are kept as well."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        step = int(STEP_DIR.match(old.name).group(1))
+        if not is_milestone(step, steps_per_epoch, keep_every_epochs):
+            shutil.rmtree(old, ignore_errors=True)

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model.overrides={img_size: 32, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 4}",
         "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02", "tracking.num_objects=2",
         f"checkpoint_every={p['steps'] * p['epochs']}", "log_every=4", "keep_checkpoints=1",
+        "keep_every_epochs=null",
     ]  # fmt: skip
     summary = train_main(overrides)
     cfg = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())["config"]

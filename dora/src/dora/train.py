@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.wait_for_everyone()
         if main_process:
             finalize_checkpoint(ckpt_dir)
-            prune_checkpoints(run_dir, cfg["keep_checkpoints"])
+            prune_checkpoints(
+                run_dir, cfg["keep_checkpoints"], keep_every_epochs=cfg.get("keep_every_epochs"), steps_per_epoch=niter
+            )
         accelerator.wait_for_everyone()
         return ckpt_dir
 
