@@ -92,3 +92,23 @@ def test_imagenet100_reads_only_the_listed_classes(tmp_path):
     for i in range(100 - len(list((tmp_path / "train").iterdir()))):
         (tmp_path / "train" / f"x{i:03d}").mkdir()
     assert imagenet100_classes(str(tmp_path))[:3] == ["n01", "n02", "n03"]
+
+
+def test_combined_training_sets_concatenate_in_the_named_order(tmp_path):
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (100 + 50 * i,) * 3).save(
+            tmp_path / "coco" / "train2017" / f"{i:012d}.jpg", quality=100
+        )
+    for wnid, value in (("n01", 10), ("n02", 60)):
+        (tmp_path / "in100" / "train" / wnid).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (value,) * 3).save(tmp_path / "in100" / "train" / wnid / f"{wnid}_0.JPEG", quality=100)
+    (tmp_path / "in100" / "imagenet100.txt").write_text("n02\nn01\n")
+    roots = [str(tmp_path / "coco"), str(tmp_path / "in100")]
+    data = build_image_dataset({"dataset": "coco+imagenet100", "root": roots})
+    # JPEG may shift a flat grey level by one: COCO's 100, 150, 200, then the listed ImageNet-100 classes n02, n01
+    assert [round(data[i].getpixel((4, 4))[0], -1) for i in range(len(data))] == [100, 150, 200, 60, 10]
+    with pytest.raises(ValueError, match=r"coco\+imagenet100.*list of 2 roots"):
+        build_image_dataset({"dataset": "coco+imagenet100", "root": str(tmp_path / "coco")})
+    with pytest.raises(FileNotFoundError, match="ImageNet training images not found"):
+        build_image_dataset({"dataset": "coco+imagenet", "root": [roots[0], str(tmp_path / "nowhere")]})

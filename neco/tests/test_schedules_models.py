@@ -256,3 +256,33 @@ def test_unavailable_pretrained_weights_are_an_error_naming_the_model(offline_hu
     match = "pretrained weights of model.name=vit_small_patch14_reg4_dinov2.lvd142m .*not available.*model.checkpoint="
     with pytest.raises(FileNotFoundError, match=match):
         build_backbone(cfg)
+
+
+@pytest.mark.parametrize(
+    "choice, kept", [(None, [0, 1, 2]), (-1, [2]), (-2, [1, 2]), (1, [1, 2]), ([0, 2], [0, 2]), ([2, 2], [2])]
+)
+def test_freeze_blocks_keeps_the_chosen_blocks_and_the_head(choice, kept):
+    from neco.models import freeze_blocks
+
+    student, _ = build_student_teacher(dict(TINY, overrides=dict(TINY["overrides"], depth=3)))
+    assert freeze_blocks(student.backbone, choice) == kept
+    trainable = {n for n, p in student.backbone.named_parameters() if p.requires_grad}
+    if choice is None:
+        expected = {n for n, _ in student.backbone.named_parameters()}  # patch embedding, tokens, norm included
+    else:
+        names = [n for n, _ in student.backbone.named_parameters()]
+        expected = {n for n in names if n.startswith("blocks.") and int(n.split(".")[1]) in kept}
+    assert trainable == expected and ("norm.weight" in trainable) == (choice is None)
+    groups = param_groups(student, 1e-5, 1e-4, 0.04)
+    backbone_ids = {id(p) for g in groups[:2] for p in g["params"]}
+    assert backbone_ids == {id(p) for n, p in student.backbone.named_parameters() if n in expected}
+    assert sum(len(g["params"]) for g in groups[2:]) == len(list(student.head.parameters()))  # the head always trains
+
+
+def test_freeze_blocks_unknown_block_is_an_error_listing_the_blocks():
+    from neco.models import freeze_blocks
+
+    student, _ = build_student_teacher(TINY)
+    with pytest.raises(ValueError, match=r"trainable_blocks names blocks \[7\]; the backbone has blocks \[0, 1\]"):
+        freeze_blocks(student.backbone, [0, 7])
+    assert all(p.requires_grad for p in student.backbone.parameters())  # nothing frozen by a rejected choice

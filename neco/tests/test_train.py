@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import neco.train as train_mod
-from neco.config import load_config
+from neco.config import config_dir, load_config
 from neco.train import NonFiniteLossError, main
 
 
@@ -67,6 +67,40 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_args, monkeyp
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_000001", "step_000002"]
 
 
+def test_no_teacher_ablation_uses_the_students_own_outputs_and_skips_the_ema(tiny_args, monkeypatch):
+    seen = []
+    real = train_mod.neco_loss
+
+    def spy(teacher_global, student_crops, *args, **kwargs):
+        seen.append(([t.clone() for t in teacher_global], [s.detach().clone() for s in student_crops[:2]]))
+        assert all(not t.requires_grad for t in teacher_global)  # stop-gradient targets
+        return real(teacher_global, student_crops, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "neco_loss", spy)
+    args = ["optim.max_steps=2", "train.save_initial=true", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    out = main(tiny_args + args + ["loss.use_teacher=false"])
+    assert len(seen) == 2
+    for targets, student_globals in seen:
+        for t, s in zip(targets, student_globals):
+            torch.testing.assert_close(t, s, rtol=0, atol=0)
+    first = _weights(os.path.join(out["run_dir"], "checkpoints", "step_000000"))
+    last = _weights(out["checkpoint"])
+    assert first["teacher"].keys() == last["teacher"].keys()
+    for key in first["teacher"]:  # no EMA: the teacher stays at the starting weights
+        assert torch.equal(first["teacher"][key], last["teacher"][key]), key
+    assert not torch.equal(first["student"]["head.mlp.0.weight"], last["student"]["head.mlp.0.weight"])
+
+
+def test_trainable_blocks_freeze_the_other_backbone_weights(tiny_args):
+    args = ["optim.max_steps=2", "train.save_initial=true", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    out = main(tiny_args + args + ["optim.trainable_blocks=-1"])  # tiny: 2 blocks -> only block 1 trains
+    first = _weights(os.path.join(out["run_dir"], "checkpoints", "step_000000"))["student"]
+    last = _weights(out["checkpoint"])["student"]
+    for key, value in first.items():
+        moved = not torch.equal(value, last[key])
+        assert moved == key.startswith(("backbone.blocks.1.", "head.")), key
+
+
 def test_missing_coco_fails_at_once_naming_path_and_override(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as err:
@@ -99,6 +133,10 @@ def test_config_errors():
     default = load_config([])  # the paper recipe
     assert default["model"]["name"] == "vit_small_patch14_reg4_dinov2.lvd142m" and default["optim"]["batch_size"] == 64
     assert default["data"]["global_size"] == 518 and default["loss"]["queue_length"] == 8192
+    for name in sorted(os.listdir(config_dir())):  # ablation switches off in every training config (paper values)
+        cfg = load_config(["--config", name])
+        if "optim" in cfg:
+            assert cfg["loss"]["use_teacher"] is True and cfg["optim"]["trainable_blocks"] is None, name
 
 
 @pytest.mark.slow

@@ -192,10 +192,22 @@ def imagenet100_classes(root: str) -> list[str]:
 
 
 def build_image_dataset(cfg: dict[str, Any]) -> Dataset:
-    """Unlabelled training images for ``cfg['dataset']`` in DATASETS rooted at ``cfg['root']``."""
+    """Unlabelled training images for ``cfg['dataset']`` in DATASETS rooted at ``cfg['root']``.
+
+    Names joined by ``+`` (the reference's ``coco,imagenet100k``: ``coco+imagenet100``) concatenate those datasets in
+    that order; ``cfg['root']`` is then a list with one root per name.
+    """
     from funai_common import datasets as fds
 
     name, root = cfg["dataset"], cfg.get("root")
+    if "+" in name:
+        parts = name.split("+")
+        if not isinstance(root, (list, tuple)) or len(root) != len(parts):
+            raise ValueError(
+                f"data.dataset={name!r} needs data.root as a list of {len(parts)} roots, one per dataset "
+                f"(e.g. data.root=[/data/coco,/data/imagenet]), got {root!r}"
+            )
+        return ConcatDataset([build_image_dataset(dict(cfg, dataset=p, root=r)) for p, r in zip(parts, root)])
     if name == "coco":
         path = os.path.join(root, "train2017")
         _require(path, "COCO train2017 images", "<data.root>/train2017/*.jpg")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ BACKBONES = {
 }
 PREFIXES = ("module.", "model.", "teacher.", "student.", "backbone.")
 STUDENT_PREFIXES = ("model.", "student.")  # Lightning / NeCo names of the student next to a "teacher."
+_BLOCK = re.compile(r"blocks\.(\d+)\.")  # timm transformer block parameters: blocks.<i>.*
 
 
 def load_state_file(path: str) -> dict[str, torch.Tensor]:
@@ -164,6 +167,30 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """theta_t <- m * theta_t + (1 - m) * theta_s over all parameters, head included."""
     for p_t, p_s in zip(teacher.parameters(), student.parameters()):
         p_t.mul_(momentum).add_(p_s.detach().to(p_t.dtype), alpha=1.0 - momentum)
+
+
+def freeze_blocks(backbone: nn.Module, trainable_blocks: int | Sequence[int] | None) -> list[int]:
+    """Leave only the chosen transformer blocks of ``backbone`` trainable (the reference's ``trainable_blocks``).
+
+    None trains everything; an int n keeps ``sorted(block ids)[n:]`` (-2: the last two blocks, 3: block 3 onwards); a
+    list keeps those ids. Once blocks are chosen, the backbone's parameters outside ``blocks.<i>.`` (patch embedding,
+    tokens, position table, final norm) are frozen too, as in the reference. Returns the trainable block ids.
+    """
+    ids = {name: int(m.group(1)) for name, _ in backbone.named_parameters() if (m := _BLOCK.match(name))}
+    all_ids = sorted(set(ids.values()))
+    if trainable_blocks is None:
+        return all_ids
+    if isinstance(trainable_blocks, int):
+        keep = all_ids[trainable_blocks:]
+    else:
+        keep = sorted({int(i) for i in trainable_blocks})
+        unknown = [i for i in keep if i not in all_ids]
+        if unknown:
+            raise ValueError(f"optim.trainable_blocks names blocks {unknown}; the backbone has blocks {all_ids}")
+    for name, p in backbone.named_parameters():
+        if ids.get(name) not in keep:
+            p.requires_grad_(False)
+    return keep
 
 
 def param_groups(student: NecoNet, lr_backbone: float, lr_head: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, s
 from neco.config import load_config
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
-from neco.models import build_student_teacher, ema_update, param_groups
+from neco.models import build_student_teacher, ema_update, freeze_blocks, param_groups
 from neco.queue import PatchQueue
 from neco.schedules import cosine_schedule
 
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     schedules = build_schedules(cfg, iters_per_epoch)
 
     student, teacher = build_student_teacher(cfg["model"])
+    blocks = freeze_blocks(student.backbone, ocfg.get("trainable_blocks"))
+    use_teacher = bool(lcfg.get("use_teacher", True))  # false: the "no teacher" ablation, no EMA
     queue = PatchQueue(cfg["data"]["num_global"], lcfg["queue_length"], cfg["model"]["head_out_dim"])
     optimizer = torch.optim.AdamW(param_groups(student, ocfg["lr_backbone"], ocfg["lr_head"], ocfg["weight_decay"]))
     modules = {"student": student, "teacher": teacher, "queue": queue}
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last_checkpoint = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
     losses = list(history)
     log.info(
-        "training %s: %d processes, global batch %d, steps %d..%d of %d (%d per epoch), run dir %s",
+        "training %s: %d processes, global batch %d, steps %d..%d of %d (%d per epoch), blocks %s%s, run dir %s",
         cfg["name"],
         world,
         global_batch,
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         end_step,
         total_steps,
         iters_per_epoch,
+        blocks,
+        "" if use_teacher else ", no teacher",
         run_dir,
     )
 
@@ -181,9 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         crops = [c.to(accelerator.device, non_blocking=True) for c in crops]
         boxes = boxes.to(accelerator.device)
         apply_schedules(optimizer, schedules, step)
-        with torch.no_grad(), accelerator.autocast():
-            teacher_out = [t.float() for t in teacher(crops[:num_global])]
+        if use_teacher:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_out = [t.float() for t in teacher(crops[:num_global])]
         student_out = [s.float() for s in student(crops)]
+        if not use_teacher:  # the student's own global-crop outputs are the (stop-gradient) targets and references
+            teacher_out = [s.detach() for s in student_out[:num_global]]
         references = None
         if lcfg["use_queue"]:
             for c in range(num_global):
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, accelerator.unwrap_model(student), float(schedules["momentum"][step]))
+        if use_teacher:
+            ema_update(teacher, accelerator.unwrap_model(student), float(schedules["momentum"][step]))
         losses.append(loss_value)
         done = step + 1
         images_per_s = global_batch * (done - start_step) / (time.perf_counter() - tic)
