@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -7,7 +8,7 @@ from PIL import Image
 
 from fungi import demo, eval, extract
 from fungi.config import parse_overrides, resolve
-from fungi.evaluation import few_shot_indices, knn_predict
+from fungi.evaluation import evaluate_blocks, few_shot_indices, knn_predict, knn_scores
 from fungi.runs import load_features
 
 TINY = ["--config", "tiny", "limit=12", "dino.num_local=2", "simclr.stride_scale=2", "simclr.num_negatives=2"]
@@ -78,6 +79,43 @@ def test_knn_after_pca_matches_an_svd_projection_and_brute_force():
     assert knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=3).tolist() == expected
     raw = knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=None).tolist()
     assert raw != expected  # the case distinguishes projecting from not projecting
+
+
+def test_knn_auc_for_binary_labels_hand_case():
+    # class 0 at 0..3, class 1 at 4..7; with k = 5 the vote shares for class 1 of the test points 1.4, 2.8, 4.3, 6.6
+    # are 1/5, 2/5, 3/5, 4/5; labels 0, 1, 0, 1: positive-negative pairs won 3 of 4 -> AUC 75 %
+    train = np.arange(8.0)[:, None]
+    scores = knn_scores(train, [0] * 4 + [1] * 4, np.array([[1.4], [2.8], [4.3], [6.6]]), [0, 1, 0, 1], 5, None)
+    assert scores == pytest.approx({"top1": 50.0, "mean_per_class": 50.0, "auc": 75.0})
+    # labels other than 0/1: the larger one is the positive class
+    assert knn_scores(train, [3] * 4 + [7] * 4, [[1.4], [2.8], [4.3], [6.6]], [3, 7, 3, 7], 5, None)["auc"] == 75.0
+    # multi-class, or a single test class: no AUC
+    assert "auc" not in knn_scores(train, [0, 0, 1, 1, 2, 2, 2, 2], train, [0, 0, 1, 1, 2, 2, 2, 2], 3, None)
+    assert "auc" not in knn_scores(train, [0] * 4 + [1] * 4, train[:3], [0, 0, 0], 5, None)
+
+
+def test_knn_auc_matches_brute_force_vote_and_pair_count():
+    gen = torch.Generator().manual_seed(3)
+    # unit rows, so that evaluate_blocks' L2 normalisation leaves the features as they are
+    train = torch.nn.functional.normalize(torch.randn(40, 3, generator=gen, dtype=torch.float64), dim=1)
+    test = torch.nn.functional.normalize(torch.randn(25, 3, generator=gen, dtype=torch.float64), dim=1)
+    train_labels = (train[:, 0] + 0.5 * torch.randn(40, generator=gen, dtype=torch.float64) > 0).long()
+    test_labels = (test[:, 0] > 0).long()
+    share = train_labels[torch.cdist(test, train).topk(7, largest=False).indices].double().mean(1)
+    pos, neg = share[test_labels == 1], share[test_labels == 0]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    expected = 100.0 * pairs.mean().item()
+    assert knn_scores(train.numpy(), train_labels.numpy(), test.numpy(), test_labels.numpy(), 7, None)["auc"] == (
+        pytest.approx(expected)
+    )
+    blocks = {"embeddings": train}
+    rows = evaluate_blocks(blocks, train_labels, {"embeddings": test}, test_labels, ("knn", "fewshot"), 7, None, 6)
+    assert rows[0]["knn_auc"] == pytest.approx(expected)
+    idx = few_shot_indices(train_labels, 6)  # the few-shot row scores the first 6 images of each class
+    assert (
+        rows[0]["6shot_auc"]
+        == knn_scores(train[idx].numpy(), train_labels[idx], test.numpy(), test_labels, 7, None)["auc"]
+    )
 
 
 def test_demo_quick(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from fungi.projection import l2_normalize
@@ -46,11 +46,31 @@ def fit_pca(train: np.ndarray, test: np.ndarray, dim: int | None) -> tuple[np.nd
     return pca.transform(train), pca.transform(test)
 
 
-def knn_predict(train_features, train_labels, test_features, k: int = 20, pca_dim: int | None = 512) -> np.ndarray:
-    """Paper k-NN: PCA fitted on train, then KNeighborsClassifier(k, uniform weights, Euclidean) -> predictions."""
+def _fit_knn(train_features, train_labels, test_features, k: int, pca_dim: int | None):
+    """(fitted KNeighborsClassifier, test features after the train-fitted PCA)."""
     train, test = fit_pca(np.asarray(train_features, np.float64), np.asarray(test_features, np.float64), pca_dim)
     knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), weights="uniform", metric="euclidean")
-    return knn.fit(train, np.asarray(train_labels)).predict(test)
+    return knn.fit(train, np.asarray(train_labels)), test
+
+
+def knn_predict(train_features, train_labels, test_features, k: int = 20, pca_dim: int | None = 512) -> np.ndarray:
+    """Paper k-NN: PCA fitted on train, then KNeighborsClassifier(k, uniform weights, Euclidean) -> predictions."""
+    knn, test = _fit_knn(train_features, train_labels, test_features, k, pca_dim)
+    return knn.predict(test)
+
+
+def knn_scores(
+    train_features, train_labels, test_features, test_labels, k: int = 20, pca_dim: int | None = 512
+) -> dict[str, float]:
+    """Paper k-NN top-1 and mean-per-class accuracy (%); with binary training labels also the ROC AUC (%) of the
+    neighbours' vote share for the larger label (the reference's ``roc_curve(predict_proba[:, 1], pos_label=1)``),
+    left out when the test labels hold a single class (AUC undefined)."""
+    knn, test = _fit_knn(train_features, train_labels, test_features, k, pca_dim)
+    scores = accuracy_scores(test_labels, knn.predict(test))
+    positive = np.asarray(test_labels) == knn.classes_[-1]
+    if len(knn.classes_) == 2 and 0 < positive.sum() < len(positive):
+        scores["auc"] = 100.0 * float(roc_auc_score(positive, knn.predict_proba(test)[:, 1]))
+    return scores
 
 
 def accuracy_scores(labels, predictions) -> dict[str, float]:
@@ -115,11 +135,11 @@ def evaluate_blocks(
         test = concat_blocks(test_blocks, combo).numpy()
         row: dict = {"features": "+".join(combo)}
         if "knn" in protocols:
-            scores = accuracy_scores(test_labels, knn_predict(train, train_labels, test, k, pca_dim))
+            scores = knn_scores(train, train_labels, test, test_labels, k, pca_dim)
             row.update({f"knn_{key}": v for key, v in scores.items()})
         if "fewshot" in protocols and shots:
             idx = few_shot_indices(train_labels, shots)
-            scores = accuracy_scores(test_labels, knn_predict(train[idx], train_labels[idx], test, k, pca_dim))
+            scores = knn_scores(train[idx], train_labels[idx], test, test_labels, k, pca_dim)
             row.update({f"{shots}shot_{key}": v for key, v in scores.items()})
         if "linear" in protocols and combo in combinations(names, incremental=True):  # as the paper's tables
             from funai_common.linear import linear_probe
