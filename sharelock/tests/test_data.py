@@ -148,3 +148,20 @@ def test_torchvision_sets_never_download_and_say_where_they_looked(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=f"torchvision DTD not found under {tmp_path}"):
         LabelledImages(tmp_path, "DTD", "val")
+
+
+def test_reference_class_names_file_holds_prompts_and_takes_the_identity_template(tmp_path):
+    """The reference's imagenet-1k/class_names.json maps label ids to whole prompts ("A photo of a tench"):
+    templates='{}' uses them as they are, giving the prompts of plain names with the reference template."""
+    from sharelock.config import load_config
+    from sharelock.models import format_prompt
+    from sharelock.templates import REFERENCE, resolve_templates
+
+    # on a command line YAML reads a bare `{}` (or `{c}`) as a mapping: still the identity template
+    assert resolve_templates(load_config(["templates={}"], "eval")["templates"]) == ["{}"]
+    assert resolve_templates(load_config(["templates={c}"], "eval")["templates"]) == ["{c}"]
+    (tmp_path / "class_names.json").write_text(json.dumps({"1": "A photo of a goldfish", "0": "A photo of a tench"}))
+    prompts = [
+        format_prompt(t, n) for t in resolve_templates("{}") for n in load_class_names(tmp_path / "class_names.json")
+    ]
+    assert prompts == [format_prompt(REFERENCE[0], n) for n in ("tench", "goldfish")]

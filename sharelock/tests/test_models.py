@@ -235,3 +235,39 @@ def test_zero_shot_accuracy_from_features_hand_case():
     # ranks of the true class: 2nd, 1st, 4th
     acc = topk_accuracy(logits, torch.tensor([2, 0, 0]), ks=(1, 2, 3, 5))
     assert acc == pytest.approx({"top1": 100 / 3, "top2": 200 / 3, "top3": 200 / 3, "top5": 100.0})
+
+
+def test_unnormalised_heads_give_raw_dot_products(tmp_path):
+    """Reference `normalize: False`: the head outputs are the raw projections, the loss and the zero-shot logits
+    plain dot products (hand case); the flags travel with the checkpoint."""
+    from sharelock.models import load_model
+    from sharelock.training import save_checkpoint
+
+    raw = ShareLock(vision_dim=2, text_dim=2, text_layers=0, vision_normalize=False, text_normalize=False)
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    classes = torch.tensor([[0.0, 5.0], [3.0, 0.0]])
+    # v @ classes^T by hand, no division by norms
+    torch.testing.assert_close(raw.zero_shot_logits(v, classes), torch.tensor([[0.0, 3.0], [10.0, 0.0], [5.0, 3.0]]))
+    zv, zt = raw(v[:2], classes)
+    torch.testing.assert_close(zv, v[:2])
+    torch.testing.assert_close(zt, classes)
+    # loss on the raw rows: logits s * [[0, 3], [10, 0]], both diagonal entries 0, so every row and column CE is
+    # log(1 + e^{s * off-diagonal}); rows and columns hold the same two values
+    s = LOGIT_SCALE
+    assert clip_loss(zv, zt).item() == pytest.approx(0.5 * (math.log1p(math.exp(3 * s)) + math.log1p(math.exp(10 * s))))
+    # with a trained text head only the text side changes: vision rows stay unit vectors
+    torch.manual_seed(0)
+    mixed = ShareLock(vision_dim=3, text_dim=5, text_layers=2, hidden_dim=4, text_normalize=False).eval()
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(mixed.text_head(x), mixed.text_head.layers(x))
+    torch.testing.assert_close(mixed.vision_head(torch.tensor([[3.0, 0.0, 4.0]])), torch.tensor([[0.6, 0.0, 0.8]]))
+    # template ensemble: the plain mean of the raw text embeddings, no renormalising
+    t1, t2 = torch.tensor([[2.0, 0.0], [0.0, 4.0]]), torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    torch.testing.assert_close(raw.ensemble((raw.encode_text(t1) + raw.encode_text(t2)) / 2), (t1 + t2) / 2)
+    unit = ShareLock(vision_dim=2, text_dim=2, text_layers=0)
+    torch.testing.assert_close(unit.ensemble(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]))
+    # the flags are part of the saved model config and restored by load_model
+    save_checkpoint(tmp_path / "ckpt", mixed, {"model": mixed.config}, {"model": {}})
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.text_head.normalize is False and loaded.vision_head.normalize is True
+    torch.testing.assert_close(loaded.encode_text(x), mixed.text_head.layers(x))

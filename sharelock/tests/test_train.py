@@ -173,3 +173,39 @@ def test_checkpoint_folder_is_replaced_without_a_window_where_neither_exists(tmp
     with pytest.raises(FileNotFoundError):
         replace_dir(tmp_path / "missing", target)
     assert (tmp_path / ".old_step_0000004" / "w").read_text() == "new"
+
+
+def test_validation_split_is_taken_per_dataset(stores, tmp_path):
+    """Reference: each dataset of the list gets its own split (the first val_size of its shuffled ids), and the
+    train and val parts are concatenated; so val_size counts per dataset."""
+    from sharelock.losses import LOGIT_SCALE
+    from sharelock.pairs import Subset, split_per_dataset
+
+    rng = np.random.default_rng(5)
+    ids = [f"{i:05d}" for i in range(50)]
+    write_store(tmp_path / "v2", ids, rng.normal(size=(50, 8)).astype(np.float32), "image", "vit")
+    write_store(tmp_path / "t2", ids, rng.normal(size=(50, 12)).astype(np.float32), "text", "llm")
+    datasets = [{"vision": str(stores / "v"), "text": [str(stores / "t0")]},
+                {"vision": str(tmp_path / "v2"), "text": str(tmp_path / "t2")}]  # fmt: skip
+    pairs = StorePairs(datasets)
+    train_idx, val_idx = split_per_dataset(pairs, 6, seed=42)
+    # by hand: random.Random(42) shuffles of range(120) and of range(50); the second dataset starts at row 120
+    first, second = list(range(120)), list(range(50))
+    random.Random(42).shuffle(first)
+    random.Random(42).shuffle(second)
+    assert val_idx.tolist() == first[:6] + [120 + i for i in second[:6]]
+    assert train_idx.tolist() == first[6:] + [120 + i for i in second[6:]]
+    # one dataset: the plain reference split
+    single_train, single_val = split_per_dataset(StorePairs(datasets[:1]), 6, seed=42)
+    assert single_val.tolist() == first[:6] and single_train.tolist() == first[6:]
+    # fit validates on exactly these samples: with a one-layer text head (no BatchNorm statistics) the first
+    # validation, before any optimizer step, is the loss of the freshly built heads on them
+    extra = [f"data.datasets={json.dumps(datasets)}", "data.val_size=6", "model.text_layers=1", "optim.max_steps=1",
+             "optim.accumulate_grad_batches=1", "val_check_interval=1", "checkpoint_every=1"]  # fmt: skip
+    args = tiny_args(stores, tmp_path / "run", *extra)
+    train.main(args)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
+    torch.manual_seed(42)
+    model = train.build_model(load_config(args, "default"), pairs.vision_dim, pairs.text_dim)
+    expected = train.validation_loss(model, Subset(pairs, val_idx), 16, LOGIT_SCALE, 42, "cpu")
+    assert state["loop"]["history"][0]["val_loss"] == pytest.approx(expected, rel=1e-6)

@@ -58,3 +58,12 @@ def test_eval_transform_matches_manual_pipeline():
     assert (out - expected).abs().max().item() < 2.5 / 255 / 0.225  # uint8 rounding in PIL vs float in torch
     assert (out - expected).abs().mean().item() < 0.01
     assert math.isfinite(out.sum().item())
+
+
+def test_constant_schedule_has_no_warmup_like_the_reference():
+    # reference: lr_schedule "constant" returns the bare optimizer (no scheduler), so the LR is lr from step 0
+    assert lrs(total=20, warmup=10, schedule="constant") == pytest.approx([1e-3] * 21)
+    with_warmup = lrs(total=20, warmup=10, schedule="constant_with_warmup")
+    assert with_warmup == pytest.approx([1e-4 * k for k in range(10)] + [1e-3] * 11)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], schedule="linear")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sharelock.config import load_config
@@ -36,7 +35,7 @@ def classifier_from_store(model: ShareLock, store: FeatureStore) -> torch.Tensor
     pairs = [tuple(int(x) for x in i.split("/")) for i in store.ids]
     n_t, n_c = max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1
     total = sum(model.encode_text(store.get([f"{t}/{c}" for c in range(n_c)])) for t in range(n_t))
-    return F.normalize(total / n_t, dim=-1)
+    return model.ensemble(total / n_t)
 
 
 @torch.no_grad()

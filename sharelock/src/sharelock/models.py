@@ -58,6 +58,8 @@ class ShareLock(nn.Module):
     With `vision_layers=0` the vision head is identity + L2 norm and the embedding dimension is `vision_dim`, whatever
     `embedding_dim` says (the reference rule); with `text_layers=0` it is `text_dim`; otherwise `embedding_dim`
     (default `vision_dim`).
+    `vision_normalize` / `text_normalize` (keyword-only, default True as the reference's `normalize: True`) switch
+    off the L2 normalisation of a head's output: the loss and the zero-shot logits then use raw dot products.
     Frozen backbones can be attached with `attach_encoders` so that `encode_image` / `encode_text` accept raw
     images and strings; they are not part of the state dict.
     """
@@ -71,6 +73,9 @@ class ShareLock(nn.Module):
         vision_layers: int = 0,
         embedding_dim: int | None = None,
         dropout: float = 0.2,
+        *,
+        vision_normalize: bool = True,
+        text_normalize: bool = True,
     ) -> None:
         super().__init__()
         self.vision_dim, self.text_dim = vision_dim, text_dim
@@ -91,9 +96,15 @@ class ShareLock(nn.Module):
             vision_layers=vision_layers,
             embedding_dim=embedding_dim,
             dropout=dropout,
+            vision_normalize=vision_normalize,
+            text_normalize=text_normalize,
         )
-        self.vision_head = ProjectionHead(vision_dim, self.embedding_dim, hidden_dim, vision_layers, dropout)
-        self.text_head = ProjectionHead(text_dim, self.embedding_dim, hidden_dim, text_layers, dropout)
+        self.vision_head = ProjectionHead(
+            vision_dim, self.embedding_dim, hidden_dim, vision_layers, dropout, normalize=vision_normalize
+        )
+        self.text_head = ProjectionHead(
+            text_dim, self.embedding_dim, hidden_dim, text_layers, dropout, normalize=text_normalize
+        )
         self.__dict__["_encoders"] = {}
 
     def forward(self, vision_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +191,8 @@ class ShareLock(nn.Module):
     ) -> torch.Tensor:
         """Class prototypes (C, D), unit rows: per class, the mean over templates of the normalised text embeddings,
         renormalised (CLIP-style ensembling; with one template this is the reference prototype). `class_names` may also
-        be precomputed class text features (C, text_dim). Logits for images: `encode_image(x) @ classifier.T`."""
+        be precomputed class text features (C, text_dim). Logits for images: `encode_image(x) @ classifier.T`.
+        With `text_normalize=False` the prototypes are the plain mean of the raw text embeddings (no renormalising)."""
         if isinstance(class_names, torch.Tensor):
             return self.encode_text(class_names)
         if isinstance(templates, str):
@@ -189,7 +201,12 @@ class ShareLock(nn.Module):
         for template in templates:
             emb = self.encode_text([format_prompt(template, name) for name in class_names])
             total = emb if total is None else total + emb
-        return F.normalize(total / len(templates), dim=-1)
+        return self.ensemble(total / len(templates))
+
+    def ensemble(self, mean_embedding: torch.Tensor) -> torch.Tensor:
+        """Prototypes from the per-class mean of the template embeddings (C, D): renormalised unless the text head
+        is unnormalised (`text_normalize=False`), whose raw embeddings are used as they are."""
+        return F.normalize(mean_embedding, dim=-1) if self.text_head.normalize else mean_embedding
 
 
 def from_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

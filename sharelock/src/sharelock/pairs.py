@@ -127,5 +127,21 @@ def split_train_val(n: int, val_size: int | float, seed: int = 42) -> tuple[np.n
     return np.array(order[val_size:], dtype=np.int64), np.array(order[:val_size], dtype=np.int64)
 
 
+def split_per_dataset(pairs, val_size: int | float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices into `pairs` with `split_train_val` applied to each concatenated dataset on its own, as
+    the reference builds a train and a val split per dataset and concatenates them (`val_size` per dataset). Pairs
+    without datasets (no `ds_of`, e.g. TensorPairs) are one dataset."""
+    dataset_of = getattr(pairs, "ds_of", None)
+    if dataset_of is None:
+        return split_train_val(len(pairs), val_size, seed)
+    train, val = [], []
+    for d in np.unique(dataset_of):
+        members = np.nonzero(dataset_of == d)[0]
+        train_idx, val_idx = split_train_val(len(members), val_size, seed)
+        train.append(members[train_idx])
+        val.append(members[val_idx])
+    return np.concatenate(train), np.concatenate(val)
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]

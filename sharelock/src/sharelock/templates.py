@@ -26,6 +26,10 @@ def resolve_templates(spec: str | list[str]) -> list[str]:
     """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), a list, or one template."""
     if isinstance(spec, list):
         return [str(t) for t in spec]
+    if isinstance(spec, dict) and len(spec) <= 1 and not any(spec.values()):
+        # `templates={}` (the names are the prompts) or `templates={c}` given on a command line: YAML reads a bare
+        # placeholder as a mapping
+        return ["{" + next(iter(spec), "") + "}"]
     if spec in NAMED:
         return list(NAMED[spec])
     path = Path(spec)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sharelock.config import load_config, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock
-from sharelock.pairs import StorePairs, Subset, split_train_val
+from sharelock.pairs import StorePairs, Subset, split_per_dataset
 from sharelock.training import build_optimizer, latest_checkpoint, load_trainer_state, save_checkpoint
 
 log = logging.getLogger("sharelock")
@@ -53,6 +53,8 @@ def build_model(cfg: dict, vision_dim: int, text_dim: int) -> ShareLock:
         vision_layers=m["vision_layers"],
         embedding_dim=m["embedding_dim"],
         dropout=m["dropout"],
+        vision_normalize=m["vision_normalize"],
+        text_normalize=m["text_normalize"],
     )
 
 
@@ -83,7 +85,7 @@ def fit(
     opt_cfg = cfg["optim"]
     bs, accum = opt_cfg["batch_size"], opt_cfg["accumulate_grad_batches"]
     rank, world = accelerator.process_index, accelerator.num_processes
-    train_idx, val_idx = split_train_val(len(pairs), cfg["data"]["val_size"], cfg["data"]["split_seed"])
+    train_idx, val_idx = split_per_dataset(pairs, cfg["data"]["val_size"], cfg["data"]["split_seed"])
     train, val = Subset(pairs, train_idx), Subset(pairs, val_idx)
     per_epoch = len(train) // (bs * world)
     if per_epoch == 0:

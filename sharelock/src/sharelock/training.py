@@ -27,12 +27,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def constant(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier 1 at every step: the reference's `lr_schedule: constant` attaches no scheduler, so no warmup."""
+    return 1.0
+
+
 def warmup_constant(step: int, warmup_steps: int, total_steps: int) -> float:
     """LR multiplier: linear warmup from 0, then constant."""
     return min(1.0, step / max(1, warmup_steps))
 
 
-SCHEDULES = {"cosine": warmup_cosine, "constant": warmup_constant}
+SCHEDULES = {"cosine": warmup_cosine, "constant": constant, "constant_with_warmup": warmup_constant}
 
 
 def build_optimizer(
@@ -46,7 +51,8 @@ def build_optimizer(
     """Adam with coupled L2 weight decay (the reference; not AdamW) and a per-optimizer-step LambdaLR schedule.
 
     After `k` calls of `scheduler.step()` the LR is `lr * f(k)` with f = linear warmup from 0 (LR 0 at step 0) to 1
-    at `warmup_steps`, then half a cosine to 0 at `total_steps` (`schedule="constant"`: 1 after warmup).
+    at `warmup_steps`, then half a cosine to 0 at `total_steps` (`schedule="constant"`: the reference's constant LR
+    from step 0, no warmup; `"constant_with_warmup"`: the linear warmup, then 1).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
