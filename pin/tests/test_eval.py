@@ -123,3 +123,51 @@ def test_train_eval_localise_end_to_end(tmp_path, capsys):
     box = localise_main([str(img), "circle", "--config", "tiny", f"checkpoint={ckpt}", f"out={tmp_path / 'b.png'}"])
     assert len(box) == 4 and (tmp_path / "b.png").is_file()
     assert "circle: box xyxy" in capsys.readouterr().out
+
+
+def test_synthetic_zero_shot_split_queries_only_held_out_classes(tmp_path):
+    """The reference's "zero_shot" synthetic split: compositions of the held-out classes' cut-outs only."""
+    from pin.config import load_config
+    from pin.eval import run_eval, synthetic_eval_queries
+    from pin.eval_data import HELD_OUT_EPOCH
+    from pin.pipeline import dataset_from_cfg, pools_from_cfg
+
+    for name in ("wok", "yak", "zebra", "dog"):
+        for k in range(3):
+            arr = np.zeros((12, 20, 4), np.uint8)
+            arr[..., :3], arr[..., 3] = 40 * k + 60, 255
+            (tmp_path / "pool" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "pool" / name / f"{k}.png")
+    args = [
+        "--config",
+        "tiny",
+        f"out_dir={tmp_path}",
+        f"data.objects={tmp_path / 'pool'}",
+        "data.held_out=[zebra, dog]",
+    ]
+    args += [
+        "data.val_size=3",
+        "method=random",
+        "eval.datasets=[synthetic, synthetic_zero_shot]",
+        "eval.random_seeds=2",
+    ]
+    cfg, _ = load_config(args)
+    queries = synthetic_eval_queries(cfg, "synthetic_zero_shot")
+    # by hand: the 3 compositions of the held-out epoch, every pasted object a query with its cell rectangle
+    _, _, zero_shot = pools_from_cfg(cfg)
+    assert zero_shot.names == ["dog", "zebra"]
+    composer = dataset_from_cfg(cfg, zero_shot, "val").composer
+    expected = []
+    for i in range(3):
+        comp = composer.compose(i, HELD_OUT_EPOCH, fixed=False)
+        expected += [
+            (n, [14.0 * b[0], 14.0 * b[1], 14.0 * (b[2] + 1), 14.0 * (b[3] + 1)])
+            for n, b in zip(comp.names, comp.boxes)
+        ]
+    assert [(q.name, q.box) for q in queries] == expected
+    assert {q.name for q in synthetic_eval_queries(cfg, "synthetic")} <= {"wok", "yak"}
+    rows, _ = run_eval(cfg)
+    assert [r["dataset"] for r in rows] == ["synthetic", "synthetic_zero_shot"] and rows[1]["num"] == len(expected)
+    cfg["data"]["held_out"] = []
+    with pytest.raises(ValueError, match="synthetic_zero_shot: its object pool is empty"):
+        synthetic_eval_queries(cfg, "synthetic_zero_shot")

@@ -151,3 +151,77 @@ def test_blip2_at_a_larger_resolution_interpolates_positions(codec):
     Method(vlm, "pin", {"pin": {"hidden_dims": [16]}})
     loss = training_loss(vlm, codec, _batch(vlm), "cpu")
     assert torch.isfinite(loss)
+
+
+def test_overfitting_two_synthetic_images_emits_their_exact_box_strings():
+    """Spec f: a pipeline check. PIN plus the tiny LM (unfrozen here only) trained on two compositions that share
+    the object name, so only the image tells the boxes apart, until beam search writes each image's own box text;
+    the parsed boxes are then the pasted cells' pixel rectangles."""
+    from pin.config import load_config
+    from pin.pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, predict_boxes, vlm_from_cfg
+    from pin.prompts import eval_prompt
+    from pin.synthetic import collate
+
+    cfg, _ = load_config(["--config", "tiny"])
+    codec, vlm = codec_from_cfg(cfg), vlm_from_cfg(cfg)
+    method = Method(vlm, "pin", cfg)
+    pool, _, _ = pools_from_cfg(cfg)
+    batch = collate([dataset_from_cfg(cfg, pool, "train", length=2)[i] for i in range(2)])
+    batch["phrase"] = [batch["phrase"][0]] * 2
+    cells = batch["cells"].tolist()
+    assert cells[0] != cells[1]
+    vlm.model.language_model.requires_grad_(True)
+    opt = torch.optim.Adam(method.parameters() + list(vlm.model.language_model.parameters()), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(1, 201):
+        loss = training_loss(vlm, codec, batch, "cpu")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            boxes, texts = predict_boxes(vlm, codec, batch["image"], batch["phrase"], 3, 12)
+            if boxes == [codec.cells_to_pixels(c) for c in cells]:
+                break
+    assert [t.strip() for t in texts] == [f"{eval_prompt(batch['phrase'][0])} {codec.encode(c)}" for c in cells]
+    assert boxes == [codec.cells_to_pixels(c) for c in cells]
+
+
+def test_reference_pt_checkpoints_load_for_pin_and_vpt(tiny_blip2, tmp_path):
+    """QUVA-Lab/PIN saves torch.save({'mlp': MLP.state_dict(), 'pos_enc': S}) (S (1, N, 64), or an (N, 64)
+    parameter when learned) and {'prompt': (1, T, D)} for VPT; its MLP is built by hand here in its layer order."""
+    from torch import nn
+
+    from pin.checkpoint import load_weights
+    from pin.model import sincos_table
+
+    vlm = tiny_blip2
+    n, width = vlm.num_vision_tokens, vlm.vision_dim
+    torch.manual_seed(3)
+    ref_mlp = nn.Sequential(nn.Linear(64, 16), nn.SiLU(), nn.LayerNorm(16), nn.Linear(16, 8), nn.SiLU(),
+                            nn.LayerNorm(8), nn.Linear(8, width))  # fmt: skip
+    with torch.no_grad():
+        for m in ref_mlp:
+            if isinstance(m, nn.LayerNorm):  # non-trivial affine parameters
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    table = sincos_table(n, 64)[None]
+    torch.save({"mlp": ref_mlp.state_dict(), "pos_enc": table}, tmp_path / "PIN_OF.pt")
+    method = Method(vlm, "pin", {"pin": {"hidden_dims": [16, 8]}})
+    method.load_state_dict(load_weights(tmp_path / "PIN_OF.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(method.module(), ref_mlp(table))
+    learned = nn.Parameter(torch.rand(n, 64))
+    torch.save({"mlp": ref_mlp.state_dict(), "pos_enc": learned}, tmp_path / "learned.pt")
+    method = Method(vlm, "pin", {"pin": {"hidden_dims": [16, 8], "learned_table": True}})
+    method.load_state_dict(load_weights(tmp_path / "learned.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(method.module(), ref_mlp(learned)[None])
+    vlm.detach()
+    prompt = torch.rand(1, 3, width)
+    torch.save({"prompt": prompt}, tmp_path / "vpt.pt")
+    vpt = Method(vlm, "vpt", {"vpt": {"num_tokens": 3}})
+    vpt.load_state_dict(load_weights(tmp_path / "vpt.pt"))
+    torch.testing.assert_close(vpt.module.prompts.detach(), prompt)
+    torch.save({"encoder": {"lora_A": torch.zeros(1)}}, tmp_path / "lora.pt")
+    with pytest.raises(KeyError, match=r"lora.pt holds \['encoder'\]: expected a reference PIN checkpoint"):
+        load_weights(tmp_path / "lora.pt")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from funai_common.weights import load_state_dict
+
 from .config import dump_config
 
 
@@ -126,13 +128,38 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
+REFERENCE_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable tensors of a checkpoint folder or of a bare .safetensors file."""
+    """Trainable tensors of a checkpoint folder, of a bare .safetensors file, or of a reference `.pt` file such as
+    the released `PINs/PIN_OF.pt` (read with `weights_only`, so no code runs; see `from_reference_weights`)."""
     path = Path(path)
     file = path / "weights.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no PIN weights at {file}; expected a checkpoint folder or a .safetensors file")
+        raise FileNotFoundError(
+            f"no PIN weights at {file}; expected a checkpoint folder, a .safetensors file or a reference .pt file"
+        )
+    if file.suffix in REFERENCE_SUFFIXES:
+        return from_reference_weights(load_state_dict(file, keys=()), file)
     return load_file(str(file))
+
+
+def from_reference_weights(state: dict, source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """This package's names for a QUVA-Lab/PIN checkpoint: PIN's {'mlp': psi state dict, 'pos_enc': S} (S is
+    (1, N, d) for the sin-cos table, (N, d) for `embed_channel=learned`) -> {'mlp.<key>', 'pos_enc' (1, N, d)};
+    VPT's {'prompt': (1, T, D)} -> {'prompts'}. psi is the same nn.Sequential, so the keys match as they are."""
+    if "mlp" in state and "pos_enc" in state:
+        out = {f"mlp.{k}": v for k, v in state["mlp"].items()}
+        pos = state["pos_enc"]
+        out["pos_enc"] = pos if pos.ndim == 3 else pos[None]
+        return out
+    if "prompt" in state:
+        return {"prompts": state["prompt"]}
+    raise KeyError(
+        f"{source} holds {sorted(state)}: expected a reference PIN checkpoint ('mlp', 'pos_enc') or VPT ('prompt'); "
+        "the reference's LoRA files (its swapped attention modules) are not supported"
+    )
 
 
 def load_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

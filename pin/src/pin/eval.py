@@ -72,6 +72,20 @@ def summarise(result: dict, image_size: int, refcoco: bool = False) -> dict:
     return out
 
 
+SYNTHETIC_SETS = ("synthetic", "synthetic_zero_shot")
+
+
+def synthetic_eval_queries(cfg: dict, name: str = "synthetic") -> list:
+    """Held-out compositions (`data.val_size` images on `data.val_backgrounds`) of the validation object pool
+    (`synthetic`) or of the held-out classes' pool (`synthetic_zero_shot`, the reference's "zero_shot" split: classes
+    never seen in training)."""
+    _, val_pool, zero_shot_pool = pools_from_cfg(cfg)
+    pool = val_pool if name == "synthetic" else zero_shot_pool
+    if not len(pool):
+        raise ValueError(f"eval dataset {name}: its object pool is empty (data.val_size / data.held_out)")
+    return synthetic_queries(dataset_from_cfg(cfg, pool, "val"), cfg["data"].get("val_size", 100))
+
+
 def kshot_context(cfg: dict, codec: GridCodec, k: int) -> str:
     """k synthetic example sentences prepended to the prompt (text-only in-context baseline)."""
     if k <= 0:
@@ -120,7 +134,10 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
         method = Method(vlm, "raw" if kind == "kshot" else kind, cfg)
         if kind in ("pin", "vpt", "lora"):
             if not e.get("checkpoint"):
-                raise ValueError(f"method={kind} needs eval.checkpoint=<run>/checkpoints/step_X (or a .safetensors)")
+                raise ValueError(
+                    f"method={kind} needs eval.checkpoint=<run>/checkpoints/step_X (or a .safetensors, or a reference "
+                    ".pt such as PINs/PIN_OF.pt)"
+                )
             method.load_state_dict(load_weights(e["checkpoint"]))
             method.to(next(vlm.model.parameters()).device)
     if method is not None:
@@ -128,9 +145,8 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
     context = kshot_context(cfg, codec, e.get("kshot", 0)) if kind == "kshot" else ""
     rows, figure_sets = [], []
     for name in e["datasets"]:
-        if name == "synthetic":
-            _, val_pool, _ = pools_from_cfg(cfg)
-            queries = synthetic_queries(dataset_from_cfg(cfg, val_pool, "val"), cfg["data"].get("val_size", 100))
+        if name in SYNTHETIC_SETS:
+            queries = synthetic_eval_queries(cfg, name)
         else:
             queries = queries_for(name, e["roots"].get(name, f"data/{name}"), e["max_objects"], codec.image_size)
         if e.get("limit"):

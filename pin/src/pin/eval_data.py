@@ -194,4 +194,6 @@ def queries_for(name: str, root, max_objects: int, image_size: int) -> list[Obje
         return loaders[name](root, max_objects, image_size)
     if name == "refcoco":
         return refcoco_queries(root, image_size)
-    raise ValueError(f"unknown eval dataset {name!r}; expected pvoc, coco, lvis, refcoco or synthetic")
+    raise ValueError(
+        f"unknown eval dataset {name!r}; expected pvoc, coco, lvis, refcoco, synthetic or synthetic_zero_shot"
+    )

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         raise FileNotFoundError(f"image {image_path} not found")
     checkpoint = cfg["_cli"].get("checkpoint") or cfg["eval"].get("checkpoint")
     if not checkpoint:
-        raise SystemExit("pin-localise needs checkpoint=<run>/checkpoints/step_X (or a PIN .safetensors file)")
+        raise SystemExit("pin-localise needs checkpoint=<run>/checkpoints/step_X (or a .safetensors / reference .pt)")
     codec = codec_from_cfg(cfg)
     vlm = vlm_from_cfg(cfg)
     if torch.cuda.is_available():
