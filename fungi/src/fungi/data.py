@@ -1,22 +1,28 @@
-"""Datasets for extraction: ImageFolder, torchvision datasets by name, text and audio file lists, scikit-learn digits.
+"""Datasets for extraction: ImageFolder, torchvision datasets by name, text and audio file lists, scikit-learn digits,
+revisited Oxford 5k / Paris 6k (retrieval).
 
 Image datasets yield (PIL image, label) (the extractor applies the model's inference transform) or, for digits,
-(normalised tensor, label). Text lists yield (str, label); audio lists yield (spectrogram (T, F), label).
+(normalised tensor, label). Text lists yield (str, label); audio lists yield (spectrogram (T, F), label). The
+retrieval sets yield (PIL image, index into the ground truth's image or query list).
 """
 
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SPLITS = ("train", "test")
+REVISITED = ("roxford5k", "rparis6k")
+RETRIEVAL_SPLITS = ("database", "queries")
 
 
 class TensorPairs(Dataset):
@@ -173,6 +179,162 @@ def imagefolder_split(root: str | Path, folder: str, train_folder: str):
         raise ValueError(f"test split {Path(root) / folder} vs train split {train_dir}: {err}") from None
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol 0-2 pickles use it for byte strings (a numpy array's raw data): str -> bytes."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode is only accepted for (str, 'latin1'), got {type(text).__name__}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """``bytes()`` as protocol 0-2 pickles write an empty byte string (an empty array's data); nothing else."""
+    if args:
+        raise pickle.UnpicklingError("bytes(...) is only accepted without arguments in a ground-truth pickle")
+    return b""
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The numpy callables an array or numpy scalar needs to be unpickled, under numpy 1 and numpy 2 module names."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+        from numpy.core.numeric import _frombuffer
+    found = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
+    found.update({("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes})
+    for package in ("numpy.core", "numpy._core"):
+        found[(f"{package}.multiarray", "_reconstruct")] = _reconstruct
+        found[(f"{package}.multiarray", "scalar")] = scalar
+        found[(f"{package}.numeric", "_frombuffer")] = _frombuffer
+    return found
+
+
+class RefusedGlobalError(pickle.UnpicklingError, ValueError):
+    """A pickle asked for a class or function outside the allowed set (a ValueError too, so CLIs report it)."""
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickler for a revisited ground-truth file: plain containers, strings and numbers, plus numpy arrays, dtypes and
+    numpy scalars (and, restricted to that use, the byte-string helpers protocol 0-2 pickles store array data with).
+    Any other global (a class or function such as ``os.system``) is refused before anything is called."""
+
+    def __init__(self, file, path: str | Path = "<stream>"):
+        super().__init__(file, encoding="latin1")  # latin1: Python 2 pickles of numpy arrays, as numpy advises
+        self.path = path
+        self.allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise RefusedGlobalError(
+            f"{self.path} refers to {module}.{name}; a revisited ground-truth pickle may only hold lists, dicts, "
+            "strings, numbers and numpy arrays, so it was not loaded"
+        )
+
+
+def ground_truth_path(root: str | Path, name: str) -> Path:
+    """``<root>/<name>/gnd_<name>.pkl`` for a revisited dataset name (roxford5k or rparis6k)."""
+    if name not in REVISITED:
+        raise ValueError(f"unknown revisited dataset {name!r}; data.name must be one of {list(REVISITED)}")
+    return Path(root) / name / f"gnd_{name}.pkl"
+
+
+def _index_array(values, what: str, size: int, path: Path) -> np.ndarray:
+    arr = np.asarray(values if values is not None else [], dtype=np.float64).reshape(-1)
+    if arr.size and (np.any(arr != np.round(arr)) or arr.min() < 0 or arr.max() >= size):
+        raise ValueError(f"{path}: {what} must hold indices into imlist (0..{size - 1})")
+    return arr.astype(np.int64)
+
+
+def load_ground_truth(path: str | Path) -> dict:
+    """Read a revisited ground truth ``gnd_<name>.pkl`` with ``GroundTruthUnpickler`` and check it.
+
+    Returns {'imlist': [str] (N database names), 'qimlist': [str] (Q query names), 'gnd': [Q dicts with 'bbx'
+    ((x1, y1, x2, y2) floats, or None when absent) and 'easy', 'hard', 'junk' (int64 arrays of imlist indices)]}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ground truth {path} does not exist (the revisited layout is <root>/<name>/gnd_<name>.pkl next to "
+            "<root>/<name>/jpg/*.jpg)"
+        )
+    with open(path, "rb") as f:
+        try:
+            raw = GroundTruthUnpickler(f, path).load()
+        except RefusedGlobalError:
+            raise
+        except Exception as err:  # truncated or not a pickle: name the file instead of a bare pickle error
+            raise ValueError(f"{path} is not a readable ground-truth pickle: {err}") from None
+    missing = [k for k in ("imlist", "qimlist", "gnd") if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        raise ValueError(f"{path}: expected a dict with keys 'imlist', 'qimlist' and 'gnd'; missing {missing}")
+    imlist, qimlist = [str(n) for n in raw["imlist"]], [str(n) for n in raw["qimlist"]]
+    if len(raw["gnd"]) != len(qimlist):
+        raise ValueError(f"{path}: {len(raw['gnd'])} 'gnd' entries for {len(qimlist)} queries in 'qimlist'")
+    gnd = []
+    for i, entry in enumerate(raw["gnd"]):
+        if not isinstance(entry, dict) or "easy" not in entry or "hard" not in entry:
+            raise ValueError(f"{path}: gnd[{i}] must be a dict with 'easy', 'hard' (and 'junk', 'bbx') index lists")
+        bbx = entry.get("bbx")
+        if bbx is not None:
+            bbx = tuple(float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1))
+            if len(bbx) != 4 or bbx[2] <= bbx[0] or bbx[3] <= bbx[1]:
+                raise ValueError(f"{path}: gnd[{i}]['bbx'] must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, got {bbx}")
+        item = {"bbx": bbx}
+        for key in ("easy", "hard", "junk"):
+            item[key] = _index_array(entry.get(key), f"gnd[{i}][{key!r}]", len(imlist), path)
+        gnd.append(item)
+    return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+
+
+class RevisitedDataset(Dataset):
+    """Revisited Oxford 5k / Paris 6k as distributed: ``<root>/<name>/jpg/<image>.jpg`` and
+    ``<root>/<name>/gnd_<name>.pkl``.
+
+    ``split='database'`` yields the whole images of 'imlist', ``'queries'`` those of 'qimlist', cropped to their
+    'bbx' when ``crop_queries`` (the revisited protocol). Items: (PIL RGB image, index into imlist / qimlist).
+    """
+
+    def __init__(self, root: str | Path, name: str, split: str, crop_queries: bool = False):
+        if split not in RETRIEVAL_SPLITS:
+            raise ValueError(
+                f"unknown split {split!r} for a revisited dataset; expected one of {list(RETRIEVAL_SPLITS)}"
+            )
+        gnd_path = ground_truth_path(root, name)
+        folder = gnd_path.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"revisited dataset folder {folder} does not exist (expected {folder}/jpg/*.jpg and {gnd_path}; "
+                "data.root is the folder holding it)"
+            )
+        self.ground_truth = load_ground_truth(gnd_path)
+        names = self.ground_truth["imlist" if split == "database" else "qimlist"]
+        self.paths = [folder / "jpg" / f"{n}.jpg" for n in names]
+        absent = [p for p in self.paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} of the {len(self.paths)} {split} images listed in {gnd_path} are "
+                f"missing, e.g. {absent[0]}"
+            )
+        self.boxes = None
+        if split == "queries" and crop_queries:
+            self.boxes = [g["bbx"] for g in self.ground_truth["gnd"]]
+            if any(b is None for b in self.boxes):
+                raise ValueError(f"{gnd_path}: queries without 'bbx' cannot be cropped (set data.crop_queries=false)")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as image:
+            image = image.convert("RGB")
+        if self.boxes is not None:
+            image = image.crop(self.boxes[i])  # PIL rounds the float box, as the revisited code's crop
+        return image, i
+
+
 def check_split(split: str) -> None:
     """Raise ValueError unless ``split`` is one of SPLITS."""
     if split not in SPLITS:
@@ -182,10 +344,26 @@ def check_split(split: str) -> None:
         )
 
 
+def check_data_split(data: dict, split: str) -> None:
+    """Raise ValueError unless ``split`` is a split of the ``data`` config's kind: RETRIEVAL_SPLITS for
+    ``kind=revisited``, SPLITS otherwise."""
+    if data.get("kind") != "revisited":
+        check_split(split)
+    elif split not in RETRIEVAL_SPLITS:
+        raise ValueError(
+            f"unknown split {split!r} for data.kind=revisited; splits must be among {list(RETRIEVAL_SPLITS)} "
+            "(splits=[database,queries])"
+        )
+
+
 def build_split(data: dict, split: str):
-    """Dataset for ``split`` ('train' or 'test') from the ``data`` config section."""
-    check_split(split)
+    """Dataset for ``split`` ('train' or 'test'; 'database' or 'queries' for revisited) from the ``data`` config."""
+    check_data_split(data, split)
     kind = data["kind"]
+    if kind == "revisited":
+        if not data.get("root") or not data.get("name"):
+            raise ValueError(f"data.kind=revisited needs data.root and data.name (one of {list(REVISITED)})")
+        return RevisitedDataset(data["root"], data["name"], split, data.get("crop_queries", False))
     if kind == "digits":
         train, test = digits_split(data["image_size"], data.get("train_per_class"), data.get("seed", 0))
         return train if split == "train" else test
@@ -203,4 +381,4 @@ def build_split(data: dict, split: str):
             return TensorPairs([x for x, _ in rows], ys)
         base = Path(data[f"{split}_file"]).parent
         return TensorPairs([load_spectrogram(base / x, data["num_mel_bins"], data["max_length"]) for x, _ in rows], ys)
-    raise ValueError(f"unknown data.kind {kind!r}; expected digits, imagefolder, torchvision, text or audio")
+    raise ValueError(f"unknown data.kind {kind!r}; expected digits, imagefolder, torchvision, text, audio or revisited")

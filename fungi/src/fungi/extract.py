@@ -2,6 +2,7 @@
 
 fungi-extract --config tiny            # shipped config, scikit-learn digits, tiny random ViT (CPU, seconds)
 fungi-extract --config paper data.root=/data/flowers102 name=flowers_dino_b16
+fungi-extract --config retrieval data.root=/data/revisited data.name=roxford5k   # database + cropped queries
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fungi.config import resolve, save_config
-from fungi.data import build_split, check_split
+from fungi.data import build_split, check_data_split
 from fungi.extractor import FUNGIExtractor
 from fungi.models import build_backbone
 from fungi.runs import resolve_device, resolve_dtype, save_features, setup_logging
@@ -71,6 +72,7 @@ DEFAULTS = {
         "seed": 0,
         "num_mel_bins": 128,
         "max_length": 1024,
+        "crop_queries": False,
     },
 }
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not cfg["splits"]:
         raise ValueError("splits is empty; expected e.g. splits=[train,test]")
     for split in cfg["splits"]:
-        check_split(split)
+        check_data_split(cfg["data"], split)
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)
     save_config(cfg, run_dir / "config.yaml")
