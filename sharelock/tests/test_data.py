@@ -1,5 +1,6 @@
 import io
 import json
+import sys
 import tarfile
 
 import numpy as np
@@ -165,3 +166,20 @@ def test_reference_class_names_file_holds_prompts_and_takes_the_identity_templat
         format_prompt(t, n) for t in resolve_templates("{}") for n in load_class_names(tmp_path / "class_names.json")
     ]
     assert prompts == [format_prompt(REFERENCE[0], n) for n in ("tench", "goldfish")]
+
+
+def test_hf_datasets_without_the_optional_package_say_how_to_install_it(tmp_path, monkeypatch):
+    """`datasets` is an optional extra: without it an hf: source is a one-line error naming the extra to install
+    (simulated here by hiding the package), raised before any backbone is loaded."""
+    from sharelock.data import LabelledImages
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'funai-sharelock\[hf\]'"):
+        LabelledImages("hf:cifar10:test")
+    with pytest.raises(ImportError, match=r"funai-sharelock\[hf\]"):
+        load_class_names("hf:cifar10")
+    argv = ["sharelock-features", "modality=image", "source.type=labelled", "source.path=hf:cifar10:test"]
+    monkeypatch.setattr("sys.argv", [*argv, "vision.model=no_such_vit", f"out={tmp_path / 'store'}"])
+    with pytest.raises(SystemExit, match=r"sharelock-features: error: .*pip install 'funai-sharelock\[hf\]'"):
+        precompute.cli()
+    assert not (tmp_path / "store").exists()

@@ -137,3 +137,67 @@ def test_probe_class_disjoint(demo_out, tmp_path):
     train_ids, test_ids = probe.class_split(CLASSES, None, 0.25, 0)
     assert len(test_ids) == 3 and not set(train_ids) & set(test_ids) and len(train_ids) + 3 == 12
     assert np.all(np.diff(train_ids) > 0)
+
+
+@pytest.mark.slow
+def test_hf_dataset_eval_equals_the_image_folder_path(demo_out, tmp_path, monkeypatch):
+    """The demo's labelled test images as a Hugging Face dataset (rows shuffled, classes in another order, names in a
+    ClassLabel, saved with save_to_disk, read offline) give the same features, labels and zero-shot accuracy as the
+    ImageFolder + class_names.json path: images, labels and class names come through consistently."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    from torchvision.datasets import ImageFolder
+
+    from sharelock.demo import _spec_args
+
+    out, _ = demo_out
+    folder = ImageFolder(str(out / "data" / "test"))
+    names = json.loads((out / "data" / "class_names.json").read_text())
+    rng = np.random.default_rng(0)
+    rows, classes = rng.permutation(len(folder.samples)), rng.permutation(len(folder.classes))
+    new_label = {old: new for new, old in enumerate(classes)}
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[names[folder.classes[c]] for c in classes])}
+    )
+    table = {"image": [], "label": []}
+    for r in rows:
+        path, label = folder.samples[r]
+        table["image"].append({"bytes": open(path, "rb").read(), "path": None})
+        table["label"].append(new_label[label])
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(
+        str(tmp_path / "shapes")
+    )
+    hf = f"hf:{tmp_path / 'shapes'}"
+    meta = json.loads((out / "run" / "checkpoints" / "best" / "meta.json").read_text())["backbones"]
+    precompute.main(
+        ["modality=image", "source.type=labelled", f"source.path={hf}:test", f"out={tmp_path / 'store'}"]
+        + [*_spec_args("vision", meta["vision"]), "num_workers=0", "batch_size=16"]
+    )
+    ref, store = FeatureStore(out / "features" / "test_images"), FeatureStore(tmp_path / "store")
+    ids = [str(i) for i in range(len(rows))]
+    torch.testing.assert_close(store.get(ids), ref.get([str(r) for r in rows]), atol=1e-5, rtol=1e-5)
+    hf_labels = [int(store.labels[store.ids.index(i)]) for i in ids]
+    ref_labels = [int(ref.labels[ref.ids.index(str(r))]) for r in rows]
+    assert [classes[label] for label in hf_labels] == ref_labels
+    assert store.meta["source"]["classes"] == features["label"].names
+
+    run = [f"checkpoint={out / 'run'}"]
+    direct = evaluate.main(
+        [*run, f"features={ref.path}", f"class_names={out / 'data' / 'class_names.json'}", f"out={tmp_path / 'e0'}"]
+    )
+    # a store extracted from an hf: dataset: class names from its ClassLabel, no class_names= needed
+    from_store = evaluate.main([*run, f"features={store.path}", f"out={tmp_path / 'e1'}"])
+    # raw images straight from the dataset (split= for a spec without one), names given as hf:
+    from_images = evaluate.main(
+        [*run, f"images={hf}", "split=test", f"class_names={hf}", f"out={tmp_path / 'e2'}", "num_workers=0"]
+    )
+    # the ImageFolder read by `datasets` (imagefolder builder: one `train` split), names keyed by folder
+    via_datasets = evaluate.main(
+        [*run, f"images=hf:{out / 'data' / 'test'}:train", f"class_names={out / 'data' / 'class_names.json'}"]
+        + [f"out={tmp_path / 'e3'}", "num_workers=0"]
+    )
+    assert from_images["dataset"] == "shapes-test" and direct["n"] == from_store["n"] == via_datasets["n"] == 48
+    for result in (from_store, from_images, via_datasets):
+        assert result["top1"] == pytest.approx(direct["top1"]) and result["top5"] == pytest.approx(direct["top5"])
+    assert direct["top1"] > 3 * 100 / len(CLASSES)  # a trained model, so a wrong class order would show

@@ -1,4 +1,5 @@
-"""Reference preprocessing and the data sources: webdataset tars, image folders + captions, labelled sets."""
+"""Reference preprocessing and the data sources: webdataset tars, image folders + captions, labelled sets (image
+folders, torchvision classes, Hugging Face datasets)."""
 
 from __future__ import annotations
 
@@ -178,14 +179,19 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------ labelled sets
-def load_class_names(source: str | Path | Sequence[str], folder_classes: Sequence[str] | None = None) -> list[str]:
+def load_class_names(
+    source: str | Path | Sequence[str], folder_classes: Sequence[str] | None = None, label_column: str = "label"
+) -> list[str]:
     """Class names in label order from a list, a .txt (one per line), or JSON: a list, {"0": name, ...},
     {folder name (e.g. WordNet id): name} ordered like `folder_classes`, or Keras' imagenet_class_index.json
-    ({"0": [wnid, name], ...}, matched by wnid when `folder_classes` are wnids). Any language (UTF-8). As in the
+    ({"0": [wnid, name], ...}, matched by wnid when `folder_classes` are wnids), or a Hugging Face dataset
+    `hf:<name>[:<split>]` (`features[label_column].names`, as the reference). Any language (UTF-8). As in the
     reference, only the first comma-separated synonym is kept ("tench, Tinca tinca" -> "tench"). With (non-empty)
     `folder_classes`, the number of names must equal the number of class folders (ValueError otherwise)."""
     where = source if isinstance(source, str | Path) else "the class-name list"
-    if isinstance(source, str | Path):
+    if is_hf_spec(source):
+        names = hf_class_names(source, label_column)
+    elif isinstance(source, str | Path):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"class names file not found: {path} (expected .json or .txt)")
@@ -223,39 +229,51 @@ def _is_wnid_pair(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
 
 
+def _local_dataset(root: Path, kind: str, split: str) -> torch.utils.data.Dataset:
+    """An ImageFolder or a torchvision dataset class (built with root, split/train and download=False)."""
+    import torchvision.datasets as tvd
+
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    if kind == "imagefolder":
+        return tvd.ImageFolder(str(root))
+    cls = getattr(tvd, kind, None)
+    if cls is None:
+        raise ValueError(
+            f"unknown dataset kind {kind!r}: use 'imagefolder', a torchvision dataset class name, or an hf: path"
+        )
+    params = inspect.signature(cls).parameters
+    kwargs = {"download": False} if "download" in params else {}
+    if "split" in params:
+        kwargs["split"] = split
+    elif "train" in params:
+        kwargs["train"] = split == "train"
+    try:
+        return cls(str(root), **kwargs)
+    except RuntimeError as err:  # torchvision: "Dataset not found ... use download=True"
+        raise FileNotFoundError(f"torchvision {kind} not found under {root} (never downloaded here): {err}") from None
+
+
 class LabelledImages(torch.utils.data.Dataset):
-    """A classification set yielding (id, transformed image, label): `kind="imagefolder"` (root/<class>/<image>) or a
-    torchvision dataset class name (`kind="CIFAR10"`, ...; built with root, split/train and download=False)."""
+    """A classification set yielding (id, transformed image, label): `kind="imagefolder"` (root/<class>/<image>), a
+    torchvision dataset class name (`kind="CIFAR10"`, ...; built with root, split/train and download=False), or, for
+    a root `hf:<name>[:<split>]` (any kind), a Hugging Face dataset split (`HFImageClassification`; the split in the
+    spec wins over `split`). Ids are the row indices as strings."""
 
     def __init__(
-        self, root: str | Path, kind: str = "imagefolder", split: str = "val", transform: Callable | None = None
+        self,
+        root: str | Path,
+        kind: str = "imagefolder",
+        split: str = "val",
+        transform: Callable | None = None,
+        image_column: str = "image",
+        label_column: str = "label",
     ) -> None:
-        import torchvision.datasets as tvd
-
         self.transform = transform or eval_transform()
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"dataset root not found: {root}")
-        if kind == "imagefolder":
-            self.dataset = tvd.ImageFolder(str(root))
+        if is_hf_spec(root):
+            self.dataset = HFImageClassification(str(root), split, image_column, label_column)
         else:
-            cls = getattr(tvd, kind, None)
-            if cls is None:
-                raise ValueError(
-                    f"unknown dataset kind {kind!r}: use 'imagefolder' or a torchvision dataset class name"
-                )
-            params = inspect.signature(cls).parameters
-            kwargs = {"download": False} if "download" in params else {}
-            if "split" in params:
-                kwargs["split"] = split
-            elif "train" in params:
-                kwargs["train"] = split == "train"
-            try:
-                self.dataset = cls(str(root), **kwargs)
-            except RuntimeError as err:  # torchvision: "Dataset not found ... use download=True"
-                raise FileNotFoundError(
-                    f"torchvision {kind} not found under {root} (never downloaded here): {err}"
-                ) from None
+            self.dataset = _local_dataset(Path(root), kind, split)
         # folder names where the dataset has them (torchvision ImageNet: wnids; its .classes are name tuples)
         classes = getattr(self.dataset, "wnids", None) or getattr(self.dataset, "classes", [])
         self.classes = [c if isinstance(c, str) else str(c[0]) for c in classes]
@@ -268,3 +286,123 @@ class LabelledImages(torch.utils.data.Dataset):
         if not isinstance(image, Image.Image):
             image = Image.fromarray(image)
         return str(i), self.transform(image.convert("RGB")), int(label)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face datasets
+HF_PREFIX = "hf:"
+HF_INSTALL_HINT = "pip install 'funai-sharelock[hf]'"
+
+
+def is_hf_spec(source: Any) -> bool:
+    """Whether a dataset argument names a Hugging Face dataset (`hf:<name>[:<split>]`)."""
+    return isinstance(source, str) and source.startswith(HF_PREFIX)
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """`hf:<name>[:<split>]` -> (name, split or None). The split is what follows the last colon, so `<name>` may be
+    a Hub id (`ILSVRC/imagenet-1k`), a `save_to_disk` folder or a folder of images (`/data/val:train`)."""
+    body = spec[len(HF_PREFIX) :] if is_hf_spec(spec) else spec
+    name, colon, split = body.rpartition(":")
+    if not colon:
+        name, split = body, None
+    if not name or (colon and not split):
+        raise ValueError(f"bad Hugging Face dataset {spec!r}: expected hf:<name>[:<split>]")
+    return name, split
+
+
+def import_datasets():
+    """The optional `datasets` package, or an ImportError saying how to install it."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"Hugging Face datasets (hf:<name>[:<split>]) need the optional `datasets` package: {HF_INSTALL_HINT}"
+        ) from err
+    return datasets
+
+
+def load_hf_split(spec: str, split: str | None = None):
+    """The `datasets.Dataset` named by `hf:<name>[:<split>]` (the spec's split wins over `split`; with neither, the
+    first split). A folder written by `save_to_disk` is read with `load_from_disk` (a saved single `Dataset` has no
+    splits: any split is accepted); any other folder or a Hub id goes through `load_dataset(name, split=split)`, so a
+    folder of `[split/]class/image` files is read as `imagefolder` and `HF_DATASETS_OFFLINE=1` uses the local cache.
+    Missing datasets raise FileNotFoundError and missing splits ValueError, both naming the value."""
+    datasets = import_datasets()
+    name, given = parse_hf_spec(spec)
+    split = given or split
+    path = Path(name).expanduser()
+    if not path.exists() and name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"Hugging Face dataset folder not found: {path} (from {spec!r})")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        data = datasets.load_from_disk(str(path))
+        if not isinstance(data, datasets.DatasetDict):
+            return data
+        if split is None:
+            split = next(iter(data))
+        if split not in data:
+            raise ValueError(f"split {split!r} not in Hugging Face dataset {str(path)!r} (splits: {list(data)})")
+        return data[split]
+    try:
+        data = datasets.load_dataset(str(path) if path.is_dir() else name, split=split)
+    except ValueError as err:
+        if "unknown split" not in str(err).lower():
+            raise
+        raise ValueError(f"split {split!r} not in Hugging Face dataset {name!r}: {err}") from None
+    except (FileNotFoundError, ConnectionError) as err:  # incl. DatasetNotFoundError and OfflineModeIsEnabled
+        cfg = datasets.config
+        is_offline = getattr(cfg, "HF_HUB_OFFLINE", False) or getattr(cfg, "HF_DATASETS_OFFLINE", False)
+        offline = " (offline: it must be in the local Hugging Face cache)" if is_offline else ""
+        raise FileNotFoundError(f"Hugging Face dataset {name!r} not found{offline}: {err}") from None
+    return data[next(iter(data))] if isinstance(data, datasets.DatasetDict) else data
+
+
+def hf_label_names(data, label_column: str, spec: str) -> list[str] | None:
+    """`features[label_column].names` of a `datasets.Dataset` (None when the column is not a `ClassLabel`)."""
+    datasets = import_datasets()
+    if label_column not in data.column_names:
+        raise ValueError(
+            f"Hugging Face dataset {spec!r} has no label column {label_column!r} (columns: {data.column_names}): "
+            "set label_column"
+        )
+    feature = data.features[label_column]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def hf_class_names(spec: str, label_column: str = "label") -> list[str]:
+    """Class names of `hf:<name>[:<split>]` in label order: the reference's `features["label"].names`."""
+    names = hf_label_names(load_hf_split(spec), label_column, spec)
+    if names is None:
+        raise ValueError(
+            f"column {label_column!r} of Hugging Face dataset {spec!r} is not a ClassLabel and holds no class names: "
+            "give the names as a file"
+        )
+    return names
+
+
+class HFImageClassification(torch.utils.data.Dataset):
+    """(PIL image, label) rows of a Hugging Face image-classification split in row order; `.classes` are the
+    `ClassLabel` names of the label column (empty for plain integer labels)."""
+
+    def __init__(
+        self, spec: str, split: str | None = None, image_column: str = "image", label_column: str = "label"
+    ) -> None:
+        data = load_hf_split(spec, split)
+        names = hf_label_names(data, label_column, spec)
+        if image_column not in data.column_names:
+            raise ValueError(
+                f"Hugging Face dataset {spec!r} has no image column {image_column!r} (columns: {data.column_names}): "
+                "set image_column"
+            )
+        self.data = data.select_columns([image_column, label_column])  # other columns are never decoded
+        self.image_column, self.label_column = image_column, label_column
+        self.classes = names or []
+        labels = self.data[label_column]
+        if len(self.data) and min(labels) < 0:
+            raise ValueError(f"Hugging Face dataset {spec!r} has unlabelled rows (label -1): use a labelled split")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        row = self.data[i]
+        return row[self.image_column], row[self.label_column]

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from sharelock.config import load_config
+from sharelock.data import LabelledImages, is_hf_spec, load_class_names, parse_hf_spec
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 from sharelock.store import FeatureStore
 from sharelock.templates import resolve_templates
@@ -63,9 +64,9 @@ def evaluate_stores(model: ShareLock, features: str | Path, class_features: str 
 
 
 def _image_features(model: ShareLock, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from sharelock.data import LabelledImages
-
-    dataset = LabelledImages(cfg["images"], cfg["kind"], cfg["split"])
+    dataset = LabelledImages(
+        cfg["images"], cfg["kind"], cfg["split"], image_column=cfg["image_column"], label_column=cfg["label_column"]
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     encoder = model._encoders.get("vision")
     if encoder is None:
@@ -89,35 +90,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ckpt = resolve_checkpoint(cfg["checkpoint"])
     source = cfg["features"] or cfg["images"]
     if not source:
-        raise ValueError("set features=STORE (labelled image features) or images=DATASET_ROOT")
-    if not (cfg["class_features"] or cfg["class_names"]):
-        raise ValueError("set class_names=FILE or class_features=STORE")
-    name = cfg["name"] or Path(source).name
-    out = Path(cfg["out"] or ckpt.parent.parent / "eval" / name)
-    setup_logging(out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(ckpt, device)
+        raise ValueError("set features=STORE (labelled image features) or images=DATASET_ROOT|hf:<name>[:<split>]")
     meta = json.loads((ckpt / "meta.json").read_text())
     backbones = dict(meta.get("backbones") or {})
-    if cfg["images"] and backbones.get("vision"):
-        from sharelock.features import build_vision_encoder
-
-        model.attach_encoders(vision_encoder=build_vision_encoder(backbones["vision"]).to(device))
+    store = None
     if cfg["features"]:
         store = FeatureStore(cfg["features"], model=backbones.get("vision_model"), modality="image")
         if store.labels is None:
             raise ValueError(f"feature store {store.path} has no labels (extract it with source.type=labelled)")
+    store_source = store.meta.get("source", {}) if store is not None else {}
+    # an hf: dataset (given directly, or the source of the store) names its classes itself, as in the reference
+    from_hf = is_hf_spec(store_source.get("path") if store is not None else cfg["images"])
+    if not (cfg["class_features"] or cfg["class_names"] or from_hf):
+        raise ValueError("set class_names=FILE or class_features=STORE (an hf: dataset gives its own class names)")
+    if store is None and is_hf_spec(source):
+        hf_name, hf_split = parse_hf_spec(source)
+        name = cfg["name"] or f"{Path(hf_name).name}-{hf_split or cfg['split']}"
+    else:
+        name = cfg["name"] or Path(source).name
+    out = Path(cfg["out"] or ckpt.parent.parent / "eval" / name)
+    setup_logging(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(ckpt, device)
+    if cfg["images"] and backbones.get("vision"):
+        from sharelock.features import build_vision_encoder
+
+        model.attach_encoders(vision_encoder=build_vision_encoder(backbones["vision"]).to(device))
+    if store is not None:
         features, labels = store.load_all(), torch.from_numpy(store.labels)
-        folder_classes = store.meta.get("source", {}).get("classes")
+        folder_classes = store_source.get("classes")
     else:
         features, labels, folder_classes = _image_features(model, cfg)
+    if not (cfg["class_features"] or cfg["class_names"] or folder_classes):
+        raise ValueError(f"{source} has no class names (its label column is not a ClassLabel): set class_names=FILE")
     templates = resolve_templates(cfg["templates"])
     if cfg["class_features"]:
         prompts = FeatureStore(cfg["class_features"], model=backbones.get("text_model"), modality="text")
         classifier = classifier_from_store(model, prompts)
         templates_used = "precomputed"
     else:
-        from sharelock.data import load_class_names
         from sharelock.features import build_language_encoder
 
         spec = dict(backbones.get("text") or {})
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec["dtype"] = spec.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
         language, tokenizer = build_language_encoder(spec, device)
         model.attach_encoders(model._encoders.get("vision"), None, language, tokenizer, cfg["text_batch_size"])
-        names = load_class_names(cfg["class_names"], folder_classes)
+        names = load_class_names(cfg["class_names"] or folder_classes, folder_classes, cfg["label_column"])
         classifier = model.zero_shot_classifier(names, templates)
         templates_used = f"{len(templates)} template(s)"
     if classifier.shape[0] <= int(labels.max()):
@@ -149,7 +160,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
         raise SystemExit(f"sharelock-eval: error: {err}") from None
 
 

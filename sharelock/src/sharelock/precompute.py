@@ -79,12 +79,14 @@ def extract_images(cfg: dict, accelerator: Accelerator) -> Path:
             raise ValueError("source.type=folder needs source.captions=FILE (JSON or CSV naming the images)")
         samples = ImageCaptionFolder(src["path"], src["captions"])
     elif src["type"] == "labelled":
-        samples = LabelledImages(src["path"], src["kind"], src["split"])
+        samples = LabelledImages(
+            src["path"], src["kind"], src["split"], image_column=src["image_column"], label_column=src["label_column"]
+        )
     else:
         raise ValueError(f"source.type={src['type']!r} is not an image source: use webdataset, folder or labelled")
     encoder = build_vision_encoder(cfg["vision"]).to(accelerator.device)
     source = dict(src)
-    if src["type"] == "labelled":  # the folder/class order that the labels index, for class-name files keyed by folder
+    if src["type"] == "labelled":  # the class order that the labels index: folder names, or an hf: dataset's names
         source["classes"] = samples.classes
     writer = FeatureWriter(
         cfg["out"], vision_store_name(cfg["vision"]), "image", vision_dim(encoder), cfg["store_dtype"],
@@ -121,7 +123,7 @@ def _texts(src: dict) -> tuple[list[str], list[str]]:
         pairs = [(k, c) for k, _, c in iter_webdataset(src["path"], images=False, captions=True)]
         return [k for k, _ in pairs], [c for _, c in pairs]
     if src["type"] == "classnames":
-        names = load_class_names(src["path"])
+        names = load_class_names(src["path"], label_column=src["label_column"])
         templates = resolve_templates(src["template"])
         ids = [f"{t}/{c}" if len(templates) > 1 else str(c) for t in range(len(templates)) for c in range(len(names))]
         return ids, [format_prompt(t, n) for t in templates for n in names]
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not cfg["out"]:
         raise ValueError("set out=DIR (the feature store directory)")
     if not cfg["source"]["path"]:
-        raise ValueError("set source.path (tar pattern, image root, captions file or class-names file)")
+        raise ValueError(
+            "set source.path (tar pattern, image root, hf:<name>[:<split>], captions file or class-names file)"
+        )
     # CPU processes (gloo, `accelerate launch --multi_gpu` without GPUs) must form one job, not several rank-0 runs
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if cfg["modality"] == "image":
@@ -181,7 +185,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
         raise SystemExit(f"sharelock-features: error: {err}") from None
 
 

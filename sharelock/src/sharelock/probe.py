@@ -121,7 +121,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
         raise SystemExit(f"sharelock-probe: error: {err}") from None
 
 
