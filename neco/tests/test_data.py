@@ -5,7 +5,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from neco.data import MultiCropDataset, StepBatchSampler, build_image_dataset, collate_multicrop, imagenet100_classes
-from neco.eval import train_subset
+from neco.eval import hummingbird_memory_images, train_subset
 
 
 class _Images:
@@ -112,3 +112,30 @@ def test_combined_training_sets_concatenate_in_the_named_order(tmp_path):
         build_image_dataset({"dataset": "coco+imagenet100", "root": str(tmp_path / "coco")})
     with pytest.raises(FileNotFoundError, match="ImageNet training images not found"):
         build_image_dataset({"dataset": "coco+imagenet", "root": [roots[0], str(tmp_path / "nowhere")]})
+
+
+def test_hummingbird_memory_from_a_reference_file_set(tmp_path):
+    from PIL import Image
+
+    from funai_common.datasets import VOCSegmentation
+
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    (root / "sets" / "trainaug.txt").write_text("a\nb\nc\nd\n")
+    for name in "abcd":
+        for path, mode in (
+            (root / "images" / f"{name}.jpg", "RGB"),
+            (root / "SegmentationClassAug" / f"{name}.png", "L"),
+        ):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (8, 8)).save(path)
+    (tmp_path / "fs.txt").write_text("d\nb\n")
+    data = VOCSegmentation(root, "trainaug")
+    chosen = hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": str(tmp_path / "fs.txt")})
+    assert [p.stem for p, _ in chosen.pairs] == ["b", "d"]  # the listed images, in the dataset's order
+    assert hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": None}) is data
+    assert len(hummingbird_memory_images(data, {"train_fraction": 0.5, "train_file_set": None})) == 2
+    with pytest.raises(ValueError, match="not both"):
+        hummingbird_memory_images(data, {"train_fraction": 0.5, "train_file_set": str(tmp_path / "fs.txt")})
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": str(tmp_path / "missing.txt")})

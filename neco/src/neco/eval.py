@@ -107,6 +107,18 @@ def train_subset(dataset: Any, fraction: float, seed: int = 0) -> Any:
     return Subset(dataset, keep.tolist())
 
 
+def hummingbird_memory_images(dataset: Any, h: dict[str, Any]) -> Any:
+    """The memory images: the reference's file set (``train_file_set``: one image id per line, as
+    open-hummingbird-eval's ``file_sets/``) if given, else a seeded random ``train_fraction``."""
+    if h.get("train_file_set"):
+        from funai_common.datasets import subset
+
+        if h["train_fraction"] != 1:
+            raise ValueError("set hummingbird.train_file_set or hummingbird.train_fraction, not both")
+        return subset(dataset, h["train_file_set"])
+    return train_subset(dataset, h["train_fraction"])
+
+
 def format_table(name: str, results: dict[str, float], paper: tuple[float, float, float] | None) -> str:
     """Markdown table shaped like the paper's (VOC mIoU %): overclustering at the largest K, NN retrieval, linear."""
     ks = sorted(int(k[len("overcluster_k") :]) for k in results if k.startswith("overcluster_k"))
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(sys.argv[1:] if argv is None else argv, default="eval_voc")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     train_ds, val_ds, num_classes, ignore = _datasets(cfg)  # fail on missing data before loading weights
+    memory_ds = hummingbird_memory_images(train_ds, cfg["hummingbird"]) if "hummingbird" in cfg["evals"] else None
     if cfg["checkpoint"]:
         backbone, train_cfg = backbone_from_checkpoint(cfg["checkpoint"], cfg["weights"])
         name, patch = train_cfg["name"], train_cfg["model"]["patch_size"]
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         h = cfg["hummingbird"]
         res = HummingbirdEvaluator(
             fn,
-            train_subset(train_ds, h["train_fraction"]),
+            memory_ds,
             val_ds,
             num_classes,
             patch,
