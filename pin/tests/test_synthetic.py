@@ -12,11 +12,9 @@ from pin.synthetic import (
     Composer,
     ObjectPool,
     SyntheticCompositions,
-    absolute_word,
     crop_to_alpha,
     normalise_name,
     procedural_pool,
-    relative_word,
 )
 
 
@@ -112,31 +110,6 @@ def test_compositions_are_deterministic_and_switch_object_count():
     assert set(counts) == {1, 2, 3} and min(counts.values()) >= 10
     ds.set_epoch(3)
     assert not (ds[5]["image"] == a["image"]).all()
-
-
-def test_referral_words():
-    assert relative_word([0, 0, 2, 2], [8, 0, 10, 2]) == "left"
-    assert relative_word([0, 8, 2, 10], [0, 0, 2, 2]) == "bottom"
-    rng = np.random.default_rng(0)
-    words = {absolute_word([0, 0, 3, 3], 16, rng) for _ in range(20)}
-    assert words == {"on the left", "on the top"}
-    pool = procedural_pool(["circle", "square"], per_class=2)
-    composer = Composer(pool, Backgrounds(None), LayoutSampler(), same_object_likelihood=1.0)
-    seen_twice = 0
-    for i in range(10):
-        comp = composer.compose(i, fixed=False)
-        target = comp.names[comp.target]
-        if comp.names.count(target) == 2:
-            seen_twice += 1
-            assert comp.phrase.split()[0] in {"left", "right", "top", "bottom"} and comp.phrase.endswith(target)
-        else:
-            assert comp.phrase == target
-    assert seen_twice >= 3
-    composer = Composer(pool, Backgrounds(None), LayoutSampler(), pos_img_referral=1.0)
-    for i in range(5):
-        comp = composer.compose(i)
-        rest = comp.phrase[len(comp.names[comp.target]) + 1 :]
-        assert rest in {"on the left", "on the right", "on the top", "on the bottom", "in the middle"}
 
 
 def test_background_folder(tmp_path):

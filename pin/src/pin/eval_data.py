@@ -146,13 +146,14 @@ HELD_OUT_EPOCH = 10**6
 def synthetic_queries(
     dataset: SyntheticCompositions, num_images: int, epoch: int = HELD_OUT_EPOCH
 ) -> list[ObjectQuery]:
-    """Held-out compositions (1..3 objects, an epoch never used in training); every object is a query."""
+    """Held-out compositions (1..3 objects, an epoch never used in training); every object is a query, prompted with
+    its phrase (its name, with referral words when they are on, as the reference's validation prompts)."""
     out = []
     cell = dataset.composer.sampler.cell
     size = dataset.composer.sampler.image_size
     for i in range(num_images):
         comp = dataset.composer.compose(i, epoch, fixed=False)
-        for name, b in zip(comp.names, comp.boxes):
+        for name, b in zip(comp.phrases, comp.boxes):
             box = [b[0] * cell, b[1] * cell, min((b[2] + 1) * cell, size), min((b[3] + 1) * cell, size)]
             out.append(ObjectQuery(comp.image, name, [float(v) for v in box], f"synthetic_{i}"))
     return out

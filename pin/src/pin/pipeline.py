@@ -94,6 +94,7 @@ def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: 
         d["max_objects"],
         d.get("same_object_likelihood", 0.0),
         d.get("pos_img_referral", 0.0),
+        d.get("object_sampling", "instances"),
     )
     n = length if length is not None else (d["train_size"] if split == "train" else d.get("val_size", 1000))
     return SyntheticCompositions(composer, n, d["switch_epoch"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,13 +203,19 @@ class Backgrounds:
 
 @dataclass
 class Composition:
-    """One synthetic image, its objects, and the object chosen as the training target."""
+    """One synthetic image, its objects (in paste order), and the object chosen as the training target."""
 
     image: Image.Image
     names: list[str]
     boxes: list[list[int]]  # inclusive cells
     target: int
     phrase: str  # the target's object phrase (name, possibly with referral words)
+    phrases: list[str]  # every object's phrase (the reference's `obj_rel_names`)
+
+
+OBJECT_SAMPLING = ("instances", "classes")
+RELATIVE_FORMS = ("{word} {name}", "{name} {word}", "{name} on {word}")
+ABSOLUTE_FORMS = (*RELATIVE_FORMS, "{name} at the {word}")
 
 
 class Composer:
@@ -218,8 +225,16 @@ class Composer:
         pool, backgrounds, sampler: the sources and the layout rule.
         seed: base seed; a composition is a function of (seed, epoch, index).
         max_objects: k ~ U{1..max_objects} when not fixed; `fixed_objects` objects while fixed.
-        same_object_likelihood: probability of a second instance of the target class, told apart by a relative word.
-        pos_img_referral: probability of adding an absolute position word ("on the left") to the phrase.
+        same_object_likelihood: per object after the first, the probability that it is replaced by another cut-out
+            of the previous object's class (unless that class is already repeated), as the reference. Any value > 0
+            also switches the referral phrases on (the reference's gate): an object whose class occurs more than
+            once gets a relative word (`relative_position_word`), any other one an absolute word with probability
+            `pos_img_referral`.
+        pos_img_referral: probability of an absolute position word ("left", "center", ...) for an object without a
+            same-class twin; only used when same_object_likelihood > 0.
+        object_sampling: "instances" (the reference: every object a cut-out drawn uniformly with replacement, so
+            classes are weighted by their instance counts and may repeat) or "classes" (k distinct class names drawn
+            uniformly, then a uniform cut-out of each; for small procedural pools).
     """
 
     def __init__(
@@ -232,23 +247,46 @@ class Composer:
         fixed_objects: int = 3,
         same_object_likelihood: float = 0.0,
         pos_img_referral: float = 0.0,
+        object_sampling: str = "instances",
     ) -> None:
         if len(pool.names) == 0:
             raise ValueError("object pool is empty")
+        if object_sampling not in OBJECT_SAMPLING:
+            raise ValueError(f"object_sampling={object_sampling!r}; expected one of {OBJECT_SAMPLING}")
+        if pos_img_referral > 0 and same_object_likelihood <= 0:
+            warnings.warn(
+                "pos_img_referral has no effect while same_object_likelihood is 0 (as in the reference, referral "
+                "phrases are only built when same_object_likelihood > 0)",
+                stacklevel=2,
+            )
         self.pool, self.backgrounds, self.sampler = pool, backgrounds, sampler
         self.seed, self.max_objects, self.fixed_objects = seed, max_objects, fixed_objects
         self.same_object_likelihood, self.pos_img_referral = same_object_likelihood, pos_img_referral
+        self.object_sampling = object_sampling
+
+    def draw_objects(self, rng: np.random.Generator, k: int) -> list[int]:
+        """Pool indices of the k objects, in paste order ("classes": min(k, number of classes) objects)."""
+        pool = self.pool
+        if self.object_sampling == "instances":
+            picks = [int(i) for i in rng.integers(len(pool), size=k)]
+        else:
+            names = rng.choice(pool.names, size=min(k, len(pool.names)), replace=False)
+            picks = [pool.by_name[n][int(rng.integers(len(pool.by_name[n])))] for n in names]
+        if self.same_object_likelihood > 0:
+            names = [pool.instances[i][0] for i in picks]
+            for j in range(1, len(picks)):
+                previous = names[j - 1]
+                if rng.random() < self.same_object_likelihood and previous not in names[: j - 1]:
+                    same = pool.by_name[previous]
+                    picks[j], names[j] = same[int(rng.integers(len(same)))], previous
+        return picks
 
     def compose(self, index: int, epoch: int = 0, fixed: bool = True) -> Composition:
         """The composition number `index` of `epoch`; `fixed` -> exactly `fixed_objects` objects."""
         rng = np.random.default_rng([self.seed, epoch, index])
         k = self.fixed_objects if fixed else int(rng.integers(1, self.max_objects + 1))
-        names = list(rng.choice(self.pool.names, size=min(k, len(self.pool.names)), replace=False))
-        target = int(rng.integers(len(names)))
-        same = k < self.max_objects and rng.random() < self.same_object_likelihood
-        if same:
-            names.append(names[target])
-        instances = [self.pool.by_name[n][int(rng.integers(len(self.pool.by_name[n])))] for n in names]
+        instances = self.draw_objects(rng, k)
+        names = [str(self.pool.instances[i][0]) for i in instances]
         cutouts = [self.pool.load(i) for i in instances]
         aspects = [c.shape[1] / c.shape[0] for c in cutouts]
         boxes = self.sampler.sample(rng, aspects)
@@ -259,30 +297,87 @@ class Composer:
             h = round((box[3] - box[1] + 1) * cell)
             obj = Image.fromarray(cut).resize((w, h), Image.BILINEAR)
             image.paste(obj, (round(box[0] * cell), round(box[1] * cell)), obj)
-        phrase = names[target]
-        if same:
-            phrase = f"{relative_word(boxes[target], boxes[-1])} {phrase}"
-        elif rng.random() < self.pos_img_referral:
-            phrase = f"{phrase} {absolute_word(boxes[target], self.sampler.grid, rng)}"
-        return Composition(image, [str(n) for n in names], boxes, target, str(phrase))
+        target = int(rng.integers(len(names)))
+        phrases = [self.referral_phrase(i, names, boxes, rng) for i in range(len(names))]
+        return Composition(image, names, boxes, target, phrases[target], phrases)
+
+    def referral_phrase(self, index: int, names: Sequence[str], boxes: Sequence, rng: np.random.Generator) -> str:
+        """The phrase of object `index`: its name, with a relative word when its class occurs more than once, else
+        with an absolute word with probability pos_img_referral; the bare name while same_object_likelihood is 0."""
+        name = names[index]
+        if self.same_object_likelihood <= 0:
+            return name
+        word = relative_position_word(index, names, boxes, rng)
+        if word is not None:
+            return referral_form(name, word, RELATIVE_FORMS, rng)
+        if rng.random() < self.pos_img_referral:
+            return referral_form(
+                name, absolute_position_word(boxes[index], self.sampler.grid, rng), ABSOLUTE_FORMS, rng
+            )
+        return name
 
 
-def relative_word(box, other) -> str:
-    """Where `box` is relative to `other`: left/right by centre x when they differ more in x, else top/bottom."""
-    dx = (box[0] + box[2]) - (other[0] + other[2])
-    dy = (box[1] + box[3]) - (other[1] + other[3])
-    if abs(dx) >= abs(dy):
+def referral_form(name: str, word: str, forms: Sequence[str], rng: np.random.Generator) -> str:
+    """One of `forms` ("{word} {name}", "{name} {word}", "{name} on {word}"[, "{name} at the {word}"]), uniformly."""
+    return forms[int(rng.integers(len(forms)))].format(name=name, word=word)
+
+
+def corner_overlap(a, b) -> float:
+    """max(inter/area_a, inter/area_b) of two boxes taken as continuous xyxy corners (0 for an empty box). The
+    reference applies it to the stored inclusive-cell boxes, i.e. without the +1 of their paste rectangles."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area_a = (a[2] - a[0]) * (a[3] - a[1])
+    area_b = (b[2] - b[0]) * (b[3] - b[1])
+    return max(inter / area_a if area_a > 0 else 0.0, inter / area_b if area_b > 0 else 0.0)
+
+
+def relative_position_word(
+    index: int, names: Sequence[str], boxes: Sequence, rng: np.random.Generator, threshold: float = 0.75
+) -> str | None:
+    """Where object `index` is relative to the other objects of its class (None when it has no same-class twin).
+
+    Boxes are inclusive cells in paste order. In the order of the twins: the first one whose `corner_overlap` with
+    the object exceeds `threshold` decides by paste order: "before"|"in front" when the object was pasted later (on
+    top), else "behind". Otherwise, with exactly two twins and the object's centre strictly between theirs on both
+    axes: "middle"|"center". Otherwise the largest signed centre difference per axis (first on ties): horizontal if
+    |dx| > |dy| ("left" for dx < 0, else "right"), else vertical ("above"|"top" for dy < 0, else "below").
+    A|B: one of the two, uniformly.
+    """
+    box = boxes[index]
+    twins = [j for j, n in enumerate(names) if j != index and n == names[index]]
+    if not twins:
+        return None
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    centres = []
+    for j in twins:
+        other = boxes[j]
+        if corner_overlap(box, other) > threshold:
+            return ("before", "in front")[int(rng.integers(2))] if index > j else "behind"
+        centres.append(((other[0] + other[2]) / 2, (other[1] + other[3]) / 2))
+    if len(centres) == 2:
+        (xa, xb), (ya, yb) = sorted(c[0] for c in centres), sorted(c[1] for c in centres)
+        if xa < cx < xb and ya < cy < yb:
+            return ("middle", "center")[int(rng.integers(2))]
+    dx = max((cx - ox for ox, _ in centres), key=abs)
+    dy = max((cy - oy for _, oy in centres), key=abs)
+    if abs(dx) > abs(dy):
         return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
+    return ("above", "top")[int(rng.integers(2))] if dy < 0 else "below"
 
 
-def absolute_word(box, grid: int, rng: np.random.Generator) -> str:
-    """ "on the left|right|top|bottom" or "in the middle" from the box centre's third of the image."""
-    axis = int(rng.integers(2))
-    centre = (box[axis] + box[axis + 2] + 1) / 2 / grid
-    third = min(int(centre * 3), 2)
-    words = (("left", "middle", "right"), ("top", "middle", "bottom"))[axis]
-    return "in the middle" if third == 1 else f"on the {words[third]}"
+def absolute_position_word(box, grid: int, rng: np.random.Generator) -> str:
+    """Where an inclusive cell box lies in the image, from the thirds holding its paste rectangle's centre:
+    "middle"|"center" when central on both axes, else "right" / "left" by the horizontal third, else "bottom" /
+    "top" by the vertical one."""
+    col = min(3 * (box[0] + box[2] + 1) // (2 * grid), 2)  # floor(3 * centre / grid), centre = (x1 + x2 + 1) / 2
+    row = min(3 * (box[1] + box[3] + 1) // (2 * grid), 2)
+    if col == 1 and row == 1:
+        return ("middle", "center")[int(rng.integers(2))]
+    if col != 1:
+        return "right" if col == 2 else "left"
+    return "bottom" if row == 2 else "top"
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
