@@ -119,3 +119,27 @@ def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path
     got = [[id(q) for q in queries[i : i + size]] for queries, size in seen for i in range(0, len(queries), size)]
     single = [[id(q) for q in validation.queries[i : i + 3]] for i in range(0, len(validation.queries), 3)]
     assert got == single
+
+
+def test_validation_also_scores_the_zero_shot_pool_like_pin_eval(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setattr("pin.eval.predict_boxes", _boxes_from_pixels)
+    for name in ("circle", "square", "triangle", "cross"):
+        for k in range(3):
+            arr = np.zeros((12, 20, 4), np.uint8)
+            arr[..., :3], arr[..., 3] = 40 * k + 60, 255
+            (tmp_path / "pool" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "pool" / name / f"{k}.png")
+    data = [f"data.objects={tmp_path / 'pool'}", "data.held_out=[cross]", "data.val_size=3"]
+    args = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=2", *data]
+    row = train_mod.main(args)["validation"][-1]
+    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "method=pin", *data])
+    cfg["eval"]["checkpoint"] = str(tmp_path / "tiny" / "checkpoints" / "step_0000004")
+    cfg["eval"]["datasets"] = ["synthetic", "synthetic_zero_shot"]
+    evaluated, _ = run_eval(cfg, out_dir=tmp_path / "eval")
+    for prefix, result in zip(("", "zero_shot_"), evaluated):
+        for key in ("miou", "miou_m", "miou_l", "num"):
+            assert row[prefix + key] == pytest.approx(result[key], abs=1e-9), prefix + key
+    assert row["zero_shot_num"] > 0 and row["zero_shot_val_loss"] > 0 and row["zero_shot_miou"] != row["miou"]

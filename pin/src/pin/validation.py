@@ -2,7 +2,8 @@
 
 On the held-out synthetic compositions (the val object pool on `data.val_backgrounds`, `data.val_size` images) it
 reports the training loss at the current epoch's phase (a token mean over the whole set; the same images every time)
-and the mIoU of generated boxes: the same queries and numbers as `pin-eval eval.datasets=[synthetic]`. The work is
+and the mIoU of generated boxes: the same queries and numbers as `pin-eval eval.datasets=[synthetic]`; the same for
+the zero-shot pool of held-out classes when there is one. The work is
 split over the processes; RNG states are left untouched, so a run with validation follows the same training trajectory
 as one without.
 """
@@ -26,7 +27,11 @@ from .vlm import FrozenVLM
 
 
 class SyntheticValidation:
-    """The validation set of a training run; `run(...)` evaluates and appends a line to `<run>/validation.jsonl`."""
+    """The validation sets of a training run; `run(...)` evaluates and appends a line to `<run>/validation.jsonl`.
+
+    Two sets, as the reference validates on both: the val object pool (keys `val_loss`, `miou`, ...) and, when
+    `data.held_out` names classes, the "zero_shot" pool of those never-trained classes (the same keys prefixed
+    `zero_shot_`; `pin-eval eval.datasets=[synthetic_zero_shot]`)."""
 
     def __init__(self, cfg: dict, run_dir: Path) -> None:
         size = cfg["data"].get("val_size", 0)
@@ -35,44 +40,57 @@ class SyntheticValidation:
                 f"train.val_every_epochs={cfg['train']['val_every_epochs']} needs data.val_size > 0 held-out "
                 "compositions; set train.val_every_epochs=null to train without validation"
             )
-        _, val_pool, _ = pools_from_cfg(cfg)
+        _, val_pool, zero_shot_pool = pools_from_cfg(cfg)
         if not len(val_pool):
             raise ValueError(
                 "the validation object pool is empty; raise data.val_size or set train.val_every_epochs=null"
             )
         self.cfg, self.path = cfg, run_dir / "validation.jsonl"
-        self.dataset = dataset_from_cfg(cfg, val_pool, "val")
-        self.queries = synthetic_queries(self.dataset, size)
-        self.dataset.sample_epoch = HELD_OUT_EPOCH  # the same images at every validation; the phase follows training
+        pools = [("", val_pool)]
+        if len(zero_shot_pool) and zero_shot_pool is not val_pool:  # procedural pools have no held-out classes
+            pools.append(("zero_shot_", zero_shot_pool))
+        self.sets = []
+        for prefix, pool in pools:
+            dataset = dataset_from_cfg(cfg, pool, "val")
+            queries = synthetic_queries(dataset, size)
+            dataset.sample_epoch = HELD_OUT_EPOCH  # the same images at every validation; the phase follows training
+            self.sets.append((prefix, dataset, queries))
+        _, self.dataset, self.queries = self.sets[0]
 
     def run(self, vlm: FrozenVLM, codec: GridCodec, method: Method, accelerator: Accelerator, epoch: int, step: int):
-        """Validation loss and mIoU after `epoch`; every process returns the same dict."""
-        e = self.cfg["eval"]
+        """Validation loss and mIoU of every set after `epoch`; every process returns the same dict."""
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         method.train(False)
+        row = {"epoch": epoch, "step": step}
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            self.dataset.set_epoch(epoch)
-            indices = list(range(len(self.dataset)))
-            batch = self.cfg["train"]["batch_size"]
-            with accelerator.split_between_processes(indices) as mine:
-                sums = torch.zeros(2, device=accelerator.device)  # token cross-entropy sum, supervised tokens
-                for start in range(0, len(mine), batch):
-                    items = collate([self.dataset[i] for i in mine[start : start + batch]])
-                    with accelerator.autocast():
-                        loss, tokens = summed_training_loss(vlm, codec, items, accelerator.device)
-                    sums += torch.stack([loss.float(), loss.new_tensor(float(tokens))])
-            sums = accelerator.reduce(sums, "sum")
-            # whole evaluation batches per process: the batch-weighted figures then match a single process
-            size = e["batch_size"]
-            batches = [self.queries[i : i + size] for i in range(0, len(self.queries), size)]
-            with accelerator.split_between_processes(batches) as mine:
-                mine = [q for b in mine for q in b]
-                result = evaluate_queries(vlm, codec, mine, size, e["num_beams"], e["max_new_tokens"])
-            result = {key: gather_object(result[key]) for key in ("preds", "gts", "texts", "batches")}
+            for prefix, dataset, queries in self.sets:
+                scores = self._evaluate(dataset, queries, vlm, codec, accelerator, epoch)
+                row.update({prefix + key: value for key, value in scores.items()})
         method.train(True)
-        row = {"epoch": epoch, "step": step, "val_loss": (sums[0] / sums[1]).item()}
-        row.update(summarise(result, codec.image_size))
         if accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def _evaluate(self, dataset, queries, vlm, codec, accelerator: Accelerator, epoch: int) -> dict:
+        """{"val_loss": token-mean training loss, then `summarise`'s mIoU figures} of one set."""
+        e = self.cfg["eval"]
+        dataset.set_epoch(epoch)
+        indices = list(range(len(dataset)))
+        batch = self.cfg["train"]["batch_size"]
+        with accelerator.split_between_processes(indices) as mine:
+            sums = torch.zeros(2, device=accelerator.device)  # token cross-entropy sum, supervised tokens
+            for start in range(0, len(mine), batch):
+                items = collate([dataset[i] for i in mine[start : start + batch]])
+                with accelerator.autocast():
+                    loss, tokens = summed_training_loss(vlm, codec, items, accelerator.device)
+                sums += torch.stack([loss.float(), loss.new_tensor(float(tokens))])
+        sums = accelerator.reduce(sums, "sum")
+        # whole evaluation batches per process: the batch-weighted figures then match a single process
+        size = e["batch_size"]
+        batches = [queries[i : i + size] for i in range(0, len(queries), size)]
+        with accelerator.split_between_processes(batches) as mine:
+            mine = [q for b in mine for q in b]
+            result = evaluate_queries(vlm, codec, mine, size, e["num_beams"], e["max_new_tokens"])
+        result = {key: gather_object(result[key]) for key in ("preds", "gts", "texts", "batches")}
+        return {"val_loss": (sums[0] / sums[1]).item(), **summarise(result, codec.image_size)}
