@@ -100,3 +100,53 @@ def test_linear_probe_lambda_grid_is_the_mean_loss_penalty():
     ref = LogisticRegression(C=result["C"], fit_intercept=False, tol=1e-3, max_iter=300, random_state=0)
     ref.fit(x[:200], y[:200])
     assert result["top1"] == pytest.approx(100 * (ref.predict(x[200:]) == y[200:]).mean())
+
+
+def _majority_or_boundary_case():
+    """1-D training set: class 0 at -2..-0.25 (8 points), class 1 at 1..2.5 (4 points). With lambda = 100 the weight is
+    crushed to ~0 and the unpenalised intercept, log(4/8), predicts the majority class 0 everywhere; with lambda = 1e-3
+    the boundary lies between the classes, so x = 2 and x = 3 are predicted 1."""
+    x = np.array([-2.0, -1.75, -1.5, -1.25, -1.0, -0.75, -0.5, -0.25, 1.0, 1.5, 2.0, 2.5])[:, None]
+    y = np.array([0] * 8 + [1] * 4)
+    return x, y, dict(lambdas=(100.0, 1e-3), standardize=False)
+
+
+@pytest.mark.parametrize("val_label, winner", [(1, 1e-3), (0, 100.0)])
+def test_linear_probe_chooses_lambda_on_the_given_validation_split(val_label, winner):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, opts = _majority_or_boundary_case()
+    far = np.array([[2.0], [3.0]])  # labelled 1: only the boundary is right; labelled 0: only the majority vote is
+    result = linear_probe(x, y, x, y, val_features=far, val_labels=[val_label] * 2, **opts)
+    assert result["lambda"] == winner
+    assert result["C"] == pytest.approx(1 / (12 * winner))  # n = the training split only: the final fit is on it
+    ref = LogisticRegression(C=1 / (12 * winner), random_state=0).fit(x, y)
+    assert result["top1"] == pytest.approx(100 * (ref.predict(x) == y).mean())
+    # the 80/20 split of train would have kept the boundary: with the given split a majority vote can win instead
+    assert linear_probe(x, y, x, y, val_fraction=0.25, **opts)["lambda"] == 1e-3
+
+
+def test_linear_probe_given_split_equals_the_drawn_80_20_split():
+    """Passing as validation the 20 % that the default path draws (same seed, stratified) chooses the same lambda;
+    only the final fit differs (all of train there, the 80 % here), hence C = 1/(n lambda) with the two n."""
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 150)
+    x = rng.normal(size=(3, 8))[y] * 0.7 + rng.normal(size=(150, 8))
+    opts = dict(lambdas=(3.0, 3e-1, 1e-2, 1e-4), val_fraction=0.2, fit_intercept=False, standardize=False, seed=5)
+    drawn = linear_probe(x[:100], y[:100], x[100:], y[100:], **opts)
+    x_fit, x_val, y_fit, y_val = train_test_split(x[:100], y[:100], test_size=0.2, random_state=5, stratify=y[:100])
+    given = linear_probe(x_fit, y_fit, x[100:], y[100:], val_features=x_val, val_labels=y_val, **opts)
+    assert given["lambda"] == drawn["lambda"] != opts["lambdas"][0]  # not a tie resolved to the first candidate
+    assert (drawn["C"], given["C"]) == pytest.approx((1 / (100 * drawn["lambda"]), 1 / (80 * drawn["lambda"])))
+
+
+def test_linear_probe_validation_errors():
+    x, y, opts = _majority_or_boundary_case()
+    with pytest.raises(ValueError, match="pass both or neither"):
+        linear_probe(x, y, x, y, val_features=x, **opts)
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) with 3 labels; expected \(M, 1\)"):
+        linear_probe(x, y, x, y, val_features=np.zeros((3, 2)), val_labels=[0, 1, 0], **opts)
+    with pytest.raises(ValueError, match="with 2 labels"):
+        linear_probe(x, y, x, y, val_features=np.zeros((3, 1)), val_labels=[0, 1], **opts)

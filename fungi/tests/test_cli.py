@@ -47,8 +47,10 @@ def test_config_errors_and_overrides():
     for name in ("paper", "text", "audio", "tiny"):
         cfg = resolve(["--config", name], extract.DEFAULTS, None)
         assert cfg["kl"]["temperature"] == 15.0  # paper default everywhere
-    with pytest.raises(ValueError, match=r"unknown split 'val'.*\['train', 'test'\]"):
-        extract.main(["--config", "tiny", "splits=[train,val]", "run_dir=unused"])
+    with pytest.raises(ValueError, match=r"unknown split 'valid'.*\['train', 'val', 'test'\]"):
+        extract.main(["--config", "tiny", "splits=[train,valid]", "run_dir=unused"])
+    with pytest.raises(ValueError, match=r"splits=\[val\] but the dataset has no validation split"):
+        extract.main(["--config", "tiny", "splits=[val]", "run_dir=unused"])  # digits have none
     with pytest.raises(ValueError, match="protocols"):
         eval.main(["features=x.safetensors", "protocols=[knn,svm]"])
 
@@ -145,3 +147,72 @@ def test_extract_reports_missing_data_before_fetching_weights(tmp_path, offline_
     Image.new("RGB", (8, 8)).save(root / "train" / "a" / "0.png")
     with pytest.raises(FileNotFoundError, match="model=timm:vit_base_patch16_224.dino"):
         extract.main(["--config", "paper", f"data.root={root}", "data.test_split=train", f"run_dir={tmp_path / 'run'}"])
+
+
+def make_colour_folders(root, counts, seed=0):
+    """<root>/<split>/<class>/<i>.png: 16 px images around a grey tinted per class (red, green, blue) with pixel noise
+    larger than the tint, so that the classes overlap and the lambdas of the paper's grid score differently."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c, colour in zip("abc", ((130, 110, 110), (110, 130, 110), (110, 110, 130))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 100, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+
+
+def test_linear_probe_lambda_is_chosen_on_the_validation_split_end_to_end(tmp_path, monkeypatch):
+    """An ImageFolder with train / val / test folders: fungi-extract writes the 'val' split, and fungi-eval's linear
+    probe chooses lambda on it (features projected with the PCA fitted on train only), then fits on train only."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    import funai_common.linear
+    from fungi.evaluation import PAPER_LINEAR_PROBE
+    from fungi.runs import save_features
+
+    root, run = tmp_path / "colours", tmp_path / "run"
+    make_colour_folders(root, {"train": 4, "val": 3, "test": 2})
+    data = [f"data.root={root}", "data.kind=imagefolder", "data.test_split=test"]
+    path = extract.main([*TINY, *data, f"run_dir={run}"])
+    splits, meta = load_features(path)
+    assert {s: len(splits[s][1]) for s in splits} == {"train": 12, "val": 9, "test": 6}
+    assert meta["config"]["data"]["val_split"] == "val" and meta["config"]["splits"] == ["train", "val", "test"]
+    assert splits["val"][1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+    calls = []
+    probe = funai_common.linear.linear_probe
+    monkeypatch.setattr(funai_common.linear, "linear_probe", lambda *a, **kw: calls.append(kw) or probe(*a, **kw))
+    rows = eval.main([f"features={path}", "protocols=[linear]", "pca_dim=4", "incremental=true"])
+
+    def features(split):  # the 'embeddings' row: L2-normalised embeddings
+        return torch.nn.functional.normalize(splits[split][0]["embeddings"], dim=1).numpy().astype(np.float64)
+
+    (x_train, y_train), (x_val, y_val) = [(features(s), splits[s][1].numpy()) for s in ("train", "val")]
+    pca = PCA(4, svd_solver="full", random_state=42).fit(x_train)
+    tr, va, te = pca.transform(x_train), pca.transform(x_val), pca.transform(features("test"))
+    assert np.allclose(calls[0]["val_features"], va, atol=1e-5) and calls[0]["val_labels"].tolist() == y_val.tolist()
+    joint = PCA(4, svd_solver="full", random_state=42).fit(np.concatenate([x_train, x_val]))
+    assert not np.allclose(calls[0]["val_features"], joint.transform(x_val), atol=1e-3)  # train only, not train+val
+    fit = dict(fit_intercept=False, tol=1e-3, max_iter=300, random_state=0)
+    lambdas = PAPER_LINEAR_PROBE["lambdas"]
+    val_top1 = [LogisticRegression(C=1 / (12 * lam), **fit).fit(tr, y_train).score(va, y_val) for lam in lambdas]
+    chosen = lambdas[int(np.argmax(val_top1))]
+    assert rows[0]["features"] == "embeddings" and rows[0]["linear_lambda"] == chosen
+    final = LogisticRegression(C=1 / (12 * chosen), **fit).fit(tr, y_train)  # train only: val never enters the fit
+    assert rows[0]["linear_top1"] == pytest.approx(100 * (final.predict(te) == splits["test"][1].numpy()).mean())
+    assert len(rows) == 4 and all("linear_lambda" in r for r in rows)
+    assert "lambda chosen on split 'val' (9 items), then fitted on 'train' only" in (run / "log.txt").read_text()
+
+    # a features file with train and test only (extracted before val splits existed): the 80/20 split of train
+    old = tmp_path / "old" / "features.safetensors"
+    old.parent.mkdir()
+    save_features(old, {s: splits[s] for s in ("train", "test")}, meta)
+    calls.clear()
+    assert eval.main([f"features={old}", "protocols=[linear]", "pca_dim=4"])[0]["linear_top1"] >= 0
+    assert all("val_features" not in kw for kw in calls) and len(calls) == 4
+    assert "lambda chosen on an 80/20 split of 'train'" in (old.parent / "log.txt").read_text()
+    with pytest.raises(KeyError, match=r"split 'dev' not in .*available: \['test', 'train'\]"):
+        eval.main([f"features={old}", "val_split=dev"])
+    with pytest.raises(ValueError, match="val_split='test' is also the train or test split"):
+        eval.main([f"features={path}", "val_split=test"])

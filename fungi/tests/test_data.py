@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fungi.data import build_split, read_table, torchvision_dataset, wave_to_float
+from fungi.data import build_split, read_table, torchvision_dataset, validation_split, wave_to_float
 
 
 def test_tsv_quotes_are_plain_characters(tmp_path):
@@ -53,8 +53,36 @@ def test_imagefolder_test_split_uses_train_class_indices(tmp_path):
 
 
 def test_unknown_split_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown split 'val'.*\['train', 'test'\]"):
+    with pytest.raises(ValueError, match=r"unknown split 'valid'.*\['train', 'val', 'test'\]"):
+        build_split({"kind": "digits", "image_size": 8}, "valid")
+    with pytest.raises(ValueError, match=r"split 'val' requested but the dataset \(data.kind=digits\) has no valid"):
         build_split({"kind": "digits", "image_size": 8}, "val")
+
+
+def test_validation_split_resolution(tmp_path):
+    """'auto': torchvision DTD / Flowers102 / FGVCAircraft read split='val' (as the reference's VALID split), the
+    other torchvision datasets and non-image kinds have none; an ImageFolder has one when a 'val' folder exists that
+    is neither the train nor the test folder."""
+    tv = {"kind": "torchvision", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
+    assert [validation_split({**tv, "name": n}) for n in ("DTD", "Flowers102", "FGVCAircraft")] == ["val"] * 3
+    assert validation_split({**tv, "name": "CIFAR10"}) is None and validation_split({**tv, "name": "Food101"}) is None
+    assert validation_split({"kind": "digits"}) is None and validation_split({"kind": "text"}) is None
+    folders = {"kind": "imagefolder", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
+    assert validation_split(folders) is None  # no val folder
+    make_folders(tmp_path, "train", "abc")
+    make_folders(tmp_path, "val", "cb")
+    assert validation_split(folders) == "val"
+    assert validation_split({**folders, "test_split": "val"}) is None  # the default layout: val is the test folder
+    assert validation_split({**folders, "val_split": None}) is None
+    val = build_split(folders, "val")  # labelled with the train folder's class indices
+    assert [(Path(p).parent.name, y) for p, y in val.samples] == [("b", 1), ("c", 2)]
+    assert validation_split({**folders, "val_split": "holdout"}) == "holdout"
+    with pytest.raises(ValueError, match="'val' is also the train or test split"):
+        validation_split({**folders, "test_split": "val", "val_split": "val"})
+    with pytest.raises(ValueError, match="only read for data.kind=imagefolder or torchvision, not 'text'"):
+        validation_split({"kind": "text", "val_split": "dev"})
+    with pytest.raises(ValueError, match="'CIFAR10' takes no split= argument"):
+        validation_split({**tv, "name": "CIFAR10", "val_split": "val"})
 
 
 def test_wave_to_float_scales_by_dtype_range():

@@ -20,7 +20,10 @@ from torch.utils.data import Dataset
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# torchvision datasets shipping a validation split of their own, read as split="val" (those the reference's dataset
+# factories load for DatasetSplit.VALID; every other one of its datasets asserts it has none)
+TORCHVISION_VAL_SPLITS = ("DTD", "Flowers102", "FGVCAircraft")
 REVISITED = ("roxford5k", "rparis6k")
 RETRIEVAL_SPLITS = ("database", "queries")
 
@@ -127,9 +130,8 @@ def load_spectrogram(path: str | Path, num_mel_bins: int = 128, max_length: int 
     return torch.as_tensor(fe(wave, sampling_rate=16000, return_tensors="np")["input_values"][0])
 
 
-def torchvision_dataset(name: str, root: str, split: str):
-    """torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ``DTD``...) without download: ``split=`` is
-    passed to datasets that take it, ``train=(split == 'train')`` to those that take ``train``."""
+def torchvision_class(name: str):
+    """(torchvision dataset class, its constructor's parameters) by class name; ValueError for an unknown name."""
     import inspect
 
     import torchvision
@@ -137,7 +139,13 @@ def torchvision_dataset(name: str, root: str, split: str):
     if not hasattr(torchvision.datasets, name):
         raise ValueError(f"torchvision has no dataset {name!r}")
     cls = getattr(torchvision.datasets, name)
-    params = inspect.signature(cls).parameters
+    return cls, inspect.signature(cls).parameters
+
+
+def torchvision_dataset(name: str, root: str, split: str):
+    """torchvision dataset by class name (``CIFAR10``, ``Flowers102``, ``DTD``...) without download: ``split=`` is
+    passed to datasets that take it, ``train=(split == 'train')`` to those that take ``train``."""
+    cls, params = torchvision_class(name)
     if "split" in params:
         kwargs = {"split": split}
     elif "train" in params:
@@ -161,8 +169,8 @@ def torchvision_dataset(name: str, root: str, split: str):
 def imagefolder_split(root: str | Path, folder: str, train_folder: str):
     """``<root>/<folder>`` as an ImageFolder labelled with the class indices of ``<root>/<train_folder>``.
 
-    torchvision numbers only the classes present in each folder, so a test folder missing a train class would
-    otherwise shift the labels of every later class. A test class absent from the train folder is an error.
+    torchvision numbers only the classes present in each folder, so a test (or validation) folder missing a train
+    class would otherwise shift the labels of every later class. A class absent from the train folder is an error.
     """
     from torchvision.datasets.folder import find_classes
 
@@ -176,7 +184,7 @@ def imagefolder_split(root: str | Path, folder: str, train_folder: str):
     try:
         return ImageFolderDataset(Path(root) / folder, classes=find_classes(str(train_dir))[0])
     except ValueError as err:
-        raise ValueError(f"test split {Path(root) / folder} vs train split {train_dir}: {err}") from None
+        raise ValueError(f"split {Path(root) / folder} vs train split {train_dir}: {err}") from None
 
 
 def _latin1_bytes(text, encoding="latin1"):
@@ -340,8 +348,40 @@ def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(
             f"unknown split {split!r}; splits must be among {list(SPLITS)} "
-            "(data.train_split / data.test_split name the folders or torchvision splits they read)"
+            "(data.train_split / data.val_split / data.test_split name the folders or torchvision splits they read)"
         )
+
+
+def validation_split(data: dict) -> str | None:
+    """The folder or torchvision split that the ``val`` split reads, or None when the dataset has no validation split.
+
+    ``data.val_split``: a name, null (none), or 'auto' (the default): ``val`` for the torchvision datasets in
+    TORCHVISION_VAL_SPLITS, the folder ``<root>/val`` for an ImageFolder when it exists and is neither the train nor
+    the test folder, None otherwise. Only image datasets (imagefolder, torchvision) have one.
+    """
+    name, kind = data.get("val_split", "auto"), data.get("kind")
+    if name == "auto":
+        if kind == "torchvision":
+            return "val" if data.get("name") in TORCHVISION_VAL_SPLITS else None
+        taken = (data.get("train_split"), data.get("test_split"))
+        if kind == "imagefolder" and data.get("root") and "val" not in taken and (Path(data["root"]) / "val").is_dir():
+            return "val"
+        return None
+    if not name:
+        return None
+    if kind not in ("imagefolder", "torchvision"):
+        raise ValueError(f"data.val_split={name!r} is only read for data.kind=imagefolder or torchvision, not {kind!r}")
+    if name in (data.get("train_split"), data.get("test_split")):
+        raise ValueError(
+            f"data.val_split={name!r} is also the train or test split (data.train_split={data.get('train_split')!r}, "
+            f"data.test_split={data.get('test_split')!r}); the validation images must be others"
+        )
+    if kind == "torchvision" and "split" not in torchvision_class(str(data.get("name")))[1]:
+        raise ValueError(
+            f"torchvision dataset {data.get('name')!r} takes no split= argument, so it has no validation split "
+            f"(data.val_split={name!r}); use data.val_split=null"
+        )
+    return name
 
 
 def check_data_split(data: dict, split: str) -> None:
@@ -357,9 +397,18 @@ def check_data_split(data: dict, split: str) -> None:
 
 
 def build_split(data: dict, split: str):
-    """Dataset for ``split`` ('train' or 'test'; 'database' or 'queries' for revisited) from the ``data`` config."""
+    """Dataset for ``split`` ('train', 'val' or 'test'; 'database' or 'queries' for revisited) from the ``data``
+    config; 'val' reads ``validation_split(data)`` and is an error for a dataset without one."""
     check_data_split(data, split)
     kind = data["kind"]
+    if split == "val":
+        folder = validation_split(data)
+        if folder is None:
+            raise ValueError(
+                f"split 'val' requested but the dataset (data.kind={kind}) has no validation split: set "
+                "data.val_split to its folder or torchvision split, or leave 'val' out of splits"
+            )
+        data = {**data, "val_split": folder}
     if kind == "revisited":
         if not data.get("root") or not data.get("name"):
             raise ValueError(f"data.kind=revisited needs data.root and data.name (one of {list(REVISITED)})")

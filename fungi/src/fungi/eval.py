@@ -2,6 +2,7 @@
 combination).
 
 fungi-eval features=runs/fungi/tiny/features.safetensors protocols=[knn,fewshot,clustering]
+fungi-eval features=runs/fungi/flowers_dino_b16/features.safetensors protocols=[linear]   # lambda chosen on 'val'
 fungi-eval features=runs/fungi/roxford5k_dino_vitb16/features.safetensors protocols=[retrieval]
 """
 
@@ -20,6 +21,7 @@ DEFAULTS = {
     "features": "runs/fungi/default/features.safetensors",
     "out": None,
     "train_split": "train",
+    "val_split": "val",
     "test_split": "test",
     "protocols": ["knn", "fewshot", "linear"],
     "k": 20,
@@ -60,6 +62,22 @@ def retrieval_ground_truth(cfg: dict, splits: dict, meta: dict) -> tuple[list[di
     return (*restrict_ground_truth(gnd, database_ids.tolist(), query_ids.tolist()), path)
 
 
+def validation_features(cfg: dict, splits: dict) -> tuple | None:
+    """(blocks, labels) of the split ``val_split`` that chooses the linear probe's lambda, or None to use an 80/20
+    split of train: when ``val_split`` is null, or is the default 'val' and the file has no such split (features
+    extracted without one). Another name that is absent, or the train or test split itself, is an error."""
+    name = cfg["val_split"]
+    if not name:
+        return None
+    if name in (cfg["train_split"], cfg["test_split"]):
+        raise ValueError(f"val_split={name!r} is also the train or test split; the validation split must be another")
+    if name not in splits:
+        if name == DEFAULTS["val_split"]:
+            return None
+        raise KeyError(f"split {name!r} not in {cfg['features']}; available: {sorted(splits)} (or val_split=null)")
+    return splits[name]
+
+
 def merge_rows(rows: list[dict], extra: list[dict]) -> list[dict]:
     """Rows of two protocols joined on 'features' (order of ``rows``, then new combinations of ``extra``)."""
     merged = {r["features"]: dict(r) for r in rows}
@@ -82,6 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if split not in splits:
                 hint = "; retrieval features: protocols=[retrieval]" if cfg["database_split"] in splits else ""
                 raise KeyError(f"split {split!r} not in {cfg['features']}; available: {sorted(splits)}{hint}")
+    val = validation_features(cfg, splits) if classification and "linear" in cfg["protocols"] else None
     if retrieval:  # checked before anything runs or is written
         ground_truth, dropped, gnd_path = retrieval_ground_truth(cfg, splits, meta)
     out = Path(cfg["out"] or Path(cfg["features"]).parent)
@@ -91,6 +110,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if classification:
         train_blocks, train_labels = splits[cfg["train_split"]]
         test_blocks, test_labels = splits[cfg["test_split"]]
+        if "linear" in cfg["protocols"] and cfg["linear_C"] is None:
+            train = repr(cfg["train_split"])
+            where = (
+                f"an 80/20 split of {train} (no validation split), then refitted on all of it"
+                if val is None
+                else f"split {cfg['val_split']!r} ({len(val[1])} items), then fitted on {train} only"
+            )
+            log.info("linear probe: lambda chosen on %s", where)
         rows = evaluate_blocks(
             train_blocks,
             train_labels.numpy(),
@@ -102,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shots=cfg["shots"],
             linear_C=cfg["linear_C"],
             incremental=cfg["incremental"],
+            val_blocks=None if val is None else val[0],
+            val_labels=None if val is None else val[1].numpy(),
         )
     if retrieval:
         (database_blocks, database_ids), (query_blocks, _) = splits[cfg["database_split"]], splits[cfg["query_split"]]

@@ -19,8 +19,10 @@ from fungi.retrieval import revisited_map
 SEED = 42
 
 
-# The paper's linear probe (spec c.): cyanure multinomial logistic regression, L2, no intercept, tol 1e-3, 300
-# iterations, lambda from linspace(5e-6, 5e-4, 5) chosen on an 80/20 split of train; solved here by scikit-learn.
+# The paper's linear probe (spec c.; the reference's train_linear_concat_grads.py): cyanure multinomial logistic
+# regression, L2, no intercept, tol 1e-3, 300 iterations, lambda from linspace(5e-6, 5e-4, 5) chosen on the dataset's
+# validation split (then fitted on train only) or, without one, on an 80/20 split of train (then refitted on all of
+# train); solved here by scikit-learn.
 PAPER_LINEAR_PROBE = {
     "lambdas": tuple(float(v) for v in np.linspace(5e-6, 5e-4, 5)),
     "val_fraction": 0.2,
@@ -39,12 +41,13 @@ def concat_blocks(blocks: Mapping[str, torch.Tensor], names: Sequence[str]) -> t
     return torch.cat([l2_normalize(blocks[n]) for n in names], dim=1)
 
 
-def fit_pca(train: np.ndarray, test: np.ndarray, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """PCA to ``dim`` fitted on train (svd_solver='full', seed 42); skipped when dims or samples are < ``dim``."""
+def fit_pca(train: np.ndarray, test: np.ndarray, dim: int | None, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """PCA to ``dim`` fitted on train only (svd_solver='full', seed 42) -> (train, test, *others) projected; skipped
+    when dims or samples are < ``dim``. ``others``: further splits (e.g. validation) projected with the same PCA."""
     if dim is None or dim <= 0 or train.shape[1] < dim or train.shape[0] < dim:
-        return train, test
+        return (train, test, *others)
     pca = PCA(n_components=dim, svd_solver="full", random_state=SEED).fit(train)
-    return pca.transform(train), pca.transform(test)
+    return tuple(pca.transform(x) for x in (train, test, *others))
 
 
 def _fit_knn(train_features, train_labels, test_features, k: int, pca_dim: int | None):
@@ -126,10 +129,20 @@ def evaluate_blocks(
     shots: int | None = None,
     linear_C: float | None = None,
     incremental: bool = False,
+    *,
+    val_blocks: Mapping[str, torch.Tensor] | None = None,
+    val_labels=None,
 ) -> list[dict]:
-    """One row per block combination with the requested protocols ('knn', 'fewshot', 'linear', 'clustering')."""
+    """One row per block combination with the requested protocols ('knn', 'fewshot', 'linear', 'clustering').
+
+    ``val_blocks`` / ``val_labels``: the dataset's own validation split, used only by the linear probe to choose
+    lambda (as the reference; without them an 80/20 split of train), projected with the PCA fitted on train. The
+    chosen lambda is reported as 'linear_lambda'.
+    """
     names = [n for n in ("embeddings", "kl", "dino", "simclr") if n in train_blocks]
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    if (val_blocks is None) != (val_labels is None):
+        raise ValueError("val_blocks and val_labels go together: pass both or neither")
     rows = []
     for combo in combinations(names, incremental):
         train = concat_blocks(train_blocks, combo).numpy()
@@ -145,9 +158,16 @@ def evaluate_blocks(
         if "linear" in protocols and combo in combinations(names, incremental=True):  # as the paper's tables
             from funai_common.linear import linear_probe
 
-            tr, te = fit_pca(train, test, pca_dim)
-            scores = linear_probe(tr, train_labels, te, test_labels, C=linear_C, **PAPER_LINEAR_PROBE)
+            if val_blocks is None:
+                tr, te = fit_pca(train, test, pca_dim)
+                given = {}
+            else:
+                tr, te, va = fit_pca(train, test, pca_dim, concat_blocks(val_blocks, combo).numpy())
+                given = {"val_features": va, "val_labels": np.asarray(val_labels)}
+            scores = linear_probe(tr, train_labels, te, test_labels, C=linear_C, **given, **PAPER_LINEAR_PROBE)
             row["linear_top1"] = scores["top1"]
+            if "lambda" in scores:
+                row["linear_lambda"] = scores["lambda"]
         if "clustering" in protocols:
             row.update({f"kmeans_{key}": v for key, v in clustering_scores(test, test_labels, None, pca_dim).items()})
         rows.append(row)
@@ -180,12 +200,19 @@ def evaluate_retrieval(
     return rows
 
 
+def _cell(value) -> str:
+    """Numbers with 2 decimals, those below 0.01 (a lambda) with 3 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
+    return str(value)
+
+
 def format_table(rows: Sequence[Mapping]) -> str:
-    """Plain-text table of result rows (numbers with 2 decimals)."""
+    """Plain-text table of result rows (numbers with 2 decimals, or 3 significant digits below 0.01)."""
     if not rows:
         return ""
     cols = list(dict.fromkeys(c for r in rows for c in r))
-    cells = [[f"{r.get(c, ''):.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols] for r in rows]
+    cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines.append("-+-".join("-" * w for w in widths))

@@ -1,4 +1,5 @@
-"""fungi-extract: FUNGI features (embeddings + projected self-supervised gradients) of a train and a test split.
+"""fungi-extract: FUNGI features (embeddings + projected self-supervised gradients) of a train and a test split, and of
+the dataset's own validation split when it has one (DTD, Flowers102, FGVC-Aircraft; the linear probe's lambda).
 
 fungi-extract --config tiny            # shipped config, scikit-learn digits, tiny random ViT (CPU, seconds)
 fungi-extract --config paper data.root=/data/flowers102 name=flowers_dino_b16
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fungi.config import resolve, save_config
-from fungi.data import build_split, check_data_split
+from fungi.data import build_split, check_data_split, validation_split
 from fungi.extractor import FUNGIExtractor
 from fungi.models import build_backbone
 from fungi.runs import resolve_device, resolve_dtype, save_features, setup_logging
@@ -35,7 +36,7 @@ DEFAULTS = {
     "max_views_per_pass": 256,
     "max_length": 128,
     "state": None,
-    "splits": ["train", "test"],
+    "splits": ["train", "val", "test"],
     "limit": None,
     "kl": {"temperature": 15.0, "latent_dim": 768},
     "dino": {
@@ -64,6 +65,7 @@ DEFAULTS = {
         "root": None,
         "name": None,
         "train_split": "train",
+        "val_split": "auto",
         "test_split": "val",
         "train_file": None,
         "test_file": None,
@@ -103,15 +105,34 @@ def limited(dataset, limit: int | None):
     return torch.utils.data.Subset(dataset, range(limit))
 
 
+def resolve_validation(cfg: dict) -> bool:
+    """Resolve ``data.val_split`` in place ('auto' -> the dataset's validation split or None, see
+    ``fungi.data.validation_split``) and drop 'val' from ``splits`` when there is none; returns whether it was dropped.
+    """
+    cfg["data"]["val_split"] = validation_split(cfg["data"])
+    if "val" not in cfg["splits"] or cfg["data"]["val_split"] is not None:
+        return False
+    cfg["splits"] = [s for s in cfg["splits"] if s != "val"]
+    if not cfg["splits"]:
+        raise ValueError("splits=[val] but the dataset has no validation split (data.val_split names one)")
+    return True
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Extract features for each split into ``<run_dir>/features.safetensors``; returns that path."""
     cfg = resolve(argv, DEFAULTS, None)
     if not cfg["splits"]:
-        raise ValueError("splits is empty; expected e.g. splits=[train,test]")
+        raise ValueError("splits is empty; expected e.g. splits=[train,val,test]")
     for split in cfg["splits"]:
         check_data_split(cfg["data"], split)
+    dropped_val = resolve_validation(cfg)
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)
+    if dropped_val:
+        log.info(
+            "the dataset has no validation split: 'val' not extracted (fungi-eval's linear probe then chooses "
+            "lambda on an 80/20 split of train)"
+        )
     save_config(cfg, run_dir / "config.yaml")
     # data first: a missing dataset is reported before any weights are fetched
     datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
