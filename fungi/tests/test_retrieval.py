@@ -14,7 +14,9 @@ from fungi.evaluation import evaluate_retrieval
 from fungi.retrieval import (
     average_precision,
     mean_average_precision,
+    mean_precision_at_k,
     positive_ranks,
+    precision_at_k,
     rank_database,
     restrict_ground_truth,
     revisited_map,
@@ -88,6 +90,18 @@ def test_average_precision_hand_cases():
     assert average_precision(np.array([0, 1, 2]), 3) == 1.0
 
 
+def test_precision_at_k_hand_cases():
+    # positives at 1-based ranks 1 and 3: P@10 divides by the last positive's rank, 3 -> 2/3; P@1 = 1; P@2 = 1/2
+    assert precision_at_k(np.array([0, 2]), 10) == pytest.approx(2 / 3)
+    assert precision_at_k(np.array([0, 2]), 1) == 1.0 and precision_at_k(np.array([0, 2]), 2) == 0.5
+    assert precision_at_k(np.array([0, 1, 2]), 10) == 1.0 and precision_at_k(np.array([]), 10) == 0.0
+    query = {"easy": [10], "hard": [11], "junk": [12]}
+    rankings = np.array([[10, 12, 13, 11]])  # medium after junk removal: [p, n, p] -> 2/3; hard: [n, p] -> 1/2
+    assert mean_precision_at_k(rankings, [query], "medium") == pytest.approx(2 / 3)
+    assert mean_precision_at_k(rankings, [query], "hard") == pytest.approx(1 / 2)
+    assert np.isnan(mean_precision_at_k(rankings, [{"easy": [], "hard": []}], "medium"))
+
+
 def test_medium_and_hard_setups_hand_case():
     query = {"easy": [10], "hard": [11], "junk": [12]}
     assert [a.tolist() for a in setup_lists(query, "medium")] == [[10, 11], [12]]
@@ -128,6 +142,14 @@ def test_map_matches_brute_force_on_random_features():
             if positives:
                 expected.append(brute_force_ap(ranking, positives, junk))
         assert scores[key] == pytest.approx(100 * np.mean(expected), rel=1e-12)
+        precisions = []
+        for ranking, query in zip(rankings.tolist(), ground_truth):
+            positives, junk = (set(a.tolist()) for a in setup_lists(query, setup))
+            if positives:  # 1-based places of the positives once junk is skipped
+                places = [i + 1 for i, x in enumerate(x for x in ranking if x not in junk) if x in positives]
+                kq = min(10, places[-1])
+                precisions.append(sum(p <= kq for p in places) / kq)
+        assert scores["mP@10_" + key[-1]] == pytest.approx(100 * np.mean(precisions), rel=1e-12)
         _, aps = mean_average_precision(rankings, ground_truth, setup)
         assert len(expected) == np.count_nonzero(~np.isnan(aps))
 
@@ -251,7 +273,7 @@ def test_extract_then_eval_retrieval_end_to_end(tmp_path):
     assert splits["queries"][0]["dino"].shape == (3, 48)
     rows = eval.main([f"features={path}", "protocols=[retrieval]"])
     assert len(rows) == 15 and rows[-1]["features"] == "embeddings+kl+dino+simclr"
-    assert set(rows[0]) == {"features", "retrieval_mAP_M", "retrieval_mAP_H"}
+    assert set(rows[0]) == {"features", *(f"retrieval_{m}_{s}" for m in ("mAP", "mP@10") for s in "MH")}
     assert all(0 < r["retrieval_mAP_M"] <= 100 and 0 < r["retrieval_mAP_H"] <= 100 for r in rows)
     assert json.loads((run / "metrics.json").read_text()) == rows
     # the rows are the retrieval protocol on the stored features, with the file's ground truth

@@ -57,6 +57,29 @@ def average_precision(ranks: np.ndarray, num_positives: int) -> float:
     return float(np.sum(before + after) / (2.0 * num_positives))
 
 
+def precision_at_k(ranks: np.ndarray, k: int) -> float:
+    """Precision at k of sorted 0-based positive ranks (junk removed), as the benchmark's ``compute_map``: the share
+    of the top kq ranks holding positives, kq = min(k, 1-based rank of the last retrieved positive); so a query whose
+    positives all lie in the top k scores 1 only if nothing else comes before its last positive. 0 without ranks."""
+    ranks = np.asarray(ranks)
+    if not len(ranks):
+        return 0.0
+    kq = min(int(k), int(ranks.max()) + 1)
+    return float(np.count_nonzero(ranks + 1 <= kq) / kq)
+
+
+def mean_precision_at_k(
+    rankings: np.ndarray, ground_truth: Sequence[Mapping[str, Sequence[int]]], setup: str, k: int = 10
+) -> float:
+    """mP@k over the queries with at least one positive in a setup (NaN when none has one)."""
+    values = []
+    for ranking, query in zip(rankings, ground_truth):
+        positives, junk = setup_lists(query, setup)
+        if len(positives):
+            values.append(precision_at_k(positive_ranks(ranking, positives, junk), k))
+    return float(np.mean(values)) if values else float("nan")
+
+
 def mean_average_precision(
     rankings: np.ndarray, ground_truth: Sequence[Mapping[str, Sequence[int]]], setup: str
 ) -> tuple[float, np.ndarray]:
@@ -75,12 +98,15 @@ def mean_average_precision(
 
 
 def revisited_map(database: np.ndarray, queries: np.ndarray, ground_truth: Sequence[Mapping]) -> dict[str, float]:
-    """Medium and Hard mAP in percent of query features (Q, D) against database features (N, D), ranked by inner
-    product -> {'mAP_M': ..., 'mAP_H': ...}."""
+    """Medium and Hard mAP and mP@10 in percent of query features (Q, D) against database features (N, D), ranked by
+    inner product -> {'mAP_M', 'mAP_H', 'mP@10_M', 'mP@10_H'}."""
     rankings = rank_database(database, queries)
-    medium, _ = mean_average_precision(rankings, ground_truth, "medium")
-    hard, _ = mean_average_precision(rankings, ground_truth, "hard")
-    return {"mAP_M": 100.0 * medium, "mAP_H": 100.0 * hard}
+    out = {}
+    for setup, suffix in (("medium", "M"), ("hard", "H")):
+        out[f"mAP_{suffix}"] = 100.0 * mean_average_precision(rankings, ground_truth, setup)[0]
+    for setup, suffix in (("medium", "M"), ("hard", "H")):
+        out[f"mP@10_{suffix}"] = 100.0 * mean_precision_at_k(rankings, ground_truth, setup, 10)
+    return out
 
 
 def restrict_ground_truth(
