@@ -171,3 +171,33 @@ def test_synthetic_zero_shot_split_queries_only_held_out_classes(tmp_path):
     cfg["data"]["held_out"] = []
     with pytest.raises(ValueError, match="synthetic_zero_shot: its object pool is empty"):
         synthetic_eval_queries(cfg, "synthetic_zero_shot")
+
+
+def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_zero_shot(tmp_path, monkeypatch):
+    """Procedural pools: `data.held_out` shapes form the zero-shot pool; without any it is empty, and pin-eval refuses
+    `synthetic_zero_shot` before building the VLM (it used to score the val pool's trained classes under that name)."""
+    from pin import eval as eval_mod
+    from pin.config import load_config
+    from pin.pipeline import pools_from_cfg
+
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "method=raw"]
+    cfg, _ = load_config(base)
+    train, val, zero_shot = pools_from_cfg(cfg)
+    assert len(zero_shot) == 0 and train.names == val.names == sorted(cfg["data"]["procedural_classes"])
+    cfg, _ = load_config(base + ["data.held_out=[cross]"])
+    train, val, zero_shot = pools_from_cfg(cfg)
+    assert zero_shot.names == ["cross"] and "cross" not in train.names + val.names
+    with pytest.raises(ValueError, match="every one of data.procedural_classes"):
+        pools_from_cfg(load_config(base + ["data.held_out=[circle, square, triangle, cross]"])[0])
+
+    def no_vlm(_cfg):
+        raise AssertionError("the VLM was built before the bad eval dataset was noticed")
+
+    monkeypatch.setattr(eval_mod, "vlm_from_cfg", no_vlm)
+    with pytest.raises(ValueError, match=r"synthetic_zero_shot: its object pool is empty.*data\.held_out"):
+        eval_main(base + ["eval.datasets=[synthetic, synthetic_zero_shot]"])
+    with pytest.raises(ValueError, match="unknown eval dataset 'cocoo'"):
+        eval_main(base + ["eval.datasets=[synthetic, cocoo]"])
+    with pytest.raises(FileNotFoundError, match="no PIN weights at"):
+        eval_main(base[:-1] + ["method=pin", f"eval.checkpoint={tmp_path / 'missing.pt'}"])
+    assert not (tmp_path / "tiny" / "eval" / "metrics.json").exists()

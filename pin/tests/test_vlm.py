@@ -225,3 +225,9 @@ def test_reference_pt_checkpoints_load_for_pin_and_vpt(tiny_blip2, tmp_path):
     torch.save({"encoder": {"lora_A": torch.zeros(1)}}, tmp_path / "lora.pt")
     with pytest.raises(KeyError, match=r"lora.pt holds \['encoder'\]: expected a reference PIN checkpoint"):
         load_weights(tmp_path / "lora.pt")
+    # a checkpoint of another backbone (PIN_OF.pt: 256 x 1024 tokens) is a clear error naming the file and shapes
+    torch.save({"mlp": ref_mlp.state_dict(), "pos_enc": sincos_table(n + 1, 64)[None]}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=rf"other.pt does not fit method pin on this VLM: pos_enc \(1, {n + 1}, 64\)"):
+        Method(vlm, "pin", {"pin": {"hidden_dims": [16, 8]}}).load_state_dict(
+            load_weights(tmp_path / "other.pt"), source=tmp_path / "other.pt"
+        )

@@ -82,7 +82,8 @@ def synthetic_eval_queries(cfg: dict, name: str = "synthetic") -> list:
     _, val_pool, zero_shot_pool = pools_from_cfg(cfg)
     pool = val_pool if name == "synthetic" else zero_shot_pool
     if not len(pool):
-        raise ValueError(f"eval dataset {name}: its object pool is empty (data.val_size / data.held_out)")
+        need = "data.val_size > 0" if name == "synthetic" else "held-out classes in the pool (data.held_out)"
+        raise ValueError(f"eval dataset {name}: its object pool is empty; it needs {need}")
     return synthetic_queries(dataset_from_cfg(cfg, pool, "val"), cfg["data"].get("val_size", 100))
 
 
@@ -127,28 +128,35 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
     out_dir = Path(out_dir or Path(cfg["out_dir"]) / cfg["name"] / "eval")
     log = setup_logging(out_dir)
     codec = codec_from_cfg(cfg)
+    # every dataset's queries and the checkpoint are read before the VLM is built or anything is evaluated, so a
+    # bad name, path or empty pool fails in seconds rather than after the first datasets
+    datasets = {}
+    for name in e["datasets"]:
+        if name in SYNTHETIC_SETS:
+            datasets[name] = synthetic_eval_queries(cfg, name)
+        else:
+            datasets[name] = queries_for(name, e["roots"].get(name, f"data/{name}"), e["max_objects"], codec.image_size)
     if kind != "random" and vlm is None:
-        vlm = vlm_from_cfg(cfg)
-        if torch.cuda.is_available():
-            vlm.model.to("cuda")
-        method = Method(vlm, "raw" if kind == "kshot" else kind, cfg)
+        weights = None
         if kind in ("pin", "vpt", "lora"):
             if not e.get("checkpoint"):
                 raise ValueError(
                     f"method={kind} needs eval.checkpoint=<run>/checkpoints/step_X (or a .safetensors, or a reference "
                     ".pt such as PINs/PIN_OF.pt)"
                 )
-            method.load_state_dict(load_weights(e["checkpoint"]))
+            weights = load_weights(e["checkpoint"])
+        vlm = vlm_from_cfg(cfg)
+        if torch.cuda.is_available():
+            vlm.model.to("cuda")
+        method = Method(vlm, "raw" if kind == "kshot" else kind, cfg)
+        if weights is not None:
+            method.load_state_dict(weights, source=e["checkpoint"])
             method.to(next(vlm.model.parameters()).device)
     if method is not None:
         method.train(False)
     context = kshot_context(cfg, codec, e.get("kshot", 0)) if kind == "kshot" else ""
     rows, figure_sets = [], []
-    for name in e["datasets"]:
-        if name in SYNTHETIC_SETS:
-            queries = synthetic_eval_queries(cfg, name)
-        else:
-            queries = queries_for(name, e["roots"].get(name, f"data/{name}"), e["max_objects"], codec.image_size)
+    for name, queries in datasets.items():
         if e.get("limit"):
             queries = queries[: e["limit"]]
         log.info("%s: %d object queries", name, len(queries))

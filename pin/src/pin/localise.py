@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> list[float]:
     if not checkpoint:
         raise SystemExit("pin-localise needs checkpoint=<run>/checkpoints/step_X (or a .safetensors / reference .pt)")
     codec = codec_from_cfg(cfg)
+    weights = load_weights(checkpoint)  # before the VLM: a bad path fails in seconds
     vlm = vlm_from_cfg(cfg)
     if torch.cuda.is_available():
         vlm.model.to("cuda")
     method = Method(vlm, cfg["method"], cfg)
-    method.load_state_dict(load_weights(checkpoint))
+    method.load_state_dict(weights, source=checkpoint)
     method.to(next(vlm.model.parameters()).device)
     method.train(False)
     image = load_image(ObjectQuery(image_path, name, [0, 0, 0, 0], "query"), codec.image_size)

@@ -110,9 +110,22 @@ class Method:
             state = {k: v for k, v in state.items() if "lora_" in k}
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | object = "checkpoint") -> None:
+        """Load the method's tensors; a tensor of another shape (a checkpoint of another VLM, image size or PIN
+        width) is a ValueError naming `source` and both shapes."""
         if self.module is None:
             return
+        own = self.module.state_dict()
+        wrong = [
+            f"{k} {tuple(v.shape)} (here {tuple(own[k].shape)})"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"{source} does not fit method {self.kind} on this VLM: {', '.join(wrong[:3])}; a checkpoint holds "
+                "one backbone's token count and width (PINs/PIN_OF.pt: OpenFlamingo, 256 x 1024 at 224 px)"
+            )
         missing, unexpected = self.module.load_state_dict(state, strict=self.kind != "lora")
         if unexpected or (self.kind == "lora" and any("lora_" in k for k in missing)):
             raise KeyError(f"checkpoint does not match method {self.kind}: missing {missing}, unexpected {unexpected}")

@@ -37,19 +37,26 @@ def codec_from_cfg(cfg: dict) -> GridCodec:
 def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
     """(train, val, zero_shot) object pools from data.objects (folder or json) or data.procedural_classes."""
     d = cfg["data"]
+    held = d.get("held_out") or ()
+    if held == "default":
+        from .heldout import HELD_OUT_CLASSES
+
+        held = HELD_OUT_CLASSES
     if d.get("objects"):
         src = str(d["objects"])
         pool = ObjectPool.from_json(src) if src.endswith(".json") else ObjectPool.from_folder(src)
-        held = d.get("held_out") or ()
-        if held == "default":
-            from .heldout import HELD_OUT_CLASSES
-
-            held = HELD_OUT_CLASSES
         return pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
     if d.get("procedural_classes"):
-        pool = procedural_pool(d["procedural_classes"], d.get("per_class", 8), seed=cfg["seed"])
-        val = procedural_pool(d["procedural_classes"], d.get("per_class", 8), seed=cfg["seed"] + 1)
-        return pool, val, val
+        # held-out shapes form the zero-shot pool; without any it is empty (never the val pool's trained classes)
+        held = {h.lower() for h in held}
+        seen = [n for n in d["procedural_classes"] if n.lower() not in held]
+        unseen = [n for n in d["procedural_classes"] if n.lower() in held]
+        if not seen:
+            raise ValueError(f"data.held_out={list(held)} holds every one of data.procedural_classes")
+        pool = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"])
+        val = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"] + 1)
+        zero_shot = procedural_pool(unseen, d.get("per_class", 8), seed=cfg["seed"] + 2) if unseen else ObjectPool([])
+        return pool, val, zero_shot
     raise ValueError(
         "config needs data.objects (object pool folder or LVIS_instance_pools.json) or "
         "data.procedural_classes (list of shape names)"

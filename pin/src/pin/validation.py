@@ -47,7 +47,7 @@ class SyntheticValidation:
             )
         self.cfg, self.path = cfg, run_dir / "validation.jsonl"
         pools = [("", val_pool)]
-        if len(zero_shot_pool) and zero_shot_pool is not val_pool:  # procedural pools have no held-out classes
+        if len(zero_shot_pool):
             pools.append(("zero_shot_", zero_shot_pool))
         self.sets = []
         for prefix, pool in pools:
