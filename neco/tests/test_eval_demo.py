@@ -139,6 +139,12 @@ def test_eval_main_on_checkpoint(trained_run, tmp_path, capsys):
     saved = json.load(open(out / "metrics.json"))
     assert set(saved["summary_percent"]) == {"hummingbird", "linear", "overcluster_k5", "overcluster_k12"}
     assert all(0 <= v <= 100 for v in metrics["summary_percent"].values())
+    # the memory set is recorded (synthetic data: 4 train images, no file set)
+    assert {k: saved["hummingbird"][k] for k in ("memory_images", "train_file_set", "train_fraction")} == {
+        "memory_images": 4,
+        "train_file_set": None,
+        "train_fraction": 1.0,
+    }
 
 
 def test_export_loads_into_plain_timm(trained_run, tmp_path):

@@ -89,16 +89,22 @@ def test_no_teacher_ablation_uses_the_students_own_outputs_and_skips_the_ema(tin
     for key in first["teacher"]:  # no EMA: the teacher stays at the starting weights
         assert torch.equal(first["teacher"][key], last["teacher"][key]), key
     assert not torch.equal(first["student"]["head.mlp.0.weight"], last["student"]["head.mlp.0.weight"])
+    from neco.eval import backbone_from_checkpoint
+
+    backbone_from_checkpoint(out["checkpoint"], "student")
+    with pytest.raises(ValueError, match=r"without a teacher \(loss.use_teacher=false\).*use weights=student"):
+        backbone_from_checkpoint(out["checkpoint"], "teacher")  # it would be the untrained starting weights
 
 
 def test_trainable_blocks_freeze_the_other_backbone_weights(tiny_args):
     args = ["optim.max_steps=2", "train.save_initial=true", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
     out = main(tiny_args + args + ["optim.trainable_blocks=-1"])  # tiny: 2 blocks -> only block 1 trains
-    first = _weights(os.path.join(out["run_dir"], "checkpoints", "step_000000"))["student"]
-    last = _weights(out["checkpoint"])["student"]
-    for key, value in first.items():
-        moved = not torch.equal(value, last[key])
-        assert moved == key.startswith(("backbone.blocks.1.", "head.")), key
+    first = _weights(os.path.join(out["run_dir"], "checkpoints", "step_000000"))
+    last = _weights(out["checkpoint"])
+    for net in ("student", "teacher"):  # the EMA teacher keeps the frozen weights bit for bit too
+        for key, value in first[net].items():
+            moved = not torch.equal(value, last[net][key])
+            assert moved == key.startswith(("backbone.blocks.1.", "head.")), (net, key)
 
 
 def test_missing_coco_fails_at_once_naming_path_and_override(tmp_path):
@@ -192,3 +198,16 @@ def test_help_prints_keys_and_exits_0(flag, capsys):
         assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "loss.network = 'bitonic'" in out and "weights = 'student'" in out
+
+
+def test_resume_with_other_ablation_switches_is_an_error(tiny_args, tmp_path):
+    """A no-teacher run resumed without loss.use_teacher=false would restart the EMA from the never-moved teacher;
+    another trainable_blocks used to fail deep in torch's optimizer.load_state_dict."""
+    run = [f"train.run_dir={tmp_path / 'r'}"]
+    main(tiny_args + run + ["optim.max_steps=1", "loss.use_teacher=false", "optim.trainable_blocks=-1"])
+    resume = tiny_args + run + ["optim.max_steps=2", "train.resume=latest"]
+    with pytest.raises(ValueError, match=r"loss.use_teacher=False, this run has True; resume with"):
+        main(resume + ["optim.trainable_blocks=-1"])
+    with pytest.raises(ValueError, match=r"optim.trainable_blocks=-1, this run has None"):
+        main(resume + ["loss.use_teacher=false"])
+    assert main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1"])["step"] == 2

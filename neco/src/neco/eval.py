@@ -58,6 +58,11 @@ def backbone_from_checkpoint(path: str, weights: str = "student") -> tuple[torch
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     with open(os.path.join(path, "meta.json")) as f:
         train_cfg = json.load(f)["config"]
+    if weights == "teacher" and not train_cfg.get("loss", {}).get("use_teacher", True):
+        raise ValueError(
+            f"{path} was trained without a teacher (loss.use_teacher=false): its teacher.safetensors holds the "
+            "starting weights, not a trained model; use weights=student"
+        )
     model_cfg = dict(train_cfg["model"], pretrained=False, checkpoint=None, drop_path=0.0)
     backbone = build_backbone(model_cfg)
     state = load_file(os.path.join(path, f"{weights}.safetensors"))
@@ -173,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device=device,
             progress=progress,
         ).evaluate()
+        # which memory images: a file set and a fraction give different numbers under the same model name
+        res.update(
+            memory_images=len(memory_ds), train_file_set=h.get("train_file_set"), train_fraction=h["train_fraction"]
+        )
         metrics["hummingbird"] = res
         summary["hummingbird"] = 100 * res["miou"]
     if "linear" in cfg["evals"]:

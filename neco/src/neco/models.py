@@ -164,9 +164,14 @@ def build_student_teacher(cfg: dict[str, Any]) -> tuple[NecoNet, NecoNet]:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """theta_t <- m * theta_t + (1 - m) * theta_s over all parameters, head included."""
+    """theta_t <- m * theta_t + (1 - m) * theta_s over all parameters, head included.
+
+    Parameters frozen in the student (``optim.trainable_blocks``) are skipped: teacher and student hold the same
+    values there, and m * theta + (1 - m) * theta is not theta in floating point (the reference's update moves
+    frozen teacher weights by rounding, ~1 ulp per step)."""
     for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-        p_t.mul_(momentum).add_(p_s.detach().to(p_t.dtype), alpha=1.0 - momentum)
+        if p_s.requires_grad:
+            p_t.mul_(momentum).add_(p_s.detach().to(p_t.dtype), alpha=1.0 - momentum)
 
 
 def freeze_blocks(backbone: nn.Module, trainable_blocks: int | Sequence[int] | None) -> list[int]:

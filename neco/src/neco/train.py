@@ -82,6 +82,24 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, np.nd
             group["weight_decay"] = float(schedules["weight_decay"][step])
 
 
+RESUME_FIXED = (("loss", "use_teacher", True), ("optim", "trainable_blocks", None))  # (section, key, default)
+
+
+def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
+    """A resumed run must keep the ablation switches of its checkpoint: another ``loss.use_teacher`` would restart
+    the EMA from a teacher that never moved (or stop it), another ``optim.trainable_blocks`` changes the optimiser's
+    parameter groups. ValueError naming the key and both values."""
+    with open(os.path.join(path, "meta.json")) as f:
+        saved = json.load(f)["config"]
+    for section, key, default in RESUME_FIXED:
+        was, now = saved.get(section, {}).get(key, default), cfg[section].get(key, default)
+        if was != now:
+            raise ValueError(
+                f"train.resume: {path} was trained with {section}.{key}={was!r}, this run has {now!r}; resume with "
+                f"{section}.{key}={was!r} (or start a new run)"
+            )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train NeCo; returns {"run_dir", "step", "losses", "checkpoint"}."""
     from accelerate import Accelerator
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_step, history = 0, []
     if tcfg["resume"]:
         path = resolve_resume(tcfg["resume"], run_dir)
+        check_resume_options(path, cfg)
         meta = load_checkpoint(path, modules, optimizer, rank)
         start_step, history = meta["step"], meta.get("losses", [])
         if accelerator.scaler is not None and meta.get("scaler"):
