@@ -180,3 +180,21 @@ def test_predict_main(checkpoint, tmp_path, capsys):
         predict_main([str(path), "--boxes", "5,5,2,2", "--checkpoint", str(checkpoint)])
     with pytest.raises(SystemExit, match="outside"):
         predict_main([str(path), "--boxes", "5,5,200,20", "--checkpoint", str(checkpoint), "--height", "64"])
+
+
+def test_fsc147_dot_map_follows_each_axis_of_the_resize(tmp_path):
+    """Dots land where the anisotropic test resize puts them: x scales with the width, y with the height (the
+    fixture's dot at (1, 1) cannot tell the axes apart)."""
+    (tmp_path / "images_384_VarV2").mkdir()
+    Image.fromarray(np.zeros((50, 90, 3), np.uint8)).save(tmp_path / "images_384_VarV2" / "d.jpg")
+    corners = [[[2, 3], [2, 14], [12, 14], [12, 3]]]
+    points = [[80.0, 40.0], [10.0, 45.0], [60.5, 5.5]]
+    ann = {"d.jpg": {"points": points, "box_examples_coordinates": corners, "H": 50, "W": 90}}
+    (tmp_path / "annotation_FSC147_384.json").write_text(json.dumps(ann))
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"train": [], "val": [], "test": ["d.jpg"]}))
+    density = FSC147(tmp_path, "test", patch_size=8, target_height=64)[0]["gt_density"]
+    assert density.shape == (64, 112)  # 8 * int(90 / 50 * 64 / 8) = 112
+    peaks = density == F.max_pool2d(density[None, None], 3, 1, 1)[0, 0]
+    found = sorted(zip(*[t.tolist() for t in torch.nonzero(peaks & (density > 100), as_tuple=True)]))
+    expected = sorted((int(y * 64 / 50), int(x * 112 / 90)) for x, y in points)
+    assert found == expected == [(7, 75), (51, 99), (57, 12)]
