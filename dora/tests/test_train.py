@@ -90,12 +90,27 @@ def test_prune_keeps_the_newest_and_the_milestones(tmp_path):
     assert left() == [55, 60]
 
 
+def test_prune_decides_milestones_by_what_each_checkpoint_recorded(tmp_path):
+    from dora.checkpoint import prune_checkpoints
+
+    for s in range(5, 65, 5):  # written with 5 steps per epoch and keep_every_epochs 4
+        d = tmp_path / "checkpoints" / f"step_{s:06d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"steps_per_epoch": 5, "config": {"keep_every_epochs": 4}}))
+    # a resume with another epoch length (another process count) or with milestones off keeps the old ones
+    prune_checkpoints(tmp_path, 1, keep_every_epochs=None, steps_per_epoch=7)
+    assert sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").iterdir()) == [5, 25, 45, 60]
+
+
 def test_training_keeps_milestone_checkpoints(tmp_path, video):
     run = tmp_path / "run"
     extra = ("optim.epochs=3", "checkpoint_every=100", "keep_checkpoints=1", "keep_every_epochs=2")
     train.main(tiny_args(run, video, *extra))
     # 2 steps per epoch; epochs end at steps 2, 4, 6; 0-based epochs 0 and 2 are milestones
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000006"]
+    # resumed with milestones off: the kept ones stay (they used to be deleted by the next prune)
+    train.main(tiny_args(run, video, *extra[1:3], "optim.epochs=4", "keep_every_epochs=null", "resume=latest"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000006", "step_000008"]
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, video, monkeypatch):

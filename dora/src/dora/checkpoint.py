@@ -160,8 +160,18 @@ def prune_checkpoints(
     run_dir: Path, keep: int, *, keep_every_epochs: int | None = None, steps_per_epoch: int = 0
 ) -> None:
     """Delete all but the ``keep`` newest checkpoints; with ``keep_every_epochs`` the end-of-epoch milestones of
-    :func:`is_milestone` are kept as well."""
+    :func:`is_milestone` are kept as well.
+
+    Whether a checkpoint is a milestone is decided by what it recorded when it was written (``state.json``:
+    ``steps_per_epoch`` and the config's ``keep_every_epochs``; the arguments are the fallback for checkpoints that
+    lack them), so a resume with another process count (another epoch length) or with ``keep_every_epochs=null``
+    never deletes milestones kept before."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         step = int(STEP_DIR.match(old.name).group(1))
-        if not is_milestone(step, steps_per_epoch, keep_every_epochs):
+        try:
+            state = json.loads((old / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        every = (state.get("config") or {}).get("keep_every_epochs", keep_every_epochs)
+        if not is_milestone(step, state.get("steps_per_epoch", steps_per_epoch), every):
             shutil.rmtree(old, ignore_errors=True)
