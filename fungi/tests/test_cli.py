@@ -8,7 +8,7 @@ from PIL import Image
 
 from fungi import demo, eval, extract
 from fungi.config import parse_overrides, resolve
-from fungi.evaluation import evaluate_blocks, few_shot_indices, knn_predict, knn_scores
+from fungi.evaluation import evaluate_blocks, few_shot_indices, fit_pca, knn_predict, knn_scores
 from fungi.runs import load_features
 
 TINY = ["--config", "tiny", "limit=12", "dino.num_local=2", "simclr.stride_scale=2", "simclr.num_negatives=2"]
@@ -34,6 +34,17 @@ def test_extract_then_eval_end_to_end(tmp_path):
     assert len(rows) == 15 and rows[0]["features"] == "embeddings"
     assert json.loads((run / "metrics.json").read_text()) == rows
     assert all(0 <= r["knn_top1"] <= 100 for r in rows)
+
+
+def test_simclr_negatives_come_from_train_whatever_the_split_order(tmp_path):
+    """Negatives from the test split would leak test images into every feature: the order of `splits` must not
+    choose them (the bank, hence the SimCLR block, is the same for [test, train] as for [train, test])."""
+    assert extract.negatives_split(["queries", "database"]) == "database"
+    assert extract.negatives_split(["val", "test", "train"]) == "train" and extract.negatives_split(["test"]) == "test"
+    first = load_features(extract.main([*TINY, f"run_dir={tmp_path / 'a'}", "splits=[train,test]"]))[0]
+    second = load_features(extract.main([*TINY, f"run_dir={tmp_path / 'b'}", "splits=[test,train]"]))[0]
+    for split in ("train", "test"):
+        torch.testing.assert_close(second[split][0]["simclr"], first[split][0]["simclr"], rtol=1e-5, atol=1e-6)
 
 
 def test_config_errors_and_overrides():
@@ -81,6 +92,17 @@ def test_knn_after_pca_matches_an_svd_projection_and_brute_force():
     assert knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=3).tolist() == expected
     raw = knn_predict(train.numpy(), labels.numpy(), test.numpy(), k=7, pca_dim=None).tolist()
     assert raw != expected  # the case distinguishes projecting from not projecting
+
+
+def test_pca_is_skipped_unless_it_reduces_as_the_reference():
+    """The reference projects only when pca_dim < N and pca_dim < D: at pca_dim == D a full-rank PCA would centre and
+    rotate, changing inner-product rankings (retrieval) and the intercept-free linear probe."""
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(20, 6)) + 3.0, rng.normal(size=(5, 6)) + 3.0
+    for dim in (6, 20, 30):  # == D, == N, > both: unchanged
+        assert all(a is b for a, b in zip(fit_pca(train, test, dim, test), (train, test, test)))
+    projected = fit_pca(train, test, 5)
+    assert projected[0].shape == (20, 5) and np.allclose(projected[0].mean(0), 0)
 
 
 def test_knn_auc_for_binary_labels_hand_case():
@@ -216,3 +238,24 @@ def test_linear_probe_lambda_is_chosen_on_the_validation_split_end_to_end(tmp_pa
         eval.main([f"features={old}", "val_split=dev"])
     with pytest.raises(ValueError, match="val_split='test' is also the train or test split"):
         eval.main([f"features={path}", "val_split=test"])
+
+
+def test_an_impossible_lambda_split_is_reported_before_any_work(tmp_path):
+    """10 classes of 4 training items: the stratified 20 % part (8 items) cannot hold each class, an error from
+    scikit-learn that came after the k-NN rows; now reported first, naming the ways out, and nothing is written."""
+    from fungi.evaluation import check_lambda_split
+    from fungi.runs import save_features
+
+    labels = torch.arange(40) % 10
+    blocks = {"embeddings": torch.randn(40, 6, generator=torch.Generator().manual_seed(0))}
+    path = tmp_path / "run" / "features.safetensors"
+    path.parent.mkdir()
+    test = ({k: v.clone() for k, v in blocks.items()}, labels.clone())
+    save_features(path, {"train": (blocks, labels), "test": test}, {})
+    with pytest.raises(ValueError, match=r"20% split of 40 training items .* set linear_C=VALUE, or extract a valid"):
+        eval.main([f"features={path}", "protocols=[knn,linear]"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["features.safetensors"]
+    rows = eval.main([f"features={path}", "protocols=[linear]", "linear_C=1.0"])  # no search: no split needed
+    assert rows[0]["linear_top1"] >= 0
+    check_lambda_split(torch.arange(50) % 10)  # 10 validation items for 10 classes: possible
+    check_lambda_split([0, 0, 1, 2, 3])  # a class with one item: linear_probe does not stratify

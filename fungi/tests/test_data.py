@@ -66,6 +66,10 @@ def test_validation_split_resolution(tmp_path):
     tv = {"kind": "torchvision", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
     assert [validation_split({**tv, "name": n}) for n in ("DTD", "Flowers102", "FGVCAircraft")] == ["val"] * 3
     assert validation_split({**tv, "name": "CIFAR10"}) is None and validation_split({**tv, "name": "Food101"}) is None
+    # the default test_split is 'val': reading it again as validation would choose lambda on the test images
+    for name in ("DTD", "Flowers102", "FGVCAircraft"):
+        assert validation_split({**tv, "name": name, "test_split": "val", "val_split": "auto"}) is None
+        assert validation_split({**tv, "name": name, "train_split": "val", "val_split": "auto"}) is None
     assert validation_split({"kind": "digits"}) is None and validation_split({"kind": "text"}) is None
     folders = {"kind": "imagefolder", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
     assert validation_split(folders) is None  # no val folder

@@ -356,15 +356,17 @@ def validation_split(data: dict) -> str | None:
     """The folder or torchvision split that the ``val`` split reads, or None when the dataset has no validation split.
 
     ``data.val_split``: a name, null (none), or 'auto' (the default): ``val`` for the torchvision datasets in
-    TORCHVISION_VAL_SPLITS, the folder ``<root>/val`` for an ImageFolder when it exists and is neither the train nor
-    the test folder, None otherwise. Only image datasets (imagefolder, torchvision) have one.
+    TORCHVISION_VAL_SPLITS, the folder ``<root>/val`` for an ImageFolder when it exists, None otherwise; None as well
+    when 'val' is already the train or test split. Only image datasets (imagefolder, torchvision) have one.
     """
     name, kind = data.get("val_split", "auto"), data.get("kind")
     if name == "auto":
+        # never the train or test split itself (the default test_split is 'val'): lambda would be chosen on the test set
+        if "val" in (data.get("train_split"), data.get("test_split")):
+            return None
         if kind == "torchvision":
             return "val" if data.get("name") in TORCHVISION_VAL_SPLITS else None
-        taken = (data.get("train_split"), data.get("test_split"))
-        if kind == "imagefolder" and data.get("root") and "val" not in taken and (Path(data["root"]) / "val").is_dir():
+        if kind == "imagefolder" and data.get("root") and (Path(data["root"]) / "val").is_dir():
             return "val"
         return None
     if not name:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fungi.config import resolve, save_config
 from fungi.data import ground_truth_path, load_ground_truth
-from fungi.evaluation import evaluate_blocks, evaluate_retrieval, format_table
+from fungi.evaluation import check_lambda_split, evaluate_blocks, evaluate_retrieval, format_table
 from fungi.retrieval import restrict_ground_truth
 from fungi.runs import load_features, setup_logging
 
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 hint = "; retrieval features: protocols=[retrieval]" if cfg["database_split"] in splits else ""
                 raise KeyError(f"split {split!r} not in {cfg['features']}; available: {sorted(splits)}{hint}")
     val = validation_features(cfg, splits) if classification and "linear" in cfg["protocols"] else None
+    if classification and "linear" in cfg["protocols"] and cfg["linear_C"] is None and val is None:
+        check_lambda_split(splits[cfg["train_split"]][1].numpy())
     if retrieval:  # checked before anything runs or is written
         ground_truth, dropped, gnd_path = retrieval_ground_truth(cfg, splits, meta)
     out = Path(cfg["out"] or Path(cfg["features"]).parent)

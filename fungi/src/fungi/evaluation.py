@@ -33,6 +33,23 @@ PAPER_LINEAR_PROBE = {
 }
 
 
+def check_lambda_split(train_labels, val_fraction: float = PAPER_LINEAR_PROBE["val_fraction"], seed: int = 0) -> None:
+    """Raise ValueError before any fit when the stratified split of train that chooses the linear probe's lambda
+    (``funai_common.linear.linear_probe`` without a validation split) cannot be drawn, e.g. 10 classes in 40 items:
+    a 20 % part of 8 cannot hold one item per class."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(train_labels, dtype=np.int64)
+    if len(y) and np.bincount(y).min() >= 2:  # linear_probe stratifies exactly then
+        try:
+            train_test_split(y, test_size=val_fraction, random_state=seed, stratify=y)
+        except ValueError as err:
+            raise ValueError(
+                f"linear probe: the {val_fraction:.0%} split of {len(y)} training items that chooses lambda cannot be "
+                f"stratified ({err}); set linear_C=VALUE, or extract a validation split (data.val_split)"
+            ) from None
+
+
 def concat_blocks(blocks: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Concatenate L2-normalised blocks in the given order: -> (N, sum of sizes)."""
     missing = [n for n in names if n not in blocks]
@@ -43,8 +60,10 @@ def concat_blocks(blocks: Mapping[str, torch.Tensor], names: Sequence[str]) -> t
 
 def fit_pca(train: np.ndarray, test: np.ndarray, dim: int | None, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """PCA to ``dim`` fitted on train only (svd_solver='full', seed 42) -> (train, test, *others) projected; skipped
-    when dims or samples are < ``dim``. ``others``: further splits (e.g. validation) projected with the same PCA."""
-    if dim is None or dim <= 0 or train.shape[1] < dim or train.shape[0] < dim:
+    when dims or samples are <= ``dim``, as the reference (``pca_dim < N and pca_dim < D``): a full-rank PCA would
+    only centre and rotate, which changes inner-product rankings and intercept-free probes. ``others``: further
+    splits (e.g. validation) projected with the same PCA."""
+    if dim is None or dim <= 0 or train.shape[1] <= dim or train.shape[0] <= dim:
         return (train, test, *others)
     pca = PCA(n_components=dim, svd_solver="full", random_state=SEED).fit(train)
     return tuple(pca.transform(x) for x in (train, test, *others))

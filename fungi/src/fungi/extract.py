@@ -118,6 +118,12 @@ def resolve_validation(cfg: dict) -> bool:
     return True
 
 
+def negatives_split(splits: list[str]) -> str:
+    """The split whose images fill the SimCLR negative bank: 'train' (or a retrieval 'database') whatever the order
+    of ``splits``, so test, validation or query images never serve as negatives; else the first split."""
+    return next((s for s in ("train", "database") if s in splits), splits[0])
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Extract features for each split into ``<run_dir>/features.safetensors``; returns that path."""
     cfg = resolve(argv, DEFAULTS, None)
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         extractor.load(cfg["state"])
         log.info("loaded heads, projection and negatives from %s", cfg["state"])
     else:
-        extractor.setup(datasets[cfg["splits"][0]], batch_size=cfg["batch_size"])
+        extractor.setup(datasets[negatives_split(cfg["splits"])], batch_size=cfg["batch_size"])
     splits = {}
     for split, dataset in datasets.items():
         start = time.perf_counter()
