@@ -162,6 +162,9 @@ def test_file_sets_select_the_listed_images_in_dataset_order(tmp_path):
         FileNotFoundError, match=r"2 ids of the file set are not images of the dataset, e.g. \['x', 'y'\]"
     ):
         subset(full, ["a", "y", "x"])
+    (tmp_path / "other.txt").write_text("a\nz\n")  # e.g. a trainaug file set used with the val split
+    with pytest.raises(FileNotFoundError, match=r"e.g. \['z'\] \(file set .*other.txt; the dataset split holds 5 "):
+        subset(full, tmp_path / "other.txt")
     with pytest.raises(FileNotFoundError, match="file set .*nope.txt not found"):
         subset(full, tmp_path / "nope.txt")
     with pytest.raises(ValueError, match="no image files"):

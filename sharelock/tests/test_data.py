@@ -168,6 +168,26 @@ def test_reference_class_names_file_holds_prompts_and_takes_the_identity_templat
     assert prompts == [format_prompt(REFERENCE[0], n) for n in ("tench", "goldfish")]
 
 
+def test_templates_without_the_class_placeholder_are_errors(tmp_path):
+    """A template without {} / {c} gives every class the same prompt (chance accuracy, silently): refused, from a
+    command line mapping (`templates={x}`), a list or a file."""
+    from sharelock.config import load_config
+    from sharelock.templates import resolve_templates
+
+    for bad in ("templates={x}", "templates={a: 1}", "templates={c: 1}"):
+        with pytest.raises(ValueError, match="a mapping is only read as the bare placeholder"):
+            resolve_templates(load_config([bad], "eval")["templates"])
+    with pytest.raises(ValueError, match="from the list: each template needs .*'a photo' has none"):
+        resolve_templates(["a {} photo", "a photo"])
+    with pytest.raises(ValueError, match="no templates"):
+        resolve_templates([])
+    (tmp_path / "t.txt").write_text("a {} photo\nart of the object\n")
+    with pytest.raises(ValueError, match=r"t.txt: each template needs .*'art of the object' has none"):
+        resolve_templates(str(tmp_path / "t.txt"))
+    (tmp_path / "t.json").write_text(json.dumps(["a {c}.", "itap of a {}."]))
+    assert resolve_templates(str(tmp_path / "t.json")) == ["a {c}.", "itap of a {}."]
+
+
 def test_hf_datasets_without_the_optional_package_say_how_to_install_it(tmp_path, monkeypatch):
     """`datasets` is an optional extra: without it an hf: source is a one-line error naming the extra to install
     (simulated here by hiding the package), raised before any backbone is loaded."""

@@ -75,6 +75,10 @@ def test_saved_dataset_rows_labels_and_class_names_in_order(tmp_path):
     # class names from features["label"].names, first synonym kept as in the reference; any split
     assert load_class_names(spec) == ["tench", "goldfish", "great white shark"]
     assert load_class_names(f"hf:{tmp_path / 'ds'}") == ["tench", "goldfish", "great white shark"]
+    # labels that index the same names in another order (sorted class folders): the names follow the labels
+    assert load_class_names(spec, sorted(NAMES)) == ["goldfish", "great white shark", "tench"]
+    with pytest.raises(ValueError, match="3 class names but the dataset has 2 class folders"):
+        load_class_names(spec, NAMES[:2])
     # a single saved Dataset (no splits) and other column names
     renamed = load_hf_split(spec).rename_columns({"image": "img", "label": "fine_label"})
     renamed.save_to_disk(str(tmp_path / "single"))

@@ -201,3 +201,32 @@ def test_hf_dataset_eval_equals_the_image_folder_path(demo_out, tmp_path, monkey
     for result in (from_store, from_images, via_datasets):
         assert result["top1"] == pytest.approx(direct["top1"]) and result["top5"] == pytest.approx(direct["top5"])
     assert direct["top1"] > 3 * 100 / len(CLASSES)  # a trained model, so a wrong class order would show
+
+
+def test_eval_checks_class_names_and_templates_before_loading_or_encoding(demo_out, tmp_path, monkeypatch):
+    """Labels without class names, a template without the class placeholder, or a class-name count that does not
+    match are reported before the checkpoint's models are loaded and before any image is encoded."""
+    out, _ = demo_out
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "load_model", no_model)
+    run = [f"checkpoint={out / 'run'}", f"out={tmp_path / 'e'}", "num_workers=0"]
+    store = [f"features={out / 'features' / 'test_images'}", f"class_names={out / 'data' / 'class_names.json'}"]
+    (tmp_path / "t.txt").write_text("a photo\n")
+    with pytest.raises(ValueError, match="each template needs the class-name placeholder"):
+        evaluate.main([*run, *store, f"templates={tmp_path / 't.txt'}"])
+    (tmp_path / "names.txt").write_text("one\ntwo\n")
+    with pytest.raises(ValueError, match="2 class names but the dataset has 12 class folders"):
+        evaluate.main([*run, f"images={out / 'data' / 'test'}", f"class_names={tmp_path / 'names.txt'}"])
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    plain = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    image = {"bytes": next((out / "data" / "test").glob("*/*")).read_bytes(), "path": None}
+    datasets.Dataset.from_dict({"image": [image] * 2, "label": [0, 1]}, features=plain).save_to_disk(
+        str(tmp_path / "plain")
+    )
+    with pytest.raises(ValueError, match="has no class names \\(its label column is not a ClassLabel\\)"):
+        evaluate.main([*run, f"images=hf:{tmp_path / 'plain'}"])

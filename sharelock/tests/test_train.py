@@ -198,6 +198,9 @@ def test_validation_split_is_taken_per_dataset(stores, tmp_path):
     # one dataset: the plain reference split
     single_train, single_val = split_per_dataset(StorePairs(datasets[:1]), 6, seed=42)
     assert single_val.tolist() == first[:6] and single_train.tolist() == first[6:]
+    # val_size counts per dataset, so the smaller one is named when it cannot hold it
+    with pytest.raises(ValueError, match=r"data.datasets\[1\] \(.*v2\): data.val_size=60 must be smaller .*\(50\)"):
+        split_per_dataset(pairs, 60, seed=42)
     # fit validates on exactly these samples: with a one-layer text head (no BatchNorm statistics) the first
     # validation, before any optimizer step, is the loss of the freshly built heads on them
     extra = [f"data.datasets={json.dumps(datasets)}", "data.val_size=6", "model.text_layers=1", "optim.max_steps=1",

@@ -185,12 +185,16 @@ def load_class_names(
     """Class names in label order from a list, a .txt (one per line), or JSON: a list, {"0": name, ...},
     {folder name (e.g. WordNet id): name} ordered like `folder_classes`, or Keras' imagenet_class_index.json
     ({"0": [wnid, name], ...}, matched by wnid when `folder_classes` are wnids), or a Hugging Face dataset
-    `hf:<name>[:<split>]` (`features[label_column].names`, as the reference). Any language (UTF-8). As in the
+    `hf:<name>[:<split>]` (`features[label_column].names` in its label order, as the reference; reordered like
+    `folder_classes` when these are the same names in another order). Any language (UTF-8). As in the
     reference, only the first comma-separated synonym is kept ("tench, Tinca tinca" -> "tench"). With (non-empty)
     `folder_classes`, the number of names must equal the number of class folders (ValueError otherwise)."""
     where = source if isinstance(source, str | Path) else "the class-name list"
     if is_hf_spec(source):
         names = hf_class_names(source, label_column)
+        if folder_classes and sorted(folder_classes) == sorted(names):
+            # the same names in another order (e.g. sorted class folders): follow the labels being scored
+            names = list(folder_classes)
     elif isinstance(source, str | Path):
         path = Path(source)
         if not path.is_file():

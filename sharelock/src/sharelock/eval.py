@@ -63,10 +63,7 @@ def evaluate_stores(model: ShareLock, features: str | Path, class_features: str 
     return evaluate_features(model, images.load_all(), torch.from_numpy(images.labels), classifier)
 
 
-def _image_features(model: ShareLock, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    dataset = LabelledImages(
-        cfg["images"], cfg["kind"], cfg["split"], image_column=cfg["image_column"], label_column=cfg["label_column"]
-    )
+def _image_features(model: ShareLock, dataset: LabelledImages, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
     encoder = model._encoders.get("vision")
     if encoder is None:
@@ -77,7 +74,7 @@ def _image_features(model: ShareLock, cfg: dict) -> tuple[torch.Tensor, torch.Te
         for _, images, label in tqdm(loader, desc="image features"):
             feats.append(encoder(images.to(device)).float().cpu())
             labels.append(label)
-    return torch.cat(feats), torch.cat(labels), dataset.classes
+    return torch.cat(feats), torch.cat(labels)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -103,6 +100,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from_hf = is_hf_spec(store_source.get("path") if store is not None else cfg["images"])
     if not (cfg["class_features"] or cfg["class_names"] or from_hf):
         raise ValueError("set class_names=FILE or class_features=STORE (an hf: dataset gives its own class names)")
+    # the images, class names and templates are checked before any model is loaded or any image encoded
+    dataset = None
+    if store is None:
+        dataset = LabelledImages(
+            cfg["images"], cfg["kind"], cfg["split"], image_column=cfg["image_column"], label_column=cfg["label_column"]
+        )
+        folder_classes = dataset.classes
+    else:
+        folder_classes = store_source.get("classes")
+    if not (cfg["class_features"] or cfg["class_names"] or folder_classes):
+        raise ValueError(f"{source} has no class names (its label column is not a ClassLabel): set class_names=FILE")
+    templates = resolve_templates(cfg["templates"])
+    names = text_spec = None
+    if not cfg["class_features"]:
+        names = load_class_names(cfg["class_names"] or folder_classes, folder_classes, cfg["label_column"])
+        text_spec = dict(backbones.get("text") or {})
+        if cfg["language_model"]:
+            text_spec = {"model": cfg["language_model"], "dtype": None}
+        if not text_spec.get("model"):
+            raise ValueError("the checkpoint records no language model: set language_model=HF_ID_OR_PATH")
     if store is None and is_hf_spec(source):
         hf_name, hf_split = parse_hf_spec(source)
         name = cfg["name"] or f"{Path(hf_name).name}-{hf_split or cfg['split']}"
@@ -118,12 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.attach_encoders(vision_encoder=build_vision_encoder(backbones["vision"]).to(device))
     if store is not None:
         features, labels = store.load_all(), torch.from_numpy(store.labels)
-        folder_classes = store_source.get("classes")
     else:
-        features, labels, folder_classes = _image_features(model, cfg)
-    if not (cfg["class_features"] or cfg["class_names"] or folder_classes):
-        raise ValueError(f"{source} has no class names (its label column is not a ClassLabel): set class_names=FILE")
-    templates = resolve_templates(cfg["templates"])
+        features, labels = _image_features(model, dataset, cfg)
     if cfg["class_features"]:
         prompts = FeatureStore(cfg["class_features"], model=backbones.get("text_model"), modality="text")
         classifier = classifier_from_store(model, prompts)
@@ -131,15 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         from sharelock.features import build_language_encoder
 
-        spec = dict(backbones.get("text") or {})
-        if cfg["language_model"]:
-            spec = {"model": cfg["language_model"], "dtype": None}
-        if not spec.get("model"):
-            raise ValueError("the checkpoint records no language model: set language_model=HF_ID_OR_PATH")
-        spec["dtype"] = spec.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
-        language, tokenizer = build_language_encoder(spec, device)
+        text_spec["dtype"] = text_spec.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
+        language, tokenizer = build_language_encoder(text_spec, device)
         model.attach_encoders(model._encoders.get("vision"), None, language, tokenizer, cfg["text_batch_size"])
-        names = load_class_names(cfg["class_names"] or folder_classes, folder_classes, cfg["label_column"])
         classifier = model.zero_shot_classifier(names, templates)
         templates_used = f"{len(templates)} template(s)"
     if classifier.shape[0] <= int(labels.max()):

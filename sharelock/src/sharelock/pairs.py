@@ -137,7 +137,12 @@ def split_per_dataset(pairs, val_size: int | float, seed: int = 42) -> tuple[np.
     train, val = [], []
     for d in np.unique(dataset_of):
         members = np.nonzero(dataset_of == d)[0]
-        train_idx, val_idx = split_train_val(len(members), val_size, seed)
+        try:
+            train_idx, val_idx = split_train_val(len(members), val_size, seed)
+        except ValueError as err:  # val_size applies to each dataset: name the one that is too small
+            vision = getattr(pairs, "vision", None)
+            where = f" ({vision[d].path})" if vision else ""
+            raise ValueError(f"data.datasets[{d}]{where}: {err}") from None
         train.append(members[train_idx])
         val.append(members[val_idx])
     return np.concatenate(train), np.concatenate(val)

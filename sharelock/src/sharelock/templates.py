@@ -22,14 +22,34 @@ CLIP_ENSEMBLE = [
 NAMED = {"reference": REFERENCE, "clip": CLIP_ENSEMBLE}
 
 
+def _has_placeholder(template: str) -> bool:
+    return "{}" in template or "{c}" in template
+
+
+def _checked(templates: list[str], where: str) -> list[str]:
+    """The templates, each holding the class-name placeholder: without it every class gets the same prompt and the
+    zero-shot classifier silently scores at chance."""
+    if not templates:
+        raise ValueError(f"templates from {where}: no templates")
+    bad = [t for t in templates if not _has_placeholder(t)]
+    if bad:
+        raise ValueError(
+            f"templates from {where}: each template needs the class-name placeholder {{}} or {{c}}; {bad[0]!r} has none"
+        )
+    return templates
+
+
 def resolve_templates(spec: str | list[str]) -> list[str]:
-    """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), a list, or one template."""
+    """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), a list, or one template;
+    each must hold the class-name placeholder `{}` or `{c}` (ValueError otherwise)."""
     if isinstance(spec, list):
-        return [str(t) for t in spec]
-    if isinstance(spec, dict) and len(spec) <= 1 and not any(spec.values()):
+        return _checked([str(t) for t in spec], "the list")
+    if isinstance(spec, dict):
         # `templates={}` (the names are the prompts) or `templates={c}` given on a command line: YAML reads a bare
         # placeholder as a mapping
-        return ["{" + next(iter(spec), "") + "}"]
+        if len(spec) <= 1 and not any(spec.values()) and all(k in ("", "c") for k in spec):
+            return ["{" + next(iter(spec), "") + "}"]
+        raise ValueError(f"templates={spec!r}: a mapping is only read as the bare placeholder {{}} or {{c}}")
     if spec in NAMED:
         return list(NAMED[spec])
     path = Path(spec)
@@ -37,8 +57,9 @@ def resolve_templates(spec: str | list[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"templates file not found: {path}")
         if path.suffix == ".json":
-            return [str(t) for t in json.loads(path.read_text(encoding="utf-8"))]
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if "{}" in spec or "{c}" in spec:
+            return _checked([str(t) for t in json.loads(path.read_text(encoding="utf-8"))], str(path))
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return _checked(lines, str(path))
+    if _has_placeholder(spec):
         return [spec]
     raise ValueError(f"templates={spec!r}: expected one of {sorted(NAMED)}, a .json/.txt file, or a template with {{}}")

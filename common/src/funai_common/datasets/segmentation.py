@@ -245,9 +245,10 @@ def subset(dataset: SegmentationDataset, file_set=None, fraction: float | None =
         present = {_image_id(image.name) for image, _ in pairs}
         missing = sorted(wanted - present)
         if missing:
+            source = f"file set {file_set}; " if isinstance(file_set, (str, Path)) else ""
             raise FileNotFoundError(
                 f"{len(missing)} ids of the file set are not images of the dataset, e.g. {missing[:3]} "
-                f"(layout: {dataset.layout})"
+                f"({source}the dataset split holds {len(pairs)} images; layout: {dataset.layout})"
             )
         pairs = [pair for pair in pairs if _image_id(pair[0].name) in wanted]
     if fraction is not None:
