@@ -189,6 +189,8 @@ def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_z
     assert zero_shot.names == ["cross"] and "cross" not in train.names + val.names
     with pytest.raises(ValueError, match="every one of data.procedural_classes"):
         pools_from_cfg(load_config(base + ["data.held_out=[circle, square, triangle, cross]"])[0])
+    with pytest.raises(ValueError, match=r"data.held_out names \['crosss'\], which are not classes"):
+        pools_from_cfg(load_config(base + ["data.held_out=[circle, crosss]"])[0])  # a typo is not silently trained on
 
     def no_vlm(_cfg):
         raise AssertionError("the VLM was built before the bad eval dataset was noticed")

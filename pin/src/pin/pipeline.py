@@ -35,32 +35,43 @@ def codec_from_cfg(cfg: dict) -> GridCodec:
 
 
 def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
-    """(train, val, zero_shot) object pools from data.objects (folder or json) or data.procedural_classes."""
+    """(train, val, zero_shot) object pools from data.objects (folder or json) or data.procedural_classes.
+
+    `data.held_out` ("default": the COCO + PVOC classes, or a list) names the zero-shot classes; every name of a
+    given list must be a class of the pool (a typo would otherwise be trained on)."""
     d = cfg["data"]
     held = d.get("held_out") or ()
+    if d.get("objects"):
+        src = str(d["objects"])
+        pool = ObjectPool.from_json(src) if src.endswith(".json") else ObjectPool.from_folder(src)
+        names = pool.names
+    elif d.get("procedural_classes"):
+        names = list(d["procedural_classes"])
+    else:
+        raise ValueError(
+            "config needs data.objects (object pool folder or LVIS_instance_pools.json) or "
+            "data.procedural_classes (list of shape names)"
+        )
     if held == "default":
         from .heldout import HELD_OUT_CLASSES
 
         held = HELD_OUT_CLASSES
+    else:
+        unknown = sorted(h for h in held if h.lower() not in {n.lower() for n in names})
+        if unknown:
+            raise ValueError(f"data.held_out names {unknown}, which are not classes of the object pool")
     if d.get("objects"):
-        src = str(d["objects"])
-        pool = ObjectPool.from_json(src) if src.endswith(".json") else ObjectPool.from_folder(src)
         return pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
-    if d.get("procedural_classes"):
-        # held-out shapes form the zero-shot pool; without any it is empty (never the val pool's trained classes)
-        held = {h.lower() for h in held}
-        seen = [n for n in d["procedural_classes"] if n.lower() not in held]
-        unseen = [n for n in d["procedural_classes"] if n.lower() in held]
-        if not seen:
-            raise ValueError(f"data.held_out={list(held)} holds every one of data.procedural_classes")
-        pool = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"])
-        val = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"] + 1)
-        zero_shot = procedural_pool(unseen, d.get("per_class", 8), seed=cfg["seed"] + 2) if unseen else ObjectPool([])
-        return pool, val, zero_shot
-    raise ValueError(
-        "config needs data.objects (object pool folder or LVIS_instance_pools.json) or "
-        "data.procedural_classes (list of shape names)"
-    )
+    # held-out shapes form the zero-shot pool; without any it is empty (never the val pool's trained classes)
+    held = {h.lower() for h in held}
+    seen = [n for n in names if n.lower() not in held]
+    unseen = [n for n in names if n.lower() in held]
+    if not seen:
+        raise ValueError(f"data.held_out={sorted(held)} holds every one of data.procedural_classes")
+    pool = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"])
+    val = procedural_pool(seen, d.get("per_class", 8), seed=cfg["seed"] + 1)
+    zero_shot = procedural_pool(unseen, d.get("per_class", 8), seed=cfg["seed"] + 2) if unseen else ObjectPool([])
+    return pool, val, zero_shot
 
 
 def class_names(cfg: dict) -> list[str]:
