@@ -160,3 +160,19 @@ def test_errors_name_the_bad_dataset_split_or_column(tmp_path):
     with pytest.raises(ValueError, match="no label column 'fine'"):
         precompute.main([*text, f"source.path=hf:{ds}", "source.label_column=fine"])
     assert not store.exists()
+
+
+def test_hub_class_names_come_from_the_metadata_without_loading_the_data(monkeypatch):
+    class Builder:
+        info = datasets.DatasetInfo(
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+        )
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_dataset was called for class names that the metadata holds")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda name: Builder)
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    assert load_class_names("hf:someone/imagenet-like:validation") == ["tench", "goldfish", "great white shark"]
+    with pytest.raises(ValueError, match="no label column 'fine_label'"):
+        load_class_names("hf:someone/imagenet-like", label_column="fine_label")

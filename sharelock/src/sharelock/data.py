@@ -372,9 +372,28 @@ def hf_label_names(data, label_column: str, spec: str) -> list[str] | None:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
+class _Columns:
+    """The `column_names` / `features` view of a dataset that `hf_label_names` reads, from bare `Features`."""
+
+    def __init__(self, features) -> None:
+        self.features, self.column_names = features, list(features)
+
+
 def hf_class_names(spec: str, label_column: str = "label") -> list[str]:
-    """Class names of `hf:<name>[:<split>]` in label order: the reference's `features["label"].names`."""
-    names = hf_label_names(load_hf_split(spec), label_column, spec)
+    """Class names of `hf:<name>[:<split>]` in label order: the reference's `features["label"].names`. For a Hub id
+    they come from the dataset's metadata (`load_dataset_builder(...).info.features`), without downloading its
+    images; a local folder, or a Hub dataset whose metadata lists no features, is loaded."""
+    name, _ = parse_hf_spec(spec)
+    names = None
+    if not Path(name).expanduser().exists():
+        try:
+            features = import_datasets().load_dataset_builder(name).info.features
+        except (FileNotFoundError, ConnectionError):  # not found / offline: load_hf_split names the problem
+            features = None
+        if features is not None:
+            names = hf_label_names(_Columns(features), label_column, spec)
+    if names is None:
+        names = hf_label_names(load_hf_split(spec), label_column, spec)
     if names is None:
         raise ValueError(
             f"column {label_column!r} of Hugging Face dataset {spec!r} is not a ClassLabel and holds no class names: "
