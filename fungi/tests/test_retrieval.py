@@ -323,3 +323,18 @@ def test_retrieval_cli_errors(tmp_path):
     digits = extract.main([*TINY, "limit=12", "objectives=[kl]", f"run_dir={tmp_path / 'digits'}"])
     with pytest.raises(ValueError, match="not extracted from a revisited dataset.*ground_truth="):
         eval.main([f"features={digits}", "protocols=[knn,retrieval]", "database_split=train", "query_split=test"])
+
+
+def test_truncated_jpegs_are_decoded_as_far_as_they_go_as_the_reference(tmp_path):
+    from PIL import ImageFile
+
+    folder = make_revisited(tmp_path)
+    path = folder / "jpg" / "im_002.jpg"
+    whole = np.asarray(Image.open(path).convert("RGB"))
+    path.write_bytes(path.read_bytes()[:-200])  # cut the end of the JPEG stream
+    with pytest.raises(OSError, match="truncated"):
+        Image.open(path).convert("RGB")
+    image, index = RevisitedDataset(tmp_path, "roxford5k", "database")[2]
+    assert index == 2 and np.asarray(image).shape == whole.shape
+    assert np.array_equal(np.asarray(image)[:4], whole[:4])  # the top rows come through unchanged
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # the global switch is restored

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -336,8 +336,14 @@ class RevisitedDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as image:
-            image = image.convert("RGB")
+        # truncated JPEGs are decoded as far as they go, as the reference (PIL's LOAD_TRUNCATED_IMAGES for
+        # Oxford/Paris), instead of stopping a long extraction; the global switch is restored afterwards
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+        try:
+            with Image.open(self.paths[i]) as image:
+                image = image.convert("RGB")
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
         if self.boxes is not None:
             image = image.crop(self.boxes[i])  # PIL rounds the float box, as the revisited code's crop
         return image, i
