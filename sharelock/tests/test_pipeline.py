@@ -202,6 +202,16 @@ def test_hf_dataset_eval_equals_the_image_folder_path(demo_out, tmp_path, monkey
         assert result["top1"] == pytest.approx(direct["top1"]) and result["top5"] == pytest.approx(direct["top5"])
     assert direct["top1"] > 3 * 100 / len(CLASSES)  # a trained model, so a wrong class order would show
 
+    # sharelock-probe on that store: the recorded ClassLabel names serve as class_names=, as given explicitly
+    common = [f"probe.features={store.path}", f"language.model={meta['text']['model']}", "model.hidden_dim=32"]
+    common += ["optim.batch_size=8", "optim.max_steps=4", "optim.warmup_steps=1", "data.val_size=4"]
+    recorded = probe.main([*common, f"run_dir={tmp_path / 'p0'}"])
+    explicit = probe.main([*common, f"probe.class_names={hf}:test", f"run_dir={tmp_path / 'p1'}"])
+    assert recorded["n_test_classes"] == explicit["n_test_classes"] > 0
+    assert recorded["unseen top1"] == explicit["unseen top1"] and recorded["unseen top5"] == explicit["unseen top5"]
+    with pytest.raises(ValueError, match="set probe.class_names=FILE"):
+        probe.main([f"probe.features={ref.path}", f"run_dir={tmp_path / 'p2'}"])  # an ImageFolder store
+
 
 def test_eval_checks_class_names_and_templates_before_loading_or_encoding(demo_out, tmp_path, monkeypatch):
     """Labels without class names, a template without the class placeholder, or a class-name count that does not

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from sharelock.config import load_config, save_config
-from sharelock.data import load_class_names
+from sharelock.data import is_hf_spec, load_class_names
 from sharelock.eval import evaluate_features
 from sharelock.models import format_prompt
 from sharelock.pairs import TensorPairs
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of `sharelock-probe`; prints the table and writes metrics.json in the run directory."""
     cfg = load_config(sys.argv[1:] if argv is None else argv, "probe")
     probe = cfg["probe"]
-    if not probe["features"] or not probe["class_names"]:
+    if not probe["features"]:
         raise ValueError("set probe.features=STORE (labelled image features) and probe.class_names=FILE")
     cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
     accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
@@ -89,7 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images = FeatureStore(probe["features"], modality="image")
     if images.labels is None:
         raise ValueError(f"feature store {images.path} has no labels (extract it with source.type=labelled)")
-    names = load_class_names(probe["class_names"], images.meta.get("source", {}).get("classes"))
+    source = images.meta.get("source", {})
+    recorded = source.get("classes")  # folder names, or the ClassLabel names of an hf: dataset
+    if not probe["class_names"] and not (is_hf_spec(source.get("path")) and recorded):
+        raise ValueError(
+            f"set probe.class_names=FILE for {images.path} (a store extracted from an hf: dataset with a ClassLabel "
+            "column records its own class names)"
+        )
+    names = load_class_names(probe["class_names"] or recorded, recorded)
     train_cls, test_cls = class_split(names, probe["splits"], probe["test_fraction"], probe["split_seed"])
     text = class_text_features(cfg, names, accelerator.device)
     feats, labels = images.load_all(), images.labels
