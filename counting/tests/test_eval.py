@@ -192,9 +192,12 @@ def test_fsc147_dot_map_follows_each_axis_of_the_resize(tmp_path):
     ann = {"d.jpg": {"points": points, "box_examples_coordinates": corners, "H": 50, "W": 90}}
     (tmp_path / "annotation_FSC147_384.json").write_text(json.dumps(ann))
     (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"train": [], "val": [], "test": ["d.jpg"]}))
-    density = FSC147(tmp_path, "test", patch_size=8, target_height=64)[0]["gt_density"]
+    item = FSC147(tmp_path, "test", patch_size=8, target_height=64)[0]
+    density = item["gt_density"]
     assert density.shape == (64, 112)  # 8 * int(90 / 50 * 64 / 8) = 112
     peaks = density == F.max_pool2d(density[None, None], 3, 1, 1)[0, 0]
     found = sorted(zip(*[t.tolist() for t in torch.nonzero(peaks & (density > 100), as_tuple=True)]))
     expected = sorted((int(y * 64 / 50), int(x * 112 / 90)) for x, y in points)
     assert found == expected == [(7, 75), (51, 99), (57, 12)]
+    # the points marked in the figures: the same positions before truncation to pixels
+    torch.testing.assert_close(item["points"], torch.tensor([[x * 112 / 90, y * 64 / 50] for x, y in points]))

@@ -98,6 +98,9 @@ class CountingTestSet(Dataset):
         )
         (height, width), (new_h, new_w) = image.shape[-2:], out["image"].shape[-2:]
         gt_density = dot_density_map(points, new_h, new_w, (new_w / width, new_h / height))
+        out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2) * torch.tensor(
+            [new_w / width, new_h / height]
+        )  # object points (x, y) in the resized image's pixels
         out.update(count=float(count), name=name, gt_density=gt_density)
         return out
 

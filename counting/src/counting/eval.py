@@ -88,6 +88,7 @@ def evaluate_split(
                 item["count"],
                 boxes,
                 gt_density=item["gt_density"],
+                gt_points=item["points"],
             )
     metrics = count_metrics([r["pred"] for r in records], [r["gt"] for r in records])
     metrics["kendall_tau"] = kendall_tau([r["pred"] for r in records], [r["gt"] for r in records])

@@ -27,9 +27,11 @@ def save_density_figure(
     boxes_xyxy: torch.Tensor | None = None,
     title: str = "",
     gt_density: torch.Tensor | None = None,
+    gt_points: torch.Tensor | None = None,
 ) -> None:
     """Image with exemplar boxes | predicted density overlay, predicted (and true) count in the title | the
-    ground-truth dot density (``gt_density``, (H, W) at the image's size) when given."""
+    ground-truth dot density (``gt_density``, (H, W) at the image's size) when given, with the annotated points
+    ``gt_points`` ((n, 2) xy pixels) marked, since sigma-1 blobs are hard to see at figure size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +56,14 @@ def save_density_figure(
     if gt_density is not None:
         axes[2].imshow(shown.mean(-1), cmap="gray")
         axes[2].imshow(gt_density.detach().cpu().numpy(), cmap="jet", alpha=0.55)
-        axes[2].set_title("annotated objects (dots, sigma 1)")
+        title = "annotated objects (dots, sigma 1)"
+        if gt_points is not None and len(gt_points):
+            xy = gt_points.detach().cpu().numpy()
+            axes[2].scatter(xy[:, 0], xy[:, 1], s=14, marker="+", c="red", linewidths=1)
+            axes[2].set_xlim(-0.5, shown.shape[1] - 0.5)
+            axes[2].set_ylim(shown.shape[0] - 0.5, -0.5)
+            title = f"annotated objects: {len(xy)} points"
+        axes[2].set_title(title)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
