@@ -125,19 +125,14 @@ def test_train_eval_localise_end_to_end(tmp_path, capsys):
     assert "circle: box xyxy" in capsys.readouterr().out
 
 
-def test_synthetic_zero_shot_split_queries_only_held_out_classes(tmp_path):
+def test_synthetic_zero_shot_split_queries_only_held_out_classes(tmp_path, write_object_pool):
     """The reference's "zero_shot" synthetic split: compositions of the held-out classes' cut-outs only."""
     from pin.config import load_config
     from pin.eval import run_eval, synthetic_eval_queries
     from pin.eval_data import HELD_OUT_EPOCH
     from pin.pipeline import dataset_from_cfg, pools_from_cfg
 
-    for name in ("wok", "yak", "zebra", "dog"):
-        for k in range(3):
-            arr = np.zeros((12, 20, 4), np.uint8)
-            arr[..., :3], arr[..., 3] = 40 * k + 60, 255
-            (tmp_path / "pool" / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(tmp_path / "pool" / name / f"{k}.png")
+    write_object_pool(tmp_path / "pool", ("wok", "yak", "zebra", "dog"))
     args = [
         "--config",
         "tiny",

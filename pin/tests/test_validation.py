@@ -121,17 +121,9 @@ def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path
     assert got == single
 
 
-def test_validation_also_scores_the_zero_shot_pool_like_pin_eval(tmp_path, monkeypatch):
-    import numpy as np
-    from PIL import Image
-
+def test_validation_also_scores_the_zero_shot_pool_like_pin_eval(tmp_path, monkeypatch, write_object_pool):
     monkeypatch.setattr("pin.eval.predict_boxes", _boxes_from_pixels)
-    for name in ("circle", "square", "triangle", "cross"):
-        for k in range(3):
-            arr = np.zeros((12, 20, 4), np.uint8)
-            arr[..., :3], arr[..., 3] = 40 * k + 60, 255
-            (tmp_path / "pool" / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(tmp_path / "pool" / name / f"{k}.png")
+    write_object_pool(tmp_path / "pool", ("circle", "square", "triangle", "cross"))
     data = [f"data.objects={tmp_path / 'pool'}", "data.held_out=[cross]", "data.val_size=3"]
     args = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=2", *data]
     row = train_mod.main(args)["validation"][-1]
