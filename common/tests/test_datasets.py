@@ -138,14 +138,14 @@ def test_image_folder_with_given_classes_keeps_their_numbering(tmp_path):
         ImageFolderDataset(tmp_path / "val", classes=["a", "b"])
 
 
-def _voc(tmp_path, names, split="trainaug"):
+def _voc(tmp_path, names):
+    """A VOC trainaug split of ``names`` whose i-th mask is filled with i."""
     root = tmp_path / "VOCSegmentation"
     (root / "sets").mkdir(parents=True, exist_ok=True)
-    (root / "sets" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-    folder = "SegmentationClassAug" if split == "trainaug" else "SegmentationClass"
+    (root / "sets" / "trainaug.txt").write_text("".join(f"{n}\n" for n in names))
     for i, name in enumerate(names):
         _image(root / "images" / f"{name}.jpg")
-        _save(root / folder / f"{name}.png", np.full((8, 8), i), "L")
+        _save(root / "SegmentationClassAug" / f"{name}.png", np.full((8, 8), i), "L")
     return root
 
 
@@ -167,6 +167,11 @@ def test_file_sets_select_the_listed_images_in_dataset_order(tmp_path):
         subset(full, tmp_path / "other.txt")
     with pytest.raises(FileNotFoundError, match="file set .*nope.txt not found"):
         subset(full, tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")  # an empty file set is an error, not an empty memory
+    with pytest.raises(ValueError, match=r"lists no image ids \(file set .*empty.txt;"):
+        subset(full, tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="lists no image ids"):
+        subset(full, [])
     with pytest.raises(ValueError, match="no image files"):
         subset(SyntheticSegmentation(num_images=2, image_size=16, num_classes=2), ["a"])
 

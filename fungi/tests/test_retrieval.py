@@ -259,6 +259,46 @@ def test_unpickler_refuses_other_globals(tmp_path):
     assert issubclass(RefusedGlobalError, ValueError)  # the CLIs report it as a one-line error
 
 
+class _Call:
+    """Pickles as a call of ``function(*args)``."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_unpickler_byte_string_helpers_accept_only_their_array_use(tmp_path, protocol):
+    """`_codecs.encode` and `bytes` are allowed for the byte strings of numpy array data only: another codec, or
+    bytes(...) with arguments, is refused with an error naming the file."""
+    import codecs
+
+    path = tmp_path / "gnd_roxford5k.pkl"
+    for call, message in (
+        (_Call(codecs.encode, "abc", "rot13"), r"_codecs.encode is only accepted for \(str, 'latin1'\)"),
+        (_Call(bytes, "abc", "utf-8"), r"bytes\(\.\.\.\) is only accepted without arguments"),
+    ):
+        path.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [], "x": call}, protocol=protocol))
+        with pytest.raises(ValueError, match=f"{path} is not a readable ground-truth pickle: {message}"):
+            load_ground_truth(path)
+    path.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [], "x": _Call(bytes)}, protocol=protocol))
+    assert load_ground_truth(path) == {"imlist": [], "qimlist": [], "gnd": []}
+
+
+def test_retrieval_rows_join_the_classification_rows_on_their_block_combination():
+    rows = [{"features": "embeddings", "knn_top1": 50.0}, {"features": "kl", "knn_top1": 40.0}]
+    extra = [{"features": "kl", "retrieval_mAP_M": 7.0}, {"features": "embeddings+kl", "retrieval_mAP_M": 9.0}]
+    assert eval.merge_rows(rows, extra) == [
+        {"features": "embeddings", "knn_top1": 50.0},
+        {"features": "kl", "knn_top1": 40.0, "retrieval_mAP_M": 7.0},
+        {"features": "embeddings+kl", "retrieval_mAP_M": 9.0},
+    ]
+    assert rows[1] == {"features": "kl", "knn_top1": 40.0}  # the inputs are not modified
+    assert eval.merge_rows([], extra) == extra
+
+
 # ---------------------------------------------------------------- CLIs
 
 

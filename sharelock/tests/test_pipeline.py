@@ -137,6 +137,9 @@ def test_probe_class_disjoint(demo_out, tmp_path):
     train_ids, test_ids = probe.class_split(CLASSES, None, 0.25, 0)
     assert len(test_ids) == 3 and not set(train_ids) & set(test_ids) and len(train_ids) + 3 == 12
     assert np.all(np.diff(train_ids) > 0)
+    # class names are optional (a store extracted from an hf: dataset records them), the features are not
+    with pytest.raises(ValueError, match=r"set probe.features=STORE .* unless the store was extracted from an hf:"):
+        probe.main([f"run_dir={tmp_path / 'unused'}"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ the dataset's own validation split when it has one (DTD, Flowers102, FGVC-Aircra
 
 fungi-extract --config tiny            # shipped config, scikit-learn digits, tiny random ViT (CPU, seconds)
 fungi-extract --config paper data.root=/data/flowers102 name=flowers_dino_b16
-fungi-extract --config retrieval data.root=/data/revisited data.name=roxford5k   # database + cropped queries
+fungi-extract --config retrieval data.root=/data/revisited data.name=roxford5k   # database + whole queries
 """
 
 from __future__ import annotations

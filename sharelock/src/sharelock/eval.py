@@ -43,7 +43,8 @@ def classifier_from_store(model: ShareLock, store: FeatureStore) -> torch.Tensor
 def evaluate_features(
     model: ShareLock, features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, batch_size: int = 4096
 ) -> dict[str, float]:
-    """Top-1/top-5 (%) of cosine logits between image features (N, vision_dim) and prototypes (C, D)."""
+    """Top-1/top-5 (%) of the logits `encode_image(features) @ classifier.T` (cosines with the default normalised
+    heads) between image features (N, vision_dim) and prototypes (C, D)."""
     device = classifier.device
     logits = torch.cat(
         [

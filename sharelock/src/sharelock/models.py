@@ -53,7 +53,8 @@ class ProjectionHead(nn.Module):
 
 
 class ShareLock(nn.Module):
-    """Dual encoder heads on frozen features: `forward(v (B, vision_dim), t (B, text_dim)) -> (z_v, z_t)`, unit rows.
+    """Dual encoder heads on frozen features: `forward(v (B, vision_dim), t (B, text_dim)) -> (z_v, z_t)`, unit rows
+    by default.
 
     With `vision_layers=0` the vision head is identity + L2 norm and the embedding dimension is `vision_dim`, whatever
     `embedding_dim` says (the reference rule); with `text_layers=0` it is `text_dim`; otherwise `embedding_dim`
@@ -119,7 +120,8 @@ class ShareLock(nn.Module):
             self.train(was_training)
 
     def zero_shot_logits(self, vision_features: torch.Tensor, class_text_features: torch.Tensor) -> torch.Tensor:
-        """Cosine similarities (N, C) between image features (N, vision_dim) and class features (C, text_dim).
+        """Cosine similarities (N, C) between image features (N, vision_dim) and class features (C, text_dim) (plain
+        dot products of the head outputs when a head is unnormalised).
 
         Computed in eval mode (BatchNorm running statistics, no dropout), no logit scale; class i is row i.
         """
@@ -155,8 +157,8 @@ class ShareLock(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: Any) -> torch.Tensor:
-        """Unit-norm image embeddings (N, D) from vision features (N, vision_dim), a preprocessed batch (N, 3, H, W),
-        or PIL image(s) (preprocessed with the reference eval transform)."""
+        """Image embeddings (N, D), unit rows unless `vision_normalize=False`, from vision features (N, vision_dim), a
+        preprocessed batch (N, 3, H, W), or PIL image(s) (preprocessed with the reference eval transform)."""
         if isinstance(images, torch.Tensor) and images.ndim == 2:
             feats = images
         else:
@@ -172,7 +174,8 @@ class ShareLock(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: Any) -> torch.Tensor:
-        """Unit-norm text embeddings (N, D) from LLM features (N, text_dim) or strings (last-token LLM features)."""
+        """Text embeddings (N, D), unit rows unless `text_normalize=False`, from LLM features (N, text_dim) or strings
+        (last-token LLM features)."""
         if isinstance(texts, torch.Tensor):
             feats = texts
         else:

@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(sys.argv[1:] if argv is None else argv, "probe")
     probe = cfg["probe"]
     if not probe["features"]:
-        raise ValueError("set probe.features=STORE (labelled image features) and probe.class_names=FILE")
+        raise ValueError(
+            "set probe.features=STORE (labelled image features) and, unless the store was extracted from an hf: "
+            "dataset, probe.class_names=FILE"
+        )
     cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
     accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])

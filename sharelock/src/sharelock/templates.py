@@ -39,7 +39,7 @@ def _checked(templates: list[str], where: str) -> list[str]:
     return templates
 
 
-def resolve_templates(spec: str | list[str]) -> list[str]:
+def resolve_templates(spec: str | list[str] | dict) -> list[str]:
     """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), a list, or one template;
     each must hold the class-name placeholder `{}` or `{c}` (ValueError otherwise)."""
     if isinstance(spec, list):

@@ -216,7 +216,7 @@ class COCOThings(SegmentationDataset):
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def read_file_set(path) -> list[str]:
+def read_file_set(path: str | Path) -> list[str]:
     """Image ids of a file set, one per line, as open-hummingbird-eval's ``file_sets/`` (e.g.
     ``voc/1_div_8/trainaug_8_42.txt``, the data-efficiency subsets); blank lines are skipped."""
     path = Path(path)
@@ -232,7 +232,9 @@ def _image_id(name: str) -> str:
     return name.removesuffix("_leftImg8bit")
 
 
-def subset(dataset: SegmentationDataset, file_set=None, fraction: float | None = None, seed: int = 0):
+def subset(
+    dataset: SegmentationDataset, file_set=None, fraction: float | None = None, seed: int = 0
+) -> SegmentationDataset:
     """A copy of ``dataset`` restricted to the images of ``file_set`` (a file-set path or a list of ids: file names
     without extension) and then to a random ``fraction`` of them: the first int(n * fraction) of a permutation
     seeded by ``seed`` (the reference's ``voc*0.2`` shuffles unseeded). Images keep the dataset's order."""
@@ -241,11 +243,13 @@ def subset(dataset: SegmentationDataset, file_set=None, fraction: float | None =
     pairs = list(dataset.pairs)
     if file_set is not None:
         ids = read_file_set(file_set) if isinstance(file_set, (str, Path)) else [str(i) for i in file_set]
+        source = f"file set {file_set}; " if isinstance(file_set, (str, Path)) else ""
+        if not ids:  # an empty dataset would only fail later, inside the evaluator, without naming the file
+            raise ValueError(f"the file set lists no image ids ({source}expected one image id per line)")
         wanted = {_image_id(i) for i in ids}
         present = {_image_id(image.name) for image, _ in pairs}
         missing = sorted(wanted - present)
         if missing:
-            source = f"file set {file_set}; " if isinstance(file_set, (str, Path)) else ""
             raise FileNotFoundError(
                 f"{len(missing)} ids of the file set are not images of the dataset, e.g. {missing[:3]} "
                 f"({source}the dataset split holds {len(pairs)} images; layout: {dataset.layout})"
