@@ -212,6 +212,8 @@ def test_hf_dataset_eval_equals_the_image_folder_path(demo_out, tmp_path, monkey
     explicit = probe.main([*common, f"probe.class_names={hf}:test", f"run_dir={tmp_path / 'p1'}"])
     assert recorded["n_test_classes"] == explicit["n_test_classes"] > 0
     assert recorded["unseen top1"] == explicit["unseen top1"] and recorded["unseen top5"] == explicit["unseen top5"]
+    with pytest.raises(ValueError, match="no label column 'fine'"):  # probe.label_column reaches the hf: names
+        probe.main([*common, f"probe.class_names={hf}:test", "probe.label_column=fine", f"run_dir={tmp_path / 'p3'}"])
     with pytest.raises(ValueError, match="set probe.class_names=FILE"):
         probe.main([f"probe.features={ref.path}", f"run_dir={tmp_path / 'p2'}"])  # an ImageFolder store
 

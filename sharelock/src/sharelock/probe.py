@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"set probe.class_names=FILE for {images.path} (a store extracted from an hf: dataset with a ClassLabel "
             "column records its own class names)"
         )
-    names = load_class_names(probe["class_names"] or recorded, recorded)
+    names = load_class_names(probe["class_names"] or recorded, recorded, probe["label_column"])
     train_cls, test_cls = class_split(names, probe["splits"], probe["test_fraction"], probe["split_seed"])
     text = class_text_features(cfg, names, accelerator.device)
     feats, labels = images.load_all(), images.labels
