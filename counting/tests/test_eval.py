@@ -201,3 +201,20 @@ def test_fsc147_dot_map_follows_each_axis_of_the_resize(tmp_path):
     assert found == expected == [(7, 75), (51, 99), (57, 12)]
     # the points marked in the figures: the same positions before truncation to pixels
     torch.testing.assert_close(item["points"], torch.tensor([[x * 112 / 90, y * 64 / 50] for x, y in points]))
+
+
+def test_density_figure_has_a_ground_truth_panel_for_points_or_dot_map(tmp_path):
+    """The third panel appears for ``gt_density`` or ``gt_points`` (points alone used to be ignored)."""
+    from counting.figures import save_density_figure
+
+    image, density = torch.rand(3, 32, 48), torch.rand(32, 48)
+    points = torch.tensor([[5.0, 6.0], [40.0, 20.0]])
+    widths = {}
+    for name, extra in {
+        "plain": {},
+        "points": {"gt_points": points},
+        "both": {"gt_points": points, "gt_density": torch.rand(32, 48)},
+    }.items():
+        save_density_figure(tmp_path / f"{name}.png", image, density, 2.0, 2, **extra)
+        widths[name] = Image.open(tmp_path / f"{name}.png").size[0]
+    assert widths == {"plain": 1000, "points": 1500, "both": 1500}  # figsize (10 | 15) x 4.5 in at 100 dpi

@@ -135,7 +135,7 @@ def test_hummingbird_memory_from_a_reference_file_set(tmp_path):
     assert [p.stem for p, _ in chosen.pairs] == ["b", "d"]  # the listed images, in the dataset's order
     assert hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": None}) is data
     assert len(hummingbird_memory_images(data, {"train_fraction": 0.5, "train_file_set": None})) == 2
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match=r"train_file_set='.*fs.txt' and hummingbird.train_fraction=0.5: .*not both"):
         hummingbird_memory_images(data, {"train_fraction": 0.5, "train_file_set": str(tmp_path / "fs.txt")})
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": str(tmp_path / "missing.txt")})

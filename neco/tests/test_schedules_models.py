@@ -285,4 +285,11 @@ def test_freeze_blocks_unknown_block_is_an_error_listing_the_blocks():
     student, _ = build_student_teacher(TINY)
     with pytest.raises(ValueError, match=r"trainable_blocks names blocks \[7\]; the backbone has blocks \[0, 1\]"):
         freeze_blocks(student.backbone, [0, 7])
+    with pytest.raises(ValueError, match=r"trainable_blocks=2 keeps none of the backbone's blocks \[0, 1\]"):
+        freeze_blocks(student.backbone, 2)  # an int past the last block, not a silently frozen backbone
     assert all(p.requires_grad for p in student.backbone.parameters())  # nothing frozen by a rejected choice
+    assert freeze_blocks(student.backbone, []) == []  # [] on purpose: only the head trains
+    assert not any(p.requires_grad for p in student.backbone.parameters())
+    groups = param_groups(student, 1e-5, 1e-4, 0.04)
+    assert [len(g["params"]) for g in groups[:2]] == [0, 0]
+    torch.optim.AdamW(groups)

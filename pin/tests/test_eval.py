@@ -186,6 +186,8 @@ def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_z
         pools_from_cfg(load_config(base + ["data.held_out=[circle, square, triangle, cross]"])[0])
     with pytest.raises(ValueError, match=r"data.held_out names \['crosss'\], which are not classes"):
         pools_from_cfg(load_config(base + ["data.held_out=[circle, crosss]"])[0])  # a typo is not silently trained on
+    with pytest.raises(ValueError, match=r"data.held_out='cross': expected 'default' or a list .* \[cross\]"):
+        pools_from_cfg(load_config(base + ["data.held_out=cross"])[0])  # not held out letter by letter
 
     def no_vlm(_cfg):
         raise AssertionError("the VLM was built before the bad eval dataset was noticed")
@@ -193,7 +195,7 @@ def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_z
     monkeypatch.setattr(eval_mod, "vlm_from_cfg", no_vlm)
     with pytest.raises(ValueError, match=r"synthetic_zero_shot: its object pool is empty.*data\.held_out"):
         eval_main(base + ["eval.datasets=[synthetic, synthetic_zero_shot]"])
-    with pytest.raises(ValueError, match="unknown eval dataset 'cocoo'"):
+    with pytest.raises(ValueError, match=r"unknown eval dataset 'cocoo'; expected one of .*'synthetic_zero_shot'"):
         eval_main(base + ["eval.datasets=[synthetic, cocoo]"])
     with pytest.raises(FileNotFoundError, match="no PIN weights at"):
         eval_main(base[:-1] + ["method=pin", f"eval.checkpoint={tmp_path / 'missing.pt'}"])

@@ -231,3 +231,23 @@ def test_reference_pt_checkpoints_load_for_pin_and_vpt(tiny_blip2, tmp_path):
         Method(vlm, "pin", {"pin": {"hidden_dims": [16, 8]}}).load_state_dict(
             load_weights(tmp_path / "other.pt"), source=tmp_path / "other.pt"
         )
+
+
+def test_checkpoint_of_another_method_is_a_key_error_naming_the_file(tiny_blip2):
+    """Missing or unexpected names (e.g. a VPT .pt given to method=pin) name the file, for every method (strict
+    loading used to raise torch's RuntimeError without it for PIN and VPT)."""
+    vlm = tiny_blip2
+    pin = Method(vlm, "pin", {"pin": {"hidden_dims": [16]}})
+    pin.load_state_dict(pin.state_dict())
+    match = r"vpt.pt does not match method pin: missing \['pos_enc'.*unexpected \['prompts'\]"
+    with pytest.raises(KeyError, match=match):
+        pin.load_state_dict({"prompts": torch.zeros(1, 3, 32)}, source="vpt.pt")
+    vlm.detach()
+    pytest.importorskip("peft")
+    lora = Method(vlm, "lora", {"lora": {"r": 2, "alpha": 4, "dropout": 0.0}})
+    state = lora.state_dict()
+    lora.load_state_dict(state)  # only the lora_* tensors are needed
+    dropped = sorted(state)[0]
+    del state[dropped]
+    with pytest.raises(KeyError, match=rf"lora_run does not match method lora: missing \['{dropped}'\] \(1\)"):
+        lora.load_state_dict(state, source="lora_run")

@@ -29,9 +29,9 @@ def save_density_figure(
     gt_density: torch.Tensor | None = None,
     gt_points: torch.Tensor | None = None,
 ) -> None:
-    """Image with exemplar boxes | predicted density overlay, predicted (and true) count in the title | the
-    ground-truth dot density (``gt_density``, (H, W) at the image's size) when given, with the annotated points
-    ``gt_points`` ((n, 2) xy pixels) marked, since sigma-1 blobs are hard to see at figure size."""
+    """Image with exemplar boxes | predicted density overlay, predicted (and true) count in the title | when
+    ``gt_density`` ((H, W) at the image's size) or ``gt_points`` ((n, 2) xy pixels) is given, the ground-truth dot
+    density with the annotated points marked, since sigma-1 blobs are hard to see at figure size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +44,8 @@ def save_density_figure(
             density[None, None].float(), size=tuple(shown.shape[:2]), mode="bilinear", align_corners=False
         )[0, 0]
     density = density.detach().cpu().clamp_min(0).numpy()
-    fig, axes = plt.subplots(1, 2 if gt_density is None else 3, figsize=(10 if gt_density is None else 15, 4.5))
+    truth = gt_density is not None or gt_points is not None
+    fig, axes = plt.subplots(1, 3 if truth else 2, figsize=(15 if truth else 10, 4.5))
     axes[0].imshow(shown)
     for x1, y1, x2, y2 in [] if boxes_xyxy is None else boxes_xyxy.tolist():
         axes[0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=2))
@@ -53,9 +54,10 @@ def save_density_figure(
     axes[1].imshow(density, cmap="jet", alpha=0.55)
     label = f"count {count:.1f}" + (f" (gt {gt:.0f})" if gt is not None else "")
     axes[1].set_title(label)
-    if gt_density is not None:
+    if truth:
         axes[2].imshow(shown.mean(-1), cmap="gray")
-        axes[2].imshow(gt_density.detach().cpu().numpy(), cmap="jet", alpha=0.55)
+        if gt_density is not None:
+            axes[2].imshow(gt_density.detach().cpu().numpy(), cmap="jet", alpha=0.55)
         title = "annotated objects (dots, sigma 1)"
         if gt_points is not None and len(gt_points):
             xy = gt_points.detach().cpu().numpy()

@@ -230,7 +230,7 @@ def build_image_dataset(cfg: dict[str, Any]) -> Dataset:
                 num_images=cfg["synthetic_images"], image_size=cfg["synthetic_size"], seed=cfg["synthetic_seed"]
             )
         )
-    raise ValueError(f"unknown data.dataset {name!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown data.dataset {name!r}; expected one of {DATASETS}, or names joined by '+'")
 
 
 def build_train_dataset(cfg: dict[str, Any], seed: int) -> MultiCropDataset:

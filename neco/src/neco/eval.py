@@ -119,7 +119,10 @@ def hummingbird_memory_images(dataset: Any, h: dict[str, Any]) -> Any:
         from funai_common.datasets import subset
 
         if h["train_fraction"] != 1:
-            raise ValueError("set hummingbird.train_file_set or hummingbird.train_fraction, not both")
+            raise ValueError(
+                f"hummingbird.train_file_set={h['train_file_set']!r} and hummingbird.train_fraction="
+                f"{h['train_fraction']!r}: set one of them, not both (the file set fixes the memory images)"
+            )
         return subset(dataset, h["train_file_set"])
     return train_subset(dataset, h["train_fraction"])
 

@@ -187,6 +187,11 @@ def freeze_blocks(backbone: nn.Module, trainable_blocks: int | Sequence[int] | N
         return all_ids
     if isinstance(trainable_blocks, int):
         keep = all_ids[trainable_blocks:]
+        if not keep:  # an int past the last block would silently freeze the whole backbone
+            raise ValueError(
+                f"optim.trainable_blocks={trainable_blocks} keeps none of the backbone's blocks {all_ids}; use an int "
+                f"below {len(all_ids)} (-2: the last two), or [] to train the head only"
+            )
     else:
         keep = sorted({int(i) for i in trainable_blocks})
         unknown = [i for i in keep if i not in all_ids]

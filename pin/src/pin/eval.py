@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .boxes import GridCodec
 from .checkpoint import load_weights
 from .config import load_config
-from .eval_data import QueryDataset, collate_queries, queries_for, synthetic_queries
+from .eval_data import SYNTHETIC_SETS, QueryDataset, collate_queries, queries_for, synthetic_queries
 from .figures import box_figure
 from .methods import Method
 from .metrics import batch_weighted_miou, localisation_miou, paired_iou, precision_at
@@ -70,9 +70,6 @@ def summarise(result: dict, image_size: int, refcoco: bool = False) -> dict:
     if refcoco:
         out["p@0.3"] = precision_at(result["preds"], result["gts"], 0.3)
     return out
-
-
-SYNTHETIC_SETS = ("synthetic", "synthetic_zero_shot")
 
 
 def synthetic_eval_queries(cfg: dict, name: str = "synthetic") -> list:

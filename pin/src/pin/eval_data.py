@@ -189,12 +189,15 @@ def collate_queries(items: list[dict]) -> dict:
     }
 
 
+SYNTHETIC_SETS = ("synthetic", "synthetic_zero_shot")  # built from the config's object pools by pin.eval
+
+
 def queries_for(name: str, root, max_objects: int, image_size: int) -> list[ObjectQuery]:
+    """Object queries of the real eval dataset `name` (pvoc, coco, lvis: images with <= max_objects objects;
+    refcoco: testA) read from `root`, boxes in `image_size` pixels."""
     loaders = {"pvoc": pvoc_queries, "coco": coco_queries, "lvis": lvis_queries}
     if name in loaders:
         return loaders[name](root, max_objects, image_size)
     if name == "refcoco":
         return refcoco_queries(root, image_size)
-    raise ValueError(
-        f"unknown eval dataset {name!r}; expected pvoc, coco, lvis, refcoco, synthetic or synthetic_zero_shot"
-    )
+    raise ValueError(f"unknown eval dataset {name!r}; expected one of {(*loaders, 'refcoco', *SYNTHETIC_SETS)}")

@@ -7,6 +7,7 @@ A `Method` owns the trainable tensors, attaches them to a FrozenVLM and exposes 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -110,9 +111,10 @@ class Method:
             state = {k: v for k, v in state.items() if "lora_" in k}
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | object = "checkpoint") -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
         """Load the method's tensors; a tensor of another shape (a checkpoint of another VLM, image size or PIN
-        width) is a ValueError naming `source` and both shapes."""
+        width) is a ValueError naming `source` and both shapes, missing or unexpected names (another method's
+        checkpoint) a KeyError naming `source` (LoRA: only its lora_* tensors are required)."""
         if self.module is None:
             return
         own = self.module.state_dict()
@@ -126,9 +128,14 @@ class Method:
                 f"{source} does not fit method {self.kind} on this VLM: {', '.join(wrong[:3])}; a checkpoint holds "
                 "one backbone's token count and width (PINs/PIN_OF.pt: OpenFlamingo, 256 x 1024 at 224 px)"
             )
-        missing, unexpected = self.module.load_state_dict(state, strict=self.kind != "lora")
-        if unexpected or (self.kind == "lora" and any("lora_" in k for k in missing)):
-            raise KeyError(f"checkpoint does not match method {self.kind}: missing {missing}, unexpected {unexpected}")
+        missing = [k for k in own if k not in state and (self.kind != "lora" or "lora_" in k)]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise KeyError(
+                f"{source} does not match method {self.kind}: missing {missing[:5]} ({len(missing)}), unexpected "
+                f"{unexpected[:5]} ({len(unexpected)})"
+            )
+        self.module.load_state_dict(state, strict=self.kind != "lora")
 
     def train(self, mode: bool = True) -> None:
         """Dropout of VPT / LoRA follows `mode`; the VLM itself stays in eval mode."""

@@ -52,6 +52,8 @@ def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
             "config needs data.objects (object pool folder or LVIS_instance_pools.json) or "
             "data.procedural_classes (list of shape names)"
         )
+    if isinstance(held, str) and held != "default":  # iterating it would hold out its letters
+        raise ValueError(f"data.held_out={held!r}: expected 'default' or a list of class names, e.g. [{held}]")
     if held == "default":
         from .heldout import HELD_OUT_CLASSES
 
@@ -59,7 +61,11 @@ def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
     else:
         unknown = sorted(h for h in held if h.lower() not in {n.lower() for n in names})
         if unknown:
-            raise ValueError(f"data.held_out names {unknown}, which are not classes of the object pool")
+            source = f"data.objects={d['objects']}" if d.get("objects") else "data.procedural_classes"
+            raise ValueError(
+                f"data.held_out names {unknown}, which are not classes of the object pool ({source}: "
+                f"{len(names)} classes, e.g. {sorted(names)[:8]})"
+            )
     if d.get("objects"):
         return pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
     # held-out shapes form the zero-shot pool; without any it is empty (never the val pool's trained classes)

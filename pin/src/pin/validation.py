@@ -55,7 +55,7 @@ class SyntheticValidation:
             queries = synthetic_queries(dataset, size)
             dataset.sample_epoch = HELD_OUT_EPOCH  # the same images at every validation; the phase follows training
             self.sets.append((prefix, dataset, queries))
-        _, self.dataset, self.queries = self.sets[0]
+        self.queries = self.sets[0][2]  # the val pool's queries, as pin-eval's `synthetic`
 
     def run(self, vlm: FrozenVLM, codec: GridCodec, method: Method, accelerator: Accelerator, epoch: int, step: int):
         """Validation loss and mIoU of every set after `epoch`; every process returns the same dict."""
