@@ -127,6 +127,9 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
     codec = codec_from_cfg(cfg)
     # every dataset's queries and the checkpoint are read before the VLM is built or anything is evaluated, so a
     # bad name, path or empty pool fails in seconds rather than after the first datasets
+    repeated = sorted({n for n in e["datasets"] if list(e["datasets"]).count(n) > 1})
+    if repeated:
+        raise ValueError(f"eval.datasets lists {repeated} more than once: {list(e['datasets'])}")
     datasets = {}
     for name in e["datasets"]:
         if name in SYNTHETIC_SETS:
