@@ -287,6 +287,9 @@ def test_freeze_blocks_unknown_block_is_an_error_listing_the_blocks():
         freeze_blocks(student.backbone, [0, 7])
     with pytest.raises(ValueError, match=r"trainable_blocks=2 keeps none of the backbone's blocks \[0, 1\]"):
         freeze_blocks(student.backbone, 2)  # an int past the last block, not a silently frozen backbone
+    for bad in (["last"], "1"):
+        with pytest.raises(ValueError, match="expected null, an int or a list of block ids"):
+            freeze_blocks(student.backbone, bad)
     assert all(p.requires_grad for p in student.backbone.parameters())  # nothing frozen by a rejected choice
     assert freeze_blocks(student.backbone, []) == []  # [] on purpose: only the head trains
     assert not any(p.requires_grad for p in student.backbone.parameters())

@@ -193,7 +193,11 @@ def freeze_blocks(backbone: nn.Module, trainable_blocks: int | Sequence[int] | N
                 f"below {len(all_ids)} (-2: the last two), or [] to train the head only"
             )
     else:
-        keep = sorted({int(i) for i in trainable_blocks})
+        if isinstance(trainable_blocks, str) or not all(isinstance(i, int) for i in trainable_blocks):
+            raise ValueError(
+                f"optim.trainable_blocks={trainable_blocks!r}: expected null, an int or a list of block ids (ints)"
+            )
+        keep = sorted(set(trainable_blocks))
         unknown = [i for i in keep if i not in all_ids]
         if unknown:
             raise ValueError(f"optim.trainable_blocks names blocks {unknown}; the backbone has blocks {all_ids}")
