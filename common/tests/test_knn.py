@@ -129,3 +129,18 @@ def test_float16_bank_on_gpu_finds_the_same_neighbours():
     # float16 rounding may swap near-ties: compare as sets per query, allowing one swap
     overlap = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got.cpu())]
     assert min(overlap) >= 9
+
+
+def test_float16_bank_on_faiss_cpu_searches_the_rounded_bank():
+    pytest.importorskip("faiss")
+    from funai_common.search import NeighborIndex
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(500, 24, generator=g), torch.randn(30, 24, generator=g)
+    scores, indices = NeighborIndex(bank, backend="faiss-cpu", bank_dtype=torch.float16).search(queries, 5)
+    rounded = bank.half().float()  # the bank as float16 holds it, scores in float32
+    brute = torch.topk(queries @ rounded.T, 5, dim=1)
+    assert torch.equal(indices, brute.indices)
+    torch.testing.assert_close(scores, brute.values, rtol=1e-5, atol=1e-4)
+    plain = NeighborIndex(bank, backend="faiss-cpu").search(queries, 5)[1]  # the default keeps float32
+    assert torch.equal(plain, torch.topk(queries @ bank.T, 5, dim=1).indices)

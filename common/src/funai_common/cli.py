@@ -181,7 +181,7 @@ def hummingbird_main(argv=None) -> dict:
     p.add_argument("--val-fs", help="file set of the evaluated images")
     p.add_argument("--train-fraction", type=float, help="random fraction of the memory images (seeded by --seed)")
     p.add_argument("--ignore-index", type=int, help="ground-truth id left out of the mIoU (default: the dataset's)")
-    p.add_argument("--bank-fp16", action="store_true", help="memory bank in float16 (torch and faiss-gpu backends)")
+    p.add_argument("--bank-fp16", action="store_true", help="memory bank in float16 (any backend; scores in float32)")
     p.add_argument("--input-size", type=int, default=504)
     p.add_argument("--memory-size", type=int)
     p.add_argument("--augmentation-epochs", type=int, default=2)

@@ -185,8 +185,8 @@ class HummingbirdEvaluator:
     dataset's (VOC 255, ADE20K 0). ``remap_ignore_to_zero`` reproduces the reference's memory quirk (ignored pixels
     become class 0); ``std`` defaults to the reference's (0.229, 0.224, 0.255). With ``keep_memory_features`` the
     memory's features stay available as ``memory_features`` after ``build_memory`` (e.g. as a support bank).
-    ``bank_dtype=torch.float16`` stores the memory in half precision (the reference's faiss ``use_fp16``; torch and
-    faiss-gpu backends), scores are still accumulated in float32.
+    ``bank_dtype=torch.float16`` stores the memory in half precision (the reference's faiss ``use_fp16``; every
+    backend), scores are still accumulated in float32.
     """
 
     def __init__(

@@ -55,8 +55,9 @@ def _to_torch(x) -> torch.Tensor:
 class NeighborIndex:
     """An exact inner-product index over a fixed bank of rows, searched many times.
 
-    bank: (R, D) features. ``bank_dtype=torch.float16`` halves the memory of the bank (torch and faiss-gpu backends);
-    scores are still accumulated in float32.
+    bank: (R, D) features. ``bank_dtype=torch.float16`` halves the memory of the bank (torch: a float16 tensor;
+    faiss-gpu: ``useFloat16``; faiss-cpu: an fp16 scalar quantizer, i.e. the same rounding); scores are still
+    accumulated in float32.
     """
 
     def __init__(self, bank, backend: str = "auto", bank_dtype: torch.dtype | None = None, chunk_size: int = 4096):
@@ -79,6 +80,8 @@ class NeighborIndex:
             config.useFloat16 = half
             config.device = bank.device.index if bank.device.type == "cuda" and bank.device.index is not None else 0
             self.index = faiss.GpuIndexFlatIP(self._resources, self.dim, config)
+        elif half:
+            self.index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         else:
             self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(array)
