@@ -94,3 +94,13 @@ def test_train_with_loss_ablations(tmp_path):
     assert ablated["losses"][0] > plain
     shared = main([*base, "name=shared", "train.shared_mask=true"])["losses"][0]
     assert shared != plain and torch.isfinite(torch.tensor(shared))
+
+
+def test_resume_with_other_settings_names_them(tmp_path):
+    base = ["--config", "tiny", f"output_dir={tmp_path}", "name=r"]
+    main([*base, "train.max_steps=1"])
+    main([*base, "resume=latest", "train.max_steps=2"])  # the step budget may change freely
+    log = tmp_path / "r" / "log.txt"
+    assert "other settings" not in log.read_text()
+    main([*base, "resume=latest", "train.max_steps=3", "train.distractor_weight=2.0"])
+    assert "other settings than it was trained with: ['train.distractor_weight']" in log.read_text()

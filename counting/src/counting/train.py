@@ -89,6 +89,29 @@ def train_step_inputs(step: int, cfg: dict, rank: int, world: int) -> tuple[int,
     return shots, (draws < cfg["train"]["keep_prob"]).expand(batch, size, size)[rank::world]
 
 
+# keys that a resume may change without changing the training trajectory
+RESUME_FREE_KEYS = (
+    "resume",
+    "output_dir",
+    "train.max_steps",
+    "train.num_workers",
+    "train.checkpoint_every",
+    "train.log_every",
+)
+
+
+def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (nested dicts compared key by key), sorted."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        name, old, new = f"{prefix}{key}", saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{name}.")
+        elif old != new:
+            changed.append(name)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns {"run_dir", "losses" (per step of this invocation), "step"}."""
     cfg, rest = load_config(sys.argv[1:] if argv is None else argv)
@@ -119,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         path = find_checkpoint(run_dir, str(cfg["resume"]))
         state = load_checkpoint(path, model, optimizer)
         start = state["step"]
+        changed = [k for k in changed_settings(state.get("config", {}), cfg) if k not in RESUME_FREE_KEYS]
+        if changed:  # allowed (e.g. a fine-tuning stage), but the run no longer continues the same trajectory
+            log.warning("resuming %s with other settings than it was trained with: %s", path, changed)
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", path, start)
