@@ -201,6 +201,9 @@ def test_linear_probe_lambda_is_chosen_on_the_validation_split_end_to_end(tmp_pa
     assert {s: len(splits[s][1]) for s in splits} == {"train": 12, "val": 9, "test": 6}
     assert meta["config"]["data"]["val_split"] == "val" and meta["config"]["splits"] == ["train", "val", "test"]
     assert splits["val"][1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # splits=[train,test]: no val extracted, and the recorded config says so
+    _, skipped = load_features(extract.main([*TINY, *data, "splits=[train,test]", f"run_dir={tmp_path / 'tt'}"]))
+    assert skipped["config"]["data"]["val_split"] is None and skipped["config"]["splits"] == ["train", "test"]
 
     calls = []
     probe = funai_common.linear.linear_probe

@@ -110,7 +110,10 @@ def resolve_validation(cfg: dict) -> bool:
     ``fungi.data.validation_split``) and drop 'val' from ``splits`` when there is none; returns whether it was dropped.
     """
     cfg["data"]["val_split"] = validation_split(cfg["data"])
-    if "val" not in cfg["splits"] or cfg["data"]["val_split"] is not None:
+    if "val" not in cfg["splits"]:
+        cfg["data"]["val_split"] = None  # not extracted: the recorded config says so
+        return False
+    if cfg["data"]["val_split"] is not None:
         return False
     cfg["splits"] = [s for s in cfg["splits"] if s != "val"]
     if not cfg["splits"]:
