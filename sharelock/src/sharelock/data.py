@@ -360,23 +360,17 @@ def load_hf_split(spec: str, split: str | None = None):
     return data[next(iter(data))] if isinstance(data, datasets.DatasetDict) else data
 
 
-def hf_label_names(data, label_column: str, spec: str) -> list[str] | None:
-    """`features[label_column].names` of a `datasets.Dataset` (None when the column is not a `ClassLabel`)."""
+def hf_label_names(features, label_column: str, spec: str) -> list[str] | None:
+    """`features[label_column].names` of a dataset's `datasets.Features` (None when the column is not a
+    `ClassLabel`)."""
     datasets = import_datasets()
-    if label_column not in data.column_names:
+    if label_column not in features:
         raise ValueError(
-            f"Hugging Face dataset {spec!r} has no label column {label_column!r} (columns: {data.column_names}): "
+            f"Hugging Face dataset {spec!r} has no label column {label_column!r} (columns: {list(features)}): "
             "set label_column"
         )
-    feature = data.features[label_column]
+    feature = features[label_column]
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-class _Columns:
-    """The `column_names` / `features` view of a dataset that `hf_label_names` reads, from bare `Features`."""
-
-    def __init__(self, features) -> None:
-        self.features, self.column_names = features, list(features)
 
 
 def hf_class_names(spec: str, label_column: str = "label") -> list[str]:
@@ -391,9 +385,9 @@ def hf_class_names(spec: str, label_column: str = "label") -> list[str]:
         except (FileNotFoundError, ConnectionError):  # not found / offline: load_hf_split names the problem
             features = None
         if features is not None:
-            names = hf_label_names(_Columns(features), label_column, spec)
+            names = hf_label_names(features, label_column, spec)
     if names is None:
-        names = hf_label_names(load_hf_split(spec), label_column, spec)
+        names = hf_label_names(load_hf_split(spec).features, label_column, spec)
     if names is None:
         raise ValueError(
             f"column {label_column!r} of Hugging Face dataset {spec!r} is not a ClassLabel and holds no class names: "
@@ -410,7 +404,7 @@ class HFImageClassification(torch.utils.data.Dataset):
         self, spec: str, split: str | None = None, image_column: str = "image", label_column: str = "label"
     ) -> None:
         data = load_hf_split(spec, split)
-        names = hf_label_names(data, label_column, spec)
+        names = hf_label_names(data.features, label_column, spec)
         if image_column not in data.column_names:
             raise ValueError(
                 f"Hugging Face dataset {spec!r} has no image column {image_column!r} (columns: {data.column_names}): "
