@@ -24,7 +24,6 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
 
 from dora.augment import normalize
 from dora.demo import knn_accuracy
@@ -45,17 +44,51 @@ TINY = {
 }
 
 
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (B, 3, H, W) in [0, 1] by ``shift`` (B,) turns (HSV round trip)."""
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = ((maxc - c) / safe for c in x.unbind(1))
+    h = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
 def views(images: torch.Tensor, size: int, scale: tuple[float, float], hue: float) -> torch.Tensor:
-    """One random view per image: crop, flip, colour jitter (p 0.8), grayscale (p 0.2); ImageNet-normalised."""
-    aug = T.Compose(
-        [
-            T.RandomResizedCrop(size, scale, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=0.8),
-            T.RandomGrayscale(0.2),
-        ]
-    )
-    return normalize(torch.stack([aug(x) for x in images]))
+    """One random view per image, drawn for the whole batch at once: random resized crop (area ``scale``, aspect
+    3/4-4/3, bilinear without antialiasing), flip, colour jitter with p 0.8 (brightness, contrast, saturation 0.4,
+    hue ``hue``, in a random order per batch), grayscale with p 0.2; ImageNet-normalised."""
+    n, dev = len(images), images.device
+    area = torch.empty(n, device=dev).uniform_(*scale)
+    ratio = torch.empty(n, device=dev).uniform_(np.log(3 / 4), np.log(4 / 3)).exp()
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    flip = torch.randint(0, 2, (n,), device=dev) * 2 - 1
+    cx, cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - w), (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    jitter = (torch.rand(n, device=dev) < 0.8).float().view(-1, 1, 1, 1)
+    factor = [1 + jitter * torch.empty(n, 1, 1, 1, device=dev).uniform_(-0.4, 0.4) for _ in range(3)]
+    for op in torch.randperm(4).tolist():
+        if op == 0:
+            x = (x * factor[0]).clamp(0, 1)
+        elif op == 1:
+            x = (factor[1] * x + (1 - factor[1]) * _grey(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+        elif op == 2:
+            x = (factor[2] * x + (1 - factor[2]) * _grey(x)).clamp(0, 1)
+        elif hue > 0:
+            x = _shift_hue(x, jitter.view(-1) * torch.empty(n, device=dev).uniform_(-hue, hue))
+    x = torch.where(torch.rand(n, 1, 1, 1, device=dev) < 0.2, _grey(x).expand_as(x), x)
+    return normalize(x)
 
 
 def main(argv: list[str] | None = None) -> dict:

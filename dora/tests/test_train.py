@@ -61,6 +61,19 @@ def test_resume_reproduces_straight_run(tmp_path, video):
     assert (straight / "config.yaml").is_file() and (straight / "log.txt").is_file()
 
 
+def test_loader_workers_keep_the_trajectory(tmp_path, video):
+    """Persistent loader workers (kept over epochs that stop before the sampler's end, with batches in flight) and a
+    mid-epoch resume through them give the losses of the in-process loader: seeds travel with the clip ids."""
+    inline = train.main(tiny_args(tmp_path / "inline", video, "data.num_workers=0"))
+    workers = train.main(tiny_args(tmp_path / "workers", video, "data.num_workers=2"))
+    assert inline["steps"] == workers["steps"] == 4
+    assert losses(tmp_path / "workers") == pytest.approx(losses(tmp_path / "inline"), abs=1e-6)
+    resumed = tmp_path / "resumed"
+    train.main(tiny_args(resumed, video, "data.num_workers=2", "optim.max_steps=1"))
+    train.main(tiny_args(resumed, video, "data.num_workers=2", "resume=latest"))
+    assert losses(resumed) == pytest.approx(losses(tmp_path / "inline"), abs=1e-6)
+
+
 def test_milestones_follow_the_reference_saveckp_freq():
     from dora.checkpoint import is_milestone
 

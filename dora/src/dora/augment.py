@@ -52,8 +52,8 @@ def photometric(frame: torch.Tensor, g: torch.Generator, blur_p: float) -> torch
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std normalisation of (..., 3, H, W) in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 

@@ -38,6 +38,37 @@ def knn_accuracy(model, images: np.ndarray, labels: np.ndarray, k: int = 20, poo
     return float(knn_classify(f[0::2], y[0::2], f[1::2], y[1::2], k=k, num_classes=int(labels.max()) + 1)["top1"])
 
 
+def random_init_accuracy(cfg: dict, images: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """k-NN top-1 (%) of randomly initialised backbones of ``cfg`` (one per seed of ``RANDOM_SEEDS``), per pool."""
+    from dora.models import build_network
+
+    acc = {"cls": [], "mean": []}
+    for seed in RANDOM_SEEDS:
+        torch.manual_seed(seed)
+        backbone = build_network(cfg, teacher=True).backbone
+        for pool in acc:
+            acc[pool].append(knn_accuracy(backbone, images, labels, pool=pool))
+    return acc
+
+
+def demo_overrides(video: Path, run_dir: Path, batch: int, epochs: int, steps: int, seed: int) -> list[str]:
+    """The ``dora-train`` arguments of the demo: a tiny ViT at 32 px on the synthetic video, CPU, checkpoint at the
+    end only (append overrides to change any of them)."""
+    return [
+        "--config", "tiny", f"run_dir={run_dir}", f"seed={seed}", f"data.videos=[{video}]",
+        "data.num_frames=2", "data.step=8",
+        f"data.batch_size_per_gpu={batch}", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}",
+        "optim.warmup_epochs=1", "optim.lr=0.003", "optim.min_lr=1e-5", "optim.momentum_teacher=0.98",
+        "optim.freeze_last_layer=1", "augment.precrop_size=56", "augment.global_size=32", "augment.local_size=16",
+        "augment.num_local_crops=4", "model.out_dim=1024", "model.head_hidden_dim=256", "model.head_bottleneck_dim=64",
+        "model.drop_path_rate=0.0",
+        "model.overrides={img_size: 32, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 4}",
+        "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02", "tracking.num_objects=2",
+        f"checkpoint_every={steps * epochs}", "log_every=4", "keep_checkpoints=1",
+        "keep_every_epochs=null",
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; writes metrics.json, summary.json, masks.png/mp4 and the training run under ``--out``."""
     parser = argparse.ArgumentParser(prog="dora-demo", description=__doc__)
@@ -64,19 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dora.visualise import visualise
 
     run_dir = out / "train"
-    overrides = [
-        "--config", "tiny", f"run_dir={run_dir}", f"seed={args.seed}", f"data.videos=[{video}]",
-        "data.num_frames=2", "data.step=8",
-        f"data.batch_size_per_gpu={p['batch']}", f"optim.epochs={p['epochs']}", f"optim.steps_per_epoch={p['steps']}",
-        "optim.warmup_epochs=1", "optim.lr=0.003", "optim.min_lr=1e-5", "optim.momentum_teacher=0.98",
-        "optim.freeze_last_layer=1", "augment.precrop_size=56", "augment.global_size=32", "augment.local_size=16",
-        "augment.num_local_crops=4", "model.out_dim=1024", "model.head_hidden_dim=256", "model.head_bottleneck_dim=64",
-        "model.drop_path_rate=0.0",
-        "model.overrides={img_size: 32, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 4}",
-        "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02", "tracking.num_objects=2",
-        f"checkpoint_every={p['steps'] * p['epochs']}", "log_every=4", "keep_checkpoints=1",
-        "keep_every_epochs=null",
-    ]  # fmt: skip
+    overrides = demo_overrides(video, run_dir, p["batch"], p["epochs"], p["steps"], args.seed)
     summary = train_main(overrides)
     cfg = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())["config"]
     t_train = time.perf_counter() - t0
@@ -87,12 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher.load_state_dict(load_file(str(Path(summary["checkpoint"]) / "teacher.safetensors")))
     images, labels = labelled_objects(p["per_class"], size=32, seed=1)
     acc = {pool: knn_accuracy(teacher.backbone, images, labels, pool=pool) for pool in ("cls", "mean")}
-    acc_rand = {"cls": [], "mean": []}
-    for seed in RANDOM_SEEDS:
-        torch.manual_seed(seed)
-        random_init = build_network(cfg, teacher=True)
-        for pool in acc_rand:
-            acc_rand[pool].append(knn_accuracy(random_init.backbone, images, labels, pool=pool))
+    acc_rand = random_init_accuracy(cfg, images, labels)
     acc_learned, acc_random = acc["cls"], float(np.mean(acc_rand["cls"]))
 
     frames = np.stack(list(walking_frames(p["frames"], size=64, num_objects=3, seed=0)))[[0, 8, 16, 24]]

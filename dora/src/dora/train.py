@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=d["num_workers"],
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # keeps the global torch RNG (drop-path) untouched by the loader
-        persistent_workers=False,
+        persistent_workers=d["num_workers"] > 0,  # workers keep their open readers across epochs
     )
     niter = min(len(sampler), o["steps_per_epoch"] or len(sampler))
     total_steps = o["epochs"] * niter
