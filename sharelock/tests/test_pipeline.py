@@ -245,3 +245,77 @@ def test_eval_checks_class_names_and_templates_before_loading_or_encoding(demo_o
     )
     with pytest.raises(ValueError, match="has no class names \\(its label column is not a ClassLabel\\)"):
         evaluate.main([*run, f"images=hf:{tmp_path / 'plain'}"])
+
+
+@pytest.mark.slow
+def test_winoground_equals_a_per_example_reference(demo_out, tmp_path, monkeypatch):
+    """sharelock-winoground on a release-layout folder built from the demo's test images (caption k names image k's
+    class) equals a per-example loop through the Python API with the definitions written out; swapping both pairs
+    of every example changes nothing, and the same examples read from a Hugging Face dataset give the same scores."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from sharelock import winoground
+
+    out, _ = demo_out
+    folder = ImageFolder(str(out / "data" / "test"))
+    names = json.loads((out / "data" / "class_names.json").read_text())
+    order = np.random.default_rng(0).permutation(len(folder.samples))
+    pairs = [(a, b) for a, b in zip(order[0::2], order[1::2]) if folder.samples[a][1] != folder.samples[b][1]]
+    data = tmp_path / "wino" / "data"
+    (data / "images").mkdir(parents=True)
+    records = []
+    for n, pair in enumerate(pairs[:12]):
+        rec = {"id": n, "collapsed_tag": ("Object", "Relation")[n % 2]}
+        for k, index in enumerate(pair):
+            path, label = folder.samples[index]
+            Image.open(path).convert("RGB").save(data / "images" / f"ex_{n}_img_{k}.png")
+            rec |= {f"image_{k}": f"ex_{n}_img_{k}", f"caption_{k}": f"a photo of a {names[folder.classes[label]]}"}
+        if n % 3 == 0:  # a caption naming neither image's class: not every example is solved
+            other = next(c for c in folder.classes if names[c] not in rec["caption_0"] + rec["caption_1"])
+            rec["caption_1"] = f"a photo of a {names[other]}"
+        records.append(rec)
+    (data / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    run = [f"checkpoint={out / 'run'}"]
+    result = winoground.main([*run, f"data={tmp_path / 'wino'}", f"out={tmp_path / 'e0'}"])
+    assert json.loads((tmp_path / "e0" / "metrics.json").read_text()) == json.loads(json.dumps(result))
+
+    model = load_model(out / "run", load_backbones=True)
+    hits = {"text": [], "image": [], "group": []}
+    for rec in records:
+        img = model.encode_image([Image.open(data / "images" / f"{rec[f'image_{k}']}.png") for k in (0, 1)])
+        f = (model.encode_text([rec["caption_0"], rec["caption_1"]]) @ img.T).tolist()  # f[caption][image]
+        hits["text"].append(f[0][0] > f[1][0] and f[1][1] > f[0][1])
+        hits["image"].append(f[0][0] > f[0][1] and f[1][1] > f[1][0])
+        hits["group"].append(hits["text"][-1] and hits["image"][-1])
+    assert result["n"] == 12 and result["per_tag"]["Object"]["n"] == 6
+    for key, values in hits.items():
+        assert result[key] == pytest.approx(100 * np.mean(values))
+        assert result["per_tag"]["Object"][key] == pytest.approx(100 * np.mean(values[0::2]))
+    assert result["group"] > 25  # a trained model on class-name captions: above chance (16.7 %)
+
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "images").symlink_to(data / "images")
+    flip = [
+        {**r, **{f"{kind}_{k}": r[f"{kind}_{1 - k}"] for kind in ("image", "caption") for k in (0, 1)}} for r in records
+    ]
+    (swapped / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in flip))
+    again = winoground.main([*run, f"data={swapped}", f"out={tmp_path / 'e1'}"])
+    assert {k: again[k] for k in hits} == {k: result[k] for k in hits}
+
+    columns = {key: [] for key in ("image_0", "image_1", "caption_0", "caption_1", "collapsed_tag")}
+    for rec in records:
+        for k in (0, 1):
+            columns[f"image_{k}"].append({"bytes": (data / "images" / f"{rec[f'image_{k}']}.png").read_bytes()})
+            columns[f"caption_{k}"].append(rec[f"caption_{k}"])
+        columns["collapsed_tag"].append(rec["collapsed_tag"])
+    features = datasets.Features(
+        {**{f"image_{k}": datasets.Image() for k in (0, 1)}, **{k: datasets.Value("string") for k in list(columns)[2:]}}
+    )
+    table = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict({"test": table}).save_to_disk(str(tmp_path / "hf"))
+    from_hf = winoground.main([*run, f"data=hf:{tmp_path / 'hf'}", f"out={tmp_path / 'e2'}"])
+    assert {k: from_hf[k] for k in (*hits, "n", "per_tag")} == {k: result[k] for k in (*hits, "n", "per_tag")}
