@@ -212,3 +212,20 @@ def test_validation_split_is_taken_per_dataset(stores, tmp_path):
     model = train.build_model(load_config(args, "default"), pairs.vision_dim, pairs.text_dim)
     expected = train.validation_loss(model, Subset(pairs, val_idx), 16, LOGIT_SCALE, 42, "cpu")
     assert state["loop"]["history"][0]["val_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_train_size_keeps_nested_seeded_subsets(stores, tmp_path):
+    from sharelock.pairs import subsample
+
+    idx = np.arange(100, 200)
+    small, large = subsample(idx, 10, 42), subsample(idx, 30, 42)
+    assert len(small) == 10 and len(large) == 30 and list(small) == sorted(small)
+    assert set(small) <= set(large) <= set(idx)  # nested: the points of one data-scaling curve share their samples
+    assert np.array_equal(subsample(idx, 0.3, 42), large) and not np.array_equal(subsample(idx, 30, 7), large)
+    assert np.array_equal(subsample(idx, None), idx) and np.array_equal(subsample(idx, 1.0), idx)
+    for bad in (0, 101, 0.0, 1.5):
+        with pytest.raises(ValueError, match="data.train_size"):
+            subsample(idx, bad)
+    full = train.main(tiny_args(stores, tmp_path / "full"))
+    part = train.main(tiny_args(stores, tmp_path / "part", "data.train_size=32"))
+    assert full["train_samples"] == 96 and part["train_samples"] == 32  # 120 pairs - 24 for validation

@@ -148,5 +148,21 @@ def split_per_dataset(pairs, val_size: int | float, seed: int = 42) -> tuple[np.
     return np.concatenate(train), np.concatenate(val)
 
 
+def subsample(indices: np.ndarray, size: int | float | None, seed: int = 42) -> np.ndarray:
+    """The first `size` of `indices` in a seeded random order (sorted again): nested subsets for data-scaling
+    curves, since a smaller size keeps a subset of a larger one's samples. A float in (0, 1] is a fraction of the
+    indices; None keeps them all."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if size is None:
+        return indices
+    if isinstance(size, float):
+        if not 0 < size <= 1:
+            raise ValueError(f"data.train_size={size}: a fraction must be in (0, 1]")
+        size = int(round(size * len(indices)))
+    if not 1 <= size <= len(indices):
+        raise ValueError(f"data.train_size={size} must be between 1 and the {len(indices)} training samples")
+    return np.sort(indices[np.random.default_rng(seed).permutation(len(indices))[:size]])
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sharelock.config import load_config, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock
-from sharelock.pairs import StorePairs, Subset, split_per_dataset
+from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
 from sharelock.training import build_optimizer, latest_checkpoint, load_trainer_state, save_checkpoint
 
 log = logging.getLogger("sharelock")
@@ -86,6 +86,7 @@ def fit(
     bs, accum = opt_cfg["batch_size"], opt_cfg["accumulate_grad_batches"]
     rank, world = accelerator.process_index, accelerator.num_processes
     train_idx, val_idx = split_per_dataset(pairs, cfg["data"]["val_size"], cfg["data"]["split_seed"])
+    train_idx = subsample(train_idx, cfg["data"].get("train_size"), cfg["data"]["split_seed"])
     train, val = Subset(pairs, train_idx), Subset(pairs, val_idx)
     per_epoch = len(train) // (bs * world)
     if per_epoch == 0:
@@ -195,7 +196,7 @@ def fit(
         checkpoint()
     accelerator.wait_for_everyone()
     best = state["best_val"] if math.isfinite(state["best_val"]) else None  # None: no validation ran
-    summary = {"step": state["step"], "train_loss": loss_value, "best_val_loss": best}
+    summary = {"step": state["step"], "train_samples": len(train), "train_loss": loss_value, "best_val_loss": best}
     return accelerator.unwrap_model(model), summary
 
 
