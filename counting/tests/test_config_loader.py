@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import yaml
 
-from counting.config import ConfigLoader, parse_value
+from counting.config import ConfigLoader, config_dir, load_config, parse_value
 
 
 def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
@@ -11,3 +13,16 @@ def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
         "lr": 1e-4, "wd": -0.025, "steps": 100, "name": "e5", "betas": [0.9, 0.001], "run": "1e3x"
     }  # fmt: skip
     assert parse_value("1e-3") == 0.001 and parse_value("[1e-3, 2]") == [0.001, 2] and parse_value("abc") == "abc"
+
+
+def test_mixed_precision_no_stays_the_string_accelerate_expects(tmp_path):
+    # plain YAML reads an unquoted `no` as False; accelerate only accepts the string "no"
+    cfg, _ = load_config(["--config", "tiny", "train.mixed_precision=no"])
+    assert cfg["train"]["mixed_precision"] == "no"
+    text = (Path(str(config_dir() / "tiny.yaml"))).read_text().replace('mixed_precision: "no"', "mixed_precision: no")
+    assert "mixed_precision: no\n" in text
+    (tmp_path / "c.yaml").write_text(text)
+    cfg, _ = load_config(["--config", str(tmp_path / "c.yaml")])
+    assert cfg["train"]["mixed_precision"] == "no"
+    cfg, _ = load_config(["--config", "tiny", "train.mixed_precision=bf16"])
+    assert cfg["train"]["mixed_precision"] == "bf16"

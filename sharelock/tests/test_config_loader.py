@@ -11,3 +11,12 @@ def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
         "lr": 1e-4, "wd": -0.025, "steps": 100, "name": "e5", "betas": [0.9, 0.001], "run": "1e3x"
     }  # fmt: skip
     assert parse_value("1e-3") == 0.001 and parse_value("[1e-3, 2]") == [0.001, 2] and parse_value("abc") == "abc"
+
+
+def test_mixed_precision_no_stays_the_string_accelerate_expects():
+    from sharelock.config import load_config
+
+    # YAML 1.1 reads an unquoted `no` as False, which accelerate refuses; other keys keep their booleans
+    cfg = load_config(["mixed_precision=no", "data.in_memory=no"], "default")
+    assert cfg["mixed_precision"] == "no" and cfg["data"]["in_memory"] is False
+    assert load_config(["mixed_precision=bf16"], "default")["mixed_precision"] == "bf16"

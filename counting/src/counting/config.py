@@ -131,6 +131,9 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
     cfg = load_yaml(resolve_config_path(config or default))
     for key, value in overrides:
         set_dotted(cfg, key, value)
+    train = cfg.get("train")
+    if isinstance(train, dict) and train.get("mixed_precision") is False:
+        train["mixed_precision"] = "no"  # YAML 1.1 reads `mixed_precision: no` (file or override) as false
     return cfg, rest
 
 

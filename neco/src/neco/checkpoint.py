@@ -44,10 +44,10 @@ def resolve_resume(resume: str, run_dir: str) -> str:
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {os.path.join(run_dir, 'checkpoints')}")
+            raise FileNotFoundError(f"train.resume=latest: no checkpoint under {os.path.join(run_dir, 'checkpoints')}")
         return found[-1]
     if not os.path.isfile(os.path.join(resume, "meta.json")):
-        raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint directory (expected {resume}/meta.json)")
+        raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory (expected {resume}/meta.json)")
     return resume
 
 

@@ -141,4 +141,15 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     for key, value in pairs:
         set_key(cfg, key, value)
     cfg["config_path"] = os.path.abspath(path)
+    return string_mixed_precision(cfg)
+
+
+def string_mixed_precision(cfg: Any) -> Any:
+    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "mixed_precision" and value is False:
+                cfg[key] = "no"
+            else:
+                string_mixed_precision(value)
     return cfg

@@ -145,7 +145,7 @@ def load_config(
         else:
             set_key(cfg, key, parsed)
     cfg["_cli"] = cli
-    return cfg, positional
+    return string_mixed_precision(cfg), positional
 
 
 def dump_config(cfg: dict, path: str | Path) -> None:
@@ -153,3 +153,14 @@ def dump_config(cfg: dict, path: str | Path) -> None:
     clean = {k: v for k, v in cfg.items() if k != "_cli"}
     with open(path, "w") as f:
         yaml.safe_dump(clean, f, sort_keys=False)
+
+
+def string_mixed_precision(cfg: Any) -> Any:
+    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "mixed_precision" and value is False:
+                cfg[key] = "no"
+            else:
+                string_mixed_precision(value)
+    return cfg

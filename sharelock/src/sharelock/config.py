@@ -133,7 +133,7 @@ def load_config(argv: list[str] | None, default: str) -> dict:
         cfg = merge(base, cfg)
     for key, value in pairs:
         set_key(cfg, key, value)
-    return cfg
+    return string_mixed_precision(cfg)
 
 
 def merge(base: dict, update: dict, prefix: str = "") -> dict:
@@ -153,3 +153,14 @@ def save_config(cfg: dict, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def string_mixed_precision(cfg: Any) -> Any:
+    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "mixed_precision" and value is False:
+                cfg[key] = "no"
+            else:
+                string_mixed_precision(value)
+    return cfg
