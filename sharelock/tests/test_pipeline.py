@@ -281,6 +281,8 @@ def test_winoground_equals_a_per_example_reference(demo_out, tmp_path, monkeypat
     run = [f"checkpoint={out / 'run'}"]
     result = winoground.main([*run, f"data={tmp_path / 'wino'}", f"out={tmp_path / 'e0'}"])
     assert json.loads((tmp_path / "e0" / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    rows = [json.loads(line) for line in (tmp_path / "e0" / "per_example.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(12)) and rows[1]["tag"] == "Relation"
 
     model = load_model(out / "run", load_backbones=True)
     hits = {"text": [], "image": [], "group": []}
@@ -290,6 +292,8 @@ def test_winoground_equals_a_per_example_reference(demo_out, tmp_path, monkeypat
         hits["text"].append(f[0][0] > f[1][0] and f[1][1] > f[0][1])
         hits["image"].append(f[0][0] > f[0][1] and f[1][1] > f[1][0])
         hits["group"].append(hits["text"][-1] and hits["image"][-1])
+        row = rows[rec["id"]]
+        assert np.allclose(row["sim"], f, atol=1e-5) and [row[k] for k in hits] == [v[-1] for v in hits.values()]
     assert result["n"] == 12 and result["per_tag"]["Object"]["n"] == 6
     for key, values in hits.items():
         assert result[key] == pytest.approx(100 * np.mean(values))

@@ -109,7 +109,8 @@ def similarities(model: ShareLock, examples: list[dict[str, Any]], batch_size: i
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of `sharelock-winoground`; prints a table and writes metrics.json."""
+    """Entry point of `sharelock-winoground`; prints a table and writes metrics.json and per_example.jsonl (id, tag,
+    the 2 x 2 cosines [caption][image] and the three outcomes)."""
     from sharelock.features import build_language_encoder, build_vision_encoder
     from sharelock.train import setup_logging
 
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"checkpoint": str(ckpt), "data": str(cfg["data"]), **summarize(sim, tags if all(tags) else None)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    hits = winoground_scores(sim)
+    with open(out / "per_example.jsonl", "w") as f:
+        for n, ex in enumerate(examples):
+            row = {"id": ex.get("id", n), "tag": ex["tag"], "sim": sim[n].tolist()}
+            f.write(json.dumps(row | {k: bool(v[n]) for k, v in hits.items()}) + "\n")
     table = "| examples | n | text | image | group |\n|---|---|---|---|---|\n"
     rows = [("all", result)] + sorted(result.get("per_tag", {}).items())
     table += "\n".join(f"| {k} | {r['n']} | {r['text']:.1f} | {r['image']:.1f} | {r['group']:.1f} |" for k, r in rows)
