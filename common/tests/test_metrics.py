@@ -150,3 +150,13 @@ def test_linear_probe_validation_errors():
         linear_probe(x, y, x, y, val_features=np.zeros((3, 2)), val_labels=[0, 1, 0], **opts)
     with pytest.raises(ValueError, match="with 2 labels"):
         linear_probe(x, y, x, y, val_features=np.zeros((3, 1)), val_labels=[0, 1], **opts)
+
+
+def test_linear_probe_takes_bfloat16_features():
+    """Features computed under bf16 autocast: numpy has no bfloat16, so they are widened before sklearn."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 5)) * 5
+    y = rng.integers(0, 3, 300)
+    x = torch.from_numpy(centres[y] + rng.normal(size=(300, 5))).bfloat16()
+    result = linear_probe(x[:200], torch.from_numpy(y[:200]), x[200:], torch.from_numpy(y[200:]), C=1.0)
+    assert result["top1"] > 95

@@ -200,9 +200,24 @@ def test_gradient_rules():
     lin.weight.grad = torch.full((2, 3), 6.0 / 6**0.5)  # norm 6
     lin.bias.grad = torch.tensor([0.6, 0.8])  # norm 1
     norms = clip_gradients(lin, 3.0)
-    assert norms == pytest.approx([6.0, 1.0], rel=1e-6)
+    assert norms.tolist() == pytest.approx([6.0, 1.0], rel=1e-6)
     assert lin.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
     torch.testing.assert_close(lin.bias.grad, torch.tensor([0.6, 0.8]))
+    # a whole network against the reference's per-parameter loop (norm, coefficient, scale only when below 1)
+    net = build_network(load_config(["--config", "tiny"]))
+    torch.manual_seed(0)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p) * float(torch.rand(()) * 2)
+    want, clipped = [], []
+    for p in net.parameters():
+        g = p.grad.clone()
+        coef = 3.0 / (g.norm(2) + 1e-6)
+        want.append(g * coef if coef < 1 else g)
+        clipped.append(bool(coef < 1))
+    assert any(clipped) and not all(clipped)
+    clip_gradients(net, 3.0)
+    for w, p in zip(want, net.parameters()):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=0)
 
     cfg = load_config(["--config", "tiny"])
     net = build_network(cfg)

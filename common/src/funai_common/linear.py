@@ -14,7 +14,10 @@ DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
 
 
 def _fit(features, labels, C: float, max_iter: int, seed: int, fit_intercept: bool, tol: float):

@@ -56,8 +56,8 @@ class NeighborIndex:
     """An exact inner-product index over a fixed bank of rows, searched many times.
 
     bank: (R, D) features. ``bank_dtype=torch.float16`` halves the memory of the bank (torch: a float16 tensor;
-    faiss-gpu: ``useFloat16``; faiss-cpu: an fp16 scalar quantizer, i.e. the same rounding); scores are still
-    accumulated in float32.
+    faiss-gpu: ``useFloat16``; faiss-cpu: an fp16 scalar quantizer, i.e. the same rounding); the queries stay float32
+    and the torch backend computes every score in float32 from the rounded rows.
     """
 
     def __init__(self, bank, backend: str = "auto", bank_dtype: torch.dtype | None = None, chunk_size: int = 4096):
@@ -100,16 +100,15 @@ class NeighborIndex:
         return torch.from_numpy(scores).to(out_device), torch.from_numpy(indices).long().to(out_device)
 
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        compute_dtype = self.bank.dtype if self.bank.device.type == "cuda" else torch.float32
         q_chunk = max(1, min(self.chunk_size, queries.shape[0]))
         bank_chunk = max(k, _TORCH_BLOCK_ELEMENTS // q_chunk)
         all_scores, all_indices = [], []
         for start in range(0, queries.shape[0], q_chunk):
-            q = queries[start : start + q_chunk].to(self.bank.device, compute_dtype)
+            q = queries[start : start + q_chunk].to(self.bank.device, torch.float32)
             best_s, best_i = None, None
             for b_start in range(0, self.num_rows, bank_chunk):
-                block = self.bank[b_start : b_start + bank_chunk].to(compute_dtype)
-                s, i = torch.topk((q @ block.T).float(), min(k, block.shape[0]), dim=1)
+                block = self.bank[b_start : b_start + bank_chunk].float()  # a float16 bank: exact scores of its rows
+                s, i = torch.topk(q @ block.T, min(k, block.shape[0]), dim=1)
                 i = i + b_start
                 if best_s is not None:
                     s, pos = torch.topk(torch.cat([best_s, s], 1), k, dim=1)

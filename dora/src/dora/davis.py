@@ -54,11 +54,12 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> flo
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
 
 
-def neighbourhood_mask(h: int, w: int, size: int) -> torch.Tensor:
-    """(h*w, h*w) bool: source patch within ``size`` patches (Chebyshev) of the target patch; size 0 = everything."""
+def neighbourhood_mask(h: int, w: int, size: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """(h*w, h*w) bool on ``device``: source patch within ``size`` patches (Chebyshev) of the target patch; size 0 =
+    everything."""
     if size <= 0:
-        return torch.ones(h * w, h * w, dtype=torch.bool)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return torch.ones(h * w, h * w, dtype=torch.bool, device=device)
+    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
     return ((yy[:, None] - yy[None]).abs() <= size) & ((xx[:, None] - xx[None]).abs() <= size)
 
@@ -80,7 +81,7 @@ def propagate(
     """
     m, p, _ = sources.shape
     aff = torch.exp(torch.einsum("pd,mqd->pmq", target, sources) / temperature)  # (P, M, P)
-    aff = aff * neighbourhood_mask(*grid, neighbourhood).unsqueeze(1).to(aff.dtype)
+    aff = aff * neighbourhood_mask(*grid, neighbourhood, aff.device).unsqueeze(1).to(aff.dtype)
     aff = aff.reshape(p, m * p)
     vals, idx = aff.topk(min(topk, m * p), dim=1)
     weights = vals / vals.sum(dim=1, keepdim=True).clamp_min(1e-12)
@@ -122,7 +123,7 @@ def labels_to_mask(labels: torch.Tensor, grid: tuple[int, int], patch: int, size
     lo = lab.amin(dim=(1, 2), keepdim=True)
     span = lab.amax(dim=(1, 2), keepdim=True) - lo
     lab = torch.where(span > 0, (lab - lo) / span.clamp_min(1e-12), torch.zeros_like(lab))
-    ids = lab.argmax(0).to(torch.uint8).numpy()
+    ids = lab.argmax(0).to(torch.uint8).cpu().numpy()
     return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
 
 

@@ -67,16 +67,15 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clip_gradients(model: torch.nn.Module, clip: float) -> list[float]:
-    """Scale each parameter's gradient separately to norm <= ``clip`` (the reference rule); returns the norms."""
-    norms = []
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.detach().norm(2)
-            norms.append(norm.item())
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
+def clip_gradients(model: torch.nn.Module, clip: float) -> torch.Tensor:
+    """Scale each parameter's gradient separately to norm <= ``clip`` (the reference rule, without a host sync per
+    parameter); returns the norms before clipping (one per parameter with a gradient)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # a factor of exactly 1 leaves a gradient unchanged
+    torch._foreach_mul_(grads, list(coefs.unbind()))
     return norms
 
 

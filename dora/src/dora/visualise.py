@@ -36,7 +36,7 @@ def clip_masks(model, clip: torch.Tensor, heads: list[int]) -> torch.Tensor:
     x = normalize(clip)
     _, tokens, attn, query, key = forward_with_attention(model, x)
     split = lambda a: a.unsqueeze(1)  # noqa: E731  (T, ...) -> (T, B=1, ...)
-    ones = torch.ones(1, *clip.shape)
+    ones = torch.ones(1, *clip.shape, device=clip.device)
     patch = model.patch_embed.patch_size[0]
     masks = track_and_mask(split(attn), split(query), split(key), split(tokens[:, 1:]), ones, patch, heads)
     return masks[:, 0, :, 0]
