@@ -99,3 +99,37 @@ def test_dot_map_duplicates_borders_and_slow_loop():
     assert np.allclose(density, 3000 * slow_reflect_blur(dots, hand_gaussian(9, 1.0)), atol=1e-3)
     assert float(density.sum()) == pytest.approx(3 * 3000, rel=1e-5)  # reflect mode keeps the mass at borders
     assert float(dot_density_map(np.zeros((0, 2)), 5, 6).abs().sum()) == 0.0
+
+
+def test_point_map_is_built_on_the_device_of_the_boxes():
+    """CUDA boxes used to index a CPU map (an error on a GPU); the meta device stands in for CUDA here."""
+    from counting.density import point_map
+
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 3.0, 6.0, 7.0]])
+    assert point_map(boxes.to("meta"), 8, 8).device.type == "meta"
+    assert point_map(boxes.tolist(), 8, 8).device.type == "cpu"
+
+
+def test_blur_kernel_is_on_the_device_of_the_map(monkeypatch):
+    """The Gaussian kernel is made on the CPU; it must follow the map (conv2d of a CUDA map with a CPU kernel fails,
+    which the meta device does not check by itself, hence the spy)."""
+    import counting.density as density
+
+    conv2d = density.F.conv2d
+
+    def same_device_conv2d(x, weight, *args, **kwargs):
+        assert weight.device == x.device, f"kernel on {weight.device}, map on {x.device}"
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(density.F, "conv2d", same_device_conv2d)
+    assert density.gaussian_blur(torch.zeros(16, 16, device="meta"), (5, 7), (0.5, 0.75)).device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_density_from_cuda_boxes_matches_cpu():
+    boxes = torch.tensor([[10.0, 12.0, 30.0, 28.0], [40.0, 5.0, 52.0, 21.0]])
+    cpu = density_from_boxes(boxes, 64, 64)
+    gpu = density_from_boxes(boxes.cuda(), 64, 64)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)

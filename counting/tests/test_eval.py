@@ -218,3 +218,28 @@ def test_density_figure_has_a_ground_truth_panel_for_points_or_dot_map(tmp_path)
         save_density_figure(tmp_path / f"{name}.png", image, density, 2.0, 2, **extra)
         widths[name] = Image.open(tmp_path / f"{name}.png").size[0]
     assert widths == {"plain": 1000, "points": 1500, "both": 1500}  # figsize (10 | 15) x 4.5 in at 100 dpi
+
+
+def test_density_figure_takes_half_precision_images(tmp_path):
+    """A bfloat16 image (autocast / half-precision pipelines) used to reach ``.numpy()``, which has no bfloat16."""
+    from counting.figures import save_density_figure, to_display
+
+    image = torch.rand(3, 32, 48)
+    shown = to_display(image.bfloat16())
+    assert shown.dtype == torch.float32 and shown.shape == (32, 48, 3)
+    torch.testing.assert_close(shown, image.bfloat16().float().permute(1, 2, 0))
+    save_density_figure(tmp_path / "bf16.png", image.bfloat16(), torch.rand(32, 48).bfloat16(), 2.0, 2)
+    assert (tmp_path / "bf16.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_density_figure_takes_cuda_tensors(tmp_path):
+    """A normalised CUDA image used to meet the CPU mean/std of ``to_display``."""
+    from counting.collage import normalize
+    from counting.figures import save_density_figure, to_display
+
+    image = torch.rand(3, 32, 48)
+    torch.testing.assert_close(to_display(normalize(image).cuda()), image.permute(1, 2, 0), atol=1e-5, rtol=0)
+    save_density_figure(tmp_path / "cuda.png", normalize(image).cuda(), torch.rand(32, 48).cuda(), 2.0, 2)
+    assert (tmp_path / "cuda.png").is_file()

@@ -65,3 +65,20 @@ def test_precision_at_threshold():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="must both be"):
         paired_iou([[0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]])
+
+
+def test_metrics_take_tensors_that_need_grad():
+    """Tensor boxes go to numpy for the size bins: they are detached (and moved to the CPU) first."""
+    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 100.0, 100.0]], requires_grad=True)
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 50.0, 100.0]])
+    out = localisation_miou(pred, gt)
+    assert out["miou"] == pytest.approx(0.75) and out["num_s"] == 1 and out["num_m"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_metrics_take_cuda_tensors():
+    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 100.0, 100.0]])
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 50.0, 100.0]])
+    assert localisation_miou(pred.cuda(), gt.cuda()) == localisation_miou(pred, gt)
+    assert precision_at(pred.cuda(), gt.cuda()) == precision_at(pred, gt)

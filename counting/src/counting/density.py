@@ -45,7 +45,7 @@ def gaussian_blur(image: torch.Tensor, kernel_size: tuple[int, int], sigma: tupl
     height, width = image.shape
     for axis, (size, s, side) in enumerate(zip(kernel_size, sigma, (width, height))):
         size = min(size, 2 * side - 1)
-        kernel = gaussian_kernel1d(size, s)
+        kernel = gaussian_kernel1d(size, s).to(out.device)
         if kernel.numel() == 1:
             continue
         pad = kernel.numel() // 2
@@ -57,9 +57,11 @@ def gaussian_blur(image: torch.Tensor, kernel_size: tuple[int, int], sigma: tupl
 
 
 def point_map(boxes: torch.Tensor, height: int, width: int, scale: float = DENSITY_SCALING) -> torch.Tensor:
-    """(H, W) map with ``scale`` *assigned* at (row int(cy), col int(cx)) of every xyxy box; duplicates count once."""
-    points = torch.zeros(height, width)
+    """(H, W) map with ``scale`` *assigned* at (row int(cy), col int(cx)) of every xyxy box; duplicates count once.
+
+    The map is on the device of ``boxes`` (CPU for lists and arrays)."""
     boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    points = torch.zeros(height, width, device=boxes.device)
     if len(boxes):
         cx = ((boxes[:, 0] + boxes[:, 2]) / 2).long().clamp(0, width - 1)
         cy = ((boxes[:, 1] + boxes[:, 3]) / 2).long().clamp(0, height - 1)

@@ -10,12 +10,14 @@ from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def to_display(image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) normalised (or [0, 1]) image -> (H, W, 3) in [0, 1] for imshow."""
+    """(3, H, W) normalised (or [0, 1]) image on any device and in any float dtype -> (H, W, 3) float32 CPU tensor in
+    [0, 1] for imshow."""
+    image = image.detach().float().cpu()  # first: the mean/std below are CPU tensors, numpy has no bfloat16
     if image.min() < 0 or image.max() > 1:
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         image = image * std + mean
-    return image.clamp(0, 1).permute(1, 2, 0).cpu()
+    return image.clamp(0, 1).permute(1, 2, 0)
 
 
 def save_density_figure(
@@ -43,7 +45,7 @@ def save_density_figure(
         density = torch.nn.functional.interpolate(
             density[None, None].float(), size=tuple(shown.shape[:2]), mode="bilinear", align_corners=False
         )[0, 0]
-    density = density.detach().cpu().clamp_min(0).numpy()
+    density = density.detach().float().cpu().clamp_min(0).numpy()
     truth = gt_density is not None or gt_points is not None
     fig, axes = plt.subplots(1, 3 if truth else 2, figsize=(15 if truth else 10, 4.5))
     axes[0].imshow(shown)
@@ -57,7 +59,7 @@ def save_density_figure(
     if truth:
         axes[2].imshow(shown.mean(-1), cmap="gray")
         if gt_density is not None:
-            axes[2].imshow(gt_density.detach().cpu().numpy(), cmap="jet", alpha=0.55)
+            axes[2].imshow(gt_density.detach().float().cpu().numpy(), cmap="jet", alpha=0.55)
         title = "annotated objects (dots, sigma 1)"
         if gt_points is not None and len(gt_points):
             xy = gt_points.detach().cpu().numpy()

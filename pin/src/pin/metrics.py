@@ -11,9 +11,9 @@ BINS = ("s", "m", "l")
 
 
 def _as_boxes(boxes) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not torch.is_tensor(boxes) else boxes)
-    t = t.to(torch.float64).reshape(-1, 4)
-    return t
+    """(N, 4) float64 CPU tensor from a tensor on any device, an array or nested lists (results go to numpy)."""
+    t = boxes.detach().cpu() if torch.is_tensor(boxes) else torch.as_tensor(np.asarray(boxes, dtype=np.float64))
+    return t.to(torch.float64).reshape(-1, 4)
 
 
 def paired_iou(pred_boxes, gt_boxes) -> torch.Tensor:
