@@ -184,3 +184,35 @@ def test_neco_loss_student_gradients_match_slow_loop():
     for a, b in zip(fast_grads, slow_grads):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b)
+
+
+def test_neighbor_ranks_under_bf16_autocast_stay_float32_and_positive():
+    # GPU training runs bf16 autocast: the similarity einsum would be cast to bf16 and the soft sort in bf16 rounds
+    # comparator weights to exactly 0, so log(ranks) = -inf in the loss. The ranks must be computed in float32.
+    gen = torch.Generator().manual_seed(0)
+    q, r = torch.randn(2, 49, 16, generator=gen), torch.randn(2, 49, 16, generator=gen)
+    expected = neighbor_ranks(q, r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ranks = neighbor_ranks(q, r)
+    assert ranks.dtype == torch.float32 and (ranks > 0).all()
+    torch.testing.assert_close(ranks, expected)
+    assert neighbor_ranks(q.bfloat16(), r.bfloat16()).dtype == torch.float32
+
+
+def test_neco_loss_finite_under_bf16_autocast_and_for_bf16_tokens():
+    teacher, student, boxes, perms = _batch(seed=2, dim=16)
+    teacher, student = [t.float() for t in teacher], [s.float().requires_grad_(True) for s in student]
+    expected = neco_loss(teacher, student, boxes, SIZES, 14, ref_indices=perms)
+    for checkpoint_sort in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = neco_loss(teacher, student, boxes, SIZES, 14, ref_indices=perms, checkpoint_sort=checkpoint_sort)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        assert all(torch.isfinite(s.grad).all() for s in student)
+    # bf16 head outputs used without .float(): roi_align has no bf16 kernel, the loss aligns them in float32
+    loss = neco_loss(
+        [t.bfloat16() for t in teacher], [s.bfloat16() for s in student], boxes, SIZES, 14, ref_indices=perms
+    )
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected, atol=0.05, rtol=0.02)

@@ -8,6 +8,7 @@ teacher's and its own soft rank distributions, averaged over the 2 x 5 pairs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,20 +35,33 @@ def neighbor_ranks(
     queries (B, Q, D), references (B, R, D). Similarities are cosines of L2-normalised vectors (``"cosine"``)
     or Euclidean distances (``"euclidean"``), soft-sorted ascending; entry [b, q, i, j] is the weight with which
     reference i lands at rank j.
+
+    Computed in at least float32 with autocast off: in bfloat16 (e.g. inside a ``torch.autocast`` region, which
+    casts the similarity matmul) comparator weights round to exactly 0 or 1, ranks of exactly 0 appear and
+    ``rank_cross_entropy`` becomes inf / NaN. Half-precision inputs thus give float32 ranks.
     """
     if queries.dim() != 3 or references.dim() != 3 or queries.shape[::2] != references.shape[::2]:
         raise ValueError(
             f"expected queries (B, Q, D) and references (B, R, D), got {tuple(queries.shape)} and "
             f"{tuple(references.shape)}"
         )
-    if similarity == "cosine":
-        sim = torch.einsum("bqd,brd->bqr", F.normalize(queries, dim=-1), F.normalize(references, dim=-1))
-    elif similarity == "euclidean":
-        sim = torch.cdist(queries, references, p=2.0)
-    else:
+    if similarity not in ("cosine", "euclidean"):
         raise ValueError(f"unknown similarity {similarity!r}; expected 'cosine' or 'euclidean'")
-    b, q, r = sim.shape
-    _, perm = soft_sort(sim.reshape(b * q, r), network=network, steepness=steepness)
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, references.dtype), torch.float32)
+    device_type = queries.device.type
+    no_autocast = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
+        queries, references = queries.to(dtype), references.to(dtype)
+        if similarity == "cosine":
+            sim = torch.einsum("bqd,brd->bqr", F.normalize(queries, dim=-1), F.normalize(references, dim=-1))
+        else:
+            sim = torch.cdist(queries, references, p=2.0)
+        b, q, r = sim.shape
+        _, perm = soft_sort(sim.reshape(b * q, r), network=network, steepness=steepness)
     return perm.reshape(b, q, r, r)
 
 
@@ -71,8 +85,10 @@ def _to_map(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def align(tokens: torch.Tensor, boxes: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """RoI-align each image's token map onto its box (B, 4) in pixels of that crop: (B, 49, D) row-major."""
+    """RoI-align each image's token map onto its box (B, 4) in pixels of that crop: (B, 49, D) row-major.
+    Half-precision tokens are aligned in float32 (torchvision's CPU roi_align has no bfloat16 kernel)."""
     fmap = _to_map(tokens)
+    fmap = fmap.to(torch.promote_types(fmap.dtype, torch.float32))
     index = torch.arange(len(boxes), device=fmap.device, dtype=fmap.dtype)[:, None]
     rois = torch.cat([index, boxes.to(device=fmap.device, dtype=fmap.dtype) / patch_size], 1)
     out = roi_align(fmap, rois, ROI_SIZE, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
