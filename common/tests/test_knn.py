@@ -97,6 +97,16 @@ def test_backends_agree():
         torch.testing.assert_close(scores, brute.values, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_backend_keeps_a_cuda_bank_on_the_gpu_without_faiss_gpu(monkeypatch):
+    from funai_common import search
+
+    monkeypatch.setattr(search, "faiss_gpu_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"  # no copy of the bank to faiss-cpu
+    assert resolve_backend("auto", "cpu") == resolve_backend("auto") == ("faiss-cpu" if search._faiss() else "torch")
+    monkeypatch.setattr(search, "faiss_gpu_available", lambda: True)
+    assert resolve_backend("auto", "cuda") == resolve_backend("auto", "cpu") == "faiss-gpu"
+
+
 def test_torch_backend_merges_bank_chunks(monkeypatch):
     import funai_common.search as search
 

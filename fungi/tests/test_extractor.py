@@ -191,3 +191,11 @@ def test_bfloat16_autocast_close_to_float32(images, device):
         feats[dtype] = ex(images[:2]).view(2, 3, 48).cpu()
     cos = F.cosine_similarity(feats[torch.float32], feats[torch.bfloat16], dim=-1)
     assert feats[torch.bfloat16].dtype == torch.float32 and (cos > 0.99).all()
+
+
+def test_projection_lives_on_the_extractor_device():
+    """The +-1 matrix is built once on the extractor's device (the meta device stands in for a GPU here), so a batch
+    does not copy it from the host."""
+    ex = FUNGIExtractor(tiny_timm(), seed=0, device="meta")
+    ex.build(8)
+    assert ex.projection.device.type == "meta" and ex.projection.dtype == torch.int8

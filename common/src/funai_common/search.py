@@ -33,13 +33,17 @@ def faiss_gpu_available() -> bool:
     return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """Turn ``"auto"`` into the fastest available backend; check that an explicit one is usable."""
+def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
+    """Turn ``"auto"`` into the fastest available backend for a bank on ``device``: faiss-gpu, else torch for a
+    CUDA bank (a GPU matmul beats copying the bank to faiss-cpu), else faiss-cpu, else torch. Check that an explicit
+    backend is usable."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown search backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if faiss_gpu_available():
             return "faiss-gpu"
+        if device is not None and torch.device(device).type == "cuda":
+            return "torch"
         return "faiss-cpu" if _faiss() is not None else "torch"
     if backend == "faiss-cpu" and _faiss() is None:
         raise ImportError("backend 'faiss-cpu' needs faiss: pip install 'funai-common[faiss-cpu]'")
@@ -64,7 +68,7 @@ class NeighborIndex:
         bank = _to_torch(bank)
         if bank.ndim != 2:
             raise ValueError(f"bank must be 2-D (rows, dim), got shape {tuple(bank.shape)}")
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, bank.device)
         self.num_rows, self.dim = bank.shape
         self.chunk_size = chunk_size
         self.device = bank.device

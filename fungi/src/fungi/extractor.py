@@ -84,7 +84,8 @@ class FUNGIExtractor(nn.Module):
             options = self.objective_options.get(name, {})
             self.objectives[name] = build_objective(name, embed_dim, gen, **options).to(self.device)
         grad_dim = self.linear.out_features * (self.linear.in_features + 1)
-        self.register_buffer("projection", random_projection(embed_dim, grad_dim, self.seed).to(torch.int8))
+        projection = random_projection(embed_dim, grad_dim, self.seed).to(torch.int8)
+        self.register_buffer("projection", projection.to(self.device))  # no host-to-device copy per batch
 
     @property
     def feature_dim(self) -> int:
