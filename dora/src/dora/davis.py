@@ -171,10 +171,10 @@ def evaluate_davis(
             w, h = round(img.size[0] * s) // patch_size * patch_size, round(img.size[1] * s) // patch_size * patch_size
             x = torch.from_numpy(np.array(img.resize((w, h), Image.BICUBIC))).permute(2, 0, 1).float() / 255
             with torch.no_grad():
-                feats.append(patch_features(normalize(x).unsqueeze(0).to(device))[0].float().cpu())
+                feats.append(patch_features(normalize(x).unsqueeze(0).to(device))[0].float())  # propagated there
             grid = (h // patch_size, w // patch_size)
         small = np.asarray(Image.fromarray(first).resize((grid[1], grid[0]), Image.NEAREST))
-        first_labels = F.one_hot(torch.from_numpy(small.astype(np.int64)).flatten(), num_obj + 1).float()
+        first_labels = F.one_hot(torch.from_numpy(small.astype(np.int64)).flatten(), num_obj + 1).float().to(device)
         labels = label_propagation(feats, first_labels, grid, n_last_frames, topk, neighbourhood, temperature)
         vj = {obj: [] for obj in range(1, num_obj + 1)}
         vf = {obj: [] for obj in range(1, num_obj + 1)}
