@@ -23,6 +23,14 @@ from neco.sorting import soft_sort
 ROI_SIZE = 7  # roi_align_kernel_size of the reference: 7 x 7 aligned locations, 49 references
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)``, or nothing where autocast does not exist (the meta device)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def neighbor_ranks(
     queries: torch.Tensor,
     references: torch.Tensor,
@@ -48,13 +56,7 @@ def neighbor_ranks(
     if similarity not in ("cosine", "euclidean"):
         raise ValueError(f"unknown similarity {similarity!r}; expected 'cosine' or 'euclidean'")
     dtype = torch.promote_types(torch.promote_types(queries.dtype, references.dtype), torch.float32)
-    device_type = queries.device.type
-    no_autocast = (
-        torch.autocast(device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
+    with _autocast_off(queries.device.type):
         queries, references = queries.to(dtype), references.to(dtype)
         if similarity == "cosine":
             sim = torch.einsum("bqd,brd->bqr", F.normalize(queries, dim=-1), F.normalize(references, dim=-1))
