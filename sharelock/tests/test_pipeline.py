@@ -319,7 +319,29 @@ def test_winoground_equals_a_per_example_reference(demo_out, tmp_path, monkeypat
     features = datasets.Features(
         {**{f"image_{k}": datasets.Image() for k in (0, 1)}, **{k: datasets.Value("string") for k in list(columns)[2:]}}
     )
+    columns["id"], features["id"] = [100 + r["id"] for r in records], datasets.Value("int32")  # the Hub's id column
     table = datasets.Dataset.from_dict(columns, features=features)
     datasets.DatasetDict({"test": table}).save_to_disk(str(tmp_path / "hf"))
     from_hf = winoground.main([*run, f"data=hf:{tmp_path / 'hf'}", f"out={tmp_path / 'e2'}"])
     assert {k: from_hf[k] for k in (*hits, "n", "per_tag")} == {k: result[k] for k in (*hits, "n", "per_tag")}
+    hf_rows = [json.loads(line) for line in (tmp_path / "e2" / "per_example.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in hf_rows] == [100 + n for n in range(12)]
+
+    # language_model= replaces the checkpoint's LLM: the builder gets it (a copy of the recorded one: same scores),
+    # and a folder that does not exist is an error naming it
+    import shutil
+
+    from sharelock import features
+
+    recorded = json.loads((out / "run" / "checkpoints" / "best" / "meta.json").read_text())["backbones"]["text"]
+    copy = shutil.copytree(recorded["model"], tmp_path / "llm-copy")
+    seen, build = [], features.build_language_encoder
+    monkeypatch.setattr(
+        features, "build_language_encoder", lambda spec, device: seen.append(spec) or build(spec, device)
+    )
+    same = winoground.main([*run, f"data={tmp_path / 'wino'}", f"language_model={copy}", f"out={tmp_path / 'e3'}"])
+    assert [s["model"] for s in seen] == [str(copy)] and {k: same[k] for k in hits} == {k: result[k] for k in hits}
+    with pytest.raises(FileNotFoundError, match="language model .*llm-missing"):
+        winoground.main(
+            [*run, f"data={tmp_path / 'wino'}", f"language_model={tmp_path / 'llm-missing'}", f"out={tmp_path / 'e4'}"]
+        )

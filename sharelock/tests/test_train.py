@@ -229,3 +229,18 @@ def test_train_size_keeps_nested_seeded_subsets(stores, tmp_path):
     full = train.main(tiny_args(stores, tmp_path / "full"))
     part = train.main(tiny_args(stores, tmp_path / "part", "data.train_size=32"))
     assert full["train_samples"] == 96 and part["train_samples"] == 32  # 120 pairs - 24 for validation
+
+
+def test_train_size_of_every_pair_is_the_full_run(stores, tmp_path):
+    from sharelock.pairs import subsample
+
+    # the split hands over its training indices in shuffled order: a subset keeps that order, so train_size=1.0
+    # (or the full count) trains on the same batches as train_size=null (the last point of a data-scaling curve)
+    idx = np.random.default_rng(1).permutation(np.arange(100, 150))
+    assert np.array_equal(subsample(idx, 50), idx) and np.array_equal(subsample(idx, 1.0), idx)
+    part = subsample(idx, 20)
+    assert np.array_equal(part, [i for i in idx if i in set(part)])  # the given order, not sorted
+    full = train.main(tiny_args(stores, tmp_path / "full"))
+    every = train.main(tiny_args(stores, tmp_path / "every", "data.train_size=1.0"))
+    assert every["train_samples"] == full["train_samples"] == 96
+    assert losses(tmp_path / "every") == losses(tmp_path / "full")

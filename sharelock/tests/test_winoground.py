@@ -62,6 +62,9 @@ def test_release_folder_reader_and_its_errors(tmp_path):
     (data / "examples.jsonl").write_text(json.dumps({"id": 1, "caption_0": "x"}))
     with pytest.raises(KeyError, match="line 1 lacks"):
         load_examples(data)
+    (data / "examples.jsonl").write_text(json.dumps(rec) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"examples.jsonl line 2 is not JSON"):
+        load_examples(data)
 
 
 class StubModel:

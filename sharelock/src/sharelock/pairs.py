@@ -149,9 +149,9 @@ def split_per_dataset(pairs, val_size: int | float, seed: int = 42) -> tuple[np.
 
 
 def subsample(indices: np.ndarray, size: int | float | None, seed: int = 42) -> np.ndarray:
-    """The first `size` of `indices` in a seeded random order (sorted again): nested subsets for data-scaling
-    curves, since a smaller size keeps a subset of a larger one's samples. A float in (0, 1] is a fraction of the
-    indices; None keeps them all."""
+    """The first `size` of `indices` in a seeded random order, kept in their given order: nested subsets for
+    data-scaling curves, since a smaller size keeps a subset of a larger one's samples, and all of them (1.0) is
+    `indices` itself, the run without a subset. A float in (0, 1] is a fraction of the indices; None keeps them all."""
     indices = np.asarray(indices, dtype=np.int64)
     if size is None:
         return indices
@@ -161,7 +161,7 @@ def subsample(indices: np.ndarray, size: int | float | None, seed: int = 42) -> 
         size = int(round(size * len(indices)))
     if not 1 <= size <= len(indices):
         raise ValueError(f"data.train_size={size} must be between 1 and the {len(indices)} training samples")
-    return np.sort(indices[np.random.default_rng(seed).permutation(len(indices))[:size]])
+    return indices[np.sort(np.random.default_rng(seed).permutation(len(indices))[:size])]
 
 
 def _as_list(value) -> list:

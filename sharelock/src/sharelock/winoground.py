@@ -69,7 +69,12 @@ def load_examples(data: str | Path) -> list[dict[str, Any]]:
         if missing:
             raise KeyError(f"{data} lacks the Winoground column(s) {sorted(missing)}; it has {rows.column_names}")
         return [
-            {**{k: r[k] for k in ("image_0", "image_1", "caption_0", "caption_1")}, "tag": r.get(TAG_KEY)} for r in rows
+            {
+                **{k: r[k] for k in ("image_0", "image_1", "caption_0", "caption_1")},
+                "tag": r.get(TAG_KEY),
+                "id": r.get("id"),
+            }
+            for r in rows
         ]
     root = Path(data).expanduser()
     folder = next((f for f in (root, root / "data") if (f / "examples.jsonl").is_file()), None)
@@ -79,7 +84,10 @@ def load_examples(data: str | Path) -> list[dict[str, Any]]:
     for line_no, line in enumerate((folder / "examples.jsonl").read_text().splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{folder / 'examples.jsonl'} line {line_no} is not JSON: {err}") from None
         missing = {"image_0", "image_1", "caption_0", "caption_1"} - set(rec)
         if missing:
             raise KeyError(f"{folder / 'examples.jsonl'} line {line_no} lacks {sorted(missing)}")
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hits = winoground_scores(sim)
     with open(out / "per_example.jsonl", "w") as f:
         for n, ex in enumerate(examples):
-            row = {"id": ex.get("id", n), "tag": ex["tag"], "sim": sim[n].tolist()}
+            row = {"id": n if ex.get("id") is None else ex["id"], "tag": ex["tag"], "sim": sim[n].tolist()}
             f.write(json.dumps(row | {k: bool(v[n]) for k, v in hits.items()}) + "\n")
     table = "| examples | n | text | image | group |\n|---|---|---|---|---|\n"
     rows = [("all", result)] + sorted(result.get("per_tag", {}).items())
