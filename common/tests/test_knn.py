@@ -118,6 +118,32 @@ def test_torch_backend_merges_bank_chunks(monkeypatch):
     assert torch.equal(indices, brute.indices)
 
 
+def test_torch_backend_widens_a_float16_bank_one_bounded_block_at_a_time(monkeypatch):
+    """A float16 bank is scored in float32 block by block: with few queries the score bound alone would allow a block
+    of the whole bank, i.e. a float32 copy twice the size of the float16 bank it was meant to save."""
+    import funai_common.search as search
+
+    monkeypatch.setattr(search, "_TORCH_BLOCK_ELEMENTS", 1024)
+    widened = []
+    to_float = torch.Tensor.float
+
+    def spy(t, *args, **kwargs):
+        if t.dtype == torch.float16:
+            widened.append(t.numel())
+        return to_float(t, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(3000, 32, generator=g), torch.randn(2, 32, generator=g)
+    index = search.NeighborIndex(bank, backend="torch", bank_dtype=torch.float16)
+    monkeypatch.setattr(torch.Tensor, "float", spy)
+    scores, indices = index.search(queries, 5)
+    monkeypatch.undo()
+    assert widened and max(widened) <= 1024  # blocks of at most _TORCH_BLOCK_ELEMENTS float32 entries
+    brute = torch.topk(queries @ bank.half().float().T, 5, dim=1)
+    assert torch.equal(indices, brute.indices)
+    torch.testing.assert_close(scores, brute.values)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown search backend"):
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 1, backend="scann")

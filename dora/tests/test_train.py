@@ -218,6 +218,15 @@ def test_gradient_rules():
     clip_gradients(net, 3.0)
     for w, p in zip(want, net.parameters()):
         torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=0)
+    # a NaN entry gives a NaN norm: the reference's `coef < 1` is False and leaves the gradient as is
+    lin.weight.grad = torch.tensor([[float("nan"), 6.0, 0.0], [1.0, 2.0, 3.0]])
+    lin.bias.grad = torch.tensor([30.0, 40.0])
+    norms = clip_gradients(lin, 3.0)
+    assert torch.isnan(norms[0]) and norms[1].item() == pytest.approx(50.0)
+    torch.testing.assert_close(
+        lin.weight.grad, torch.tensor([[float("nan"), 6.0, 0.0], [1.0, 2.0, 3.0]]), equal_nan=True
+    )
+    torch.testing.assert_close(lin.bias.grad, torch.tensor([1.8, 2.4]))
 
     cfg = load_config(["--config", "tiny"])
     net = build_network(cfg)

@@ -106,6 +106,8 @@ class NeighborIndex:
     def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         q_chunk = max(1, min(self.chunk_size, queries.shape[0]))
         bank_chunk = max(k, _TORCH_BLOCK_ELEMENTS // q_chunk)
+        if self.bank.dtype != torch.float32:  # each block is widened to float32: bound that copy too
+            bank_chunk = max(k, min(bank_chunk, _TORCH_BLOCK_ELEMENTS // max(1, self.dim)))
         all_scores, all_indices = [], []
         for start in range(0, queries.shape[0], q_chunk):
             q = queries[start : start + q_chunk].to(self.bank.device, torch.float32)

@@ -174,7 +174,8 @@ def evaluate_davis(
                 feats.append(patch_features(normalize(x).unsqueeze(0).to(device))[0].float())  # propagated there
             grid = (h // patch_size, w // patch_size)
         small = np.asarray(Image.fromarray(first).resize((grid[1], grid[0]), Image.NEAREST))
-        first_labels = F.one_hot(torch.from_numpy(small.astype(np.int64)).flatten(), num_obj + 1).float().to(device)
+        first_labels = F.one_hot(torch.from_numpy(small.astype(np.int64)).flatten(), num_obj + 1).float()
+        first_labels = first_labels.to(feats[0].device)  # where patch_features put the features
         labels = label_propagation(feats, first_labels, grid, n_last_frames, topk, neighbourhood, temperature)
         vj = {obj: [] for obj in range(1, num_obj + 1)}
         vf = {obj: [] for obj in range(1, num_obj + 1)}

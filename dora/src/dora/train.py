@@ -74,7 +74,10 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> torch.Tensor:
     if not grads:
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads))
-    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # a factor of exactly 1 leaves a gradient unchanged
+    coefs = clip / (norms + 1e-6)
+    # scale only where coef < 1 (a factor of exactly 1 leaves a gradient unchanged); a NaN coefficient (a NaN in the
+    # gradient) leaves it as is, as the reference's `if coef < 1` does, instead of spreading NaN over the tensor
+    coefs = torch.where(coefs < 1, coefs, torch.ones_like(coefs))
     torch._foreach_mul_(grads, list(coefs.unbind()))
     return norms
 
