@@ -188,6 +188,31 @@ def test_templates_without_the_class_placeholder_are_errors(tmp_path):
     assert resolve_templates(str(tmp_path / "t.json")) == ["a {c}.", "itap of a {}."]
 
 
+def test_templates_from_a_file_keyed_by_dataset(tmp_path):
+    """CLIP_benchmark keeps its templates in one JSON object keyed by dataset, with the {c} placeholder:
+    `FILE.json#imagenet1k` picks one list; a missing or superfluous key is an error naming the file."""
+    from sharelock.models import format_prompt
+    from sharelock.templates import resolve_templates
+
+    path = tmp_path / "en_zeroshot_classification_templates.json"
+    path.write_text(
+        json.dumps({"imagenet1k": ["a bad photo of a {c}.", "itap of my {c}."], "cars": ["i love my {c}!"]})
+    )
+    chosen = resolve_templates(f"{path}#imagenet1k")
+    assert [format_prompt(t, "tench") for t in chosen] == ["a bad photo of a tench.", "itap of my tench."]
+    assert resolve_templates(f"{path}#cars") == ["i love my {c}!"]
+    with pytest.raises(ValueError, match=r"maps datasets to templates: choose one as templates=.*#KEY"):
+        resolve_templates(str(path))
+    with pytest.raises(KeyError, match=r"'imagenet' not in .*keys: \['imagenet1k', 'cars'\]"):
+        resolve_templates(f"{path}#imagenet")
+    (tmp_path / "t.json").write_text(json.dumps(["a {}."]))
+    with pytest.raises(ValueError, match="is a list of templates, not keyed by dataset: drop #x"):
+        resolve_templates(f"{tmp_path / 't.json'}#x")
+    path.write_text(json.dumps({"bad": ["a photo"]}))
+    with pytest.raises(ValueError, match=r"#bad: each template needs"):
+        resolve_templates(f"{path}#bad")
+
+
 def test_hf_datasets_without_the_optional_package_say_how_to_install_it(tmp_path, monkeypatch):
     """`datasets` is an optional extra: without it an hf: source is a one-line error naming the extra to install
     (simulated here by hiding the package), raised before any backbone is loaded."""

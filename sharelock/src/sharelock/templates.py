@@ -39,9 +39,29 @@ def _checked(templates: list[str], where: str) -> list[str]:
     return templates
 
 
+def _json_templates(path: Path, key: str) -> list:
+    """A JSON list of templates, or the list under ``key`` of a JSON object keyed by dataset (CLIP_benchmark's
+    ``en_zeroshot_classification_templates.json``, read as ``FILE.json#imagenet1k``)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        if not key:
+            raise ValueError(
+                f"{path} maps datasets to templates: choose one as templates={path}#KEY (keys: {list(data)})"
+            )
+        if key not in data:
+            raise KeyError(f"{key!r} not in {path} (keys: {list(data)})")
+        data = data[key]
+    elif key:
+        raise ValueError(f"{path} is a list of templates, not keyed by dataset: drop #{key}")
+    if not isinstance(data, list):
+        raise ValueError(f"templates in {path}{'#' + key if key else ''} must be a list of strings")
+    return data
+
+
 def resolve_templates(spec: str | list[str] | dict) -> list[str]:
-    """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), a list, or one template;
-    each must hold the class-name placeholder `{}` or `{c}` (ValueError otherwise)."""
+    """Templates from a name (`reference`, `clip`), a JSON list / .txt file (one per line), `FILE.json#KEY` for a
+    JSON object of lists keyed by dataset, a list, or one template; each must hold the class-name placeholder `{}` or
+    `{c}` (ValueError otherwise)."""
     if isinstance(spec, list):
         return _checked([str(t) for t in spec], "the list")
     if isinstance(spec, dict):
@@ -52,12 +72,13 @@ def resolve_templates(spec: str | list[str] | dict) -> list[str]:
         raise ValueError(f"templates={spec!r}: a mapping is only read as the bare placeholder {{}} or {{c}}")
     if spec in NAMED:
         return list(NAMED[spec])
-    path = Path(spec)
+    name, _, key = str(spec).partition("#")
+    path = Path(name)
     if path.suffix in (".json", ".txt"):
         if not path.is_file():
             raise FileNotFoundError(f"templates file not found: {path}")
         if path.suffix == ".json":
-            return _checked([str(t) for t in json.loads(path.read_text(encoding="utf-8"))], str(path))
+            return _checked([str(t) for t in _json_templates(path, key)], f"{path}#{key}" if key else str(path))
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return _checked(lines, str(path))
     if _has_placeholder(spec):
