@@ -68,6 +68,29 @@ def test_negatives_pool_every_tokens_nearest_kept_rows():
     assert torch.equal(kept, torch.eye(48)[rows[half.kept[rows]]])
 
 
+def test_negatives_search_one_index_with_the_chosen_backend(monkeypatch):
+    """The support memory is indexed once (with the configured backend), not once per batch."""
+    from funai_common import search
+
+    built = []
+    original = search.NeighborIndex.__init__
+
+    def counting_init(self, bank, backend="auto", *args, **kwargs):
+        built.append(backend)
+        original(self, bank, backend, *args, **kwargs)
+
+    monkeypatch.setattr(search.NeighborIndex, "__init__", counting_init)
+    pf = PatchFUNGI(tiny_timm(), seed=1, latent_dim=8, num_negatives=2, negative_fraction=1.0, backend="torch")
+    pf.set_memory(torch.eye(48)[:6] * 3)
+    tokens = torch.zeros(1, 2, 48)
+    tokens[0, 0, :2] = torch.tensor([1.0, 0.5])
+    tokens[0, 1, 2:4] = torch.tensor([0.5, 1.0])
+    for _ in range(3):
+        (neg,) = pf.negatives(tokens)
+        assert torch.equal(neg, torch.eye(48)[[0, 1, 3, 2]])
+    assert built == ["torch"]
+
+
 def test_patch_features_sum_to_per_image_gradient():
     torch.manual_seed(0)
     pf = PatchFUNGI(tiny_timm(), seed=0, latent_dim=16)

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg["negative_fraction"],
             cfg["loss_variant"],
             device,
+            cfg["backend"],
         )
         patch_fungi.set_memory(plain.memory_features)
         del plain  # free the token memory and its index before the FUNGI memory is built

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funai_common.search import nearest_neighbors
+from funai_common.search import NeighborIndex
 from fungi.gradients import default_layer, get_linear, layer_io_gradients
 from fungi.losses import SELF_SIMILARITY, SIMCLR_VARIANTS
 from fungi.objectives import seeded_linear
@@ -98,6 +98,7 @@ class PatchFUNGI:
         negative_fraction: float = 0.5,
         variant: str = "library",
         device: str | torch.device = "cpu",
+        backend: str = "auto",
     ):
         if not 0.0 < negative_fraction <= 1.0:
             raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
@@ -112,8 +113,10 @@ class PatchFUNGI:
         self.head = seeded_linear(embed, latent_dim, gen).to(device)
         grad_dim = linear.out_features * (linear.in_features + 1)
         self.projection = random_projection(embed, grad_dim, seed).to(torch.int8).to(device)
+        self.backend = backend
         self.memory: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None
+        self._index: NeighborIndex | None = None
 
     @torch.no_grad()
     def setup(self, batches: Iterable[torch.Tensor]) -> None:
@@ -134,6 +137,7 @@ class PatchFUNGI:
         self.memory = F.normalize(patch_features.float().to(self.device), dim=-1)
         draws = torch.rand(len(patch_features), generator=torch.Generator().manual_seed(self.seed))
         self.kept = (draws < self.negative_fraction).to(self.device)
+        self._index = NeighborIndex(self.memory, backend=self.backend)  # built once, searched for every batch
 
     def negatives(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the pooled negative batch: the kept rows among its tokens' nearest memory patches (rows of
@@ -141,7 +145,7 @@ class PatchFUNGI:
         if self.memory is None:
             raise RuntimeError("PatchFUNGI needs a support memory: call set_memory(...) or setup(...) first")
         queries = F.normalize(tokens.detach().flatten(0, 1).float(), dim=-1)
-        _, idx = nearest_neighbors(queries, self.memory, self.num_negatives)
+        _, idx = self._index.search(queries, self.num_negatives)
         idx = idx.to(self.memory.device).reshape(tokens.shape[0], -1)
         return [self.memory[row[self.kept[row]]] for row in idx]
 
