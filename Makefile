@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint format clean
+.PHONY: help install test test-gpu demo lint format clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [ARGS='key=value ...']"
@@ -38,6 +38,10 @@ install: $(STAMP) ## Create .venv and install common and every paper package (ed
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest common/tests $(foreach p,$(PRESENT),$(p)/tests) -q --continue-on-collection-errors
+
+test-gpu: $(STAMP) ## The CUDA-only tests (marked gpu); fails without a visible GPU instead of skipping
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: no CUDA device visible to torch')"
+	$(BIN)/python -m pytest common/tests $(foreach p,$(PRESENT),$(p)/tests) -q -m gpu
 
 demo: $(STAMP) ## Run every package's demo on embedded data and print one summary table
 	@status=0; for p in common $(PRESENT); do \
