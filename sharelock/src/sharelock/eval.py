@@ -116,11 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = text_spec = None
     if not cfg["class_features"]:
         names = load_class_names(cfg["class_names"] or folder_classes, folder_classes, cfg["label_column"])
-        text_spec = dict(backbones.get("text") or {})
-        if cfg["language_model"]:
-            text_spec = {"model": cfg["language_model"], "dtype": None}
-        if not text_spec.get("model"):
-            raise ValueError("the checkpoint records no language model: set language_model=HF_ID_OR_PATH")
+        from sharelock.features import language_spec
+
+        text_spec = language_spec(backbones, cfg["language_model"])
     if store is None and is_hf_spec(source):
         hf_name, hf_split = parse_hf_spec(source)
         name = cfg["name"] or f"{Path(hf_name).name}-{hf_split or cfg['split']}"
@@ -143,10 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classifier = classifier_from_store(model, prompts)
         templates_used = "precomputed"
     else:
-        from sharelock.features import build_language_encoder
+        from sharelock.features import build_language_encoder, with_default_dtype
 
-        text_spec["dtype"] = text_spec.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
-        language, tokenizer = build_language_encoder(text_spec, device)
+        language, tokenizer = build_language_encoder(with_default_dtype(text_spec, device), device)
         model.attach_encoders(model._encoders.get("vision"), None, language, tokenizer, cfg["text_batch_size"])
         classifier = model.zero_shot_classifier(names, templates)
         templates_used = f"{len(templates)} template(s)"

@@ -73,6 +73,21 @@ def build_language_encoder(spec: dict[str, Any], device: str | torch.device = "c
     return model.eval().requires_grad_(False), tokenizer
 
 
+def with_default_dtype(spec: dict[str, Any], device: str | torch.device) -> dict[str, Any]:
+    """A copy of a language-model spec whose missing dtype is bfloat16 on CUDA and float32 elsewhere."""
+    default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return {**spec, "dtype": spec.get("dtype") or default}
+
+
+def language_spec(backbones: dict[str, Any], override: str | None = None) -> dict[str, Any]:
+    """The language model a checkpoint encodes prompts with: the one recorded in its ``backbones`` (from the training
+    stores), or ``override`` (HF id or path) with the default dtype."""
+    spec = {"model": override, "dtype": None} if override else dict(backbones.get("text") or {})
+    if not spec.get("model"):
+        raise ValueError("the checkpoint records no language model: set language_model=HF_ID_OR_PATH")
+    return spec
+
+
 def text_dim(model: nn.Module) -> int:
     """Hidden size of a transformers model."""
     config = model.config

@@ -25,7 +25,14 @@ from sharelock.data import (
     load_class_names,
     read_captions,
 )
-from sharelock.features import build_language_encoder, build_vision_encoder, last_token_features, text_dim, vision_dim
+from sharelock.features import (
+    build_language_encoder,
+    build_vision_encoder,
+    last_token_features,
+    text_dim,
+    vision_dim,
+    with_default_dtype,
+)
 from sharelock.models import format_prompt
 from sharelock.store import FeatureWriter
 from sharelock.templates import resolve_templates
@@ -133,9 +140,7 @@ def _texts(src: dict) -> tuple[list[str], list[str]]:
 def extract_texts(cfg: dict, accelerator: Accelerator) -> Path:
     """Last-token LLM features of captions or class-name prompts, length-bucketed within chunks."""
     ids, texts = _texts(cfg["source"])  # first: a wrong source fails before the language model is loaded
-    spec = dict(cfg["language"])
-    if spec.get("dtype") is None:
-        spec["dtype"] = "bfloat16" if accelerator.device.type == "cuda" else "float32"
+    spec = with_default_dtype(cfg["language"], accelerator.device)
     model, tokenizer = build_language_encoder(spec, accelerator.device)
     writer = FeatureWriter(
         cfg["out"], spec["model"], "text", text_dim(model), cfg["store_dtype"], cfg["shard_size"],

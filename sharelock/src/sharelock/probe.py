@@ -65,11 +65,9 @@ def class_text_features(cfg: dict, names: list[str], device: torch.device) -> to
     if probe["class_features"]:
         store = FeatureStore(probe["class_features"], modality="text")
         return store.get([str(i) for i in range(len(names))])
-    from sharelock.features import build_language_encoder, last_token_features
+    from sharelock.features import build_language_encoder, last_token_features, with_default_dtype
 
-    spec = dict(cfg["language"])
-    spec["dtype"] = spec.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
-    model, tokenizer = build_language_encoder(spec, device)
+    model, tokenizer = build_language_encoder(with_default_dtype(cfg["language"], device), device)
     prompts = [format_prompt(probe["template"], n) for n in names]
     return last_token_features(model, tokenizer, prompts, cfg["text_batch_size"], cfg["language"]["max_length"])
 

@@ -119,7 +119,7 @@ def similarities(model: ShareLock, examples: list[dict[str, Any]], batch_size: i
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of `sharelock-winoground`; prints a table and writes metrics.json and per_example.jsonl (id, tag,
     the 2 x 2 cosines [caption][image] and the three outcomes)."""
-    from sharelock.features import build_language_encoder, build_vision_encoder
+    from sharelock.features import build_language_encoder, build_vision_encoder, language_spec, with_default_dtype
     from sharelock.train import setup_logging
 
     cfg = load_config(sys.argv[1:] if argv is None else argv, "winoground")
@@ -131,18 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     backbones = json.loads((ckpt / "meta.json").read_text()).get("backbones") or {}
     if not backbones.get("vision"):
         raise ValueError(f"{ckpt} records no vision backbone: train from stores extracted by sharelock-features")
-    text_spec = (
-        {"model": cfg["language_model"], "dtype": None} if cfg["language_model"] else dict(backbones.get("text") or {})
-    )
-    if not text_spec.get("model"):
-        raise ValueError("the checkpoint records no language model: set language_model=HF_ID_OR_PATH")
+    text_spec = language_spec(backbones, cfg["language_model"])
     examples = load_examples(cfg["data"])  # checked before any model is loaded
     out = Path(cfg["out"] or ckpt.parent.parent / "eval" / "winoground")
     setup_logging(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    text_spec["dtype"] = text_spec.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
     model = load_model(ckpt, device)
-    language, tokenizer = build_language_encoder(text_spec, device)
+    language, tokenizer = build_language_encoder(with_default_dtype(text_spec, device), device)
     vision = build_vision_encoder(backbones["vision"]).to(device)
     model.attach_encoders(vision, None, language, tokenizer, cfg["text_batch_size"])
     sim = similarities(model, examples, cfg["batch_size"])
