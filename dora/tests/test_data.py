@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dora.augment import ClipAugmentation
+from dora.augment import ClipAugmentation, photometric
 from dora.data import ClipBatchSampler, VideoClipDataset, clip_frame_indices, collate_views
 from dora.video import ArrayFrameSource
 
@@ -68,7 +68,7 @@ def test_global_crop_is_shared_over_frames():
     import dora.augment as A
 
     orig = A.photometric
-    A.photometric = lambda f, g, p: f
+    A.photometric = lambda f, g, *p: f
     try:
         glob, locals_ = aug(clip, torch.Generator().manual_seed(0))
     finally:
@@ -76,3 +76,44 @@ def test_global_crop_is_shared_over_frames():
     torch.testing.assert_close(glob[0], glob[1])
     torch.testing.assert_close(glob[0], glob[2])
     assert not torch.allclose(locals_[0][0], locals_[0][1])  # local crops are drawn per frame
+
+
+def test_dino_views_two_globals_from_the_whole_frame(monkeypatch):
+    """method: dino views: two global views, each with its own crop and flip shared over the frames; no pre-crop."""
+    import dora.augment as A
+
+    monkeypatch.setattr(A, "photometric", lambda f, g, *p: f)
+    frame = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    aug = ClipAugmentation(
+        precrop_size=None, global_size=32, local_size=16, num_local_crops=2, num_global_crops=2, local_flip_p=0.5
+    )
+    glob, locals_ = aug(np.stack([frame] * 2), torch.Generator().manual_seed(0))
+    assert glob.shape == (2, 2, 3, 32, 32) and len(locals_) == 2 and locals_[0].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(glob[0, 0], glob[0, 1])
+    torch.testing.assert_close(glob[1, 0], glob[1, 1])
+    assert not torch.allclose(glob[0], glob[1])
+    # without a pre-crop every box is drawn on the whole decoded frame (40 x 60), not on a square pre-crop
+    sizes = []
+    real = A.rrc_params
+    monkeypatch.setattr(A, "rrc_params", lambda h, w, scale, g: sizes.append((h, w)) or real(h, w, scale, g))
+    aug(frame[None], torch.Generator().manual_seed(1))
+    assert sizes == [(40, 60)] * 4  # 2 global boxes and 2 local boxes for the one frame
+    cropped = ClipAugmentation(precrop_size=48, global_size=32, local_size=16, num_local_crops=2, num_global_crops=2)
+    sizes.clear()
+    cropped(frame[None], torch.Generator().manual_seed(1))
+    assert sizes == [(40, 60)] + [(48, 48)] * 4
+    # local_flip_p = 1 mirrors every local crop (the box is fixed here, so only the flip differs)
+    monkeypatch.setattr(A, "rrc_params", lambda h, w, scale, g: (3, 5, 20, 30))
+    kw = dict(precrop_size=None, global_size=32, local_size=16, num_local_crops=2, num_global_crops=2)
+    _, plain = ClipAugmentation(**kw)(frame[None], torch.Generator().manual_seed(2))
+    _, flipped = ClipAugmentation(**kw, local_flip_p=1.0)(frame[None], torch.Generator().manual_seed(2))
+    torch.testing.assert_close(flipped[1], plain[1].flip(-1))
+    with pytest.raises(ValueError, match="global_blur_p"):
+        ClipAugmentation(num_global_crops=2, global_blur_p=[1.0, 0.1, 0.0])
+
+
+def test_solarisation_comes_last():
+    frame = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = photometric(frame, torch.Generator().manual_seed(4), 0.0)
+    solar = photometric(frame, torch.Generator().manual_seed(4), 0.0, solarize_p=1.0)
+    torch.testing.assert_close(solar, torch.where(plain >= 0.5, 1 - plain, plain))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dora.losses import DoRALoss
+from dora.losses import DINOLoss, DoRALoss
 
 
 def reference_loss(student_local, student_masked, teacher, center, temp, num_local, student_temp=0.1):
@@ -84,3 +84,50 @@ def test_bad_arguments():
         DoRALoss(8, 2, loss_variant="nope")
     with pytest.raises(ValueError, match="student_local"):
         DoRALoss(8, 2)(torch.zeros(1, 3, 8), torch.zeros(1, 1, 2, 8), torch.zeros(1, 2, 8), 0)
+
+
+def test_dino_loss_hand_case_and_center():
+    """G = 2 global views, one local crop, one sample, D = 2; teacher T 0.04, student T 0.1.
+
+    Teacher view 0 = [1, 0] -> q0 = softmax([25, 0]) ~ [1, 0]; view 1 = [0, 0] -> q1 = [1/2, 1/2].
+    Student probabilities: view 0 [1/2, 1/2], view 1 [1/4, 3/4], local [3/4, 1/4]. The four pairs (t0, v1),
+    (t0, v2), (t1, v0), (t1, v2) cost ln 4, ln 4 - ln 3, ln 2, ln 4 - ln(3)/2: mean (7 ln 2 - 1.5 ln 3) / 4.
+    """
+    loss_fn = DINOLoss(out_dim=2, num_global_crops=2)
+    ln3 = math.log(3)
+    student = 0.1 * torch.tensor([[[0.0, 0.0]], [[0.0, ln3]], [[ln3, 0.0]]])
+    teacher = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    expected = (7 * math.log(2) - 1.5 * ln3) / 4
+    assert loss_fn(student, teacher, 0).item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[0.05, 0.0]]))  # 0.9 * 0 + 0.1 * mean of the teacher
+
+
+def dino_reference_loss(student, teacher, center, temp, student_temp=0.1):
+    """DINO's loops: every teacher global view against every student view but itself, batch means averaged."""
+    total, n = 0.0, 0
+    for iq, t in enumerate(teacher):
+        q = F.softmax((t - center) / temp, dim=-1)
+        for v, s in enumerate(student):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s / student_temp, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+def test_dino_loss_matches_reference_loops_with_gradients():
+    torch.manual_seed(2)
+    G, V, N, D = 2, 6, 5, 16
+    loss_fn = DINOLoss(D, G, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, nepochs=5)
+    center0 = torch.randn(1, D) * 0.1
+    loss_fn.center.copy_(center0)
+    student, teacher = torch.randn(V, N, D, requires_grad=True), torch.randn(G, N, D)
+    got = loss_fn(student, teacher, epoch=1)
+    assert got.item() == pytest.approx(dino_reference_loss(student, teacher, center0, 0.055).item(), rel=1e-5)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center0 + 0.1 * teacher.reshape(-1, D).mean(0, keepdim=True))
+    got.backward()
+    assert student.grad[2:].abs().sum() > 0 and student.grad[:2].abs().sum() > 0
+    with pytest.raises(ValueError, match="num_global_crops >= 2"):
+        DINOLoss(8, 1)
+    with pytest.raises(ValueError, match="teacher_out"):
+        loss_fn(torch.zeros(V, N, D), torch.zeros(3, N, D), 0)

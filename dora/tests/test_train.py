@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,9 +8,16 @@ from safetensors.torch import load_file
 
 from dora import train
 from dora.config import load_config
-from dora.losses import DoRALoss
+from dora.losses import DINOLoss, DoRALoss
 from dora.models import build_network
-from dora.train import cancel_last_layer_gradients, clip_gradients, dora_step, ema_update, param_groups
+from dora.train import (
+    cancel_last_layer_gradients,
+    clip_gradients,
+    dino_step,
+    dora_step,
+    ema_update,
+    param_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +193,50 @@ def test_one_step_updates_teacher_center_and_masks():
     opt.step()
     ema_update(student, teacher, 0.9)
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+DINO_ARGS = (
+    "method=dino",
+    "augment.num_global_crops=2",
+    "augment.global_blur_p=[1.0, 0.1]",
+    "augment.global_solarize_p=[0.0, 0.2]",
+    "augment.local_flip_p=0.5",
+    "augment.precrop_size=null",
+    "data.num_frames=1",
+)
+
+
+def test_dino_step_scores_every_view_against_the_two_globals():
+    """dino_step = DINOLoss on (student: 2 globals then the locals; teacher: the 2 globals), frames as images."""
+    cfg = load_config(["--config", "tiny", *DINO_ARGS])
+    torch.manual_seed(0)
+    student, teacher = build_network(cfg), build_network(cfg, teacher=True)
+    teacher.load_state_dict(student.state_dict())
+    student.eval()  # no drop-path: the expected value below recomputes the student
+    glob = torch.randn(2, 2, 3, 3, 32, 32)  # (B, G, T, 3, S, S)
+    locals_ = [torch.randn(2, 3, 3, 16, 16) for _ in range(2)]
+    loss = dino_step(student, teacher, DINOLoss(64, 2), glob, locals_, 0, _null)
+    views = [glob[:, 0], glob[:, 1], *locals_]
+    s_out = torch.stack([student(v).reshape(6, -1) for v in views])
+    t_out = torch.stack([teacher(v).reshape(6, -1) for v in views[:2]])
+    assert loss.item() == pytest.approx(DINOLoss(64, 2)(s_out, t_out, 0).item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_dino_baseline_trains_and_resumes(tmp_path, video):
+    straight = train.main(tiny_args(tmp_path / "straight", video, *DINO_ARGS))
+    assert straight["steps"] > 2
+    train.main(tiny_args(tmp_path / "split", video, *DINO_ARGS, "optim.max_steps=2"))
+    train.main(tiny_args(tmp_path / "split", video, *DINO_ARGS, "resume=latest"))
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    state = json.loads((Path(straight["checkpoint"]) / "state.json").read_text())
+    assert state["config"]["method"] == "dino"
+    loss_state = load_file(str(Path(straight["checkpoint"]) / "loss.safetensors"))
+    assert loss_state["center"].abs().sum() > 0
+    with pytest.raises(ValueError, match="num_global_crops=2 with method=dora"):
+        train.main(tiny_args(tmp_path / "bad", video, *DINO_ARGS[1:]))
 
 
 class _null:

@@ -62,6 +62,7 @@ ConfigLoader.add_implicit_resolver(
 )
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+METHODS = ("dora", "dino")
 
 
 def parse_value(raw: str) -> Any:
@@ -70,7 +71,15 @@ def parse_value(raw: str) -> Any:
 
 
 def _check(cfg: dict) -> None:
-    """Undo YAML 1.1 booleans where a string is meant: ``mixed_precision: no`` reads as False."""
+    """Undo YAML 1.1 booleans where a string is meant (``mixed_precision: no`` reads as False); check that the
+    training ``method`` and the number of global views agree."""
+    if "method" in cfg:
+        method, views = cfg["method"], cfg.get("augment", {}).get("num_global_crops", 1)
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+        if (method == "dora") != (views == 1):
+            need = "1 (the teacher tracks objects in one global view)" if method == "dora" else "2 or more"
+            raise ValueError(f"augment.num_global_crops={views} with method={method}: expected {need}")
     optim = cfg.get("optim")
     if isinstance(optim, dict) and "mixed_precision" in optim:
         value = optim["mixed_precision"]

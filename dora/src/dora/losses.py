@@ -1,4 +1,5 @@
-"""DoRA loss: DINO cross-entropy with centering, applied per object and per frame (spec section b "Loss")."""
+"""DoRA loss: DINO cross-entropy with centering, applied per object and per frame (spec section b "Loss"); and
+DINO's multi-crop loss for the ``method: dino`` baseline on the same frames."""
 
 from __future__ import annotations
 
@@ -87,10 +88,65 @@ class DoRALoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_global: torch.Tensor) -> None:
         """c <- m c + (1 - m) mean of the raw teacher outputs over frames, batch and processes."""
-        flat = teacher_global.detach().float().reshape(-1, teacher_global.shape[-1])
-        total = flat.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(flat.shape[0]), device=flat.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        update_center(self.center, teacher_global, self.center_momentum)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> None:
+    """In place: c <- m c + (1 - m) mean of the raw teacher outputs (..., D) over all leading axes and processes."""
+    flat = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1])
+    total = flat.sum(dim=0, keepdim=True)
+    count = torch.tensor(float(flat.shape[0]), device=flat.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+
+
+class DINOLoss(nn.Module):
+    """DINO's multi-crop loss (Caron et al. 2021): the centred, sharpened teacher on each of the G global views
+    supervises the student on every other view (the other globals and all L local crops); the cross-entropies,
+    each a mean over the batch, are averaged over the G (G + L) - G pairs. The centre is updated after the loss
+    from the teacher's global outputs, averaged over all processes when a process group exists.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        num_global_crops: int = 2,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        nepochs: int = 100,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if num_global_crops < 2:
+            raise ValueError(
+                f"DINO needs num_global_crops >= 2 (each global view teaches the others): {num_global_crops}"
+            )
+        self.num_global_crops = num_global_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temps = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
+        )
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+        """student_out (V, N, D) with the G global views first, teacher_out (G, N, D) -> scalar."""
+        G = self.num_global_crops
+        if teacher_out.shape[0] != G or student_out.shape[0] < G or student_out.shape[1:] != teacher_out.shape[1:]:
+            raise ValueError(
+                f"student_out {tuple(student_out.shape)} and teacher_out {tuple(teacher_out.shape)}: expected "
+                f"(V >= {G}, N, D) and ({G}, N, D)"
+            )
+        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        teacher = F.softmax((teacher_out.float() - self.center) / temp, dim=-1).detach()  # (G, N, D)
+        log_student = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # (V, N, D)
+        ce = -torch.einsum("gnd,vnd->gv", teacher, log_student) / teacher.shape[1]  # (G, V): batch-mean CE
+        same = torch.eye(G, student_out.shape[0], dtype=torch.bool, device=ce.device)
+        loss = ce.masked_fill(same, 0.0).sum() / (G * student_out.shape[0] - G)
+        update_center(self.center, teacher_out, self.center_momentum)
+        return loss

@@ -1,4 +1,7 @@
-"""``dora-train``: DoRA pretraining on one or many long videos (accelerate; CPU, one or many GPUs, many nodes)."""
+"""``dora-train``: DoRA pretraining on one or many long videos (accelerate; CPU, one or many GPUs, many nodes).
+
+``method: dino`` trains the DINO baseline on the same frames instead: multi-crop self-distillation without tracking.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dora.checkpoint import (
 )
 from dora.config import load_config, save_config
 from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
-from dora.losses import DoRALoss
+from dora.losses import DINOLoss, DoRALoss
 from dora.models import DoRANetwork, build_network
 from dora.schedules import cosine_schedule
 from dora.tracking import choose_heads, track_and_mask
@@ -144,6 +147,32 @@ def dora_step(
     return loss, masked
 
 
+def dino_step(
+    student, teacher, loss_fn: DINOLoss, glob: torch.Tensor, locals_: list[torch.Tensor], epoch: int, autocast
+):
+    """One forward pass of the DINO baseline: teacher on the G global views, student on all views, frames as images.
+
+    glob (B, G, T, 3, S, S), locals_ L x (B, T, 3, s, s). Returns the loss.
+    """
+    views = glob.transpose(0, 1)  # (G, B, T, 3, S, S)
+    with torch.no_grad(), autocast():
+        t_out = teacher(views)  # (G, B, T, D)
+    with autocast():
+        s_out = student(views, torch.stack(locals_)) if locals_ else (student(views),)
+    s_out = torch.cat([o.float() for o in s_out]).flatten(1, 2)  # (G + L, B*T, D)
+    return loss_fn(s_out, t_out.float().flatten(1, 2), epoch)
+
+
+def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
+    """The loss of ``cfg["method"]`` (``dora`` or ``dino``) from the ``loss``, ``augment`` and ``optim`` sections."""
+    lcfg, a = cfg["loss"], cfg["augment"]
+    temps = (lcfg["warmup_teacher_temp"], lcfg["teacher_temp"], lcfg["warmup_teacher_temp_epochs"])
+    rest = (cfg["optim"]["epochs"], lcfg["student_temp"], lcfg["center_momentum"])
+    if cfg["method"] == "dino":
+        return DINOLoss(cfg["model"]["out_dim"], a["num_global_crops"], *temps, *rest)
+    return DoRALoss(cfg["model"]["out_dim"], a["num_local_crops"], *temps, *rest, lcfg["loss_variant"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train DoRA; returns a summary dict (steps done, last loss, run folder, last checkpoint)."""
     from accelerate import Accelerator
@@ -203,18 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = build_network(cfg, teacher=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    lcfg = cfg["loss"]
-    loss_fn = DoRALoss(
-        cfg["model"]["out_dim"],
-        cfg["augment"]["num_local_crops"],
-        lcfg["warmup_teacher_temp"],
-        lcfg["teacher_temp"],
-        lcfg["warmup_teacher_temp_epochs"],
-        o["epochs"],
-        lcfg["student_temp"],
-        lcfg["center_momentum"],
-        lcfg["loss_variant"],
-    )
+    loss_fn = build_loss(cfg)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
     global_batch = d["batch_size_per_gpu"] * accelerator.num_processes
     lr_s = cosine_schedule(o["lr"] * global_batch / 256, o["min_lr"], o["epochs"], niter, o["warmup_epochs"])
@@ -248,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_heads = unwrapped.backbone.blocks[-1].attn.num_heads
 
     logger.info(
-        "%d videos, %d clips, %d steps/epoch, %d epochs, global batch %d, %d processes on %s",
+        "%s: %d videos, %d clips, %d steps/epoch, %d epochs, global batch %d, %d processes on %s",
+        cfg["method"],
         len(videos),
         len(dataset),
         niter,
@@ -286,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.wait_for_everyone()
         return ckpt_dir
 
-    bar = tqdm(total=max_steps, initial=step, disable=not main_process, desc="dora-train", unit="it")
+    bar = tqdm(total=max_steps, initial=step, disable=not main_process, desc=f"{cfg['method']}-train", unit="it")
     while step < max_steps:
         epoch, start = divmod(step, niter)
         sampler.set_epoch(epoch, start)
@@ -299,8 +318,12 @@ def main(argv: list[str] | None = None) -> dict:
                 group["lr"] = float(lr_s[it])
                 if i == 0:
                     group["weight_decay"] = float(wd_s[it])
-            heads = choose_heads(num_heads, cfg["tracking"]["num_objects"], random.Random(cfg["seed"] * 1_000_003 + it))
-            loss, _ = dora_step(student, teacher, loss_fn, glob, locals_, epoch, heads, cfg, accelerator.autocast)
+            if cfg["method"] == "dino":
+                loss = dino_step(student, teacher, loss_fn, glob, locals_, epoch, accelerator.autocast)
+            else:
+                rng = random.Random(cfg["seed"] * 1_000_003 + it)
+                heads = choose_heads(num_heads, cfg["tracking"]["num_objects"], rng)
+                loss, _ = dora_step(student, teacher, loss_fn, glob, locals_, epoch, heads, cfg, accelerator.autocast)
             all_losses = accelerator.gather(loss.detach().reshape(1))
             if not torch.isfinite(all_losses).all():
                 raise NonFiniteLossError(
