@@ -13,7 +13,46 @@ from dora.schedules import teacher_temp_schedule
 LOSS_VARIANTS = ("reference", "clean")
 
 
-class DoRALoss(nn.Module):
+class CentredDistillation(nn.Module):
+    """What DINO-style losses share: the centre buffer (1, D), the teacher temperature schedule and the student
+    temperature; ``teacher_targets`` gives the centred, sharpened teacher distribution of an epoch."""
+
+    def __init__(
+        self,
+        out_dim,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp,
+        center_momentum,
+    ) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temps = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
+        )
+
+    def teacher_targets(self, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+        """softmax((teacher - centre) / T_epoch), detached, in float32."""
+        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        return F.softmax((teacher_out.float() - self.center) / temp, dim=-1).detach()
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """c <- m c + (1 - m) mean of the raw teacher outputs (..., D) over all leading axes and processes."""
+        flat = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1])
+        total = flat.sum(dim=0, keepdim=True)
+        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+class DoRALoss(CentredDistillation):
     """Cross-entropy between the centred, sharpened teacher on the unmasked frame and the student on the K
     object-masked views and L local crops of the same frame.
 
@@ -35,7 +74,15 @@ class DoRALoss(nn.Module):
         center_momentum: float = 0.9,
         loss_variant: str = "reference",
     ) -> None:
-        super().__init__()
+        super().__init__(
+            out_dim,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            nepochs,
+            student_temp,
+            center_momentum,
+        )
         if loss_variant not in LOSS_VARIANTS:
             raise ValueError(f"loss_variant={loss_variant!r}; expected one of {LOSS_VARIANTS}")
         if loss_variant == "reference" and num_local_crops < 2:
@@ -43,13 +90,7 @@ class DoRALoss(nn.Module):
         if num_local_crops < 1:
             raise ValueError(f"num_local_crops must be >= 1, got {num_local_crops}")
         self.num_local_crops = num_local_crops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.loss_variant = loss_variant
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temps = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
-        )
 
     def forward(
         self,
@@ -64,8 +105,7 @@ class DoRALoss(nn.Module):
         L = self.num_local_crops
         if student_local.shape[:2] != (T, L * B):
             raise ValueError(f"student_local has shape {tuple(student_local.shape)}, expected ({T}, {L * B}, D)")
-        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
-        teacher = F.softmax((teacher_global.float() - self.center) / temp, dim=-1).detach()  # (T, B, D)
+        teacher = self.teacher_targets(teacher_global, epoch)  # (T, B, D)
         log_masked = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)  # (K, T, B, D)
         log_local = F.log_softmax(student_local.float() / self.student_temp, dim=-1).reshape(T, L, B, -1)
         masked_ce = -(teacher.unsqueeze(0) * log_masked).sum(-1).mean(-1)  # (K, T)
@@ -85,25 +125,8 @@ class DoRALoss(nn.Module):
         self.update_center(teacher_global)
         return loss
 
-    @torch.no_grad()
-    def update_center(self, teacher_global: torch.Tensor) -> None:
-        """c <- m c + (1 - m) mean of the raw teacher outputs over frames, batch and processes."""
-        update_center(self.center, teacher_global, self.center_momentum)
 
-
-@torch.no_grad()
-def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> None:
-    """In place: c <- m c + (1 - m) mean of the raw teacher outputs (..., D) over all leading axes and processes."""
-    flat = teacher_out.detach().float().reshape(-1, teacher_out.shape[-1])
-    total = flat.sum(dim=0, keepdim=True)
-    count = torch.tensor(float(flat.shape[0]), device=flat.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
-
-
-class DINOLoss(nn.Module):
+class DINOLoss(CentredDistillation):
     """DINO's multi-crop loss (Caron et al. 2021): the centred, sharpened teacher on each of the G global views
     supervises the student on every other view (the other globals and all L local crops); the cross-entropies,
     each a mean over the batch, are averaged over the G (G + L) - G pairs. The centre is updated after the loss
@@ -121,18 +144,20 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            out_dim,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            nepochs,
+            student_temp,
+            center_momentum,
+        )
         if num_global_crops < 2:
             raise ValueError(
                 f"DINO needs num_global_crops >= 2 (each global view teaches the others): {num_global_crops}"
             )
         self.num_global_crops = num_global_crops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temps = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
-        )
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
         """student_out (V, N, D) with the G global views first, teacher_out (G, N, D) -> scalar."""
@@ -142,11 +167,10 @@ class DINOLoss(nn.Module):
                 f"student_out {tuple(student_out.shape)} and teacher_out {tuple(teacher_out.shape)}: expected "
                 f"(V >= {G}, N, D) and ({G}, N, D)"
             )
-        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
-        teacher = F.softmax((teacher_out.float() - self.center) / temp, dim=-1).detach()  # (G, N, D)
+        teacher = self.teacher_targets(teacher_out, epoch)  # (G, N, D)
         log_student = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # (V, N, D)
         ce = -torch.einsum("gnd,vnd->gv", teacher, log_student) / teacher.shape[1]  # (G, V): batch-mean CE
         same = torch.eye(G, student_out.shape[0], dtype=torch.bool, device=ce.device)
         loss = ce.masked_fill(same, 0.0).sum() / (G * student_out.shape[0] - G)
-        update_center(self.center, teacher_out, self.center_momentum)
+        self.update_center(teacher_out)
         return loss
