@@ -22,6 +22,26 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
 
 
+T5_WORDS = "my card was stolen how do i top up not working at the shop exchange rate for euros".split()
+
+
+@pytest.fixture(scope="session")
+def t5_folder(tmp_path_factory):
+    """A folder laid out as google-t5/t5-small: a tiny random T5ForConditionalGeneration (encoder and decoder) and a
+    T5 tokenizer (pad 0, eos 1, unk 2) whose vocabulary is the words above and single letters."""
+    from transformers import T5ForConditionalGeneration, T5Tokenizer
+
+    from fungi.tiny import tiny_t5_config
+
+    path = tmp_path_factory.mktemp("tiny_t5")
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(tiny_t5_config()).save_pretrained(path)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -1.0) for w in T5_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

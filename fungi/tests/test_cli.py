@@ -47,6 +47,26 @@ def test_simclr_negatives_come_from_train_whatever_the_split_order(tmp_path):
         torch.testing.assert_close(second[split][0]["simclr"], first[split][0]["simclr"], rtol=1e-5, atol=1e-6)
 
 
+def test_extract_then_eval_text_t5(tmp_path, t5_folder):
+    """`fungi-extract --config text_t5 model=hf:FOLDER` on a tiny random T5 laid out as t5-small (see conftest)."""
+    texts = ["my card was stolen", "how do i top up", "card not working at the shop", "exchange rate for euros"]
+    texts += ["top up not working", "rate for my card"]
+    for split, rows in (("train", texts), ("test", texts[:2])):  # test: shorter padding than the first train batch
+        (tmp_path / f"{split}.tsv").write_text("".join(f"{t}\t{i % 2}\n" for i, t in enumerate(rows)))
+    data = [f"data.train_file={tmp_path / 'train.tsv'}", f"data.test_file={tmp_path / 'test.tsv'}"]
+    overrides = ["simclr.num_negatives=3", "simclr.num_text_views=3", "batch_size=4", f"run_dir={tmp_path / 'run'}"]
+    path = extract.main(["--config", "text_t5", f"model=hf:{t5_folder}", *data, *overrides])
+    splits, meta = load_features(path)
+    assert meta["extractor"]["layer"] == "model.encoder.block.1.layer.0.SelfAttention.o"
+    blocks, labels = splits["train"]
+    assert set(blocks) == {"embeddings", "kl", "simclr"} and blocks["simclr"].shape == (6, 32)
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1] and set(splits) == {"train", "test"}
+    for name, block in splits["test"][0].items():  # the same texts, padded to other lengths in other batches
+        torch.testing.assert_close(block, blocks[name][:2], rtol=1e-4, atol=1e-5)
+    rows = eval.main([f"features={path}", "protocols=[knn]", "k=3", "pca_dim=0"])
+    assert len(rows) == 7 and rows[0]["features"] == "embeddings"
+
+
 def test_config_errors_and_overrides():
     assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, {"a": {"b": 3}, "c": [1, 2], "quick": True})
     with pytest.raises(KeyError, match="valid keys"):
@@ -55,7 +75,7 @@ def test_config_errors_and_overrides():
         resolve(["--config", "nope"], extract.DEFAULTS, None)
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["stray"])
-    for name in ("paper", "text", "audio", "tiny"):
+    for name in ("paper", "text", "text_t5", "audio", "tiny"):
         cfg = resolve(["--config", name], extract.DEFAULTS, None)
         assert cfg["kl"]["temperature"] == 15.0  # paper default everywhere
     with pytest.raises(ValueError, match=r"unknown split 'valid'.*\['train', 'val', 'test'\]"):

@@ -136,7 +136,25 @@ def test_hf_folder_without_processor_falls_back_to_imagenet_transform(tmp_path, 
     assert "no image processor" in caplog.text
 
 
-@pytest.mark.parametrize("name", ["timm:vit_small_patch16_224.dino", "hf:google-bert/bert-base-uncased"])
+def test_hf_t5_encoder_decoder_keeps_its_encoder():
+    from transformers import T5Model
+
+    from fungi.models import wrap_hf
+    from fungi.tiny import tiny_t5_config
+
+    model = T5Model(tiny_t5_config()).eval()
+    bb = wrap_hf(model, "text")
+    ids = torch.tensor([[5, 9, 1], [7, 1, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        expected = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        torch.testing.assert_close(bb.model(ids, mask), expected)
+    assert FUNGIExtractor(bb, objectives=("kl",)).layer == "model.block.1.layer.0.SelfAttention.o"
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:vit_small_patch16_224.dino", "hf:google-bert/bert-base-uncased", "hf:google-t5/t5-small"]
+)
 def test_unavailable_pretrained_weights_are_an_error_naming_the_model(offline_hub, name):
     with pytest.raises(FileNotFoundError, match=f"pretrained weights of model={name} not available.*checkpoint=PATH"):
         build_backbone(name)

@@ -9,13 +9,13 @@ from fungi.projection import random_projection
 from fungi.tiny import tiny_timm
 
 
-def test_token_projection_equals_projected_outer_products():
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_projection_equals_projected_outer_products(bias):
     g, a = torch.randn(5, 3), torch.randn(5, 4)
-    p = random_projection(6, 3 * 5, seed=0)
-    outer = torch.einsum("to,ti->toi", g, torch.cat([a, torch.ones(5, 1)], 1)).reshape(5, -1)
-    assert torch.allclose(
-        project_token_gradients(g, a, p.to(torch.int8), chunk=2), outer @ p.T / math.sqrt(6), atol=1e-5
-    )
+    p = random_projection(6, 3 * (4 + bias), seed=0)
+    outer = torch.einsum("to,ti->toi", g, torch.cat([a, torch.ones(5, 1)], 1) if bias else a).reshape(5, -1)
+    projected = project_token_gradients(g, a, p.to(torch.int8), chunk=2, bias=bias)
+    assert torch.allclose(projected, outer @ p.T / math.sqrt(6), atol=1e-5)
 
 
 def test_pooled_infonce_library_is_paper_shifted_when_tau_is_one():
@@ -91,9 +91,14 @@ def test_negatives_search_one_index_with_the_chosen_backend(monkeypatch):
     assert built == ["torch"]
 
 
-def test_patch_features_sum_to_per_image_gradient():
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_features_sum_to_per_image_gradient(bias):
     torch.manual_seed(0)
-    pf = PatchFUNGI(tiny_timm(), seed=0, latent_dim=16)
+    model = tiny_timm()
+    if not bias:
+        model.blocks[1].attn.proj.bias = None
+    pf = PatchFUNGI(model, seed=0, latent_dim=16)
+    assert pf.projection.shape == (48, 48 * (48 + bias))
     images = torch.randn(2, 3, 32, 32)
     pf.setup([torch.randn(3, 3, 32, 32)])
     tokens, grads = pf.token_gradients(images, keep_prefix=True)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fungi import FUNGIExtractor
 from fungi.incontext import DEFAULT_INSTRUCTION, Example, build_prompt, select_examples
-from fungi.models import Backbone
+from fungi.models import Backbone, build_backbone
 from fungi.tiny import tiny_ast, tiny_bert
 
 TEXTS = ["my card was stolen", "how do i top up", "card not working at the shop", "exchange rate for euros"]
@@ -21,6 +21,27 @@ def test_text_extractor_kl_simclr(word_tokenizer):
     feats = ex(TEXTS)
     assert feats.shape == (4, 3 * 32)
     assert torch.allclose(torch.cat([ex(TEXTS[:1]), ex(TEXTS[1:])]), feats, atol=1e-4)
+
+
+def test_t5_extractor_from_a_hub_style_folder(t5_folder):
+    from transformers import T5EncoderModel
+
+    backbone = build_backbone(f"hf:{t5_folder}")  # the t5-small loading path: encoder only, the folder's tokenizer
+    assert isinstance(backbone.model.model, T5EncoderModel) and backbone.tokenizer.padding_side == "right"
+    opts = {"simclr": {"num_negatives": 3, "num_text_views": 4, "latent_dim": 16}}
+    ex = FUNGIExtractor(backbone, objectives=("kl", "simclr"), seed=0, objective_options=opts)
+    assert ex.layer == "model.encoder.block.1.layer.0.SelfAttention.o"
+    ex.setup(TEXTS)
+    enc = ex.tokenize(TEXTS)
+    assert (enc["input_ids"][:, 0] > 2).all() and (enc["input_ids"][enc["attention_mask"] == 0] == 0).all()
+    with torch.no_grad():  # first token of the encoder's last hidden state (T5 pads on the right)
+        expected = backbone.model.model(**enc).last_hidden_state[:, 0]
+    torch.testing.assert_close(ex.embed(TEXTS), expected)
+    assert ex.gradients("kl", TEXTS).shape == (4, 32, 16) and ex.projection.shape == (32, 32 * 16)
+    feats = ex(TEXTS)
+    assert feats.shape == (4, 3 * 32)
+    # each text alone (no padding) gives the features it has in a padded batch
+    torch.testing.assert_close(torch.cat([ex(TEXTS[i : i + 1]) for i in range(4)]), feats, rtol=1e-4, atol=1e-5)
 
 
 def test_audio_extractor_kl():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fungi.gradients import call_model, default_layer, get_linear, per_sample_gradients
+from fungi.gradients import call_model, default_layer, get_linear, gradient_shape, per_sample_gradients
 from fungi.models import Backbone, build_backbone
 from fungi.objectives import OBJECTIVES, build_objective, resolved_options
 from fungi.projection import l2_normalize, project, random_projection
@@ -83,8 +83,8 @@ class FUNGIExtractor(nn.Module):
         for name in self.objective_names:
             options = self.objective_options.get(name, {})
             self.objectives[name] = build_objective(name, embed_dim, gen, **options).to(self.device)
-        grad_dim = self.linear.out_features * (self.linear.in_features + 1)
-        projection = random_projection(embed_dim, grad_dim, self.seed).to(torch.int8)
+        out_dim, in_dim = gradient_shape(self.linear)  # in_dim counts the bias column when there is one
+        projection = random_projection(embed_dim, out_dim * in_dim, self.seed).to(torch.int8)
         self.register_buffer("projection", projection.to(self.device))  # no host-to-device copy per batch
 
     @property
@@ -151,7 +151,8 @@ class FUNGIExtractor(nn.Module):
             return call_model(self.model, x).float()
 
     def gradients(self, name: str, inputs) -> torch.Tensor:
-        """Per-sample gradients (B, O, I+1) of objective ``name`` on prepared inputs, in chunks of whole samples."""
+        """Per-sample gradients (B, O, I+1), (B, O, I) without bias, of objective ``name`` on prepared inputs, in
+        chunks of whole samples."""
         objective = self.objectives[name]
         num_views = len(objective.views(inputs[:1], self.seed)[0])
         chunk = max(1, self.max_views_per_pass // num_views)

@@ -1,7 +1,8 @@
 """Batched per-sample gradients of one linear layer, with the frozen prefix of the network run without autograd.
 
 For a linear layer y = x W^T + b applied to every token, the gradient of a per-sample loss L_b is
-dL_b/dW = sum_{v,t} G[b,v,t]^T A[b,v,t] and dL_b/db = sum_{v,t} G[b,v,t], with A the layer input and G = dL/dy.
+dL_b/dW = sum_{v,t} G[b,v,t]^T A[b,v,t] and dL_b/db = sum_{v,t} G[b,v,t], with A the layer input and G = dL/dy
+(no db for a layer without bias, such as T5's attention output projection).
 Because samples never interact (eval-mode model, per-sample losses), one backward of sum_b L_b yields every G at once.
 Everything before the layer runs under ``torch.no_grad``: autograd starts at the layer's output, so the backward only
 walks through the few modules after it.
@@ -24,6 +25,7 @@ LAYER_SUFFIXES = (
     ".attention.output.dense",  # Hugging Face BERT, RoBERTa (and ViT, AST in transformers 4.x)
     ".attention.o_proj",  # Hugging Face ViT, AST in transformers 5.x
     ".self_attn.out_proj",  # Hugging Face CLIP / wav2vec-style encoders
+    ".SelfAttention.o",  # Hugging Face T5 encoder (no bias)
 )
 
 Views = torch.Tensor | Mapping[str, torch.Tensor]
@@ -49,6 +51,11 @@ def get_linear(model: nn.Module, layer: str) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"layer {layer!r} is a {type(module).__name__}, expected torch.nn.Linear")
     return module
+
+
+def gradient_shape(linear: nn.Linear) -> tuple[int, int]:
+    """Per-sample gradient shape of ``linear``: (O, I + 1) with the bias as last column, (O, I) without a bias."""
+    return linear.out_features, linear.in_features + (linear.bias is not None)
 
 
 def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
@@ -155,12 +162,12 @@ def layer_io_gradients(
 def per_sample_gradients(
     model: nn.Module, layer: str, views: Views, loss_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """Per-sample gradient of ``loss_fn(embeddings)[b]`` w.r.t. the weight of linear ``layer``: -> (B, O, I+1) float32.
+    """Per-sample gradient of ``loss_fn(embeddings)[b]`` w.r.t. the weight of linear ``layer``: -> (B, O, I+1) float32,
+    the bias gradient as last column; (B, O, I) for a layer without bias (T5).
 
     ``model`` maps inputs (n, ...) to embeddings (n, E); ``views`` is (B, V, C, H, W) (or a mapping of (B, V, ...)
     tensors, passed as keyword arguments); ``loss_fn`` maps embeddings (B, V, E) to per-sample losses (B,) and must not
-    mix samples. The bias gradient is the last column. One batched forward and one backward; the part of the model
-    before ``layer`` runs without autograd.
+    mix samples. One batched forward and one backward; the part of the model before ``layer`` runs without autograd.
     """
     flat, batch, num_views = _flatten_views(views)
 
@@ -176,6 +183,8 @@ def per_sample_gradients(
     acts = acts.reshape(batch, -1, acts.shape[-1]).float()
     grad_out = grad_out.reshape(batch, -1, grad_out.shape[-1]).float()
     grad_w = torch.bmm(grad_out.transpose(1, 2), acts)  # (B, O, I)
+    if get_linear(model, layer).bias is None:
+        return grad_w
     grad_b = grad_out.sum(1, keepdim=True).transpose(1, 2)  # (B, O, 1)
     return torch.cat([grad_w, grad_b], dim=2)
 
@@ -183,10 +192,12 @@ def per_sample_gradients(
 def per_sample_gradients_loop(
     model: nn.Module, layer: str, views: Views, loss_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """Slow reference: one plain autograd forward+backward per sample (B, O, I+1). Used by tests and benchmarks."""
+    """Slow reference: one plain autograd forward+backward per sample (B, O, I+1), or (B, O, I) without bias.
+    Used by tests and benchmarks."""
     linear = get_linear(model, layer)
-    flags = [(p, p.requires_grad) for p in (linear.weight, linear.bias)]
-    for p, _ in flags:
+    params = [p for p in (linear.weight, linear.bias) if p is not None]
+    flags = [(p, p.requires_grad) for p in params]
+    for p in params:
         p.requires_grad_(True)
     try:
         batch = (next(iter(views.values())) if isinstance(views, Mapping) else views).shape[0]
@@ -195,8 +206,8 @@ def per_sample_gradients_loop(
             sample = {k: t[b] for k, t in views.items()} if isinstance(views, Mapping) else views[b]
             emb = call_model(model, sample)
             loss = loss_fn(emb.unsqueeze(0))[0]
-            gw, gb = torch.autograd.grad(loss, [linear.weight, linear.bias])
-            out.append(torch.cat([gw, gb[:, None]], dim=1).float())
+            grad_w, *grad_b = torch.autograd.grad(loss, params)
+            out.append(torch.cat([grad_w, *(g[:, None] for g in grad_b)], dim=1).float())
         return torch.stack(out)
     finally:
         for p, flag in flags:

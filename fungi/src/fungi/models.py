@@ -1,4 +1,4 @@
-"""Frozen backbones as embedding functions: timm, torchvision and Hugging Face (BERT-style text, ViT, AST audio).
+"""Frozen backbones as embedding functions: timm, torchvision and Hugging Face (BERT-style or T5 text, ViT, AST).
 
 Every builder returns a ``Backbone``: an eval-mode module mapping inputs (n, ...) to embeddings (n, E), plus the
 modality and the image preprocessing it expects.
@@ -53,7 +53,8 @@ class HFImageEmbedder(nn.Module):
 
 
 class HFTextEmbedder(nn.Module):
-    """Hugging Face text encoder (BERT-style) -> first token of the last hidden state (the pooler is not used)."""
+    """Hugging Face text encoder -> first token of the last hidden state: BERT's CLS (the pooler is not used), T5's
+    first token (after the encoder's final layer norm)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -193,15 +194,18 @@ def torchvision_backbone(model: nn.Module, weights=None) -> Backbone:
 
 
 def build_hf(name: str, modality: str | None = None, **kwargs) -> Backbone:
-    """Hugging Face model id or local folder; modality inferred from the config (text, image or audio)."""
-    from transformers import AutoConfig, AutoModel
+    """Hugging Face model id or local folder; modality inferred from the config (text, image or audio). Text models
+    load as their encoder (``AutoModelForTextEncoding``: T5 -> ``T5EncoderModel``, BERT -> ``BertModel``)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(name)
-        model = AutoModel.from_pretrained(name, **kwargs)
+        modality = modality or hf_modality(config)
+        encoder = modality == "text" and config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+        model = (AutoModelForTextEncoding if encoder else AutoModel).from_pretrained(name, **kwargs)
     except OSError as err:
         raise weights_unavailable(f"model=hf:{name}", err, WEIGHTS_HINT) from err
-    modality = modality or hf_modality(config)
     return wrap_hf(model, modality, name)
 
 
@@ -244,6 +248,8 @@ def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbon
 
     ``name`` (hub id or folder) supplies the tokenizer (text) or the image processor whose resize, crop, mean and std
     become the inference transform (image); without it images get resize floor(S / 0.875), crop S, ImageNet norm.
+    Text: an encoder-decoder (``T5Model``) keeps its encoder; the tokenizer pads on the right, so that the first
+    token, the feature, is never padding.
     """
     if modality == "text":
         tokenizer = None
@@ -251,6 +257,9 @@ def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbon
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer.padding_side = "right"
+        if getattr(model, "decoder", None) is not None:
+            model = model.get_encoder()
         return Backbone(freeze(HFTextEmbedder(model)), modality="text", tokenizer=tokenizer)
     if modality == "audio":
         return Backbone(freeze(HFAudioEmbedder(model)), modality="audio")

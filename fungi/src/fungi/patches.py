@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funai_common.search import NeighborIndex
-from fungi.gradients import default_layer, get_linear, layer_io_gradients
+from fungi.gradients import default_layer, get_linear, gradient_shape, layer_io_gradients
 from fungi.losses import SELF_SIMILARITY, SIMCLR_VARIANTS
 from fungi.objectives import seeded_linear
 from fungi.projection import random_projection
@@ -63,14 +63,16 @@ def pooled_token_infonce(
 
 
 def project_token_gradients(
-    grad_out: torch.Tensor, acts: torch.Tensor, projection: torch.Tensor, chunk: int = 64
+    grad_out: torch.Tensor, acts: torch.Tensor, projection: torch.Tensor, chunk: int = 64, bias: bool = True
 ) -> torch.Tensor:
     """s * P vec(G_t (x) [A_t, 1]) for every token without forming the outer products: G (T, O), A (T, I),
-    P (E, O * (I + 1)) -> (T, E), s = 1 / sqrt(E)."""
+    P (E, O * (I + 1)) -> (T, E), s = 1 / sqrt(E); G_t (x) A_t and P (E, O * I) for a layer without ``bias``."""
     tokens, out_dim = grad_out.shape
     embed = projection.shape[0]
     p = projection.float().reshape(embed, out_dim, -1)
-    acts1 = torch.cat([acts.float(), acts.new_ones(tokens, 1, dtype=torch.float32)], dim=1)
+    acts1 = acts.float()
+    if bias:
+        acts1 = torch.cat([acts1, acts1.new_ones(tokens, 1)], dim=1)
     rows = []
     for start in range(0, tokens, chunk):
         a, g = acts1[start : start + chunk], grad_out[start : start + chunk].float()
@@ -111,8 +113,9 @@ class PatchFUNGI:
         self.num_negatives, self.negative_fraction, self.device = num_negatives, negative_fraction, torch.device(device)
         gen = torch.Generator().manual_seed(seed)
         self.head = seeded_linear(embed, latent_dim, gen).to(device)
-        grad_dim = linear.out_features * (linear.in_features + 1)
-        self.projection = random_projection(embed, grad_dim, seed).to(torch.int8).to(device)
+        out_dim, in_dim = gradient_shape(linear)
+        self.bias = linear.bias is not None
+        self.projection = random_projection(embed, out_dim * in_dim, seed).to(torch.int8).to(device)
         self.backend = backend
         self.memory: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None
@@ -170,7 +173,7 @@ class PatchFUNGI:
         first = 0 if keep_prefix else self.num_prefix
         tokens, acts, grad_out = store["tokens"][:, first:], acts[:, first:], grad_out[:, first:]
         batch, num = tokens.shape[:2]
-        grads = project_token_gradients(grad_out.flatten(0, 1), acts.flatten(0, 1), self.projection)
+        grads = project_token_gradients(grad_out.flatten(0, 1), acts.flatten(0, 1), self.projection, bias=self.bias)
         return tokens, grads.reshape(batch, num, -1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

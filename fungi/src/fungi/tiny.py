@@ -47,6 +47,23 @@ def tiny_bert():
     return wrap_hf(BertModel(cfg), "text").model
 
 
+def tiny_t5_config():
+    """T5 config: vocab 64 (pad 0, eos 1), width 32, 2 blocks of 2 heads x 8 (attention output projection 16 -> 32,
+    no bias)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+
+
+def tiny_t5():
+    """Hugging Face T5 encoder (``tiny_t5_config``) wrapped to first-token embeddings (n, 32)."""
+    from transformers import T5EncoderModel
+
+    from fungi.models import wrap_hf
+
+    return wrap_hf(T5EncoderModel(tiny_t5_config()), "text").model
+
+
 def tiny_hf_vit():
     """Hugging Face ViT (32 px, patch 8, width 32, 2 layers) wrapped to CLS embeddings (n, 32)."""
     from transformers import ViTConfig, ViTModel
