@@ -101,3 +101,18 @@ def test_voc_box_conversion():
         int(300 * 224 / 500),
         int(200 * 224 / 375),
     ]
+
+
+def test_snap_keeps_grid_boxes_and_encloses_others(codec):
+    # on the grid (what the codec writes): unchanged, so IoU_grid == IoU there
+    for box in ([28.0, 42.0, 84.0, 112.0], [0.0, 0.0, 224.0, 224.0], codec.cells_to_pixels([2, 3, 5, 7])):
+        assert codec.snap(box) == box
+    # cell 14: x1 20 -> floor(20/14)=1 -> 14, y1 30 -> 2 -> 28, x2 60 -> ceil(60/14)=5 -> 70, y2 100 -> ceil 8 -> 112
+    assert codec.snap([20, 30, 60, 100]) == [14.0, 28.0, 70.0, 112.0]
+    assert codec.snap([0, 0, 223, 223]) == [0.0, 0.0, 224.0, 224.0]  # COCO's far edge clipped to 223
+    assert codec.snap([28, 28, 28, 40]) == [28.0, 28.0, 42.0, 42.0]  # an empty side still spans one cell
+    # 364 frame, cell ceil(364/16) = 23: 100 -> 4*23=92, 50 -> 2*23=46, 200 -> ceil 9 -> 207, 150 -> ceil 7 -> 161;
+    # the last grid line 16*23 = 368 is clipped to 364
+    wide = GridCodec(16, 224, 364)
+    assert wide.snap([100, 50, 200, 150]) == [92.0, 46.0, 207.0, 161.0]
+    assert wide.snap([0, 0, 363, 363]) == [0.0, 0.0, 364.0, 364.0]

@@ -113,6 +113,7 @@ def test_train_eval_localise_end_to_end(tmp_path, capsys):
     assert rows[0]["method"] == "pin" and rows[0]["num"] == 4 and 0 <= rows[0]["miou"] <= 1
     metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
     assert metrics[0]["num"] == 4 and (tmp_path / "tiny" / "eval" / "boxes_synthetic_pin.png").is_file()
+    assert metrics[0]["miou_grid"] == pytest.approx(metrics[0]["miou"])  # synthetic GT boxes lie on the grid
     rows = eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=random", "data.val_size=4"])
     assert rows[0]["miou_std"] >= 0 and 0 < rows[0]["miou"] < 1
     with pytest.raises(ValueError, match="needs eval.checkpoint"):

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+from pin.boxes import GridCodec
 from pin.metrics import batch_weighted_miou, localisation_miou, paired_iou, precision_at
 
 
@@ -56,6 +57,25 @@ def test_batch_weighting_differs_from_pooled_bins():
     pooled = localisation_miou(b1[0] + b2[0], b1[1] + b2[1])
     assert pooled["miou_m"] == pytest.approx(3.0 / 4)
     assert w["miou"] == pytest.approx(pooled["miou"])
+
+
+def test_miou_grid_against_hand_computed_boxes():
+    codec = GridCodec()  # 14-px cells
+    on_grid, off_grid = [28, 42, 84, 112], [20, 30, 60, 100]  # the latter snaps to [14, 28, 70, 112]
+    pred = [[28, 42, 56, 112], [14, 28, 70, 112]]
+    out = localisation_miou(pred, [on_grid, off_grid], codec=codec)
+    # on grid: IoU = IoU_grid = (28*70) / (56*70) = 0.5
+    # off grid: the GT (40*70 = 2800) lies inside the prediction (56*84 = 4704): IoU = 2800/4704 = 25/42; the
+    # prediction is the snapped GT itself: IoU_grid = 1
+    assert out["miou"] == pytest.approx((0.5 + 25 / 42) / 2)
+    assert out["miou_grid"] == pytest.approx((0.5 + 1) / 2)
+    grid_only = localisation_miou(pred[:1], [on_grid], codec=codec)
+    assert grid_only["miou_grid"] == grid_only["miou"] == pytest.approx(0.5)
+    assert "miou_grid" not in localisation_miou(pred, [on_grid, off_grid])
+    # batch-weighted with per-batch weights = object counts: the overall figure equals the pooled one
+    w = batch_weighted_miou([(pred[:1], [on_grid]), (pred[1:] * 2, [off_grid, [0, 0, 14, 14]])], codec=codec)
+    # second batch: 1 and IoU([14,28,70,112], [0,0,14,14]) = 0 -> mean 0.5; (1 * 0.5 + 2 * 0.5) / 3
+    assert w["miou_grid"] == pytest.approx(0.5)
 
 
 def test_precision_at_threshold():

@@ -32,8 +32,9 @@ def test_validation_every_epoch_matches_pin_eval_and_a_plain_loss_loop(tmp_path,
     cfg["eval"]["datasets"] = ["synthetic"]
     evaluated, _ = run_eval(cfg, out_dir=tmp_path / "eval")
     assert rows[-1]["miou"] > 0.05
-    for key in ("miou", "miou_m", "miou_l", "batch_weighted_miou_m", "batch_weighted_miou_l"):
+    for key in ("miou", "miou_m", "miou_l", "miou_grid", "batch_weighted_miou_m", "batch_weighted_miou_l"):
         assert rows[-1][key] == pytest.approx(evaluated[0][key], abs=1e-9), key
+    assert rows[-1]["miou_grid"] == pytest.approx(rows[-1]["miou"])  # synthetic boxes lie on the grid
     assert rows[-1]["num"] == evaluated[0]["num"] > 0
 
     # loss: token mean over the fixed val compositions (pin-eval's held-out epoch) in the phase of epoch 1 (box only),
@@ -104,7 +105,7 @@ def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path
 
     monkeypatch.setattr(val_mod, "evaluate_queries", record)
     monkeypatch.setattr(val_mod, "summed_training_loss", lambda *args: (torch.tensor(1.0), 1))
-    monkeypatch.setattr(val_mod, "summarise", lambda result, image_size: {})
+    monkeypatch.setattr(val_mod, "summarise", lambda result, codec: {})
     accelerator = Accelerator(cpu=True)
     for rank in range(2):
 

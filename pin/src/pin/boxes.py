@@ -86,6 +86,15 @@ class GridCodec:
         c, s = self.cell, self.image_size
         return [float(x1 * c), float(y1 * c), float(min((x2 + 1) * c, s)), float(min((y2 + 1) * c, s))]
 
+    def snap(self, box) -> list[float]:
+        """An xyxy pixel box -> the smallest box the codec can write that contains it (the IoU_grid ground truth):
+        near edges floored, far edges ceiled to grid lines, at least one cell per side, clipped to the image."""
+        c, g = self.cell, self.grid
+        x1, y1 = (min(max(math.floor(v / c), 0), g - 1) for v in box[:2])
+        x2 = min(max(math.ceil(box[2] / c) - 1, x1), g - 1)
+        y2 = min(max(math.ceil(box[3] / c) - 1, y1), g - 1)
+        return self.cells_to_pixels([x1, y1, x2, y2])
+
     def random_cells(self, rng: np.random.Generator) -> list[int]:
         """A uniformly random valid grid box (the "random box" baseline): x1 <= x2 and y1 <= y2 in cells."""
         x = sorted(rng.integers(0, self.grid, size=2).tolist())

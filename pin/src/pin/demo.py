@@ -124,15 +124,17 @@ def run(out: Path, quick: bool) -> dict:
     evals["frozen VLM + PIN"] = evaluate_queries(vlm, codec, queries, batch_size=16)
 
     rows = []
-    rand = [summarise(evaluate_queries(None, codec, queries, random_seed=s), codec.image_size) for s in range(5)]
+    rand = [summarise(evaluate_queries(None, codec, queries, random_seed=s), codec) for s in range(5)]
     row = {k: float(np.mean([r[k] for r in rand])) if isinstance(rand[0][k], float) else rand[0][k] for k in rand[0]}
     rows.append({"method": "random box", **row, "miou_std": float(np.std([r["miou"] for r in rand]))})
     train_boxes = [codec.cells_to_pixels(data[i]["cells"].tolist()) for i in range(min(200, len(data)))]
     mean_box = np.mean(train_boxes, 0).tolist()
     gts = [q.box for q in queries]
-    rows.append({"method": "constant mean box", **localisation_miou([mean_box] * len(gts), gts)})
+    rows.append(
+        {"method": "constant mean box", **localisation_miou([mean_box] * len(gts), gts, codec.image_size, codec)}
+    )
     for name, res in evals.items():
-        rows.append({"method": name, **summarise(res, codec.image_size)})
+        rows.append({"method": name, **summarise(res, codec)})
     for r in rows:
         r["dataset"] = "held-out synthetic"
         r.update({k: None for k in ("batch_weighted_miou_m", "batch_weighted_miou_l") if k not in r})

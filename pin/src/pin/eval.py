@@ -4,8 +4,9 @@
              eval.datasets=[pvoc,coco,lvis,refcoco] eval.roots.coco=data/coco ...
 
 Per object, the VLM continues "In the image is a {name} located at" (beam 3, 12 new tokens) and the first box is
-parsed (the fallback box counts). Reports pooled per-object mIoU with M/L bins, the reference's batch-weighted
-figures, and P@0.3 for RefCOCO; writes metrics.json and a box figure.
+parsed (the fallback box counts). Reports pooled per-object mIoU with M/L bins, mIoU_grid (against the ground truth
+snapped to the codec's grid), the reference's batch-weighted figures, and P@0.3 for RefCOCO; writes metrics.json and
+a box figure.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def evaluate_queries(
     return {"preds": preds, "gts": gts, "texts": texts, "batches": batches}
 
 
-def summarise(result: dict, image_size: int, refcoco: bool = False) -> dict:
-    """Pooled and batch-weighted mIoU (+ P@0.3 for RefCOCO) of an `evaluate_queries` result."""
-    pooled = localisation_miou(result["preds"], result["gts"], image_size)
-    weighted = batch_weighted_miou(result["batches"], image_size)
+def summarise(result: dict, codec: GridCodec, refcoco: bool = False) -> dict:
+    """Pooled and batch-weighted mIoU and mIoU_grid (+ P@0.3 for RefCOCO) of an `evaluate_queries` result."""
+    pooled = localisation_miou(result["preds"], result["gts"], codec.image_size, codec)
+    weighted = batch_weighted_miou(result["batches"], codec.image_size, codec)
     out = {**pooled, **{f"batch_weighted_{k}": v for k, v in weighted.items()}}
     if refcoco:
         out["p@0.3"] = precision_at(result["preds"], result["gts"], 0.3)
@@ -98,21 +99,23 @@ def kshot_context(cfg: dict, codec: GridCodec, k: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The paper's table shape: mIoU / mIoU_M / mIoU_L per dataset (and P@0.3 for RefCOCO)."""
+    """The paper's table shape: mIoU / mIoU_M / mIoU_L per dataset (then mIoU_grid, and P@0.3 for RefCOCO)."""
 
     def f(v):
         return "  -  " if v is None else f"{v:.3f}"
 
     lines = [
-        "| method | dataset | objects | mIoU | mIoU_M | mIoU_L | batch-w. mIoU_M | batch-w. mIoU_L | P@0.3 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | dataset | objects | mIoU | mIoU_M | mIoU_L | mIoU_grid | batch-w. mIoU_M | batch-w. mIoU_L "
+        "| P@0.3 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = f"{r['p@0.3']:.1f}" if "p@0.3" in r else "-"
         std = f" ± {r['miou_std']:.3f}" if "miou_std" in r else ""
         lines.append(
             f"| {r['method']} | {r['dataset']} | {r['num']} | {f(r['miou'])}{std} | {f(r['miou_m'])} | "
-            f"{f(r['miou_l'])} | {f(r['batch_weighted_miou_m'])} | {f(r['batch_weighted_miou_l'])} | {p} |"
+            f"{f(r['miou_l'])} | {f(r['miou_grid'])} | {f(r['batch_weighted_miou_m'])} | "
+            f"{f(r['batch_weighted_miou_l'])} | {p} |"
         )
     return "\n".join(lines)
 
@@ -165,7 +168,7 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
                 evaluate_queries(None, codec, queries, e["batch_size"], random_seed=s)
                 for s in range(e.get("random_seeds", 5))
             ]
-            stats = [summarise(r, codec.image_size, name == "refcoco") for r in runs]
+            stats = [summarise(r, codec, name == "refcoco") for r in runs]
             row = dict(stats[0])
             for key in row:
                 vals = [s[key] for s in stats]
@@ -177,7 +180,7 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
             result = evaluate_queries(
                 vlm, codec, queries, e["batch_size"], e["num_beams"], e["max_new_tokens"], context
             )
-            row = summarise(result, codec.image_size, name == "refcoco")
+            row = summarise(result, codec, name == "refcoco")
         rows.append({"method": kind, "dataset": name, **row})
         figure_sets.append((name, queries, result))
     table = format_table(rows)

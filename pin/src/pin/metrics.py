@@ -1,4 +1,5 @@
-"""Localisation metrics: per-object IoU, mIoU with COCO-style size bins, the reference's batch weighting, P@t."""
+"""Localisation metrics: per-object IoU, mIoU with COCO-style size bins and against the grid-snapped ground truth,
+the reference's batch weighting, P@t."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from .boxes import GridCodec
 
 BINS = ("s", "m", "l")
 
@@ -39,11 +42,12 @@ def size_bins(gt_boxes, image_size: int = 224) -> np.ndarray:
     return np.where(area < small, "s", np.where(area < large, "m", "l"))
 
 
-def localisation_miou(pred_boxes, gt_boxes, image_size: int = 224) -> dict:
+def localisation_miou(pred_boxes, gt_boxes, image_size: int = 224, codec: GridCodec | None = None) -> dict:
     """Pooled per-object mIoU and its small/medium/large bins (bin value None when the bin is empty).
 
     pred_boxes, gt_boxes: (N, 4) xyxy pixel boxes (tensor, array or nested lists), paired row by row.
-    Returns {"miou", "miou_s", "miou_m", "miou_l", "num", "num_s", "num_m", "num_l"}.
+    Returns {"miou", "miou_s", "miou_m", "miou_l", "num", "num_s", "num_m", "num_l"}; with a `codec` also
+    "miou_grid": the reference's IoU_grid, the mIoU against each ground truth snapped by `codec.snap`.
     """
     ious = paired_iou(pred_boxes, gt_boxes).numpy()
     bins = size_bins(gt_boxes, image_size)
@@ -52,20 +56,24 @@ def localisation_miou(pred_boxes, gt_boxes, image_size: int = 224) -> dict:
         sel = ious[bins == b]
         out[f"miou_{b}"] = float(sel.mean()) if len(sel) else None
         out[f"num_{b}"] = int(len(sel))
+    if codec is not None:
+        snapped = [codec.snap(box) for box in _as_boxes(gt_boxes).tolist()]
+        out["miou_grid"] = float(paired_iou(pred_boxes, snapped).mean()) if len(ious) else None
     return out
 
 
-def batch_weighted_miou(batches: Sequence[tuple], image_size: int = 224) -> dict:
+def batch_weighted_miou(batches: Sequence[tuple], image_size: int = 224, codec: GridCodec | None = None) -> dict:
     """The reference's logged figure: per-batch means averaged over batches weighted by the batch's object count.
 
     Each bin's per-batch mean enters only for batches where the bin is non-empty, still weighted by the batch's
     total object count (Lightning's epoch mean of a value logged with batch_size = objects in the batch).
-    `batches`: sequence of (pred_boxes, gt_boxes) per evaluation batch.
+    `batches`: sequence of (pred_boxes, gt_boxes) per evaluation batch; with a `codec` also "miou_grid".
     """
-    sums = {k: 0.0 for k in ("miou", "miou_s", "miou_m", "miou_l")}
+    keys = ("miou", "miou_s", "miou_m", "miou_l") + (("miou_grid",) if codec is not None else ())
+    sums = dict.fromkeys(keys, 0.0)
     weights = dict.fromkeys(sums, 0)
     for pred, gt in batches:
-        stats = localisation_miou(pred, gt, image_size)
+        stats = localisation_miou(pred, gt, image_size, codec)
         n = stats["num"]
         for key in sums:
             if stats[key] is not None:

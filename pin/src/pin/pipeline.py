@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .boxes import GridCodec
 from .layout import LayoutSampler
 from .prompts import IGNORE_INDEX, build_labels, end_text, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
+from .synonyms import load_synonyms
 from .synthetic import Backgrounds, Composer, ObjectPool, SyntheticCompositions, procedural_pool
 from .vlm import FrozenVLM
 from .zoo import build_vlm
@@ -103,12 +104,14 @@ def vlm_from_cfg(cfg: dict) -> FrozenVLM:
 
 
 def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: int | None = None):
-    """Synthetic compositions for `split` (train uses data.backgrounds, val/test data.val_backgrounds)."""
+    """Synthetic compositions for `split` (train uses data.backgrounds, val/test data.val_backgrounds); objects are
+    described by synonyms from data.synonyms_path in every split when data.synonyms_description is on."""
     d, c = cfg["data"], cfg["codec"]
     sampler = LayoutSampler(c["grid"], c["image_size"], d["min_fractions"], d.get("max_cells", c["grid"]))
     bg_root = d.get("backgrounds") if split == "train" else d.get("val_backgrounds") or d.get("backgrounds")
     backgrounds = Backgrounds(bg_root, c["image_size"])
     seed = cfg["seed"] + (0 if split == "train" else 1000)
+    synonyms = load_synonyms(str(d["synonyms_path"])) if d.get("synonyms_description") else None
     composer = Composer(
         pool,
         backgrounds,
@@ -119,6 +122,7 @@ def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: 
         d.get("same_object_likelihood", 0.0),
         d.get("pos_img_referral", 0.0),
         d.get("object_sampling", "instances"),
+        synonyms,
     )
     n = length if length is not None else (d["train_size"] if split == "train" else d.get("val_size", 1000))
     return SyntheticCompositions(composer, n, d["switch_epoch"])

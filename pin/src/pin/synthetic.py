@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +209,7 @@ class Composition:
     names: list[str]
     boxes: list[list[int]]  # inclusive cells
     target: int
-    phrase: str  # the target's object phrase (name, possibly with referral words)
+    phrase: str  # the target's object phrase (name or synonym, possibly with referral words)
     phrases: list[str]  # every object's phrase (the reference's `obj_rel_names`)
 
 
@@ -235,6 +235,9 @@ class Composer:
         object_sampling: "instances" (the reference: every object a cut-out drawn uniformly with replacement, so
             classes are weighted by their instance counts and may repeat) or "classes" (k distinct class names drawn
             uniformly, then a uniform cut-out of each; for small procedural pools).
+        synonyms: {name: [synonyms]} (`pin.synonyms.load_synonyms`) to describe every object by one of its class's
+            synonyms, drawn uniformly (the reference's `synonyms_description`); None (default): by its name. A class
+            without synonyms keeps its name (with a warning).
     """
 
     def __init__(
@@ -248,6 +251,7 @@ class Composer:
         same_object_likelihood: float = 0.0,
         pos_img_referral: float = 0.0,
         object_sampling: str = "instances",
+        synonyms: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if len(pool.names) == 0:
             raise ValueError("object pool is empty")
@@ -262,7 +266,13 @@ class Composer:
         self.pool, self.backgrounds, self.sampler = pool, backgrounds, sampler
         self.seed, self.max_objects, self.fixed_objects = seed, max_objects, fixed_objects
         self.same_object_likelihood, self.pos_img_referral = same_object_likelihood, pos_img_referral
-        self.object_sampling = object_sampling
+        self.object_sampling, self.synonyms = object_sampling, synonyms
+        missing = [n for n in pool.names if not synonyms.get(n)] if synonyms is not None else []
+        if missing:
+            warnings.warn(
+                f"{len(missing)} of {len(pool.names)} classes have no synonyms and keep their name, e.g. {missing[:5]}",
+                stacklevel=2,
+            )
 
     def draw_objects(self, rng: np.random.Generator, k: int) -> list[int]:
         """Pool indices of the k objects, in paste order ("classes": min(k, number of classes) objects)."""
@@ -298,13 +308,21 @@ class Composer:
             obj = Image.fromarray(cut).resize((w, h), Image.BILINEAR)
             image.paste(obj, (round(box[0] * cell), round(box[1] * cell)), obj)
         target = int(rng.integers(len(names)))
-        phrases = [self.referral_phrase(i, names, boxes, rng) for i in range(len(names))]
+        described = [self.describe(name, rng) for name in names]
+        phrases = [self.referral_phrase(i, names, boxes, rng, described[i]) for i in range(len(names))]
         return Composition(image, names, boxes, target, phrases[target], phrases)
 
-    def referral_phrase(self, index: int, names: Sequence[str], boxes: Sequence, rng: np.random.Generator) -> str:
-        """The phrase of object `index`: its name, with a relative word when its class occurs more than once, else
-        with an absolute word with probability pos_img_referral; the bare name while same_object_likelihood is 0."""
-        name = names[index]
+    def describe(self, name: str, rng: np.random.Generator) -> str:
+        """The word for an object of class `name`: one of its synonyms (uniformly) when synonyms are on, else the
+        name; no draw from `rng` without synonyms, so the option off leaves every composition unchanged."""
+        options = self.synonyms.get(name) if self.synonyms is not None else None
+        return options[int(rng.integers(len(options)))] if options else name
+
+    def referral_phrase(
+        self, index: int, names: Sequence[str], boxes: Sequence, rng: np.random.Generator, name: str
+    ) -> str:
+        """The phrase of object `index` described as `name`: with a relative word when its class occurs more than
+        once, else with an absolute word with probability pos_img_referral; bare while same_object_likelihood is 0."""
         if self.same_object_likelihood <= 0:
             return name
         word = relative_position_word(index, names, boxes, rng)

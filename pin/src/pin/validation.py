@@ -93,4 +93,4 @@ class SyntheticValidation:
             mine = [q for b in mine for q in b]
             result = evaluate_queries(vlm, codec, mine, size, e["num_beams"], e["max_new_tokens"])
         result = {key: gather_object(result[key]) for key in ("preds", "gts", "texts", "batches")}
-        return {"val_loss": (sums[0] / sums[1]).item(), **summarise(result, codec.image_size)}
+        return {"val_loss": (sums[0] / sums[1]).item(), **summarise(result, codec)}
