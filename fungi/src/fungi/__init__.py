@@ -2,11 +2,12 @@
 
 from fungi.extractor import FUNGIExtractor
 from fungi.gradients import default_layer, per_sample_gradients
-from fungi.losses import dino_loss, kl_uniform_loss, simclr_loss
+from fungi.losses import deepcluster_loss, dino_loss, kl_uniform_loss, simclr_loss
 from fungi.projection import random_projection
 
 __all__ = [
     "FUNGIExtractor",
+    "deepcluster_loss",
     "default_layer",
     "dino_loss",
     "kl_uniform_loss",

@@ -1,5 +1,6 @@
 """Evaluation protocols of the paper on feature blocks: k-NN (PCA 512, k = 20), few-shot splits, linear probing,
-k-means clustering, revisited Oxford / Paris retrieval mAP; every combination of {embeddings, kl, dino, simclr}."""
+k-means clustering, revisited Oxford / Paris retrieval mAP; every combination of the blocks present (embeddings, kl,
+dino, simclr, deepcluster)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from fungi.objectives import OBJECTIVES
 from fungi.projection import l2_normalize
 from fungi.retrieval import revisited_map
 
 SEED = 42
+BLOCKS = ("embeddings", *OBJECTIVES)  # the order of the rows
 
 
 # The paper's linear probe (spec c.; the reference's train_linear_concat_grads.py): cyanure multinomial logistic
@@ -158,7 +161,7 @@ def evaluate_blocks(
     lambda (as the reference; without them an 80/20 split of train), projected with the PCA fitted on train. The
     chosen lambda is reported as 'linear_lambda'.
     """
-    names = [n for n in ("embeddings", "kl", "dino", "simclr") if n in train_blocks]
+    names = [n for n in BLOCKS if n in train_blocks]
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     if (val_blocks is None) != (val_labels is None):
         raise ValueError("val_blocks and val_labels go together: pass both or neither")
@@ -206,7 +209,7 @@ def evaluate_retrieval(
     features (``fit_pca``), ranking by inner product. ``ground_truth``: per query row, 'easy' / 'hard' / 'junk'
     database row indices (``fungi.retrieval.restrict_ground_truth``).
     """
-    names = [n for n in ("embeddings", "kl", "dino", "simclr") if n in database_blocks]
+    names = [n for n in BLOCKS if n in database_blocks]
     rows = []
     for combo in combinations(names, incremental):
         database, queries = fit_pca(

@@ -60,6 +60,17 @@ DEFAULTS = {
         "word_drop": 0.1,
         "num_audio_views": 16,
     },
+    "deepcluster": {  # the experiment repo's ablation; add it to `objectives` to use it
+        "latent_dim": 128,
+        "num_prototypes": 3000,
+        "num_heads": 3,
+        "temperature": 0.1,
+        "num_global": 2,
+        "num_local": 6,
+        "global_scale": [0.14, 1.0],
+        "local_scale": [0.05, 0.14],
+        "kmeans_iters": 10,
+    },
     "data": {
         "kind": "imagefolder",
         "root": None,
@@ -122,8 +133,9 @@ def resolve_validation(cfg: dict) -> bool:
 
 
 def negatives_split(splits: list[str]) -> str:
-    """The split whose images fill the SimCLR negative bank: 'train' (or a retrieval 'database') whatever the order
-    of ``splits``, so test, validation or query images never serve as negatives; else the first split."""
+    """The split whose images fill the SimCLR negative bank and fit the DeepCluster prototypes: 'train' (or a
+    retrieval 'database') whatever the order of ``splits``, so test, validation or query images never serve as
+    negatives or prototypes; else the first split."""
     return next((s for s in ("train", "database") if s in splits), splits[0])
 
 
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
     if cfg["state"] and Path(cfg["state"]).is_file():
         extractor.load(cfg["state"])
-        log.info("loaded heads, projection and negatives from %s", cfg["state"])
+        log.info("loaded heads, projection, negatives and prototypes from %s", cfg["state"])
     else:
         extractor.setup(datasets[negatives_split(cfg["splits"])], batch_size=cfg["batch_size"])
     splits = {}

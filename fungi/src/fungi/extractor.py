@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from fungi.gradients import call_model, default_layer, get_linear, gradient_shape, per_sample_gradients
 from fungi.models import Backbone, build_backbone
-from fungi.objectives import OBJECTIVES, build_objective, resolved_options
+from fungi.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, build_objective, resolved_options
 from fungi.projection import l2_normalize, project, random_projection
 
 FORMAT_VERSION = 1
@@ -32,17 +32,18 @@ class FUNGIExtractor(nn.Module):
 
     ``model``: an nn.Module mapping inputs to embeddings (n, E), a ``Backbone``, or a name for ``build_backbone``.
     ``layer``: dotted name of the target nn.Linear (default: the last attention output projection). ``objectives``:
-    subset of ('kl', 'dino', 'simclr') with optional per-objective options in ``objective_options``. ``seed`` fixes
-    the heads, the +-1 projection (one matrix shared by all objectives) and the negative bank. ``dtype`` bfloat16 runs
-    the model under autocast. Image inputs: a (B, C, H, W) preprocessed tensor or a list of PIL images; text: a list
-    of strings (needs a tokenizer); audio: (B, T, F) spectrograms.
+    subset of ('kl', 'dino', 'simclr', 'deepcluster'), default the first three, with optional per-objective options
+    in ``objective_options``. ``seed`` fixes the heads, the +-1 projection (one matrix shared by all objectives), the
+    negative bank and the k-means prototypes. ``dtype`` bfloat16 runs the model under autocast. Image inputs: a
+    (B, C, H, W) preprocessed tensor or a list of PIL images; text: a list of strings (needs a tokenizer); audio:
+    (B, T, F) spectrograms.
     """
 
     def __init__(
         self,
         model: nn.Module | Backbone | str,
         layer: str | None = None,
-        objectives: Sequence[str] = OBJECTIVES,
+        objectives: Sequence[str] = DEFAULT_OBJECTIVES,
         seed: int = 42,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -210,26 +211,46 @@ class FUNGIExtractor(nn.Module):
         blocks, _ = self.extract_blocks(dataset, batch_size)
         return torch.cat(list(blocks.values()), dim=1)
 
-    # ----------------------------------------------------------------- negatives, save / load
+    # ----------------------------------------------------------------- training-set state, save / load
     @torch.no_grad()
     def setup(self, dataset, batch_size: int = 16) -> None:
-        """Build the SimCLR negative bank from ``num_negatives`` random items of ``dataset`` (seeded)."""
-        if "simclr" not in self.objective_names:
+        """Fit what comes from the training set (seeded): the SimCLR negative bank (``num_negatives`` random items)
+        and the DeepCluster prototypes (k-means of every item's assignment crops)."""
+        if not {"simclr", "deepcluster"} & set(self.objective_names):
             return
         first = self.prepare([_first(dataset[0])])
         self.build(self.embed(first).shape[1])
-        simclr = self.objectives["simclr"]
-        gen = torch.Generator().manual_seed(self.seed)
-        indices = torch.randperm(len(dataset), generator=gen)[: simclr.num_negatives].tolist()
-        bank = []
-        for inputs, _ in self._batches(dataset, batch_size, "negatives", indices):
-            x = self.prepare(inputs)
-            views = self._views_to_model(simclr.views(x, self.seed, negative=True))
-            flat = {k: v.flatten(0, 1) for k, v in views.items()} if isinstance(views, Mapping) else views.flatten(0, 1)
-            with self._autocast():
-                emb = call_model(self.model, flat).float()
-            bank.append(simclr.encode(emb).float())
-        simclr.negatives = torch.cat(bank)
+        num_prototypes = self.objectives["deepcluster"].num_prototypes if "deepcluster" in self.objectives else 0
+        if len(dataset) < num_prototypes:
+            raise ValueError(
+                f"deepcluster.num_prototypes={num_prototypes} exceeds the {len(dataset)} training items (k-means "
+                "needs one item per prototype): lower deepcluster.num_prototypes"
+            )
+        if "simclr" in self.objective_names:
+            simclr = self.objectives["simclr"]
+            gen = torch.Generator().manual_seed(self.seed)
+            indices = torch.randperm(len(dataset), generator=gen)[: simclr.num_negatives].tolist()
+            bank = [
+                simclr.encode(self._embed_views(simclr.views(self.prepare(inputs), self.seed, negative=True)))
+                for inputs, _ in self._batches(dataset, batch_size, "negatives", indices)
+            ]
+            simclr.negatives = torch.cat(bank).flatten(0, 1)
+        if "deepcluster" in self.objective_names:
+            deepcluster = self.objectives["deepcluster"]
+            latents = [
+                deepcluster.encode(self._embed_views(deepcluster.assignment_views(self.prepare(inputs), self.seed)))
+                for inputs, _ in self._batches(dataset, batch_size, "prototypes")
+            ]
+            deepcluster.fit(torch.cat(latents), torch.Generator().manual_seed(self.seed))
+
+    def _embed_views(self, views) -> torch.Tensor:
+        """Embeddings (B, V, E) float32 of objective views, without autograd."""
+        views = self._views_to_model(views)
+        first = next(iter(views.values())) if isinstance(views, Mapping) else views
+        batch, num = first.shape[:2]
+        flat = {k: v.flatten(0, 1) for k, v in views.items()} if isinstance(views, Mapping) else views.flatten(0, 1)
+        with self._autocast():
+            return call_model(self.model, flat).float().view(batch, num, -1)
 
     def describe(self) -> dict:
         """What determines the features (saved with the state)."""
@@ -243,7 +264,7 @@ class FUNGIExtractor(nn.Module):
         }
 
     def save(self, path: str | Path) -> None:
-        """Heads, projection (int8) and negative bank to one safetensors file (metadata: ``describe()``)."""
+        """Heads, projection (int8), negative bank and prototypes to one safetensors file (metadata: ``describe()``)."""
         from safetensors.torch import save_file
 
         if self.embed_dim is None:
@@ -286,9 +307,9 @@ class FUNGIExtractor(nn.Module):
         self.embed_dim = None
         self.objectives = nn.ModuleDict()
         self.build(int(meta["embed_dim"]))
-        for name, obj in self.objectives.items():
-            if hasattr(obj, "negatives"):
-                obj.negatives = tensors[f"objectives.{name}.negatives"].to(self.device)
+        for name, obj in self.objectives.items():  # buffers sized by the training set: negatives, prototypes
+            for key, _ in obj.named_buffers(recurse=False):
+                setattr(obj, key, tensors[f"objectives.{name}.{key}"].to(self.device))
         self.objectives.load_state_dict(
             {k[len("objectives.") :]: v for k, v in tensors.items() if k.startswith("objectives.")}
         )

@@ -1,4 +1,4 @@
-"""The three self-supervised objectives of FUNGI as pure functions.
+"""The self-supervised objectives of FUNGI as pure functions.
 
 Each objective has a per-sample form (``*_per_sample``: one loss per sample, samples never interact) used to get
 per-sample gradients in one backward pass, and the public scalar form (the mean of the per-sample losses).
@@ -88,3 +88,30 @@ def simclr_loss(
 ) -> torch.Tensor:
     """SimCLR objective (paper Eq. 4): views (B, V, L), negatives (K, L) -> scalar mean over samples."""
     return simclr_per_sample(views, negatives, temperature, variant).mean()
+
+
+def deepcluster_targets(latents: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Hard assignments: latents (B, G, L) of the assignment crops, prototypes (H, K, L) -> (B, H) long; head h
+    assigns crop h mod G to its prototype of largest inner product."""
+    crops = latents[:, torch.arange(prototypes.shape[0]) % latents.shape[1]]  # (B, H, L)
+    return torch.einsum("bhl,hkl->bhk", crops.float(), prototypes.float()).argmax(-1)
+
+
+def deepcluster_per_sample(
+    latents: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """Per-sample DeepCluster loss: latents (B, V, L), prototypes (H, K, L), targets (B, H) -> (B,).
+
+    mean over heads h and views v of CE(softmax(<prototypes_h, latent_v> / T), targets_h).
+    """
+    scores = torch.einsum("bvl,hkl->bhvk", latents.float(), prototypes.float()) / temperature
+    log_p = F.log_softmax(scores, dim=-1)
+    index = targets[:, :, None, None].expand(-1, -1, latents.shape[1], 1)
+    return -log_p.gather(-1, index).mean((1, 2, 3))
+
+
+def deepcluster_loss(
+    latents: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """DeepCluster-v2-like objective (the experiment repo's ablation): scalar mean of ``deepcluster_per_sample``."""
+    return deepcluster_per_sample(latents, prototypes, targets, temperature).mean()

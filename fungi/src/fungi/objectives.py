@@ -1,7 +1,8 @@
-"""The three FUNGI objectives as modules: seeded random heads, their views, and a per-sample loss on embeddings.
+"""The FUNGI objectives as modules: seeded random heads, their views, and a per-sample loss on embeddings.
 
 Defaults are the paper scripts' values (spec b.), not the reference library's: KL T = 15, DINO 2 + 10 crops with a
-2048-d head, SimCLR 49 patch views, 96-d head, 256 negative images, the paper's InfoNCE.
+2048-d head, SimCLR 49 patch views, 96-d head, 256 negative images, the paper's InfoNCE. DeepCluster (the experiment
+repo's ablation, off by default): 2 + 6 crops, 3 heads of 3000 k-means prototypes, T = 0.1.
 """
 
 from __future__ import annotations
@@ -15,20 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fungi.losses import SIMCLR_VARIANTS, dino_per_sample, kl_uniform_per_sample, simclr_per_sample
+from fungi.kmeans import inner_product_kmeans
+from fungi.losses import (
+    SIMCLR_VARIANTS,
+    deepcluster_per_sample,
+    deepcluster_targets,
+    dino_per_sample,
+    kl_uniform_per_sample,
+    simclr_per_sample,
+)
 from fungi.views import dino_views, noise_roll_views, patchify_views, word_deletion
 
-OBJECTIVES = ("kl", "dino", "simclr")
+OBJECTIVES = ("kl", "dino", "simclr", "deepcluster")
+DEFAULT_OBJECTIVES = ("kl", "dino", "simclr")  # the paper's; deepcluster is an ablation
 
 
-def seeded_linear(in_dim: int, out_dim: int, gen: torch.Generator) -> nn.Linear:
+def seeded_linear(in_dim: int, out_dim: int, gen: torch.Generator, bias: bool = True) -> nn.Linear:
     """nn.Linear with PyTorch's default init distribution (U(-1/sqrt(in), 1/sqrt(in)) for weight and bias) drawn
     from ``gen``, frozen."""
-    layer = nn.Linear(in_dim, out_dim)
+    layer = nn.Linear(in_dim, out_dim, bias=bias)
     bound = 1.0 / math.sqrt(in_dim)
     with torch.no_grad():
         layer.weight.copy_(torch.empty(out_dim, in_dim).uniform_(-bound, bound, generator=gen))
-        layer.bias.copy_(torch.empty(out_dim).uniform_(-bound, bound, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.empty(out_dim).uniform_(-bound, bound, generator=gen))
     layer.requires_grad_(False)
     return layer
 
@@ -151,11 +162,79 @@ class SimCLRObjective(Objective):
         return simclr_per_sample(self.encode(embeddings), self.negatives, self.temperature, self.variant)
 
 
-OBJECTIVE_CLASSES = {cls.name: cls for cls in (KLObjective, DINOObjective, SimCLRObjective)}
+class DeepClusterObjective(Objective):
+    """DeepCluster-v2-like ablation of the experiment repo: for each of H heads and every crop, the cross-entropy of
+    softmax(<prototypes, latent> / T) over the head's k-means prototypes against the sample's hard assignment.
+
+    Latents: L2-normalised output of a bias-free random head with unit-norm rows (the reference's weight-normed
+    head, g = 1). Views: 2 global + 6 local crops for the loss, then ``num_global`` more global crops, drawn
+    independently, that only pick the targets (head h: the crop h mod ``num_global``; they get no gradient).
+    Prototypes: ``fit`` on the training set's assignment crops (``FUNGIExtractor.setup``), shared by every split.
+    """
+
+    name = "deepcluster"
+
+    def __init__(
+        self,
+        embed_dim: int,
+        gen: torch.Generator,
+        latent_dim: int = 128,
+        num_prototypes: int = 3000,
+        num_heads: int = 3,
+        temperature: float = 0.1,
+        num_global: int = 2,
+        num_local: int = 6,
+        global_scale: Sequence[float] = (0.14, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.14),
+        kmeans_iters: int = 10,
+    ):
+        super().__init__()
+        self.num_prototypes, self.temperature, self.kmeans_iters = num_prototypes, temperature, kmeans_iters
+        self.num_global, self.num_local = num_global, num_local
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.head = seeded_linear(embed_dim, latent_dim, gen, bias=False)
+        self.head.weight.div_(self.head.weight.norm(dim=1, keepdim=True))
+        self.register_buffer("prototypes", torch.zeros(num_heads, 0, latent_dim))
+
+    def assignment_views(self, inputs, seed: int) -> torch.Tensor:
+        """The crops that pick the targets: (B, C, H, W) -> (B, num_global, C, H, W), another draw than the loss's."""
+        return dino_views(inputs, seed + 1, self.num_global, 0, self.global_scale, mode="bilinear")
+
+    def views(self, inputs, seed: int):
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            raise ValueError("the DeepCluster objective needs image batches (B, C, H, W)")
+        crops = dino_views(
+            inputs, seed, self.num_global, self.num_local, self.global_scale, self.local_scale, mode="bilinear"
+        )
+        return torch.cat([crops, self.assignment_views(inputs, seed)], dim=1)
+
+    def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Latents (..., E) -> (..., L), unit norm."""
+        return F.normalize(self.head(embeddings.float()), dim=-1)
+
+    def fit(self, latents: torch.Tensor, gen: torch.Generator) -> None:
+        """Prototypes of each head: k-means of the training latents (N, num_global, L) of crop h mod num_global."""
+        self.prototypes = torch.stack(
+            [
+                inner_product_kmeans(latents[:, h % latents.shape[1]], self.num_prototypes, gen, self.kmeans_iters)[0]
+                for h in range(self.prototypes.shape[0])
+            ]
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.prototypes.shape[1] == 0:
+            raise RuntimeError("the DeepCluster prototypes are not fitted: call FUNGIExtractor.setup(train_dataset)")
+        z = self.encode(embeddings)
+        num_crops = self.num_global + self.num_local
+        targets = deepcluster_targets(z[:, num_crops:].detach(), self.prototypes)
+        return deepcluster_per_sample(z[:, :num_crops], self.prototypes, targets, self.temperature)
+
+
+OBJECTIVE_CLASSES = {cls.name: cls for cls in (KLObjective, DINOObjective, SimCLRObjective, DeepClusterObjective)}
 
 
 def build_objective(name: str, embed_dim: int, gen: torch.Generator, **options) -> Objective:
-    """Objective ``name`` in ('kl', 'dino', 'simclr') with its heads drawn from ``gen``."""
+    """Objective ``name`` in ('kl', 'dino', 'simclr', 'deepcluster') with its heads drawn from ``gen``."""
     if name not in OBJECTIVE_CLASSES:
         raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
     return OBJECTIVE_CLASSES[name](embed_dim, gen, **options)

@@ -48,9 +48,9 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, antialiased resize of (n, C, h, w) images to ``size``."""
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize (bicubic or bilinear) of (n, C, h, w) images to ``size``."""
+    return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
 
 
 def dino_views(
@@ -60,9 +60,10 @@ def dino_views(
     num_local: int = 10,
     global_scale: tuple[float, float] = (0.25, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.25),
+    mode: str = "bicubic",
 ) -> torch.Tensor:
     """DINO multi-crop of (B, C, H, W) images -> (B, G+L, C, H, W): global crops first, all resized back to (H, W)
-    (the paper's local crops are full size too); no flip/colour/blur."""
+    (the paper's local crops are full size too) with ``mode`` interpolation; no flip/colour/blur."""
     _, _, height, width = images.shape
     out = []
     for image in images:
@@ -71,7 +72,7 @@ def dino_views(
         for i in range(num_global + num_local):
             scale = global_scale if i < num_global else local_scale
             top, left, h, w = random_resized_crop_box(height, width, scale, (3 / 4, 4 / 3), gen)
-            crops.append(resize(image[None, :, top : top + h, left : left + w], (height, width)))
+            crops.append(resize(image[None, :, top : top + h, left : left + w], (height, width), mode))
         out.append(torch.cat(crops))
     return torch.stack(out)
 
