@@ -114,6 +114,6 @@ def test_dino_views_two_globals_from_the_whole_frame(monkeypatch):
 
 def test_solarisation_comes_last():
     frame = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
-    plain = photometric(frame, torch.Generator().manual_seed(4), 0.0)
-    solar = photometric(frame, torch.Generator().manual_seed(4), 0.0, solarize_p=1.0)
-    torch.testing.assert_close(solar, torch.where(plain >= 0.5, 1 - plain, plain))
+    plain = photometric(frame, torch.Generator().manual_seed(4), 1.0)  # with blur: solarisation comes after it
+    solar = photometric(frame, torch.Generator().manual_seed(4), 1.0, solarize_p=1.0)
+    torch.testing.assert_close(solar, torch.where(plain >= 128 / 255, 1 - plain, plain))  # PIL's threshold 128

@@ -237,6 +237,21 @@ def test_dino_baseline_trains_and_resumes(tmp_path, video):
     assert loss_state["center"].abs().sum() > 0
     with pytest.raises(ValueError, match="num_global_crops=2 with method=dora"):
         train.main(tiny_args(tmp_path / "bad", video, *DINO_ARGS[1:]))
+    with pytest.raises(ValueError, match="is a method=dino run; this config has method=dora"):
+        train.main(tiny_args(tmp_path / "split", video, "resume=latest", "optim.max_steps=6"))
+
+
+def test_configs_without_method_train_dora(tmp_path, video):
+    """A config written before ``method`` existed (no key) still trains DoRA."""
+    from dora.config import config_path
+
+    old = tmp_path / "old.yaml"
+    old.write_text("".join(line for line in config_path("tiny").open() if not line.startswith("method:")))
+    assert "method" not in load_config(["--config", str(old)])
+    out = train.main(
+        ["--config", str(old), f"run_dir={tmp_path / 'run'}", f"data.videos=[{video}]", "optim.max_steps=1"]
+    )
+    assert out["steps"] == 1
 
 
 class _null:

@@ -152,6 +152,21 @@ def test_hf_t5_encoder_decoder_keeps_its_encoder():
     assert FUNGIExtractor(bb, objectives=("kl",)).layer == "model.block.1.layer.0.SelfAttention.o"
 
 
+def test_encoder_only_model_with_a_decoder_module_is_kept_whole():
+    """Funnel is encoder-only but names its upsampling block ``decoder``: only encoder-decoders lose their decoder."""
+    from transformers import FunnelConfig, FunnelModel
+
+    from fungi.models import wrap_hf
+
+    cfg = FunnelConfig(vocab_size=32, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=32)
+    model = FunnelModel(cfg).eval()
+    ids = torch.tensor([[5, 9, 3, 2], [7, 4, 6, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        torch.testing.assert_close(wrap_hf(model, "text").model(ids, mask), expected)
+
+
 @pytest.mark.parametrize(
     "name", ["timm:vit_small_patch16_224.dino", "hf:google-bert/bert-base-uncased", "hf:google-t5/t5-small"]
 )

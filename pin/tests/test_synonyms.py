@@ -52,6 +52,22 @@ def test_missing_synonyms_file_is_an_error_naming_it(tmp_path):
     cfg, _ = load_config(["--config", "tiny", "data.synonyms_description=true", f"data.synonyms_path={missing}"])
     with pytest.raises(FileNotFoundError, match=re.escape(f"data.synonyms_path={missing}")):
         dataset_from_cfg(cfg, pools_from_cfg(cfg)[0])
+    cfg, _ = load_config(["--config", "tiny", "data.synonyms_description=true"])  # tiny: synonyms_path null
+    with pytest.raises(ValueError, match="data.synonyms_path is not set"):
+        dataset_from_cfg(cfg, pools_from_cfg(cfg)[0])
+
+
+def test_malformed_synonyms_and_the_reference_aliases(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cup": "mug"}))  # a string, not a list: would split into letters
+    with pytest.raises(ValueError, match="'cup' must be a list of strings"):
+        load_synonyms(str(bad))
+    with pytest.raises(ValueError, match="name and a synonyms list"):
+        load_synonyms(str(_lvis(tmp_path, [{"id": 1, "name": "cup"}])))
+    flat = tmp_path / "flat.json"  # the reference aliases baguet -> baguette and icecream -> ice cream
+    flat.write_text(json.dumps({"baguette": ["baguette", "french_bread"], "ice cream": ["ice cream", "gelato"]}))
+    out = load_synonyms(str(flat))
+    assert out["baguet"] == ["baguette", "french bread"] and out["icecream"] == ["ice cream", "gelato"]
 
 
 def test_descriptions_come_from_the_listed_synonyms_and_are_seeded(tmp_path):

@@ -25,7 +25,8 @@ def rrc_params(height: int, width: int, scale: tuple[float, float], g: torch.Gen
 
 def photometric(frame: torch.Tensor, g: torch.Generator, blur_p: float, solarize_p: float = 0.0) -> torch.Tensor:
     """Colour jitter (0.4, 0.4, 0.2, 0.1) w.p. 0.8 in random order, grayscale w.p. 0.2, Gaussian blur (sigma 0.1-2)
-    w.p. ``blur_p``, then solarisation at 0.5 w.p. ``solarize_p`` (no draw when 0), on one (3, H, W) frame in [0, 1]."""
+    w.p. ``blur_p``, then solarisation (PIL's: values >= 128/255 inverted) w.p. ``solarize_p`` (no draw when 0), on
+    one (3, H, W) frame in [0, 1]."""
     if torch.rand((), generator=g) < 0.8:
         factors = [
             _uniform(g, 0.6, 1.4),
@@ -49,7 +50,7 @@ def photometric(frame: torch.Tensor, g: torch.Generator, blur_p: float, solarize
         k = 2 * math.ceil(3 * sigma) + 1
         frame = TF.gaussian_blur(frame, [k, k], [sigma, sigma])
     if solarize_p > 0 and torch.rand((), generator=g) < solarize_p:
-        frame = TF.solarize(frame, 0.5)
+        frame = TF.solarize(frame, 128 / 255)
     return frame
 
 

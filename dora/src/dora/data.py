@@ -187,7 +187,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
 
 def collate_views(batch: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """[(global (T,3,G,G), [local (T,3,l,l)] * L)] * B -> (global (B,T,3,G,G), [local (B,T,3,l,l)] * L)."""
+    """[(global (T,3,G,G), [local (T,3,l,l)] * L)] * B -> (global (B,T,3,G,G), [local (B,T,3,l,l)] * L); with n > 1
+    global views per clip (T,3,G,G) becomes (n,T,3,G,G) and the batch (B,n,T,3,G,G)."""
     glob = torch.stack([b[0] for b in batch])
     locals_ = [torch.stack([b[1][i] for b in batch]) for i in range(len(batch[0][1]))]
     return glob, locals_

@@ -168,7 +168,7 @@ def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
     lcfg, a = cfg["loss"], cfg["augment"]
     temps = (lcfg["warmup_teacher_temp"], lcfg["teacher_temp"], lcfg["warmup_teacher_temp_epochs"])
     rest = (cfg["optim"]["epochs"], lcfg["student_temp"], lcfg["center_momentum"])
-    if cfg["method"] == "dino":
+    if cfg.get("method", "dora") == "dino":
         return DINOLoss(cfg["model"]["out_dim"], a["num_global_crops"], *temps, *rest)
     return DoRALoss(cfg["model"]["out_dim"], a["num_local_crops"], *temps, *rest, lcfg["loss_variant"])
 
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
 
     cfg = load_config(argv if argv is not None else sys.argv[1:])
+    cfg.setdefault("method", "dora")  # configs written before the DINO baseline existed
     run_dir = Path(cfg["run_dir"] or Path("runs") / "dora" / cfg["name"])
     accelerator = Accelerator(mixed_precision=cfg["optim"]["mixed_precision"], cpu=bool(cfg["cpu"]))
     main_process = accelerator.is_main_process
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = resolve_resume(cfg["resume"], run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
+        saved_method = state["state"].get("config", {}).get("method", "dora")
+        if saved_method != cfg["method"]:
+            raise ValueError(f"resume={ckpt} is a method={saved_method} run; this config has method={cfg['method']}")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         loss_fn.load_state_dict(state["loss"])

@@ -258,7 +258,7 @@ def wrap_hf(model: nn.Module, modality: str, name: str | None = None) -> Backbon
 
             tokenizer = AutoTokenizer.from_pretrained(name)
             tokenizer.padding_side = "right"
-        if getattr(model, "decoder", None) is not None:
+        if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
         return Backbone(freeze(HFTextEmbedder(model)), modality="text", tokenizer=tokenizer)
     if modality == "audio":

@@ -111,7 +111,7 @@ def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: 
     bg_root = d.get("backgrounds") if split == "train" else d.get("val_backgrounds") or d.get("backgrounds")
     backgrounds = Backgrounds(bg_root, c["image_size"])
     seed = cfg["seed"] + (0 if split == "train" else 1000)
-    synonyms = load_synonyms(str(d["synonyms_path"])) if d.get("synonyms_description") else None
+    synonyms = load_synonyms(d["synonyms_path"] and str(d["synonyms_path"])) if d.get("synonyms_description") else None
     composer = Composer(
         pool,
         backgrounds,
