@@ -14,7 +14,7 @@ from fungi.losses import deepcluster_loss, deepcluster_per_sample, deepcluster_t
 from fungi.objectives import DeepClusterObjective
 from fungi.runs import load_features
 from fungi.tiny import tiny_timm, tiny_torchvision
-from fungi.views import random_resized_crop_box, resize, sample_generator
+from fungi.views import dino_views, random_resized_crop_box, resize, sample_generator
 
 OPTIONS = {"deepcluster": {"num_prototypes": 4, "num_local": 2, "latent_dim": 16}}
 TINY = ["--config", "tiny", "limit=12", "dino.num_local=2", "simclr.stride_scale=2", "simclr.num_negatives=2"]
@@ -84,23 +84,30 @@ def test_kmeans_is_seeded_and_backends_agree():
 
 def test_views_are_reference_crops():
     objective = DeepClusterObjective(48, torch.Generator().manual_seed(0))
-    assert (objective.num_global, objective.num_local, objective.num_prototypes, objective.temperature) == (
-        2,
-        6,
-        3000,
-        0.1,
-    )
+    defaults = (objective.num_global, objective.num_local, objective.num_prototypes, objective.temperature)
+    assert defaults == (2, 6, 3000, 0.1)
+    assert (objective.global_scale, objective.local_scale) == ((0.14, 1.0), (0.05, 0.14))
     assert torch.allclose(objective.head.weight.norm(dim=1), torch.ones(128))  # weight norm with g = 1
     images = torch.randn(2, 3, 32, 32)
     views = objective.views(images, seed=7)
     assert views.shape == (2, 2 + 6 + 2, 3, 32, 32)
-    gen = sample_generator(images[1], 7)  # first loss crop: global scale (0.14, 1), bilinear
-    top, left, h, w = random_resized_crop_box(32, 32, (0.14, 1.0), (3 / 4, 4 / 3), gen)
-    expected = resize(images[1:2, :, top : top + h, left : left + w], (32, 32), "bilinear")[0]
-    assert torch.allclose(views[1, 0], expected, atol=1e-6)
-    assert not torch.equal(views[:, 8:], views[:, :2])  # the assignment crops are another draw
-    with pytest.raises(ValueError, match="image batches"):
-        objective.views(["some text"], seed=0)
+    for b in range(2):  # every crop rebuilt: loss crops from seed 7 + 2, assignment crops from seed 7 + 1, bilinear
+        loss_gen, assign_gen = sample_generator(images[b], 9), sample_generator(images[b], 8)
+        draws = [(loss_gen, (0.14, 1.0))] * 2 + [(loss_gen, (0.05, 0.14))] * 6 + [(assign_gen, (0.14, 1.0))] * 2
+        for v, (gen, scale) in enumerate(draws):
+            top, left, h, w = random_resized_crop_box(32, 32, scale, (3 / 4, 4 / 3), gen)
+            expected = resize(images[b : b + 1, :, top : top + h, left : left + w], (32, 32), "bilinear")[0]
+            torch.testing.assert_close(views[b, v], expected, atol=1e-6, rtol=0)
+    # apart from the DINO objective's crops, which are drawn from the seed itself
+    assert not torch.allclose(views[:, :2], dino_views(images, 7, 2, 0, (0.14, 1.0), mode="bilinear"))
+    for bad in (["some text"], torch.randn(2, 50, 128)):  # text, audio spectrograms
+        with pytest.raises(ValueError, match="image batches"):
+            objective.views(bad, seed=0)
+        with pytest.raises(ValueError, match="image batches"):
+            objective.assignment_views(bad, seed=0)
+    for key in ("num_prototypes", "num_heads", "num_global"):
+        with pytest.raises(ValueError, match=f"deepcluster.{key}=0"):
+            DeepClusterObjective(48, torch.Generator().manual_seed(0), **{key: 0})
 
 
 @pytest.mark.parametrize(

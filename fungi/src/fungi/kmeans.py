@@ -15,7 +15,8 @@ def inner_product_kmeans(
     Centroids start as k distinct rows drawn with ``gen``; each of ``iters`` rounds assigns every row to the centroid
     of largest inner product (exact search, faiss when installed: ``funai_common.search``) and moves each centroid to
     the mean of its rows; an empty cluster keeps its centroid; centroids are not renormalised (as the reference). The
-    returned assignments are those to the final centroids.
+    returned assignments are those to the final centroids. On CUDA the sums (``index_add_``) may differ in the last
+    bits from run to run unless deterministic algorithms are on.
     """
     n = x.shape[0]
     if not 1 <= k <= n:

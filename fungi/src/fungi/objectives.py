@@ -162,14 +162,21 @@ class SimCLRObjective(Objective):
         return simclr_per_sample(self.encode(embeddings), self.negatives, self.temperature, self.variant)
 
 
+def _require_images(inputs) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ValueError("the DeepCluster objective needs image batches (B, C, H, W), not text or audio")
+
+
 class DeepClusterObjective(Objective):
     """DeepCluster-v2-like ablation of the experiment repo: for each of H heads and every crop, the cross-entropy of
     softmax(<prototypes, latent> / T) over the head's k-means prototypes against the sample's hard assignment.
 
     Latents: L2-normalised output of a bias-free random head with unit-norm rows (the reference's weight-normed
-    head, g = 1). Views: 2 global + 6 local crops for the loss, then ``num_global`` more global crops, drawn
-    independently, that only pick the targets (head h: the crop h mod ``num_global``; they get no gradient).
-    Prototypes: ``fit`` on the training set's assignment crops (``FUNGIExtractor.setup``), shared by every split.
+    head, g = 1). Views: 2 global + 6 local crops for the loss, then ``num_global`` more global crops that only pick
+    the targets (head h: the crop h mod ``num_global``; they get no gradient); each set is its own draw (seeds
+    ``seed + 2`` and ``seed + 1``), apart from the DINO objective's crops (``seed``). Targets are scored in float32
+    with autocast off. Prototypes: ``fit`` on the training set's assignment crops (``FUNGIExtractor.setup``), shared
+    by every split.
     """
 
     name = "deepcluster"
@@ -189,6 +196,10 @@ class DeepClusterObjective(Objective):
         kmeans_iters: int = 10,
     ):
         super().__init__()
+        counts = {"num_prototypes": num_prototypes, "num_heads": num_heads, "num_global": num_global}
+        for key, value in counts.items():
+            if value < 1:
+                raise ValueError(f"deepcluster.{key}={value}: expected at least 1")
         self.num_prototypes, self.temperature, self.kmeans_iters = num_prototypes, temperature, kmeans_iters
         self.num_global, self.num_local = num_global, num_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
@@ -198,13 +209,13 @@ class DeepClusterObjective(Objective):
 
     def assignment_views(self, inputs, seed: int) -> torch.Tensor:
         """The crops that pick the targets: (B, C, H, W) -> (B, num_global, C, H, W), another draw than the loss's."""
+        _require_images(inputs)
         return dino_views(inputs, seed + 1, self.num_global, 0, self.global_scale, mode="bilinear")
 
     def views(self, inputs, seed: int):
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-            raise ValueError("the DeepCluster objective needs image batches (B, C, H, W)")
+        _require_images(inputs)
         crops = dino_views(
-            inputs, seed, self.num_global, self.num_local, self.global_scale, self.local_scale, mode="bilinear"
+            inputs, seed + 2, self.num_global, self.num_local, self.global_scale, self.local_scale, mode="bilinear"
         )
         return torch.cat([crops, self.assignment_views(inputs, seed)], dim=1)
 
@@ -224,10 +235,11 @@ class DeepClusterObjective(Objective):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         if self.prototypes.shape[1] == 0:
             raise RuntimeError("the DeepCluster prototypes are not fitted: call FUNGIExtractor.setup(train_dataset)")
-        z = self.encode(embeddings)
         num_crops = self.num_global + self.num_local
-        targets = deepcluster_targets(z[:, num_crops:].detach(), self.prototypes)
-        return deepcluster_per_sample(z[:, :num_crops], self.prototypes, targets, self.temperature)
+        with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+            targets = deepcluster_targets(self.encode(embeddings[:, num_crops:].float()), self.prototypes)
+        z = self.encode(embeddings[:, :num_crops])
+        return deepcluster_per_sample(z, self.prototypes, targets, self.temperature)
 
 
 OBJECTIVE_CLASSES = {cls.name: cls for cls in (KLObjective, DINOObjective, SimCLRObjective, DeepClusterObjective)}
