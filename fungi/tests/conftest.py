@@ -29,7 +29,8 @@ T5_WORDS = "my card was stolen how do i top up not working at the shop exchange 
 def t5_folder(tmp_path_factory):
     """A folder laid out as google-t5/t5-small: a tiny random T5ForConditionalGeneration (encoder and decoder) and a
     T5 tokenizer (pad 0, eos 1, unk 2) whose vocabulary is the words above and single letters."""
-    from transformers import T5ForConditionalGeneration, T5Tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5ForConditionalGeneration, T5TokenizerFast
 
     from fungi.tiny import tiny_t5_config
 
@@ -38,7 +39,12 @@ def t5_folder(tmp_path_factory):
     T5ForConditionalGeneration(tiny_t5_config()).save_pretrained(path)
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(f"\u2581{w}", -1.0) for w in T5_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))  # built with `tokenizers`: the same on transformers 4 and 5
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    ).save_pretrained(path)
     return path
 
 
