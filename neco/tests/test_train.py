@@ -143,11 +143,14 @@ def test_config_errors():
         cfg = load_config(["--config", name])
         if "optim" in cfg:
             assert cfg["loss"]["use_teacher"] is True and cfg["optim"]["trainable_blocks"] is None, name
+            assert cfg["loss"]["mask"] == "all", name
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    """torchrun with 2 gloo processes and the same global batch reproduces the single-process run."""
+@pytest.mark.parametrize("mask", ["all", "fg"])
+def test_two_processes_match_one_process(tmp_path, mask):
+    """torchrun with 2 gloo processes and the same global batch reproduces the single-process run (with a loss mask:
+    the masked mean runs over the selected locations of the whole batch)."""
     args = [
         "--config",
         "tiny",
@@ -155,6 +158,7 @@ def test_two_processes_match_one_process(tmp_path):
         "data.synthetic_images=8",
         "optim.batch_size=2",
         "data.num_local=2",
+        f"loss.mask={mask}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
@@ -164,7 +168,7 @@ def test_two_processes_match_one_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        "29533" if mask == "all" else "29534",
         "-m",
         "neco.train",
         *args,
@@ -183,8 +187,9 @@ def test_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_step_on_gpu(tiny_args):
-    out = main(tiny_args + ["optim.max_steps=2", "train.cpu=false", "train.mixed_precision=bf16"])
+@pytest.mark.parametrize("mask", ["all", "fg"])
+def test_bf16_step_on_gpu(tiny_args, mask):
+    out = main(tiny_args + ["optim.max_steps=2", "train.cpu=false", "train.mixed_precision=bf16", f"loss.mask={mask}"])
     assert all(torch.isfinite(torch.tensor(out["losses"])))
 
 

@@ -67,14 +67,20 @@ def neighbor_ranks(
     return perm.reshape(b, q, r, r)
 
 
-def rank_cross_entropy(teacher_ranks: torch.Tensor, student_ranks: torch.Tensor) -> torch.Tensor:
+def rank_cross_entropy(
+    teacher_ranks: torch.Tensor, student_ranks: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """-mean over (b, q, i) of sum_j teacher[b, q, i, j] * log(student[b, q, i, j]); teacher carries no gradient.
 
+    With ``mask`` (B, Q) bool the mean runs over the selected (b, q) only (and all i); 0 when none is selected.
     As in the reference there is no epsilon: soft permutations of the Cauchy relaxation are strictly positive.
     """
     if teacher_ranks.shape != student_ranks.shape:
         raise ValueError(f"rank shapes differ: {tuple(teacher_ranks.shape)} vs {tuple(student_ranks.shape)}")
-    return -(teacher_ranks.detach() * torch.log(student_ranks)).sum(-1).mean()
+    ce = -(teacher_ranks.detach() * torch.log(student_ranks)).sum(-1)
+    if mask is None:
+        return ce.mean()
+    return ce[mask].sum() / (mask.sum().clamp(min=1) * ce.shape[-1])
 
 
 def _to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,12 @@ def align(tokens: torch.Tensor, boxes: torch.Tensor, patch_size: int) -> torch.T
     rois = torch.cat([index, boxes.to(device=fmap.device, dtype=fmap.dtype) / patch_size], 1)
     out = roi_align(fmap, rois, ROI_SIZE, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return out.flatten(2).transpose(1, 2)
+
+
+def aligned_mask(mask: torch.Tensor, boxes: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Bool (B, 49): the aligned locations of ``align`` lying wholly inside the 0/1 token mask (B, N), i.e. whose
+    RoI-aligned mask value is 1 (up to float rounding, which the reference's exact ``>= 1.0`` test does not allow)."""
+    return align(mask[..., None].float(), boxes, patch_size)[..., 0] >= 1 - 1e-5
 
 
 @dataclass
@@ -134,6 +146,7 @@ def neco_loss(
     similarity: str = "cosine",
     gather: BatchGather | None = None,
     checkpoint_sort: bool = False,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NeCo objective ``(1/G) sum_c (1/(C-1)) sum_{v != c} CE(P_t(c, v), P_s(c, v))`` (spec section 4).
 
@@ -149,6 +162,11 @@ def neco_loss(
     ``ref_indices`` injects ``perm`` (one 1-D tensor per pair, ``pair_order``); otherwise it is drawn from the
     global torch RNG. ``gather`` pools over all processes so that a multi-process run equals a single-process
     run on the same global batch. ``checkpoint_sort`` recomputes the student sort in backward (saves memory).
+
+    ``masks`` (``loss.mask`` fg / bg): one 0/1 (B, N_c) token mask per global crop. Pair (c, v) then counts only the
+    aligned locations inside the mask of c (``aligned_mask``), averaging over those of the whole (multi-process)
+    batch; a pair without any adds 0. With the queue off its references are drawn (with replacement) from the
+    teacher patches at those locations, ``perm`` indexing them.
     """
     num_global = len(teacher_global)
     num_crops = len(student_crops)
@@ -160,6 +178,8 @@ def neco_loss(
         raise ValueError(f"ref_indices needs one permutation per crop pair ({len(pairs)}), got {len(ref_indices)}")
     if references is not None and len(references) != num_global:
         raise ValueError(f"references needs one bank per global crop ({num_global}), got {len(references)}")
+    if masks is not None and len(masks) != num_global:
+        raise ValueError(f"masks needs one token mask per global crop ({num_global}), got {len(masks)}")
     n = ROI_SIZE * ROI_SIZE
 
     def student_ranks(s: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
@@ -173,6 +193,14 @@ def neco_loss(
         batch, _, dim = t.shape
         source = gather.fn(t.reshape(batch * n, dim)) if references is None else references[c].detach()
         count = source.shape[0] if references is None else (gather.total or batch) * n
+        keep = None
+        if masks is not None:
+            keep = aligned_mask(masks[c], boxes_g[:, c, v], patch_size)
+            selected = gather.fn(keep.float()).reshape(-1) > 0
+            if not selected.any():
+                continue
+            if references is None:
+                source = source[selected]
         perm = ref_indices[p] if ref_indices is not None else _draw(source.shape[0], count, t.device)
         refs = source[perm[gather.offset * n : (gather.offset + batch) * n]].reshape(batch, n, dim).to(s.dtype)
         with torch.no_grad():
@@ -181,5 +209,11 @@ def neco_loss(
             pred = checkpoint(student_ranks, s, refs, use_reentrant=False)
         else:
             pred = student_ranks(s, refs)
-        total = total + rank_cross_entropy(target, pred)
+        if keep is None:
+            total = total + rank_cross_entropy(target, pred)
+        else:  # this process's share of the mean over the whole batch's selected locations (processes: equal shards)
+            share = keep.sum() * (gather.total or batch) / (batch * selected.sum())
+            total = total + rank_cross_entropy(target, pred, keep) * share
+    if not torch.is_tensor(total):  # the masks selected no location in any pair
+        return student_crops[0].new_zeros(())
     return total / len(pairs)

@@ -119,6 +119,12 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1)
 
 
+def _whole_patches(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` cropped top-left to a multiple of the backbone's patch size."""
+    ph, pw = backbone.patch_embed.patch_size
+    return images[..., : images.shape[-2] // ph * ph, : images.shape[-1] // pw * pw]
+
+
 def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Final-norm patch tokens (B, floor(H/p) * floor(W/p), D) of a timm ViT, CLS and register tokens dropped.
 
@@ -126,9 +132,35 @@ def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     convolution sees (98 px crops with p = 16 give 6 x 6 tokens); timm's dynamic-size patch embedding would
     otherwise reject them.
     """
-    ph, pw = backbone.patch_embed.patch_size
-    images = images[..., : images.shape[-2] // ph * ph, : images.shape[-1] // pw * pw]
-    return backbone.forward_features(images)[:, backbone.num_prefix_tokens :]
+    return backbone.forward_features(_whole_patches(backbone, images))[:, backbone.num_prefix_tokens :]
+
+
+@torch.no_grad()
+def cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention (B, T) of the first (CLS) token to all T tokens in the timm ``block`` given its input
+    x (B, T, D), averaged over heads; float32 with autocast off, no gradient."""
+    attn = block.attn
+    b, t, _ = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        qkv = attn.qkv(block.norm1(x.float())).reshape(b, t, 3, attn.num_heads, attn.head_dim)
+        q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, h, 1, d)
+        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, h, T, d)
+        weights = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+    return weights[:, :, 0].mean(1)
+
+
+def tokens_and_attention(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``patch_tokens`` and the last block's head-averaged CLS-to-patch attention (B, N) (register columns dropped;
+    the softmax runs over all tokens), the reference's ``last_self_attention``."""
+    inputs: list[torch.Tensor] = []
+    last = backbone.blocks[-1]
+    handle = last.register_forward_pre_hook(lambda _module, args: inputs.append(args[0]))
+    try:
+        tokens = backbone.forward_features(_whole_patches(backbone, images))
+    finally:
+        handle.remove()
+    prefix = backbone.num_prefix_tokens
+    return tokens[:, prefix:], cls_attention(last, inputs[0])[:, prefix:]
 
 
 class NecoNet(nn.Module):
@@ -138,15 +170,24 @@ class NecoNet(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, crops: list[torch.Tensor], attention: bool = False):
+        """Head outputs per crop; with ``attention`` also each crop's CLS attention (B, N) (``tokens_and_attention``)
+        as a second list."""
         outputs: list[torch.Tensor | None] = [None] * len(crops)
+        attentions: list[torch.Tensor | None] = [None] * len(crops)
         # one backbone call per resolution, crop-major (all images of crop 0, then crop 1, ...)
         for size in dict.fromkeys(c.shape[-1] for c in crops):
             idx = [i for i, c in enumerate(crops) if c.shape[-1] == size]
-            tokens = self.head(patch_tokens(self.backbone, torch.cat([crops[i] for i in idx])))
-            for i, chunk in zip(idx, tokens.chunk(len(idx))):
+            images = torch.cat([crops[i] for i in idx])
+            if attention:
+                tokens, attn = tokens_and_attention(self.backbone, images)
+                for i, chunk in zip(idx, attn.chunk(len(idx))):
+                    attentions[i] = chunk
+            else:
+                tokens = patch_tokens(self.backbone, images)
+            for i, chunk in zip(idx, self.head(tokens).chunk(len(idx))):
                 outputs[i] = chunk
-        return outputs
+        return (outputs, attentions) if attention else outputs
 
 
 def build_student_teacher(cfg: dict[str, Any]) -> tuple[NecoNet, NecoNet]:

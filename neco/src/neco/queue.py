@@ -27,9 +27,16 @@ class PatchQueue(nn.Module):
         self.filled[index] = min(int(self.filled[index]) + k, self.length)
 
     @torch.no_grad()
-    def push_random(self, index: int, teacher_tokens: torch.Tensor, per_image: int = 10) -> None:
-        """Push min(per_image * B, length) random patches of ``teacher_tokens`` (B, N, D) (global torch RNG)."""
+    def push_random(
+        self, index: int, teacher_tokens: torch.Tensor, per_image: int = 10, mask: torch.Tensor | None = None
+    ) -> None:
+        """Push min(per_image * B, length) random patches of ``teacher_tokens`` (B, N, D) (global torch RNG).
+
+        ``mask`` (B, N) 0/1 (``loss.mask`` fg / bg): only patches inside it are candidates; all of them if fewer.
+        """
         flat = teacher_tokens.reshape(-1, teacher_tokens.shape[-1])
+        if mask is not None:
+            flat = flat[mask.reshape(-1) > 0]
         count = min(per_image * teacher_tokens.shape[0], self.length)
         self.push(index, flat[torch.randperm(len(flat), device=flat.device)[:count]])
 

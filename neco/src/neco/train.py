@@ -27,6 +27,7 @@ from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, s
 from neco.config import load_config
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
+from neco.masks import check_loss_mask, token_masks
 from neco.models import build_student_teacher, ema_update, freeze_blocks, param_groups
 from neco.queue import PatchQueue
 from neco.schedules import cosine_schedule
@@ -82,6 +83,12 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, np.nd
             group["weight_decay"] = float(schedules["weight_decay"][step])
 
 
+def forward_net(net: torch.nn.Module, crops: list[torch.Tensor], attention: bool) -> tuple[list, list | None]:
+    """``net``'s head outputs on ``crops`` in float32 and, with ``attention``, each crop's CLS attention (else None)."""
+    outputs, attentions = net(crops, attention=True) if attention else (net(crops), None)
+    return [o.float() for o in outputs], attentions
+
+
 RESUME_FIXED = (("loss", "use_teacher", True), ("optim", "trainable_blocks", None))  # (section, key, default)
 
 
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     tcfg, ocfg, lcfg = cfg["train"], cfg["optim"], cfg["loss"]
+    mask_mode = check_loss_mask(lcfg.get("mask", "all"))  # fg / bg: the foreground-background ablation
+    masked = mask_mode != "all"
     use_cpu = bool(tcfg["cpu"]) or not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=use_cpu,
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last_checkpoint = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
     losses = list(history)
     log.info(
-        "training %s: %d processes, global batch %d, steps %d..%d of %d (%d per epoch), blocks %s%s, run dir %s",
+        "training %s: %d processes, global batch %d, steps %d..%d of %d (%d per epoch), blocks %s%s%s, run dir %s",
         cfg["name"],
         world,
         global_batch,
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         iters_per_epoch,
         blocks,
         "" if use_teacher else ", no teacher",
+        f", loss mask {mask_mode}" if masked else "",
         run_dir,
     )
 
@@ -206,14 +216,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         apply_schedules(optimizer, schedules, step)
         if use_teacher:
             with torch.no_grad(), accelerator.autocast():
-                teacher_out = [t.float() for t in teacher(crops[:num_global])]
-        student_out = [s.float() for s in student(crops)]
-        if not use_teacher:  # the student's own global-crop outputs are the (stop-gradient) targets and references
-            teacher_out = [s.detach() for s in student_out[:num_global]]
+                teacher_out, attention = forward_net(teacher, crops[:num_global], masked)
+        student_out, own_attention = forward_net(student, crops, masked and not use_teacher)
+        if not use_teacher:  # the student's own global-crop outputs (and attention) give the stop-gradient targets
+            teacher_out, attention = [s.detach() for s in student_out[:num_global]], own_attention
+        masks = token_masks(attention[:num_global], mask_mode) if masked else None
         references = None
         if lcfg["use_queue"]:
             for c in range(num_global):
-                queue.push_random(c, gather.fn(teacher_out[c]), lcfg["queue_per_image"])
+                mask = None if masks is None else gather.fn(masks[c])
+                queue.push_random(c, gather.fn(teacher_out[c]), lcfg["queue_per_image"], mask)
             references = queue.banks()
         loss = neco_loss(
             teacher_out,
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             similarity=lcfg["similarity"],
             gather=gather,
             checkpoint_sort=lcfg["checkpoint_sort"],
+            masks=masks,
         )
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
@@ -236,11 +249,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"non-finite loss {loss_value} at step {step}; stopping. Last good checkpoint: "
                 f"{last_checkpoint or 'none'} (resume with train.resume=latest after lowering the learning rate)"
             )
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if use_teacher:
-            ema_update(teacher, accelerator.unwrap_model(student), float(schedules["momentum"][step]))
+        if masked and loss_value == 0.0:  # as the reference: no update when the masks select nothing
+            log.warning("step %d: loss.mask=%s selects no aligned location; update skipped", step + 1, mask_mode)
+        else:
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if use_teacher:
+                ema_update(teacher, accelerator.unwrap_model(student), float(schedules["momentum"][step]))
         losses.append(loss_value)
         done = step + 1
         images_per_s = global_batch * (done - start_step) / (time.perf_counter() - tic)
