@@ -174,7 +174,7 @@ def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train DoRA; returns a summary dict (steps done, last loss, run folder, last checkpoint)."""
+    """Train DoRA (or the DINO baseline); returns a summary dict (steps, last loss, run folder, last checkpoint)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
