@@ -31,6 +31,7 @@ from neco.masks import check_loss_mask, token_masks
 from neco.models import build_student_teacher, ema_update, freeze_blocks, param_groups
 from neco.queue import PatchQueue
 from neco.schedules import cosine_schedule
+from neco.validation import build_validation_dataset, is_due, validate, validation_config
 
 log = logging.getLogger("neco")
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     seed_everything(cfg["seed"])
     dataset = build_train_dataset(cfg["data"], cfg["seed"])  # fails at once when the data is missing
+    vcfg = validation_config(cfg)  # in-training VOC k-means validation; None while val.root is null
+    val_data = build_validation_dataset(vcfg, cfg["model"]["patch_size"]) if vcfg else None
     global_batch = int(ocfg["batch_size"])
     sampler_probe = StepBatchSampler(len(dataset), global_batch, cfg["seed"], rank, world)
     iters_per_epoch = sampler_probe.iters_per_epoch
@@ -204,8 +207,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir, step, mods, optimizer, meta, rank, accelerator.wait_for_everyone, tcfg["keep_checkpoints"]
         )
 
+    def validation(done: int) -> None:
+        """k-means mIoU on VOC val (main process; the others wait), appended to metrics.jsonl."""
+        if accelerator.is_main_process:
+            net = teacher if vcfg["weights"] == "teacher" else accelerator.unwrap_model(student)
+            record = {"step": done, "epoch": done / iters_per_epoch}
+            patch = cfg["model"]["patch_size"]
+            record.update(validate(net.backbone, val_data, vcfg, patch, accelerator.device, accelerator.autocast))
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if tcfg["tensorboard"]:
+                accelerator.log(record, step=done)
+            scores = ", ".join(f"K={k} {100 * record[f'val_miou_k{k}']:.2f}" for k in vcfg["ks"])
+            log.info("step %d val k-means mIoU %% (%s, %d images): %s", done, vcfg["weights"], len(val_data), scores)
+        accelerator.wait_for_everyone()
+
     if tcfg["save_initial"] and start_step == 0:
         last_checkpoint = checkpoint(0)  # the pretrained starting point, for before/after evaluations
+    if vcfg and start_step == 0 and is_due(vcfg, 0, iters_per_epoch):
+        validation(0)
     bar = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, desc="neco", unit="step")
     batches = iter(loader)
     tic = time.perf_counter()
@@ -277,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if tcfg["tensorboard"]:
                 accelerator.log(record, step=done)
             log.info("step %d loss %.5f img/s %.1f", done, loss_value, images_per_s)
+        if vcfg and is_due(vcfg, done, iters_per_epoch):
+            validation(done)
         if done % tcfg["checkpoint_every"] == 0 or done == end_step:
             last_checkpoint = checkpoint(done)
     bar.close()

@@ -1,0 +1,112 @@
+"""In-training VOC k-means validation (spec section 7): schedule, records, no effect on training, start-up errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from neco.config import config_dir, load_config
+from neco.train import main
+from neco.validation import is_due, validation_config
+
+VAL = ["val.ks=[6,4,21]", "val.batch_size=2", "val.batches=2", "val.input_size=98", "val.nredo=1", "val.niter=10"]
+
+
+def write_voc(root, n=5, size=64):
+    """A Pascal VOC folder as neco-eval reads it: images/, SegmentationClass/, sets/val.txt (labels 0..20, 255)."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "SegmentationClass", "sets"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    names = [f"2007_{i:06d}" for i in range(n)]
+    (root / "sets" / "val.txt").write_text("\n".join(names) + "\n")
+    for name in names:
+        mask = np.zeros((size, size), np.uint8)
+        mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = rng.integers(1, 21)
+        mask[size // 4, :] = 255  # a boundary line
+        image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8) + (mask[..., None] % 21 * 9).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{name}.jpg")
+        Image.fromarray(mask, "L").save(root / "SegmentationClass" / f"{name}.png")
+    return root
+
+
+def _checkpoint_files(ckpt):
+    weights = {n: load_file(os.path.join(ckpt, f"{n}.safetensors")) for n in ("student", "teacher", "queue", "rng_0")}
+    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    meta.pop("config")
+    return weights, meta
+
+
+def test_every_shipped_training_config_has_validation_off():
+    for name in sorted(os.listdir(config_dir())):
+        cfg = load_config(["--config", name])
+        if "optim" in cfg:
+            assert cfg["val"]["root"] is None and validation_config(cfg) is None, name
+            assert cfg["val"]["ks"] == [500, 300, 21] and cfg["val"]["batches"] == 20, name
+
+
+def test_validation_schedule():
+    v = {"at_start": True, "every_epochs": 1, "every_steps": 3}
+    assert [d for d in range(9) if is_due(v, d, iters_per_epoch=4)] == [0, 3, 4, 6, 8]
+    v = {"at_start": False, "every_epochs": 2, "every_steps": None}
+    assert [d for d in range(13) if is_due(v, d, iters_per_epoch=3)] == [6, 12]
+
+
+def test_validation_records_at_the_right_steps_and_leaves_training_unchanged(tiny_args, tmp_path):
+    root = write_voc(tmp_path / "VOCSegmentation")
+    common = tiny_args[:2] + tiny_args[3:] + ["model.drop_path=0.1", "train.checkpoint_every=3"]
+    # 8 images, batch 2: 4 steps per epoch, 2 epochs; validation at the start, every 3 steps and at epoch ends
+    val_args = [f"val.root={root}", "val.at_start=true", "val.every_steps=3", *VAL]
+    on = main(common + [f"train.run_dir={tmp_path / 'on'}", *val_args])
+    off = main(common + [f"train.run_dir={tmp_path / 'off'}"])
+    assert on["step"] == off["step"] == 8
+    assert on["losses"] == off["losses"]  # bit for bit: validation draws nothing from the training RNG stream
+    ckpts = sorted(os.listdir(os.path.join(on["run_dir"], "checkpoints")))
+    assert ckpts == sorted(os.listdir(os.path.join(off["run_dir"], "checkpoints")))
+    for name in ckpts:
+        w_on, meta_on = _checkpoint_files(os.path.join(on["run_dir"], "checkpoints", name))
+        w_off, meta_off = _checkpoint_files(os.path.join(off["run_dir"], "checkpoints", name))
+        assert meta_on == meta_off
+        for net in w_on:
+            assert w_on[net].keys() == w_off[net].keys()
+            for key in w_on[net]:
+                assert torch.equal(w_on[net][key], w_off[net][key]), (name, net, key)
+
+    records = [json.loads(line) for line in open(os.path.join(on["run_dir"], "metrics.jsonl"))]
+    val = [r for r in records if "val_miou_k6" in r]
+    assert [r["step"] for r in val] == [0, 3, 4, 6, 8]
+    assert [r["epoch"] for r in val] == [0, 0.75, 1, 1.5, 2]
+    for r in val:
+        assert {k for k in r if k.startswith("val_miou_k")} == {"val_miou_k6", "val_miou_k4", "val_miou_k21"}
+        assert all(0 <= r[f"val_miou_k{k}"] <= 1 for k in (6, 4, 21)) and r["val_images"] == 4
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 9))
+    off_records = [json.loads(line) for line in open(os.path.join(off["run_dir"], "metrics.jsonl"))]
+    assert [r["loss"] for r in off_records] == [r["loss"] for r in train_records]
+    assert "val k-means mIoU" in open(os.path.join(on["run_dir"], "log.txt")).read()
+
+
+def test_validation_on_the_teacher_and_without_a_teacher(tiny_args, tmp_path):
+    root = write_voc(tmp_path / "VOCSegmentation")
+    out = main(tiny_args + ["optim.max_steps=4", f"val.root={root}", "val.weights=teacher", *VAL])
+    records = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
+    assert [r["step"] for r in records if "val_miou_k6" in r] == [4]
+    with pytest.raises(ValueError, match="val.weights=teacher but loss.use_teacher=false"):
+        main(tiny_args + [f"val.root={root}", "val.weights=teacher", "loss.use_teacher=false", *VAL])
+
+
+def test_missing_val_root_fails_before_training(tiny_args, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        main(tiny_args + [f"val.root={missing}", *VAL])
+    assert f"val.root={str(missing)!r}" in str(err.value) and "val.root=null" in str(err.value)
+    run = tiny_args[2].split("=", 1)[1]
+    assert not any(os.path.exists(os.path.join(run, name)) for name in ("metrics.jsonl", "checkpoints"))
+    root = write_voc(tmp_path / "VOCSegmentation", n=1)
+    with pytest.raises(ValueError, match=r"val.ks=\[500, 300, 21\]: 1 val images give 49 patch tokens"):
+        main(tiny_args + [f"val.root={root}"])
+    with pytest.raises(ValueError, match="val.every_epochs and val.every_steps are null"):
+        main(tiny_args + [f"val.root={root}", "val.every_epochs=null", *VAL])
