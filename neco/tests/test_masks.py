@@ -269,7 +269,7 @@ def test_masked_neco_loss_pairs_without_locations_add_zero():
 
 
 def test_all_is_the_unmasked_loss():
-    """``loss.mask=all`` (masks=None) gives the values of the loss before the option existed; all-ones masks agree."""
+    """All-ones masks give the loss of ``loss.mask=all`` (masks=None); the next test pins the values of ``all``."""
     teacher, student, boxes, _, gen = _batch(seed=2)
     ones = [torch.ones(2, 49) for _ in range(2)]
     perms = [torch.randperm(98, generator=gen) for _ in range(10)]
@@ -379,3 +379,17 @@ def test_train_skips_the_update_when_the_masks_select_nothing(tiny_args, monkeyp
 def test_train_rejects_an_unknown_mask(tiny_args):
     with pytest.raises(ValueError, match="loss.mask='foreground': expected one of all, fg, bg"):
         main(tiny_args + ["loss.mask=foreground"])
+    with pytest.raises(ValueError, match=r"data.global_size=42 // model.patch_size=14 = 3"):
+        main(tiny_args + ["loss.mask=fg", "data.global_size=42"])
+
+
+def test_too_few_masked_patches_are_tiled_and_shuffled():
+    """Fewer selected patches K than references N: each is used floor(N/K) or ceil(N/K) times (the reference tiles
+    and shuffles); without ``tile`` (no masks) the old independent draws are kept."""
+    from neco.losses import _draw
+
+    torch.manual_seed(0)
+    perm = _draw(7, 30, torch.device("cpu"), tile=True)
+    assert sorted(torch.bincount(perm, minlength=7).tolist()) == [4, 4, 4, 4, 4, 5, 5]
+    assert not torch.equal(perm, torch.arange(30) % 7)  # shuffled
+    assert torch.equal(_draw(30, 30, torch.device("cpu"), tile=True).sort().values, torch.arange(30))

@@ -215,4 +215,6 @@ def test_resume_with_other_ablation_switches_is_an_error(tiny_args, tmp_path):
         main(resume + ["optim.trainable_blocks=-1"])
     with pytest.raises(ValueError, match=r"optim.trainable_blocks=-1, this run has None"):
         main(resume + ["loss.use_teacher=false"])
+    with pytest.raises(ValueError, match=r"loss.mask='all', this run has 'fg'"):
+        main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1", "loss.mask=fg"])
     assert main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1"])["step"] == 2

@@ -125,10 +125,14 @@ def pair_order(num_global: int, num_crops: int) -> list[tuple[int, int]]:
     return [(c, v) for c in range(num_global) for v in range(num_crops) if v != c]
 
 
-def _draw(total: int, count: int, device: torch.device) -> torch.Tensor:
-    """Indices of ``count`` references among ``total`` entries: without replacement when possible."""
+def _draw(total: int, count: int, device: torch.device, tile: bool = False) -> torch.Tensor:
+    """Indices of ``count`` references among ``total`` entries: without replacement when possible; else, with
+    ``tile``, every entry floor(count / total) or ceil(count / total) times in random order (the reference's
+    tile-and-shuffle of masked patches), otherwise independent draws."""
     if total >= count:
         return torch.randperm(total, device=device)[:count]
+    if tile:
+        return torch.randperm(count, device=device) % total
     return torch.randint(0, total, (count,), device=device)
 
 
@@ -165,8 +169,9 @@ def neco_loss(
 
     ``masks`` (``loss.mask`` fg / bg): one 0/1 (B, N_c) token mask per global crop. Pair (c, v) then counts only the
     aligned locations inside the mask of c (``aligned_mask``), averaging over those of the whole (multi-process)
-    batch; a pair without any adds 0. With the queue off its references are drawn (with replacement) from the
-    teacher patches at those locations, ``perm`` indexing them.
+    batch; a pair without any adds 0. With the queue off its references are the teacher patches at those locations,
+    tiled to the number needed and shuffled when there are fewer (each used as evenly as possible, as the reference),
+    ``perm`` indexing them.
     """
     num_global = len(teacher_global)
     num_crops = len(student_crops)
@@ -201,7 +206,8 @@ def neco_loss(
                 continue
             if references is None:
                 source = source[selected]
-        perm = ref_indices[p] if ref_indices is not None else _draw(source.shape[0], count, t.device)
+        tile = masks is not None and references is None
+        perm = ref_indices[p] if ref_indices is not None else _draw(source.shape[0], count, t.device, tile)
         refs = source[perm[gather.offset * n : (gather.offset + batch) * n]].reshape(batch, n, dim).to(s.dtype)
         with torch.no_grad():
             target = neighbor_ranks(t, refs, teacher_steepness, network, similarity)

@@ -90,13 +90,18 @@ def forward_net(net: torch.nn.Module, crops: list[torch.Tensor], attention: bool
     return [o.float() for o in outputs], attentions
 
 
-RESUME_FIXED = (("loss", "use_teacher", True), ("optim", "trainable_blocks", None))  # (section, key, default)
+RESUME_FIXED = (  # (section, key, default): settings a resumed run must keep
+    ("loss", "use_teacher", True),
+    ("optim", "trainable_blocks", None),
+    ("loss", "mask", "all"),
+)
 
 
 def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
     """A resumed run must keep the ablation switches of its checkpoint: another ``loss.use_teacher`` would restart
     the EMA from a teacher that never moved (or stop it), another ``optim.trainable_blocks`` changes the optimiser's
-    parameter groups. ValueError naming the key and both values."""
+    parameter groups, another ``loss.mask`` the objective and the queue's contents. ValueError naming the key and
+    both values."""
     with open(os.path.join(path, "meta.json")) as f:
         saved = json.load(f)["config"]
     for section, key, default in RESUME_FIXED:
@@ -116,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tcfg, ocfg, lcfg = cfg["train"], cfg["optim"], cfg["loss"]
     mask_mode = check_loss_mask(lcfg.get("mask", "all"))  # fg / bg: the foreground-background ablation
     masked = mask_mode != "all"
+    grid = cfg["data"]["global_size"] // cfg["model"]["patch_size"]
+    if masked and grid < 4:
+        raise ValueError(
+            f"loss.mask={mask_mode} needs global crops of at least 4 x 4 tokens: data.global_size="
+            f"{cfg['data']['global_size']} // model.patch_size={cfg['model']['patch_size']} = {grid}"
+        )
     use_cpu = bool(tcfg["cpu"]) or not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=use_cpu,
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{last_checkpoint or 'none'} (resume with train.resume=latest after lowering the learning rate)"
             )
         if masked and loss_value == 0.0:  # as the reference: no update when the masks select nothing
-            log.warning("step %d: loss.mask=%s selects no aligned location; update skipped", step + 1, mask_mode)
+            if accelerator.is_main_process:
+                log.warning("step %d: loss.mask=%s selects no aligned location; update skipped", step + 1, mask_mode)
         else:
             accelerator.backward(loss)
             optimizer.step()
