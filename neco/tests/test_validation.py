@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -110,3 +111,11 @@ def test_missing_val_root_fails_before_training(tiny_args, tmp_path):
         main(tiny_args + [f"val.root={root}"])
     with pytest.raises(ValueError, match="val.every_epochs and val.every_steps are null"):
         main(tiny_args + [f"val.root={root}", "val.every_epochs=null", *VAL])
+    for bad, message in [
+        ("val.pca_dim=0", "val.pca_dim must be a positive integer, got 0"),
+        ("val.nredo=0", "val.nredo must be a positive integer, got 0"),
+        ("val.seed=-1", "val.seed must be an integer >= 0, got -1"),
+        ("val.every_steps=true", "val.every_steps must be a positive integer or null, got True"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main(tiny_args + [f"val.root={root}", *VAL, bad])

@@ -309,10 +309,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if tcfg["tensorboard"]:
                 accelerator.log(record, step=done)
             log.info("step %d loss %.5f img/s %.1f", done, loss_value, images_per_s)
-        if vcfg and is_due(vcfg, done, iters_per_epoch):
-            validation(done)
         if done % tcfg["checkpoint_every"] == 0 or done == end_step:
             last_checkpoint = checkpoint(done)
+        if vcfg and is_due(vcfg, done, iters_per_epoch):  # after the checkpoint: a failing validation loses nothing
+            started = time.perf_counter()
+            validation(done)
+            tic += time.perf_counter() - started  # img/s counts training time only
     bar.close()
     if tcfg["tensorboard"]:
         accelerator.end_training()

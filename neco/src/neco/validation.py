@@ -50,7 +50,7 @@ def validation_config(cfg: dict[str, Any]) -> dict[str, Any] | None:
         return None
     v = {**DEFAULTS, **given}
     for key in ("every_epochs", "every_steps"):
-        if v[key] is not None and (not isinstance(v[key], int) or v[key] < 1):
+        if v[key] is not None and (not _is_int(v[key]) or v[key] < 1):
             raise ValueError(f"val.{key} must be a positive integer or null, got {v[key]!r}")
     if v["every_epochs"] is None and v["every_steps"] is None and not v["at_start"]:
         raise ValueError("val.root is set but val.every_epochs and val.every_steps are null: validation never runs")
@@ -58,12 +58,18 @@ def validation_config(cfg: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"val.weights must be 'student' or 'teacher', got {v['weights']!r}")
     if v["weights"] == "teacher" and not cfg["loss"].get("use_teacher", True):
         raise ValueError("val.weights=teacher but loss.use_teacher=false (the teacher never moves); use student")
-    if not v["ks"] or any(not isinstance(k, int) or k < 2 for k in v["ks"]):
+    if not v["ks"] or any(not _is_int(k) or k < 2 for k in v["ks"]):
         raise ValueError(f"val.ks must be a list of integers >= 2, got {v['ks']!r}")
-    for key in ("batch_size", "batches", "input_size", "mask_size"):
-        if not isinstance(v[key], int) or v[key] < 1:
+    for key in ("batch_size", "batches", "input_size", "mask_size", "pca_dim", "niter", "nredo"):
+        if not _is_int(v[key]) or v[key] < 1:
             raise ValueError(f"val.{key} must be a positive integer, got {v[key]!r}")
+    if not _is_int(v["seed"]) or v["seed"] < 0:
+        raise ValueError(f"val.seed must be an integer >= 0, got {v['seed']!r}")
     return v
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_validation_dataset(v: dict[str, Any], patch_size: int) -> Any:
