@@ -68,6 +68,20 @@ def test_select_memory_patches_is_k_smallest_of_score_times_draw():
         assert set(chosen[i].tolist()) == {p for _, p in sorted(products)[:5]}
 
 
+def test_patch_without_labelled_pixels_keeps_score_1e6_whatever_its_draw():
+    # Reference (open-hummingbird-eval sample_features): patches with no class are set to 1e6 and only the
+    # non-empty patches are multiplied by a uniform draw, so an empty patch is never chosen before a labelled one.
+    mask = torch.full((1, 4, 4), 255, dtype=torch.long)
+    mask[0, :2, 2:] = 1  # patch 1: class 1; patch 2: class 0; patch 3: class 2; patch 0: all ignored
+    mask[0, 2:, :2] = 0
+    mask[0, 2:, 2:] = 2
+    draws = torch.tensor([[1e-9, 0.9, 0.8, 0.7]])
+    # scores without the remap: patch 0 empty (1e6), the others one class each in one patch -> 1
+    chosen = select_memory_patches(mask, 2, 3, k=3, draws=draws, ignore_as_background=False)
+    assert set(chosen[0].tolist()) == {1, 2, 3}
+    assert rare_class_scores(mask, 2, 3, ignore_as_background=False)[0, 0] == 1e6
+
+
 def test_build_memory_unbounded_and_bounded():
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(2, 4, 3, generator=g)

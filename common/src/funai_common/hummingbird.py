@@ -86,11 +86,15 @@ def select_memory_patches(
     ignore_index: int = 255,
     ignore_as_background: bool = True,
 ) -> torch.Tensor:
-    """(N, k) indices of the k patches per image with the smallest rare-class score x draw (draws: (N, S*S) U(0,1))."""
+    """(N, k) indices of the k patches per image with the smallest rare-class score x draw (draws: (N, S*S) U(0,1)).
+
+    A patch with no labelled pixel keeps its score 1e6 undrawn, as in the reference, so it comes after every other.
+    """
     scores = rare_class_scores(masks, patch_size, num_classes, ignore_index, ignore_as_background)
     if draws.shape != scores.shape:
         raise ValueError(f"draws must have shape {tuple(scores.shape)}, got {tuple(draws.shape)}")
-    return torch.topk(scores * draws.to(scores), k, dim=1, largest=False).indices
+    drawn = torch.where(scores == EMPTY_PATCH_SCORE, scores, scores * draws.to(scores))
+    return torch.topk(drawn, k, dim=1, largest=False).indices
 
 
 def build_memory(
