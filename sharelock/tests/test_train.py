@@ -244,3 +244,19 @@ def test_train_size_of_every_pair_is_the_full_run(stores, tmp_path):
     every = train.main(tiny_args(stores, tmp_path / "every", "data.train_size=1.0"))
     assert every["train_samples"] == full["train_samples"] == 96
     assert losses(tmp_path / "every") == losses(tmp_path / "full")
+
+
+def test_no_validation_split_runs_without_validation(stores, tmp_path):
+    """data.val_size=0 leaves no validation samples: nothing can be validated, so the run must neither record a
+    validation loss (an empty mean is not a loss of 0) nor save a 'best' checkpoint nor stop early; it trains to
+    max_steps and the last step checkpoint is the one a run directory resolves to."""
+    from sharelock.models import resolve_checkpoint
+
+    run = tmp_path / "noval"
+    summary = train.main(tiny_args(stores, run, "data.val_size=0", "early_stopping.patience=1"))
+    assert summary["step"] == 8 and summary["best_val_loss"] is None
+    assert not (run / "checkpoints" / "best").exists()
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step_000008"
+    # a half-written checkpoint left by a killed run sorts after the complete one and must not be picked
+    (run / "checkpoints" / "step_000008.tmp4242").mkdir()
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step_000008"

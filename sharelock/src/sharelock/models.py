@@ -244,7 +244,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ckpts = path / "checkpoints"
     if (ckpts / "best" / MODEL_FILE).is_file():
         return ckpts / "best"
-    steps = sorted(ckpts.glob("step_*")) if ckpts.is_dir() else []
+    steps = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and ".tmp" not in p.name) if ckpts.is_dir() else []
     if steps:
         return steps[-1]
     raise FileNotFoundError(

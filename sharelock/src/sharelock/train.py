@@ -167,7 +167,7 @@ def fit(
                 loss = clip_loss(zv.float(), zt.float(), logit_scale)
                 accelerator.backward(loss / accum)
             losses.append(loss.detach())
-            if (micro + 1) % cfg["val_check_interval"] == 0:
+            if len(val) and (micro + 1) % cfg["val_check_interval"] == 0:  # val_size=0: nothing to validate
                 validate()
         loss_value = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()  # mean over ranks
         if not math.isfinite(loss_value):
