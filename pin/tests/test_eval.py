@@ -64,15 +64,24 @@ def test_pvoc_loader(tmp_path):
         xml = "<annotation><size><width>500</width><height>375</height></size>" + "".join(obj.format(*o) for o in objs)
         (base / "Annotations" / f"00000{i}.xml").write_text(xml + "</annotation>")
     q = pvoc_queries(tmp_path)
-    assert len(q) == 1 and q[0].name == "dining table" and q[0].box == [1.0, 1.0, 112.0, 224.0]
+    assert (
+        len(q) == 1 and q[0].name == "diningtable"
+    )  # the annotation name, as the reference prompts and q[0].box == [1.0, 1.0, 112.0, 224.0]
 
 
 def test_refcoco_loader_and_safe_unpickling(tmp_path):
     base = tmp_path / "refcoco"
     base.mkdir()
     refs = [
-        {"ref_id": 5, "image_id": 1, "ann_id": 1, "split": "testA", "sentences": [{"sent": "a"}, {"sent": "left man"}]},
+        {
+            "ref_id": 5,
+            "image_id": 1,
+            "ann_id": 1,
+            "split": "testA",
+            "sentences": [{"sent": "a"}, {"sent": "left man", "raw": "Left man."}],
+        },
         {"ref_id": 6, "image_id": 1, "ann_id": 1, "split": "val", "sentences": [{"sent": "x"}]},
+        {"ref_id": 7, "image_id": 1, "ann_id": 1, "split": "testA", "sentences": [{"sent": "dog"}]},  # no raw text
     ]
     with open(base / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f)
@@ -82,7 +91,11 @@ def test_refcoco_loader_and_safe_unpickling(tmp_path):
     }
     (base / "instances.json").write_text(json.dumps(inst))
     q = refcoco_queries(tmp_path)
-    assert [(x.name, x.image_id, x.box) for x in q] == [("left man", "5", [22.0, 22.0, 134.0, 134.0])]
+    box = [22.0, 22.0, 134.0, 134.0]
+    assert [(x.name, x.image_id, x.box) for x in q] == [
+        ("Left man.", "5", box),
+        ("dog", "7", box),
+    ]  # raw, as the reference
 
     class Evil:
         def __reduce__(self):

@@ -85,6 +85,57 @@ def test_generate_with_the_hook(tiny_blip2, codec):
     assert texts[0].startswith("In the image is a circle located at")
 
 
+def _sentencepiece_style_tokenizer():
+    """Llama's tokenizer pipeline (transformers' LlamaTokenizer, as LLaVA-1.5 uses): BPE with byte fallback after a
+    Metaspace pre-tokenizer, and a decoder that strips the one leading space of each decoded string; a character vocab.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for ch in "▁abcdefghijklmnopqrstuvwxyzI[],0123456789.":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def test_generated_box_survives_a_decoder_that_strips_the_first_space(codec):
+    """A continuation " [28,42,84,112]" decoded on its own reads "[28,..." under Llama's decoder; the box must still
+    be parsed (it was the fallback [0, 0, 14, 14] for every LLaVA prediction)."""
+    from torch import nn
+
+    from pin.pipeline import predict_boxes
+    from pin.vlm import FrozenVLM
+
+    tok = _sentencepiece_style_tokenizer()
+    continuation = tok(" [28,42,84,112]</s>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(continuation, skip_special_tokens=True) == "[28,42,84,112]"  # the space is gone
+
+    class EchoModel(nn.Module):
+        """generate() returns the prompt ids followed by a fixed continuation, as a decoder-only LM does."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def generate(self, pixel_values, input_ids, attention_mask, **kwargs):
+            return torch.cat([input_ids, torch.tensor([continuation] * len(input_ids))], dim=1)
+
+    vlm = FrozenVLM(EchoModel(), tok, "llava", 224, 16, 8, None, 0, "</s>")
+    boxes, texts = predict_boxes(vlm, codec, torch.rand(2, 3, 224, 224), ["cat", "apple"])
+    assert texts == [
+        "In the image is a cat located at [28,42,84,112]",
+        "In the image is an apple located at [28,42,84,112]",
+    ]
+    assert boxes == [[28.0, 42.0, 84.0, 112.0]] * 2
+
+
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-paligemma"])
 def test_llava_and_paligemma_adapters(name, codec):
     from pin.zoo import build_vlm

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from .boxes import coco_box_to_frame, voc_box_to_frame
-from .heldout import VOC_PROMPT_NAMES
 from .synthetic import SyntheticCompositions, normalise_name, to_tensor
 
 
@@ -43,7 +42,7 @@ def _require(path: Path, what: str) -> Path:
 
 
 def pvoc_queries(root: str | Path, max_objects: int = 3, image_size: int = 224) -> list[ObjectQuery]:
-    """PVOC 2007 test."""
+    """PVOC 2007 test; objects are queried by their annotation names (`diningtable`, `tvmonitor`), as the reference."""
     base = Path(root) / "VOC2007" if (Path(root) / "VOC2007").is_dir() else Path(root)
     ids = _require(base / "ImageSets" / "Main" / "test.txt", "PVOC 2007 test list").read_text().split()
     out = []
@@ -61,7 +60,7 @@ def pvoc_queries(root: str | Path, max_objects: int = 3, image_size: int = 224) 
             out.append(
                 ObjectQuery(
                     base / "JPEGImages" / f"{image_id}.jpg",
-                    VOC_PROMPT_NAMES.get(name, name),
+                    name,
                     voc_box_to_frame(xyxy, w, h, image_size),
                     image_id,
                 )
@@ -113,6 +112,11 @@ class _NoGlobals(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refs file asks for {module}.{name}; only plain data is accepted")
 
 
+def _expression(sentence: dict) -> str:
+    """A RefCOCO sentence as the reference prompts it: the annotator's raw text (`sent` is lower-cased, tokenised)."""
+    return sentence["raw"] if "raw" in sentence else sentence["sent"]
+
+
 def refcoco_queries(root: str | Path, image_size: int = 224, split: str = "testA") -> list[ObjectQuery]:
     """RefCOCO (UNC) testA: the last sentence of each ref is the "object name"."""
     root = Path(root)
@@ -134,7 +138,9 @@ def refcoco_queries(root: str | Path, image_size: int = 224, split: str = "testA
         img, ann = images[ref["image_id"]], anns[ref["ann_id"]]
         box = coco_box_to_frame(ann["bbox"], img["width"], img["height"], image_size)
         out.append(
-            ObjectQuery(root / "train2014" / img["file_name"], ref["sentences"][-1]["sent"], box, str(ref["ref_id"]))
+            ObjectQuery(
+                root / "train2014" / img["file_name"], _expression(ref["sentences"][-1]), box, str(ref["ref_id"])
+            )
         )
     return out
 

@@ -92,8 +92,8 @@ COCO_CLASSES = (
 # The 20 PVOC object classes: funai_common's VOC segmentation label set without its background class.
 VOC_CLASSES = VOC_SEGMENTATION_CLASSES[1:]
 
-# Prompt names for the PVOC classes (the evaluation queries these).
-VOC_PROMPT_NAMES = {
+# Readable spellings of PVOC class names, held out of the training pools as well as the annotation names.
+VOC_READABLE_NAMES = {
     "aeroplane": "aeroplane",
     "diningtable": "dining table",
     "motorbike": "motorbike",
@@ -191,5 +191,5 @@ LVIS_SYNONYMS = (
 )
 
 HELD_OUT_CLASSES = tuple(
-    sorted(set(COCO_CLASSES) | set(VOC_CLASSES) | set(VOC_PROMPT_NAMES.values()) | set(LVIS_SYNONYMS))
+    sorted(set(COCO_CLASSES) | set(VOC_CLASSES) | set(VOC_READABLE_NAMES.values()) | set(LVIS_SYNONYMS))
 )

@@ -194,7 +194,17 @@ class FrozenVLM:
             )
         if out.shape[1] >= ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
             out = out[:, ids.shape[1] :]
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        # The continuation is decoded after its prompt and the decoded prompt cut off: decoded alone, its first
+        # token loses its leading space with sentencepiece tokenizers (Llama / LLaVA strip one), turning the
+        # generated " [x1,..." into "[x1,...", which the box pattern (a space before "[") never matches.
+        texts = []
+        for row, row_mask, new in zip(ids.tolist(), mask.tolist(), out.tolist()):
+            prompt_ids = [t for t, m in zip(row, row_mask) if m]
+            head = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            full = self.tokenizer.decode(prompt_ids + new, skip_special_tokens=True)
+            texts.append(
+                full[len(head) :] if full.startswith(head) else self.tokenizer.decode(new, skip_special_tokens=True)
+            )
         return [f"{p}{t}" for p, t in zip(prompts, texts)]
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
