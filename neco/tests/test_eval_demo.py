@@ -207,3 +207,35 @@ def test_eval_num_classes_must_match_a_real_dataset(tmp_path):
         Image.new("L", (8, 8), 15).save(root / folder / "a.png")
     with pytest.raises(ValueError, match=r"data.num_classes=5 but voc has 21 classes"):
         eval_main([f"data.root={root}", "data.num_classes=5", f"output={tmp_path / 'out'}"])
+
+
+def test_eval_default_train_split_fits_every_dataset(tmp_path):
+    # README: `neco-eval ... data.dataset=ade20k data.root=/data/ADEChallengeData2016`; VOC's "trainaug" does not exist
+    # there, the training split is ADE's "training" folder (split "train")
+    from neco.config import load_config
+    from neco.eval import _datasets
+
+    root = tmp_path / "ADEChallengeData2016"
+    for folder, count in (("training", 3), ("validation", 2)):
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(root / "images" / folder / f"ADE_{i}.jpg")
+            Image.new("L", (8, 8), 3).save(root / "annotations" / folder / f"ADE_{i}.png")
+    cfg = load_config(["data.dataset=ade20k", f"data.root={root}"], default="eval_voc")
+    train, val, num_classes, ignore = _datasets(cfg)
+    assert (len(train), len(val), num_classes, ignore) == (3, 2, 151, 0)
+    # VOC keeps its SBD-augmented training list
+    voc = tmp_path / "VOCSegmentation"
+    (voc / "sets").mkdir(parents=True)
+    (voc / "sets" / "trainaug.txt").write_text("a\nb\n")
+    (voc / "sets" / "val.txt").write_text("a\n")
+    (voc / "images").mkdir()
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (voc / folder).mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(voc / "images" / f"{name}.jpg")
+        for folder in ("SegmentationClass", "SegmentationClassAug"):
+            Image.new("L", (8, 8), 1).save(voc / folder / f"{name}.png")
+    train, val, num_classes, _ = _datasets(load_config([f"data.root={voc}"], default="eval_voc"))
+    assert (len(train), len(val), num_classes) == (2, 1, 21)

@@ -91,7 +91,9 @@ def _datasets(cfg: dict[str, Any]):
             "image_size": d["synthetic_size"],
             "num_classes": d["num_classes"],
         }
-    train = build_segmentation_dataset(d["dataset"], d["root"], d["train_split"], **extra)
+    # VOC trains on the SBD-augmented "trainaug" list; ADE20K, COCO and Cityscapes have no such split
+    train_split = d["train_split"] or ("trainaug" if d["dataset"] == "voc" else "train")
+    train = build_segmentation_dataset(d["dataset"], d["root"], train_split, **extra)
     val = build_segmentation_dataset(d["dataset"], d["root"], d["val_split"], **extra)
     if d["dataset"] != "synthetic" and d["num_classes"] and int(d["num_classes"]) != val.num_classes:
         raise ValueError(
