@@ -58,6 +58,29 @@ def test_audio_extractor_kl():
     assert feats.shape == (3, 96) and torch.isfinite(feats).all()
 
 
+def test_audio_negative_bank_has_two_views_per_item():
+    """As the reference's fungi-ssast/grads_simclr.py (ContrastiveNoiseTransform(num_views=2) for the comparison
+    batch): each negative audio item contributes 2 noise views, not the 16 positive views."""
+    from fungi.views import noise_roll_views
+
+    torch.manual_seed(0)
+    ex = FUNGIExtractor(
+        Backbone(tiny_ast(), modality="audio"),
+        objectives=("simclr",),
+        seed=0,
+        objective_options={"simclr": {"num_negatives": 2, "num_audio_views": 5, "latent_dim": 8}},
+    )
+    specs = torch.randn(3, 48, 32)
+    ex.setup(list(specs))
+    simclr = ex.objectives["simclr"]
+    assert simclr.negatives.shape == (2 * 2, 8)
+    picked = torch.randperm(3, generator=torch.Generator().manual_seed(0))[:2]
+    with torch.no_grad():
+        views = noise_roll_views(specs[picked], 2, 0)  # (2, 2, T, F)
+        expected = simclr.head(ex.model(views.flatten(0, 1)))
+    torch.testing.assert_close(simclr.negatives, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_select_examples_and_prompt():
     train = F.one_hot(torch.tensor([0, 1, 2, 3]), 4).float()
     query = torch.tensor([0.1, 0.9, 0.0, 0.5])

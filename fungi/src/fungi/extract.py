@@ -59,6 +59,7 @@ DEFAULTS = {
         "num_negative_text_views": 2,
         "word_drop": 0.1,
         "num_audio_views": 16,
+        "num_negative_audio_views": 2,
     },
     "deepcluster": {  # the experiment repo's ablation; add it to `objectives` to use it
         "latent_dim": 128,

@@ -109,7 +109,9 @@ class DINOObjective(Objective):
 
 class SimCLRObjective(Objective):
     """InfoNCE of a sample's views against a fixed bank of encoded negatives (paper Eq. 4). Views: overlapping patch
-    crops for images, random word deletion for text, noise + time roll for audio."""
+    crops for images, random word deletion for text, noise + time roll for audio. Negative-bank items get the same
+    views for images, 2 for text and audio (``num_negative_text_views``, ``num_negative_audio_views``), as the
+    reference's text and audio scripts."""
 
     name = "simclr"
 
@@ -127,6 +129,7 @@ class SimCLRObjective(Objective):
         num_negative_text_views: int = 2,
         word_drop: float = 0.1,
         num_audio_views: int = 16,
+        num_negative_audio_views: int = 2,
     ):
         super().__init__()
         if variant not in SIMCLR_VARIANTS:
@@ -138,7 +141,7 @@ class SimCLRObjective(Objective):
             num_negative_text_views,
             word_drop,
         )
-        self.num_audio_views = num_audio_views
+        self.num_audio_views, self.num_negative_audio_views = num_audio_views, num_negative_audio_views
         self.head = seeded_linear(embed_dim, latent_dim, gen)
         self.register_buffer("negatives", torch.zeros(0, latent_dim))
 
@@ -149,7 +152,8 @@ class SimCLRObjective(Objective):
         if inputs.dim() == 4:
             return patchify_views(inputs, self.num_patches, self.stride_scale)
         if inputs.dim() == 3:
-            return noise_roll_views(inputs, self.num_audio_views, seed)
+            n = self.num_negative_audio_views if negative else self.num_audio_views
+            return noise_roll_views(inputs, n, seed)
         raise ValueError(f"unsupported input shape {tuple(inputs.shape)} for SimCLR views")
 
     def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
