@@ -73,7 +73,7 @@ def test_collage_statistics(generator):
         boxes = s["all_boxes"]
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
         assert (s["boxes"][:t] >= 0).all() and (s["boxes"][t:] == -1).all()
-        assert torch.allclose(s["boxes"][:t] * 64, boxes[20 - t :])
+        assert torch.allclose(s["boxes"][:t] * 64, boxes[20 - t :].flip(0))  # targets, last pasted first
         distinct = float(point_map(boxes[20 - t :], 64, 64, 1.0).sum())
         masses.append((float(s["density"].sum()) / 3000.0, distinct))
         assert s["exemplars"].shape == (3, 3, 16, 16) and s["image"].shape == (3, 64, 64)
@@ -82,6 +82,24 @@ def test_collage_statistics(generator):
     assert abs(counts.mean() - 11) < 0.8 and abs(counts.std() - np.sqrt((17**2 - 1) / 12)) < 0.6
     errors = np.array([abs(m - d) for m, d in masses])
     assert np.median(errors) < 3e-3  # density mass = distinct target centres except near borders
+
+
+def test_exemplars_are_the_last_pasted_targets():
+    """As the reference (copy_targets_last flips its box list), the exemplars are crops of the last three pasted
+    targets, the top-most one first: no later object covers them."""
+    gen = torch.Generator().manual_seed(0)
+    textured = simple_pool()  # random textures: every object, and so every crop, differs
+    textured.images = [torch.rand(3, 16, 16, generator=gen) for _ in textured.images]
+    cfg = CollageConfig(img_size=64, object_size=16, exemplar_size=16)
+    generator = SelfCollageGenerator(textured, TensorBackgroundPool([torch.rand(3, 40, 50, generator=gen)]), cfg)
+    for i in range(20):
+        s = generator.sample(np.random.default_rng([11, i]))
+        last_three = s["all_boxes"][-3:].flip(0)  # targets are pasted last; the final object comes first
+        assert s["is_target"][-3:].all()
+        for k, (x0, y0, x1, y1) in enumerate(last_three.long().tolist()):
+            crop = s["image"][None, :, y0:y1, x0:x1]
+            crop = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)[0]
+            assert torch.allclose(s["exemplars"][k], crop, atol=1e-6)
 
 
 def test_density_sum_equals_count_at_224():

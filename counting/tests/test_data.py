@@ -2,7 +2,10 @@ import sys
 import types
 
 import numpy as np
+import torch
+from PIL import Image
 
+from counting.collage import normalize
 from counting.data import MSO, mso_boxes
 
 BOXES = np.array([[1.0, 2, 30, 40], [5, 6, 7, 8]])
@@ -68,3 +71,19 @@ def test_mso_skips_images_without_objects_h5py(tmp_path, monkeypatch):
     items = MSO(tmp_path).items
     assert [(p.name, c) for p, _, c, *_ in items] == [("a.jpg", 2.0)]
     assert np.array_equal(items[0][1], BOXES)
+
+
+def test_mso_images_are_resized_without_antialias(tmp_path, monkeypatch):
+    """The reference's MSO transform is ToTensor, then Resize((384, 384)): a tensor resize, not antialiased in
+    torchvision 0.14 (unlike the PIL resize of its FSC-147 loader)."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "imgIdx.mat").touch()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(500, 600, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img" / "a.jpg", quality=95)
+    monkeypatch.setitem(sys.modules, "mat73", fake_mat73([BOXES, None]))
+    item = MSO(tmp_path)[0]
+    with Image.open(tmp_path / "img" / "a.jpg") as img:
+        image = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
+    plain = torch.nn.functional.interpolate(image[None], size=(384, 384), mode="bilinear", align_corners=False)[0]
+    assert item["image"].shape == (3, 384, 384)
+    assert torch.allclose(item["image"], normalize(plain), atol=1e-5)

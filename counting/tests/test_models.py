@@ -124,8 +124,11 @@ def sincos_reference(dim: int, grid: int) -> torch.Tensor:
     return out
 
 
-def bicubic_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix of PyTorch's bicubic resampling: Keys kernel a = -0.75, half-pixel centres, taps clamped."""
+def bicubic_weights(n_in: int, n_out: int, offset: float = 0.0) -> torch.Tensor:
+    """(n_out, n_in) matrix of PyTorch's bicubic resampling: Keys kernel a = -0.75, half-pixel centres, taps clamped.
+
+    ``offset`` 0.1: the reference's DINO-style call with scale factor (n_out + 0.1) / n_in, whose source coordinate
+    is (j + 0.5) / scale - 0.5."""
     a = -0.75
 
     def kernel(x):
@@ -136,7 +139,7 @@ def bicubic_weights(n_in: int, n_out: int) -> torch.Tensor:
 
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
     for j in range(n_out):
-        src = (j + 0.5) * n_in / n_out - 0.5
+        src = (j + 0.5) * n_in / (n_out + offset) - 0.5
         base = math.floor(src)
         for tap in range(base - 1, base + 3):
             m[j, min(max(tap, 0), n_in - 1)] += kernel(src - tap)
@@ -215,7 +218,8 @@ def test_sincos_dim32_grid6_and_its_bicubic_interpolation_by_hand():
     assert torch.allclose(pos.double(), reference, atol=1e-6)
     resized = interpolate_pos_embed(pos, 6, 8, 10)
     grid = reference.reshape(6, 6, 32)
-    expected = torch.einsum("ir,jc,rcd->ijd", bicubic_weights(6, 8), bicubic_weights(6, 10), grid).reshape(80, 32)
+    weights_h, weights_w = bicubic_weights(6, 8, 0.1), bicubic_weights(6, 10, 0.1)
+    expected = torch.einsum("ir,jc,rcd->ijd", weights_h, weights_w, grid).reshape(80, 32)
     assert torch.allclose(resized.double(), expected, atol=1e-5)
 
 
@@ -270,10 +274,14 @@ def test_full_forward_from_given_backbone_outputs_and_head_weights():
         # exemplar token = sum over patches of feature * head-averaged CLS attention
         pooled = torch.stack([sum(ex_attention[k, :, n].mean() * ex_tokens[k, n] for n in range(4)) for k in range(2)])
         pos = torch.einsum(
-            "ir,jc,rcd->ijd", bicubic_weights(6, 8), bicubic_weights(6, 10), sincos_reference(32, 6).reshape(6, 6, 32)
-        )  # position table of the 6 x 6 training grid resampled to 8 x 10
+            "ir,jc,rcd->ijd",
+            bicubic_weights(6, 8, 0.1),
+            bicubic_weights(6, 10, 0.1),
+            sincos_reference(32, 6).reshape(6, 6, 32),
+        )  # position table of the 6 x 6 training grid resampled to 8 x 10 (scale factors (8.1 / 6, 10.1 / 6))
         x = tokens @ model.image_proj.weight.T + model.image_proj.bias + pos.reshape(80, 32).float()
-        y = (pooled @ model.exemplar_proj.weight.T + model.exemplar_proj.bias)[None]
+        # the exemplar tokens go through the same projection as the image tokens (the reference's fim_embed)
+        y = (pooled @ model.image_proj.weight.T + model.image_proj.bias)[None]
         for block in model.blocks:
             x = block_reference(block, x, y)
         x = layer_norm_reference(x, model.norm)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import yaml
@@ -34,6 +36,23 @@ def test_schedule_warmup_then_cosine():
     assert learning_rate(0, cfg, 10) == 0.0 and learning_rate(5, cfg, 10) == 0.5
     assert learning_rate(10, cfg, 10) == pytest.approx(1.0) and learning_rate(20, cfg, 10) == pytest.approx(0.5)
     assert learning_rate(30, cfg, 10) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("config", ["uncountr", "uncountr_vitb8", "uncountr_vits16"])
+def test_paper_schedule_matches_the_reference_scheduler(config):
+    """The reference's CosineSchedulerWithWarmup, written out: built with epochs + 1 = 51 and warmup_percentage 0.1
+    (so 5.1 warmup epochs), stepped per iteration at the fractional epoch batch_idx / 78 + epoch."""
+    cfg, _ = load_config(["--config", config])
+    lr, horizon = 5e-4, 51
+    warmup = 0.1 * horizon
+    steps_per_epoch = cfg["train"]["samples_per_epoch"] // cfg["train"]["batch_size"]
+    for step in range(cfg["train"]["epochs"] * steps_per_epoch):
+        epoch = step % steps_per_epoch / steps_per_epoch + step // steps_per_epoch
+        if epoch < warmup:
+            expected = lr * epoch / warmup
+        else:
+            expected = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (horizon - warmup)))
+        assert learning_rate(step, cfg, steps_per_epoch) == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
 def test_train_end_to_end_and_resume_equivalence(tmp_path):

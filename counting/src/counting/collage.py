@@ -121,8 +121,9 @@ class SelfCollageGenerator:
 
     def sample(self, rng: np.random.Generator, count: int | None = None) -> dict[str, torch.Tensor]:
         """One collage. Keys: image (3,S,S) normalised, density / density_all (S,S), boxes (N,4) target boxes in
-        [0,1] padded with -1, all_boxes (N,4) pixel xyxy in paste order, is_target (N,), exemplars (max_shots,3,e,e),
-        count (target count), clusters (target, distractor ids), objects (N,) pool indices in paste order."""
+        [0,1], last pasted first (the reference's order), padded with -1, all_boxes (N,4) pixel xyxy in paste order,
+        is_target (N,), exemplars (max_shots,3,e,e) cut at the first boxes, count (target count), clusters (target,
+        distractor ids), objects (N,) pool indices in paste order."""
         cfg, size = self.cfg, self.cfg.img_size
         if count is None:
             count = int(rng.integers(cfg.min_count, cfg.num_objects))
@@ -151,7 +152,9 @@ class SelfCollageGenerator:
             order.append(index)
         all_boxes = torch.tensor(boxes, dtype=torch.float32)
         is_target_t = torch.tensor(is_target)
-        target_boxes = all_boxes[is_target_t]
+        # the reference flips its box list (copy_targets_last): target boxes, and so the exemplars, run from the
+        # last-pasted target, which no later object covers, backwards
+        target_boxes = all_boxes[is_target_t].flip(0)
         image = normalize(canvas)
         exemplars = torch.zeros(cfg.max_shots, 3, cfg.exemplar_size, cfg.exemplar_size)
         for k, (x0, y0, x1, y1) in enumerate(target_boxes[: cfg.max_shots].long().tolist()):

@@ -33,10 +33,12 @@ def prepare_test_image(
     target_height: int = 384,
     fixed: bool = False,
     exemplar_size: int = 64,
+    antialias: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Resize a (3, H, W) image in [0, 1] for testing and cut its exemplars.
 
-    The image is resized bilinearly *with* antialias (what PIL's bilinear resize, used by the reference, does) and
+    The image is resized bilinearly, by default *with* antialias (what PIL's bilinear resize, used by the reference
+    for FSC-147, does; ``antialias=False`` for a tensor resize as the reference's MSO loader), and
     ImageNet-normalised. ``boxes`` (k, 4) xyxy in original pixels are scaled and truncated to rects
     [y1, x1, y2, x2]; exemplar i is rows y1..y2, columns x1..x2 (inclusive) of the normalised image, resized to
     ``exemplar_size`` squared without antialias. Returns image (3, H', W'), rects (k, 4) long, exemplars
@@ -44,7 +46,7 @@ def prepare_test_image(
     """
     _, height, width = image.shape
     new_h, new_w = test_size(height, width, patch_size, target_height, fixed)
-    resized = normalize(resize_image(image, (new_h, new_w), antialias=True))
+    resized = normalize(resize_image(image, (new_h, new_w), antialias=antialias))
     boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     if not len(boxes):
         raise ValueError("no exemplar boxes: counting needs at least one (x1, y1, x2, y2) box per image")
@@ -74,6 +76,8 @@ class CountingTestSet(Dataset):
     """Base: subclasses fill ``self.items`` with (image path, (k,4) xyxy exemplar boxes, gt count, name, (n,2) xy
     object points in original pixels: FSC-147's annotated dots, box centres for CARPK and MSO)."""
 
+    antialias = True  # test-image resize (PIL-like); MSO's reference loader resizes a tensor without antialias
+
     def __init__(self, patch_size: int = 16, target_height: int = 384, fixed: bool = False, shots: int = 3):
         self.patch_size, self.target_height, self.fixed, self.shots = patch_size, target_height, fixed, shots
         self.items: list[tuple[Path, np.ndarray, float, str, np.ndarray]] = []
@@ -94,7 +98,12 @@ class CountingTestSet(Dataset):
         path, boxes, count, name, points = self.items[index]
         image = load_rgb(path)
         out = prepare_test_image(
-            image, torch.as_tensor(boxes[: self.shots]), self.patch_size, self.target_height, self.fixed
+            image,
+            torch.as_tensor(boxes[: self.shots]),
+            self.patch_size,
+            self.target_height,
+            self.fixed,
+            antialias=self.antialias,
         )
         (height, width), (new_h, new_w) = image.shape[-2:], out["image"].shape[-2:]
         gt_density = dot_density_map(points, new_h, new_w, (new_w / width, new_h / height))
@@ -210,7 +219,12 @@ def read_mso_index(path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 class MSO(CountingTestSet):
-    """MSO (salient object subitising): ``<root>/{imgIdx.mat, img/*.jpg}``; 1 shot, 384 x 384, images with >= 1 box."""
+    """MSO (salient object subitising): ``<root>/{imgIdx.mat, img/*.jpg}``; 1 shot, 384 x 384, images with >= 1 box.
+
+    Resized without antialias: the reference's MSO transform is ToTensor then Resize, a tensor resize (torchvision
+    0.14 did not antialias tensors)."""
+
+    antialias = False
 
     def __init__(self, root: str | Path, **kwargs):
         kwargs.setdefault("fixed", True)

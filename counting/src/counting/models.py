@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from funai_common.vit import use_dino_interpolation
+from funai_common.vit import dino_interpolate, use_dino_interpolation
 from funai_common.weights import create_timm_model
 
 BACKBONES = {
@@ -126,12 +126,15 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int | None = None) -> tor
 
 
 def interpolate_pos_embed(pos: torch.Tensor, grid: int, new_h: int, new_w: int) -> torch.Tensor:
-    """Bicubic resampling of a (grid*grid, D) position embedding to (new_h*new_w, D)."""
+    """Bicubic resampling of a (grid*grid, D) position embedding to (new_h*new_w, D).
+
+    As the reference's DINO-derived ``interpolate_pos_encoding``: scale factors (new + 0.1) / grid, no antialias
+    (which samples other source positions than resizing to the size (new_h, new_w))."""
     if (new_h, new_w) == (grid, grid):
         return pos
-    x = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(new_h * new_w, -1)
+    if pos.shape[0] != grid * grid:
+        raise ValueError(f"position embedding of {pos.shape[0]} rows is not a {grid} x {grid} grid")
+    return dino_interpolate(pos[None], (new_h, new_w))[0]
 
 
 class MultiHeadAttention(nn.Module):
@@ -216,8 +219,9 @@ class UnCounTR(nn.Module):
         self.backbone = backbone
         self.patch_size = backbone.patch_size
         self.grid = img_size // self.patch_size
+        # one projection for image and exemplar tokens: the shared frozen encoder puts both in one feature space
+        # (the reference's fim_embed, applied to both when share_encoder is on, its default)
         self.image_proj = nn.Linear(backbone.embed_dim, fim_dim)
-        self.exemplar_proj = nn.Linear(backbone.embed_dim, fim_dim)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(fim_dim, self.grid), persistent=False)
         self.blocks = nn.ModuleList(CrossAttentionBlock(fim_dim, fim_heads, mlp_ratio) for _ in range(fim_depth))
         self.norm = nn.LayerNorm(fim_dim)
@@ -243,7 +247,7 @@ class UnCounTR(nn.Module):
         """Image tokens (B, h*w, C) + exemplar tokens (B, k, C) -> density (B, h*P, w*P)."""
         h, w = grid_hw
         x = self.image_proj(tokens) + interpolate_pos_embed(self.pos_embed, self.grid, h, w).to(tokens.dtype)
-        y = self.exemplar_proj(exemplar_tokens)
+        y = self.image_proj(exemplar_tokens)
         for block in self.blocks:
             x = block(x, y)
         x = self.norm(x)
