@@ -113,6 +113,17 @@ def test_transfer_labels_matches_slow_loop():
             torch.testing.assert_close(got[m, p], (w[:, None] * labels[idx]).sum(0), atol=1e-5, rtol=1e-5)
 
 
+def test_transfer_labels_weights_are_cosines_for_a_memory_of_any_norm():
+    # The reference re-normalises the retrieved keys (cross_attention: F.normalize(k)), so a bank whose rows are not
+    # unit-norm is ranked by raw inner product but weighted by softmax(cos / T). Hand case, D = 2, k = 2:
+    # rows (2, 0) and (0, 0.5) (norms 2 and 0.5), query (1, 1): inner products 2 and 0.5, cosines both 1 / sqrt(2),
+    # so the weights are equal and the result is the plain mean of the two labels.
+    memory = torch.tensor([[2.0, 0.0], [0.0, 0.5], [-1.0, -1.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    got = transfer_labels(memory, labels, torch.tensor([[[1.0, 1.0]]]), k=2, temperature=0.02, backend="torch")
+    torch.testing.assert_close(got[0, 0], torch.tensor([0.5, 0.5]))
+
+
 def test_upsample_row_major_quadrants():
     # S=2 one-hot patches upsampled x2: each quadrant takes its patch's class (patch 1 = row 0, col 1).
     probs = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 3]]), 4).float()

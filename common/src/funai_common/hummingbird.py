@@ -129,13 +129,21 @@ def build_memory(
 
 
 def _transfer(
-    index: NeighborIndex, memory_labels: torch.Tensor, query_features: torch.Tensor, k: int, temperature: float
+    index: NeighborIndex,
+    memory_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    k: int,
+    temperature: float,
+    row_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     m, num_patches, dim = query_features.shape
     queries = query_features.reshape(-1, dim)
     scores, idx = index.search(queries, k)
-    # Memory rows are unit-norm, so the inner product divided by |q| is the cosine of the re-normalised pair.
+    # The inner product divided by |q| (and by the rows' norms, where they are not unit-norm as in the evaluator's
+    # memory) is the cosine of the re-normalised pair.
     cosine = scores / queries.norm(dim=1, keepdim=True).clamp_min(1e-12).to(scores)
+    if row_norms is not None:
+        cosine = cosine / row_norms.to(scores.device)[idx.to(scores.device)].clamp_min(1e-12).to(scores)
     weights = torch.softmax(cosine / temperature, dim=1)
     labels = memory_labels[idx.to(memory_labels.device)].to(weights)  # (M*S*S, k, C)
     return torch.einsum("qk,qkc->qc", weights, labels).reshape(m, num_patches, -1)
@@ -151,9 +159,13 @@ def transfer_labels(
 ) -> torch.Tensor:
     """(M, S*S, C) label distribution of each query patch: softmax(cos / T)-weighted mean of its k nearest labels.
 
-    Neighbours are the memory rows with the largest inner product with the raw query (same ranking as cosine).
+    Neighbours are the memory rows with the largest inner product with the raw query (same ranking as cosine for
+    unit-norm rows, as ``build_memory`` gives); the weights use the cosine whatever the rows' norms.
     """
-    return _transfer(NeighborIndex(memory_features, backend=backend), memory_labels, query_features, k, temperature)
+    memory_features = torch.as_tensor(memory_features)
+    row_norms = torch.linalg.vector_norm(memory_features, dim=1, dtype=torch.float32)  # no float32 copy of the bank
+    index = NeighborIndex(memory_features, backend=backend)
+    return _transfer(index, memory_labels, query_features, k, temperature, row_norms)
 
 
 def upsample_predictions(patch_probs: torch.Tensor, size: int) -> torch.Tensor:
