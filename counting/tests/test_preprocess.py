@@ -140,3 +140,19 @@ def test_help_shows_the_steps(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: [masks|clusters|all (default)] [--config") and "mask_method = 'saliency'" in out
+
+
+def test_sun397_train_backgrounds_are_all_images_but_the_test_list(tmp_path):
+    """The reference's CustomSUN397: train = every SUN397 image not listed in Partitions/Testing_01.txt."""
+    from counting.pools import sun397_backgrounds
+
+    names = ["a/abbey/sun_a.jpg", "a/abbey/sun_b.jpg", "b/beach/sun_c.jpg", "b/beach/sun_d.jpg"]
+    for name in names:
+        (tmp_path / "SUN397" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "SUN397" / name)
+    (tmp_path / "Partitions").mkdir()
+    (tmp_path / "Partitions" / "Training_01.txt").write_text("/a/abbey/sun_a.jpg\n")
+    (tmp_path / "Partitions" / "Testing_01.txt").write_text("/a/abbey/sun_b.jpg\n/b/beach/sun_d.jpg\n")
+    rel = lambda pool: sorted(str(p.relative_to(tmp_path / "SUN397")) for p in pool.paths)  # noqa: E731
+    assert rel(sun397_backgrounds(tmp_path)) == ["a/abbey/sun_a.jpg", "b/beach/sun_c.jpg"]
+    assert rel(sun397_backgrounds(tmp_path, split="test")) == ["a/abbey/sun_b.jpg", "b/beach/sun_d.jpg"]

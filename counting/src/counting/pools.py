@@ -120,17 +120,21 @@ class FileBackgroundPool:
 
 
 def sun397_backgrounds(root: str | Path, split: str = "train", partition: int = 1) -> FileBackgroundPool:
-    """SUN397 training backgrounds: ``<root>/SUN397/<letter>/<class>/*.jpg`` and ``<root>/Partitions/*.txt``.
+    """SUN397 backgrounds: ``<root>/SUN397/<letter>/<class>/*.jpg`` and ``<root>/Partitions/Testing_01.txt``.
 
-    With ``Partitions/Training_<partition:02d>.txt`` present its list is used, else every image under SUN397/.
+    As the reference (``CustomSUN397``): the test split is the images listed in ``Testing_<partition:02d>.txt``,
+    the train split every other image under SUN397/ (not ``Training_<partition>.txt``, which lists only 50 images
+    per class). Without that list every image under SUN397/ is used.
     """
     root = Path(root)
     images = root / "SUN397"
     if not images.is_dir():
         raise FileNotFoundError(f"SUN397 images not found at {images} (expected <root>/SUN397/a/abbey/*.jpg)")
-    name = "Training" if split == "train" else "Testing"
-    listing = root / "Partitions" / f"{name}_{partition:02d}.txt"
-    if listing.is_file():
-        paths = [images / line.strip().lstrip("/") for line in listing.read_text().splitlines() if line.strip()]
-        return FileBackgroundPool(images, paths)
-    return FileBackgroundPool(images)
+    listing = root / "Partitions" / f"Testing_{partition:02d}.txt"
+    if not listing.is_file():
+        return FileBackgroundPool(images)
+    test = [images / line.strip().lstrip("/") for line in listing.read_text().splitlines() if line.strip()]
+    if split != "train":
+        return FileBackgroundPool(images, test)
+    held_out = set(test)
+    return FileBackgroundPool(images, [p for p in list_images(images) if p not in held_out])
