@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fungi import hummingbird
 from fungi.patches import PatchFUNGI
@@ -36,13 +37,19 @@ def test_hummingbird_cli_embeddings_only_and_bad_feature_names(tmp_path):
         hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[gradients]"])
 
 
-def test_train_limit_keeps_the_first_images():
-    cfg = dict(hummingbird.DEFAULTS, dataset="synthetic", data_dir=None, train_limit=3)
+def test_train_limit_draws_a_seeded_random_subset_as_the_reference():
+    # the reference (voc_data.PascalVOCDataModule, num_train_samples) keeps torch.randperm(len(train))[:N], not the
+    # first N images of trainaug.txt (all from 2007)
+    cfg = dict(hummingbird.DEFAULTS, dataset="synthetic", data_dir=None, train_limit=3, seed=42)
     cfg["dataset_kwargs"] = {"num_images": 6, "image_size": 32, "num_classes": 3}
     train, val = hummingbird.build_datasets(cfg)
     assert len(train) == 3 and len(val) == 6
+    expected = torch.randperm(6, generator=torch.Generator().manual_seed(42))[:3].tolist()
+    assert list(train.indices) == expected and expected != [0, 1, 2]
     full, _ = hummingbird.build_datasets(dict(cfg, train_limit=None))
-    assert np.array_equal(np.asarray(train[2][0]), np.asarray(full[2][0]))
+    assert np.array_equal(np.asarray(train[2][0]), np.asarray(full[expected[2]][0]))
+    other, _ = hummingbird.build_datasets(dict(cfg, seed=0))
+    assert list(other.indices) == torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].tolist()
 
 
 def test_hummingbird_cli_unavailable_weights_name_the_model(tmp_path, offline_hub):

@@ -28,6 +28,20 @@ def test_timm_transform_uses_built_img_size():
     assert ex([photo(), photo(50, 70)]).shape == (2, 96)
 
 
+def test_timm_model_kwargs_may_keep_a_head_as_the_reference_clip_models():
+    # the reference builds CLIP / EVA-CLIP with timm's default head (the 512-d image projection): model_kwargs
+    # num_classes must reach timm instead of clashing with the num_classes=0 default
+    clip = build_backbone("timm:vit_base_patch16_clip_224", pretrained=False, img_size=32, num_classes=16, **TINY_VIT)
+    assert clip.model.head.out_features == 16
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pooled = clip.model.forward_head(clip.model.forward_features(x), pre_logits=True)
+    assert torch.allclose(clip.model(x), clip.model.head(pooled), atol=1e-6)
+    assert (
+        build_backbone("timm:vit_base_patch16_clip_224", pretrained=False, img_size=32, **TINY_VIT).model(x).shape[1]
+        == 48
+    )
+
+
 def test_timm_input_size_on_a_dynamic_vit_interpolates_like_dino():
     from funai_common.vit import DinoInterpolationViT, dino_interpolate
 

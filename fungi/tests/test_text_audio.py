@@ -44,6 +44,20 @@ def test_t5_extractor_from_a_hub_style_folder(t5_folder):
     torch.testing.assert_close(torch.cat([ex(TEXTS[i : i + 1]) for i in range(4)]), feats, rtol=1e-4, atol=1e-5)
 
 
+def test_long_texts_are_not_truncated_at_128_tokens(t5_folder):
+    # the reference's text scripts tokenize with padding=True and no truncation: a 300-word text stays whole
+    from fungi.extract import DEFAULTS
+
+    backbone = build_backbone(f"hf:{t5_folder}")
+    words = "my card was stolen how do i top up".split()  # in the tiny tokenizer's vocabulary: one piece each
+    text = " ".join(words[i % len(words)] for i in range(300))
+    whole = backbone.tokenizer([text], padding=True, return_tensors="pt")["input_ids"]
+    assert whole.shape[1] == 301  # one piece per word and </s>
+    ex = FUNGIExtractor(backbone, objectives=("kl",))
+    assert torch.equal(ex.tokenize([text])["input_ids"], whole)
+    assert DEFAULTS["max_length"] == ex.max_length  # fungi-extract's default is the extractor's
+
+
 def test_audio_extractor_kl():
     torch.manual_seed(0)
     ex = FUNGIExtractor(

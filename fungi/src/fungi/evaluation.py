@@ -119,7 +119,8 @@ def few_shot_indices(labels, shots: int) -> np.ndarray:
 
 
 def clustering_scores(features, labels, num_clusters: int | None = None, pca_dim: int | None = 512) -> dict:
-    """k-means (k = number of classes, 10 inits, seed 42) on L2-normalised features -> NMI and ARI in percent."""
+    """k-means (k = number of classes, 10 inits, seed 42) on the features as given (FUNGI features: each block
+    unit-length, the concatenation not re-normalised), after PCA to ``pca_dim`` -> NMI and ARI in percent."""
     x = np.asarray(features, np.float64)
     x, _ = fit_pca(x, x[:1], pca_dim)
     labels = np.asarray(labels)

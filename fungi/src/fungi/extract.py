@@ -34,7 +34,7 @@ DEFAULTS = {
     "dtype": "auto",
     "batch_size": 16,
     "max_views_per_pass": 256,
-    "max_length": 128,
+    "max_length": 512,
     "state": None,
     "splits": ["train", "val", "test"],
     "limit": None,

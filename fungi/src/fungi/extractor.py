@@ -49,7 +49,7 @@ class FUNGIExtractor(nn.Module):
         dtype: torch.dtype = torch.float32,
         objective_options: Mapping[str, Mapping] | None = None,
         max_views_per_pass: int = 256,
-        max_length: int = 128,
+        max_length: int = 512,
         pretrained: bool = True,
     ):
         super().__init__()
@@ -124,7 +124,8 @@ class FUNGIExtractor(nn.Module):
         return torch.stack([self.transform(im) for im in inputs]).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise a flat list of strings (padding to the longest, truncation at ``max_length``)."""
+        """Tokenise a flat list of strings (padding to the longest, truncation at ``max_length``: 512 by default, the
+        BERT / T5 limit, so texts are whole as in the reference, which does not truncate)."""
         if self.backbone.tokenizer is None:
             raise ValueError("text inputs need a tokenizer: pass a Backbone with tokenizer=...")
         enc = self.backbone.tokenizer(

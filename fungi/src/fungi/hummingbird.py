@@ -56,7 +56,8 @@ FEATURES = ("embeddings", "fungi")
 
 
 def build_datasets(cfg: dict):
-    """(train, val) segmentation datasets of the config; ``train_limit`` keeps the first N training images."""
+    """(train, val) segmentation datasets of the config; ``train_limit`` keeps N training images drawn at random
+    (``torch.randperm`` seeded with ``seed``), as the reference's ``num_train_samples``."""
     from funai_common.datasets import build_segmentation_dataset
 
     name, root, extra = cfg["dataset"], cfg["data_dir"], dict(cfg["dataset_kwargs"])
@@ -64,7 +65,8 @@ def build_datasets(cfg: dict):
     train = build_segmentation_dataset(name, root, train_split, **extra)
     val = build_segmentation_dataset(name, root, cfg["val_split"], **extra)
     if cfg["train_limit"] is not None:
-        train = torch.utils.data.Subset(train, range(min(int(cfg["train_limit"]), len(train))))
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
+        train = torch.utils.data.Subset(train, keep[: int(cfg["train_limit"])].tolist())
     return train, val
 
 

@@ -112,7 +112,8 @@ def _square(size) -> int | tuple[int, int]:
 def build_timm(
     name: str, pretrained: bool = True, checkpoint: str | None = None, input_size: int | None = None, **kwargs
 ) -> Backbone:
-    """timm model by name (``num_classes=0`` -> pooled CLS embedding); optional local checkpoint.
+    """timm model by name (``num_classes=0`` -> pooled CLS embedding, unless ``num_classes`` is given); optional local
+    checkpoint.
 
     The transform runs the model at its built ``img_size``, or at ``input_size`` when given. A ViT built with
     ``dynamic_img_size=True`` keeps its stored position table and interpolates it for other sizes as the official
@@ -123,9 +124,8 @@ def build_timm(
 
     from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 
-    model = create_timm_model(
-        name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, num_classes=0, **kwargs
-    )
+    kwargs = {"num_classes": 0, **kwargs}  # model_kwargs={num_classes: 512} keeps CLIP's image projection
+    model = create_timm_model(name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, **kwargs)
     if checkpoint:
         missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:
