@@ -216,3 +216,18 @@ def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_z
     with pytest.raises(FileNotFoundError, match="no PIN weights at"):
         eval_main(base[:-1] + ["method=pin", f"eval.checkpoint={tmp_path / 'missing.pt'}"])
     assert not (tmp_path / "tiny" / "eval" / "metrics.json").exists()
+
+
+def test_eval_images_are_resized_like_the_reference(tmp_path):
+    # the reference's eval loaders resize with torchvision F.resize(PIL image, (S, S)) at its default interpolation
+    # (bilinear); the VLM processors' own resize is then a no-op on the square image
+    import torch
+    import torchvision.transforms.functional as TF
+
+    from pin.eval_data import ObjectQuery, load_image
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path)
+    got = load_image(ObjectQuery(path, "dog", [0, 0, 1, 1], "0"), 224)
+    ref = TF.resize(Image.open(path).convert("RGB"), [224, 224])
+    assert torch.equal(got, torch.from_numpy(np.asarray(ref, np.float32) / 255.0).permute(2, 0, 1))

@@ -118,3 +118,22 @@ def test_background_folder(tmp_path):
     assert img.size == (224, 224)
     with pytest.raises(FileNotFoundError, match="BG-20k"):
         Backgrounds(tmp_path / "nope")
+
+
+def test_backgrounds_and_cutouts_are_resized_like_the_reference(tmp_path):
+    # the reference calls PIL's resize without a filter for both (synthetic_dataloader.py), i.e. Pillow's default
+    # (bicubic since Pillow 7), not bilinear
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(tmp_path / "bg.png")
+    background = Backgrounds(tmp_path, 224).sample(np.random.default_rng(0))
+    expected = Image.open(tmp_path / "bg.png").resize((224, 224))
+    assert np.array_equal(np.asarray(background), np.asarray(expected))
+
+    cut = np.dstack([rng.integers(0, 256, (9, 13, 3), dtype=np.uint8), np.full((9, 13), 255, np.uint8)])
+    composer = Composer(ObjectPool([("thing", cut)]), Backgrounds(None), LayoutSampler(), seed=1, fixed_objects=1)
+    comp = composer.compose(0)
+    x1, y1, x2, y2 = comp.boxes[0]
+    w, h = (x2 - x1 + 1) * 14, (y2 - y1 + 1) * 14
+    pasted = np.asarray(comp.image)[y1 * 14 : y1 * 14 + h, x1 * 14 : x1 * 14 + w]
+    expected = np.asarray(Image.fromarray(cut).resize((w, h)))[..., :3]
+    assert np.array_equal(pasted, expected)

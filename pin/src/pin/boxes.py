@@ -96,7 +96,8 @@ class GridCodec:
         return self.cells_to_pixels([x1, y1, x2, y2])
 
     def random_cells(self, rng: np.random.Generator) -> list[int]:
-        """A uniformly random valid grid box (the "random box" baseline): x1 <= x2 and y1 <= y2 in cells."""
+        """A random valid grid box (the "random box" baseline): per axis two uniform cells, sorted, so x1 <= x2 and
+        y1 <= y2; a box one cell wide (or high) is half as likely as each wider one."""
         x = sorted(rng.integers(0, self.grid, size=2).tolist())
         y = sorted(rng.integers(0, self.grid, size=2).tolist())
         return [x[0], y[0], x[1], y[1]]

@@ -166,11 +166,12 @@ def synthetic_queries(
 
 
 def load_image(query: ObjectQuery, image_size: int = 224) -> torch.Tensor:
-    """(3, S, S) float in [0, 1], anisotropic resize."""
+    """(3, S, S) float in [0, 1], anisotropic bilinear resize: the reference's torchvision `F.resize(img, (S, S))`
+    at its default interpolation (the VLM processors' own resize is then a no-op on the square image)."""
     img = query.image if isinstance(query.image, Image.Image) else Image.open(query.image)
     img = img.convert("RGB")
     if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
+        img = img.resize((image_size, image_size), Image.BILINEAR)
     return to_tensor(img)
 
 

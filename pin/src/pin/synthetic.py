@@ -192,7 +192,8 @@ class Backgrounds:
         s = self.image_size
         if self.paths:
             path = self.paths[int(rng.integers(len(self.paths)))]
-            return Image.open(path).convert("RGB").resize((s, s), Image.BILINEAR)
+            # Pillow's default filter (bicubic), as the reference's `resize(size)` without one
+            return Image.open(path).convert("RGB").resize((s, s), Image.BICUBIC)
         base = rng.uniform(60, 200, size=(2, 2, 3))
         low = Image.fromarray(base.astype(np.uint8)).resize((s, s), Image.BILINEAR)
         noise = rng.normal(0, 12, size=(s // 8, s // 8, 3))
@@ -305,7 +306,7 @@ class Composer:
         for cut, box in zip(cutouts, boxes):
             w = round((box[2] - box[0] + 1) * cell)
             h = round((box[3] - box[1] + 1) * cell)
-            obj = Image.fromarray(cut).resize((w, h), Image.BILINEAR)
+            obj = Image.fromarray(cut).resize((w, h), Image.BICUBIC)  # Pillow's default, as the reference
             image.paste(obj, (round(box[0] * cell), round(box[1] * cell)), obj)
         target = int(rng.integers(len(names)))
         described = [self.describe(name, rng) for name in names]
