@@ -82,6 +82,48 @@ def test_features_cli_from_webdataset_resumes(tmp_path):
     torch.testing.assert_close(store.get(sorted(images)), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_vision_dtype_float32_or_bf16_autocast_recorded_in_the_store(tmp_path, monkeypatch):
+    """vision.dtype: float32 is the reference's forward; bfloat16 runs the backbone under bf16 autocast (the default on
+    GPU, here forced on CPU); the resolved dtype is recorded, so a store is never resumed with the other one."""
+    images, _ = write_shards(tmp_path / "wds", n=4, per_shard=4)
+    torch.manual_seed(0)
+    vit = build_vision_encoder(tiny_vit_spec(img_size=224))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    spec = tiny_vit_spec(img_size=224, checkpoint=str(tmp_path / "vit.safetensors"))
+    args = ["modality=image", "source.type=webdataset", f"source.path={tmp_path / 'wds' / '*.tar'}"]
+    args += [f"vision.checkpoint={spec['checkpoint']}", "vision.pretrained=false", f"vision.model={spec['model']}"]
+    args += [f"vision.kwargs={json.dumps(spec['kwargs'])}", "batch_size=4", "num_workers=0"]
+    seen = []  # dtype of the patch embeddings in each forward of the extraction
+    build = precompute.build_vision_encoder
+
+    def recording(vision_spec):
+        model = build(vision_spec)
+        model.patch_embed.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(precompute, "build_vision_encoder", recording)
+    batch = torch.stack([eval_transform()(images[k].convert("RGB")) for k in sorted(images)])
+    with torch.no_grad():
+        fp32 = vit(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = vit(batch).float()
+    for dtype, expected in (("float32", fp32), ("bfloat16", bf16)):
+        seen.clear()
+        precompute.main([*args, f"vision.dtype={dtype}", f"out={tmp_path / dtype}"])
+        assert seen and set(seen) == {getattr(torch, dtype)}
+        store = FeatureStore(tmp_path / dtype)
+        assert store.meta["backbone"]["vision"]["dtype"] == dtype
+        torch.testing.assert_close(store.get(sorted(images)), expected, atol=1e-5, rtol=1e-5)
+    seen.clear()
+    precompute.main([*args, f"out={tmp_path / 'default'}"])  # the default on CPU: float32
+    assert set(seen) == {torch.float32}
+    assert FeatureStore(tmp_path / "default").meta["backbone"]["vision"]["dtype"] == "float32"
+    with pytest.raises(ValueError, match=r"other backbone settings \(vision.dtype: 'bfloat16' -> 'float32'\)"):
+        precompute.main([*args, "vision.dtype=float32", f"out={tmp_path / 'bfloat16'}"])
+    with pytest.raises(ValueError, match="vision.dtype='float16': expected float32, bfloat16 or null"):
+        precompute.main([*args, "vision.dtype=float16", f"out={tmp_path / 'fp16'}"])
+
+
 def test_features_cli_checks_the_source_before_loading_a_backbone(tmp_path):
     # the backbones named here cannot be loaded: the missing data must be reported first, and no store created
     store = tmp_path / "store"

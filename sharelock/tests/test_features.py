@@ -148,6 +148,24 @@ def test_dynamic_vit_interpolates_its_table_like_dinov2_hub():
     assert type(build_vision_encoder(tiny_vit_spec(img_size=28))) is timm.models.vision_transformer.VisionTransformer
 
 
+def test_dinov2_with_registers_interpolates_like_its_hub_model():
+    """torch.hub's dinov2_*14_reg models are built with interpolate_offset=0 and interpolate_antialias=True: their
+    table is resampled to the target grid size by antialiased bicubic (not by the (grid + 0.1) / M scale factor of the
+    models without registers)."""
+    spec = {**tiny_vit_spec(img_size=56), "model": "vit_small_patch14_reg4_dinov2"}
+    spec["kwargs"] = {**spec["kwargs"], "dynamic_img_size": True}
+    torch.manual_seed(0)
+    model = build_vision_encoder(spec)  # 4 x 4 table of patch positions only (registers: no_embed_class)
+    assert model.num_reg_tokens == 4 and model.pos_embed.shape == (1, 16, 48)
+    x = torch.randn(2, 3, 42, 42)  # a 3 x 3 grid
+    table = model.pos_embed.reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    hub = torch.nn.functional.interpolate(table, size=(3, 3), mode="bicubic", antialias=True, align_corners=False)
+    patches = model.patch_embed(x).reshape(2, 9, 48) + hub.permute(0, 2, 3, 1).reshape(1, 9, 48)
+    prefix = [model.cls_token.expand(2, -1, -1), model.reg_token.expand(2, -1, -1)]
+    expected = torch.cat([*prefix, patches], 1)  # CLS, 4 registers, then the patches with their positions
+    torch.testing.assert_close(model._pos_embed(model.patch_embed(x)), expected)
+
+
 def test_dynamic_vit_subclass_keeps_timms_own_resampling():
     from timm.models.deit import VisionTransformerDistilled
 

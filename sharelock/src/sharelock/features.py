@@ -20,7 +20,8 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
     spec: {"model": timm name, "pretrained": bool, "checkpoint": local safetensors/.pth or None, "kwargs": {...}}.
     A ViT built with `dynamic_img_size: true` keeps its stored position table and interpolates it for other input
     sizes as the official DINO / DINOv2 code does (`use_dino_interpolation`): DINOv2 in timm
-    (`vit_base_patch14_dinov2.lvd142m`, 518 px table) then gives the torch.hub model's features at 224 px. A local
+    (`vit_base_patch14_dinov2.lvd142m`, 518 px table) then gives the torch.hub model's features at 224 px; with
+    registers (`vit_base_patch14_reg4_dinov2.lvd142m`) the rule of the hub's `dinov2_*14_reg` models. A local
     checkpoint goes through timm's checkpoint filter, so weights saved at another resolution or in the original
     layout (e.g. with a `mask_token`) load too.
     """
@@ -43,7 +44,9 @@ def build_vision_encoder(spec: dict[str, Any]) -> nn.Module:
         except RuntimeError as err:
             raise ValueError(f"vision checkpoint {checkpoint} does not fit {spec['model']}: {err}") from None
     if supports_dino_interpolation(model):
-        use_dino_interpolation(model)
+        # torch.hub's DINOv2 with registers (dinov2_*14_reg) resamples to the target size with antialias, no offset
+        registers = getattr(model, "num_reg_tokens", 0) > 0
+        use_dino_interpolation(model, offset=0.0 if registers else 0.1, antialias=registers)
     return model.eval().requires_grad_(False)
 
 
@@ -74,7 +77,8 @@ def build_language_encoder(spec: dict[str, Any], device: str | torch.device = "c
 
 
 def with_default_dtype(spec: dict[str, Any], device: str | torch.device) -> dict[str, Any]:
-    """A copy of a language-model spec whose missing dtype is bfloat16 on CUDA and float32 elsewhere."""
+    """A copy of a backbone spec (language model, or vision model for `sharelock-features`) whose missing dtype is
+    bfloat16 on CUDA and float32 elsewhere."""
     default = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     return {**spec, "dtype": spec.get("dtype") or default}
 

@@ -91,13 +91,16 @@ def extract_images(cfg: dict, accelerator: Accelerator) -> Path:
         )
     else:
         raise ValueError(f"source.type={src['type']!r} is not an image source: use webdataset, folder or labelled")
-    encoder = build_vision_encoder(cfg["vision"]).to(accelerator.device)
+    vision = with_default_dtype(cfg["vision"], accelerator.device)
+    if vision["dtype"] not in ("float32", "bfloat16"):
+        raise ValueError(f"vision.dtype={vision['dtype']!r}: expected float32, bfloat16 or null (the default)")
+    encoder = build_vision_encoder(vision).to(accelerator.device)
     source = dict(src)
     if src["type"] == "labelled":  # the class order that the labels index: folder names, or an hf: dataset's names
         source["classes"] = samples.classes
     writer = FeatureWriter(
         cfg["out"], vision_store_name(cfg["vision"]), "image", vision_dim(encoder), cfg["store_dtype"],
-        cfg["shard_size"], accelerator.process_index, backbone={"vision": cfg["vision"]}, source=source,
+        cfg["shard_size"], accelerator.process_index, backbone={"vision": vision}, source=source,
     )  # fmt: skip
     accelerator.wait_for_everyone()  # every rank has read the completed ids before any rank adds shards
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -108,7 +111,8 @@ def extract_images(cfg: dict, accelerator: Accelerator) -> Path:
         total = len(dataset)
     workers = cfg["num_workers"] if not isinstance(dataset, _WebImages) else min(cfg["num_workers"], len(dataset.urls))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=workers)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=accelerator.device.type == "cuda")
+    # bf16 autocast by default on GPU (vision.dtype=float32: the reference's float32 forward)
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=vision["dtype"] == "bfloat16")
     labelled = src["type"] == "labelled"
     bar = tqdm(total=total, desc="image features", disable=not accelerator.is_local_main_process)
     with torch.no_grad(), autocast:

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from sharelock.config import load_config, save_config
 from sharelock.data import is_hf_spec, load_class_names
 from sharelock.eval import evaluate_features
-from sharelock.models import format_prompt
+from sharelock.models import format_prompt, load_model
 from sharelock.pairs import TensorPairs
 from sharelock.store import FeatureStore
 from sharelock.train import fit, setup_logging
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     feats, labels = images.load_all(), images.labels
     seen = np.isin(labels, train_cls)
     log.info("probe: %d train classes (%d images), %d unseen test classes", len(train_cls), seen.sum(), len(test_cls))
-    model, summary = fit(cfg, TensorPairs(feats[seen], text, labels[seen]), run_dir, accelerator)
-    model.eval()
+    _, summary = fit(cfg, TensorPairs(feats[seen], text, labels[seen]), run_dir, accelerator)
+    # as the reference's train.py: the heads of the lowest validation loss (the last step's without validation)
+    model = load_model(run_dir, accelerator.device)
     test_store = FeatureStore(probe["test_features"], modality="image") if probe["test_features"] else images
     test_feats, test_labels = test_store.load_all(), test_store.labels
     results = {}

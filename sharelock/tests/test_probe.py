@@ -1,0 +1,50 @@
+"""`sharelock-probe` on small synthetic stores (no backbone): which trained heads score the unseen classes."""
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sharelock import probe
+from sharelock.store import FeatureWriter
+
+
+def test_probe_scores_the_best_validation_checkpoint(tmp_path, monkeypatch):
+    """As the reference's train.py (ModelCheckpoint on validation_loss, reloaded before trainer.test), the unseen
+    classes are scored with the heads of the lowest validation loss, not with the last iterate."""
+    rng = np.random.default_rng(0)
+    n_cls, per_cls = 6, 20
+    labels = np.repeat(np.arange(n_cls), per_cls)
+    centres = rng.normal(size=(n_cls, 8)).astype(np.float32)
+    images = centres[labels] + 0.3 * rng.normal(size=(len(labels), 8)).astype(np.float32)
+    with FeatureWriter(tmp_path / "images", "vit", "image", 8) as w:
+        w.add([str(i) for i in range(len(labels))], images, labels.tolist())
+    with FeatureWriter(tmp_path / "prompts", "llm", "text", 12) as w:
+        w.add([str(c) for c in range(n_cls)], centres @ rng.normal(size=(8, 12)).astype(np.float32))
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps([f"class {c}" for c in range(n_cls)]))
+    seen = []
+    evaluate = probe.evaluate_features
+
+    def recording(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "evaluate_features", recording)
+    run = tmp_path / "run"
+    # validations after micro-batches 5 and 10 (steps 4 and 9); training goes on to step 12 without another one
+    result = probe.main(
+        [f"probe.features={tmp_path / 'images'}", f"probe.class_features={tmp_path / 'prompts'}"]
+        + [f"probe.class_names={names}", "probe.test_fraction=0.34", f"run_dir={run}", "model.hidden_dim=16"]
+        + ["optim.batch_size=16", "optim.max_steps=12", "optim.warmup_steps=2", "val_check_interval=5"]
+        + ["data.val_size=0.2", "checkpoint_every=100"]
+    )
+    assert result["train_steps"] == 12 and result["n_test_classes"] == 2
+    best = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+    last = load_file(str(run / "checkpoints" / "step_000012" / "model.safetensors"))
+    assert not all(torch.equal(best[k], last[k]) for k in best)  # the last iterate is another model
+    (scored,) = seen
+    assert scored.keys() == best.keys()
+    for key, value in best.items():
+        torch.testing.assert_close(scored[key].cpu(), value, rtol=0, atol=0)
