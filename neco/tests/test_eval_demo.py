@@ -79,6 +79,27 @@ def test_linear_segmentation_and_overclustering_on_separable_features():
     assert len(over["K=3"]["per_seed"]) == 2
 
 
+def test_eval_masks_follow_the_reference_two_step_nearest_resize():
+    # reference (linear_finetune.py / eval_overcluster.py): T.Resize((input, input), NEAREST) on the PIL mask, then
+    # F.interpolate(mode="nearest") to 100 x 100. PIL's nearest takes source pixel floor((a + 0.5) * in / out),
+    # torch's floor(i * in / out); a mask holding its column index (rows: its row index) shows which pixel is kept.
+    from neco.evaluation import _SegTransform
+
+    side, input_size, mask_size = 70, 98, 28
+    cols = np.tile(np.arange(side, dtype=np.uint8), (side, 1))
+    data = [
+        (Image.new("RGB", (side, side)), Image.fromarray(cols)),
+        (Image.new("RGB", (side, side)), Image.fromarray(cols.T.copy())),
+    ]
+    expected = [int(((int(i * input_size / mask_size)) + 0.5) * side / input_size) for i in range(mask_size)]
+    for k, key in enumerate(("columns", "rows")):
+        _, mask = _SegTransform(data, input_size, mask_size, train=False)[k]
+        assert mask.shape == (mask_size, mask_size)
+        got = mask[0].tolist() if key == "columns" else mask[:, 0].tolist()
+        assert got == expected, key
+    assert expected[:3] == [0, 2, 5]  # a direct resize to 28 would keep pixels 1, 3, 6 (cell centres)
+
+
 def test_overclustering_random_features_score_low():
     ds = _Colours()
     gen = torch.Generator().manual_seed(0)
@@ -179,6 +200,12 @@ def test_demo_quick(tmp_path):
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved == summary and 3 <= len(saved) <= 6
     assert 0 <= saved["Hummingbird mIoU after (%)"] <= 100
+    # a second, shorter run into the same folder reports its own run: its 2 logged losses and its step-2 model, not
+    # the first run's step-3 checkpoint and appended log lines
+    demo_main(["--quick", "--steps", "2", "--out", str(tmp_path)])
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert len(metrics["losses_logged"]) == 2
+    assert metrics["checkpoints"][-1].endswith("step_000002")
 
 
 def test_synthetic_dataset_is_used_for_training_images():

@@ -239,6 +239,34 @@ def test_dinov2_hub_layouts_load_into_timm(tmp_path):
         build_backbone(dict(TINY, checkpoint=str(tmp_path / "wide.safetensors")))
 
 
+def test_rxr_checkpoint_in_dinov2_layout_loads_into_the_drop_registers_model(tmp_path):
+    # the reference's R-XR runs build the DINOv2 code with num_register_tokens=0: no register_tokens, a mask_token and
+    # the cls position inside pos_embed (1, 1 + N, D), i.e. the layout of a plain DINOv2 checkpoint. The drop_registers
+    # model (timm's reg4 class, patch-only table) must compute what that network computes: plain timm DINOv2.
+    x = torch.randn(1, 3, 98, 98)
+    plain = _tiny_timm("vit_small_patch14_dinov2", img_size=98)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_()
+    assert plain.state_dict()["pos_embed"].shape == (1, 1 + 49, 48)
+    torch.save(dict(plain.state_dict(), mask_token=torch.zeros(1, 48)), tmp_path / "neco_dinov2r_xr.pth")
+    xr = build_backbone(
+        dict(TINY, drop_path=0.0, drop_registers=True, checkpoint=str(tmp_path / "neco_dinov2r_xr.pth"))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(xr.eval().forward_features(x), plain.forward_features(x))
+    # the same weights inside a reference Lightning .ckpt (student under model.)
+    state = {f"model.{k}": v for k, v in plain.state_dict().items()}
+    state.update(
+        {f"teacher.{k}": torch.zeros_like(v) for k, v in plain.state_dict().items()},
+        **{"model.mask_token": torch.zeros(1, 48)},
+    )
+    torch.save({"state_dict": state}, tmp_path / "neco_xr.ckpt")
+    xr = build_backbone(dict(TINY, drop_path=0.0, drop_registers=True, checkpoint=str(tmp_path / "neco_xr.ckpt")))
+    with torch.no_grad():
+        torch.testing.assert_close(xr.eval().forward_features(x), plain.forward_features(x))
+
+
 def test_lightning_ckpt_loads_the_student_not_the_teacher(tmp_path):
     student, teacher = (_tiny_timm("vit_small_patch14_reg4_dinov2", img_size=98) for _ in range(2))
     state = {f"model.{k}": v for k, v in student.state_dict().items()}

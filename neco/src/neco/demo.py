@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps or (3 if args.quick else 200)
     images = 8 if args.quick else 64
     run_dir = os.path.join(args.out, "train")
+    # the demo's own training folder starts empty: a previous run's checkpoints and appended metrics.jsonl lines
+    # would otherwise be read back as this run's (the latest checkpoint, the loss curve)
+    shutil.rmtree(run_dir, ignore_errors=True)
     train_main(
         [
             "--config",

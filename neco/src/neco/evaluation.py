@@ -21,7 +21,8 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) -> (B, S*S, D
 
 
 class _SegTransform(Dataset):
-    """Resized image tensor + mask at ``mask_size`` (nearest); train mode: RandomResizedCrop(0.8, 1) + hflip."""
+    """Resized image tensor + mask at ``mask_size`` (nearest to ``input_size``, then nearest to ``mask_size``, as the
+    reference); train mode: RandomResizedCrop(0.8, 1) + hflip."""
 
     def __init__(self, dataset: Any, input_size: int, mask_size: int, train: bool, seed: int = 0, epoch: int = 0):
         self.dataset, self.input_size, self.mask_size = dataset, input_size, mask_size
@@ -45,9 +46,14 @@ class _SegTransform(Dataset):
             if float(torch.rand(1, generator=gen)) < 0.5:
                 image, mask = TF.hflip(image), TF.hflip(mask)
         image = image.resize((self.input_size, self.input_size), Image.BILINEAR)
-        mask = mask.resize((self.mask_size, self.mask_size), Image.NEAREST)
+        # the reference's two steps: the mask resized (nearest) with the image to input_size, then
+        # F.interpolate(mode="nearest") to mask_size, i.e. pixel floor(i * input_size / mask_size) of the resized mask
+        mask = torch.from_numpy(np.array(mask.resize((self.input_size, self.input_size), Image.NEAREST), np.int64))
+        if self.mask_size != self.input_size:
+            mask = F.interpolate(mask[None, None].float(), size=(self.mask_size, self.mask_size), mode="nearest")
+            mask = mask[0, 0].long()
         tensor = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
-        return tensor, torch.from_numpy(np.array(mask, dtype=np.int64))
+        return tensor, mask
 
 
 def _feature_maps(feature_fn: FeatureFn, images: torch.Tensor, patch_size: int) -> torch.Tensor:
