@@ -167,3 +167,52 @@ def test_eval_refuses_train_and_val_with_different_class_folders(tmp_path):
     args += [f"imagenet.train={tmp_path / 'train'}", f"imagenet.val={tmp_path / 'val'}", "device=cpu"]
     with pytest.raises(ValueError, match=r"class folders of .*train \(3\) and .*val \(2\) differ \(e.g. \['b'\]\)"):
         dora_eval.main(args)
+
+
+def test_davis_frames_are_resized_like_dino_read_frame(tmp_path):
+    """DINO's eval_video_segmentation.read_frame: short side to 480, the other side scaled and floored to a multiple
+    of 64 (854 x 480 -> 832 x 480, a 30 x 52 grid at patch 16), with cv2's bilinear (no antialias)."""
+    from dora.davis import davis_frame_size
+
+    assert davis_frame_size(854, 480, 480, 16) == (832, 480)
+    assert davis_frame_size(480, 854, 480, 16) == (480, 832)
+    assert davis_frame_size(500, 500, 480, 16) == (448, 480)  # square: DINO's else branch floors the width
+
+    def write(root, name, img):
+        for sub in ("JPEGImages", "Annotations"):
+            (root / sub / "480p" / name).mkdir(parents=True)
+        for t in range(3):
+            Image.fromarray(img).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=100, subsampling=0)
+            mask = np.zeros(img.shape[:2], np.uint8)
+            mask[: img.shape[0] // 2, : img.shape[1] // 2] = 1
+            Image.fromarray(mask, mode="P").save(root / "Annotations" / "480p" / name / f"{t:05d}.png")
+
+    seen = []
+
+    def record(x, patch=16):
+        seen.append(x)
+        return F.avg_pool2d(x, patch).flatten(2).transpose(1, 2)
+
+    root = tmp_path / "DAVIS480"
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("wide")
+    write(root, "wide", np.full((480, 854, 3), 100, np.uint8))
+    evaluate_davis(record, root, patch_size=16, short_side=480)
+    assert {tuple(x.shape) for x in seen} == {(1, 3, 480, 832)}
+
+    # an exact 2x reduction of columns 0, 0, 255, 255, ...: bilinear without antialias averages the pairs (0, 0) and
+    # (255, 255), so the columns stay 0 and 1; an antialiased filter would blur them towards 0.25 / 0.75
+    seen.clear()
+    root = tmp_path / "DAVIS2x"
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("stripes")
+    stripes = np.zeros((64, 128, 3), np.uint8)
+    stripes[:, (np.arange(128) // 2) % 2 == 1] = 255
+    write(root, "stripes", stripes)
+    evaluate_davis(lambda x: record(x, 4), root, patch_size=4, short_side=32, neighbourhood=0)
+    x = seen[0][0] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        3, 1, 1
+    )
+    assert x.shape == (3, 32, 64)
+    cols = x.mean(dim=(0, 1))
+    assert (cols[0::2] < 0.05).all() and (cols[1::2] > 0.95).all()

@@ -56,6 +56,29 @@ def test_dino_head_weight_norm():
     assert DINOHead(32, 10, 16, 8, norm_last_layer=False).last_layer.weight_g.requires_grad
 
 
+def test_dino_head_last_layer_keeps_the_default_linear_init():
+    """The reference DINOHead applies its trunc-normal (std 0.02) init before it builds the last layer, so v keeps
+    nn.Linear's default: uniform on [-1/sqrt(bottleneck), 1/sqrt(bottleneck)] (std 1/(8 sqrt 3) = 0.072 for 64),
+    which sets ||v|| and hence how fast AdamW turns the weight-normed directions. The MLP layers are trunc-normal."""
+    torch.manual_seed(0)
+    head = DINOHead(32, out_dim=4096, hidden_dim=16, bottleneck_dim=64)
+    v = head.last_layer.weight_v.detach()
+    assert v.abs().max() <= 1 / 8
+    assert v.std().item() == pytest.approx(1 / 8 / math.sqrt(3), rel=0.03)
+    assert head.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    torch.testing.assert_close(head.last_layer.weight_g.detach(), torch.ones(4096, 1))
+
+
+def test_backbone_cls_token_has_the_dino_init():
+    """The DINO / DoRA ViT draws its CLS token trunc-normal with std 0.02 (timm's default is N(0, 1e-6))."""
+    torch.manual_seed(0)
+    model = build_backbone("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=384, depth=1, num_heads=6)
+    cls = model.cls_token.detach()
+    # trunc_normal_(std=0.02) truncates at +-2 (absolute), so it is a plain N(0, 0.02^2) here; 384 draws: the
+    # estimated std is within ~4 % of 0.02 (1 sigma)
+    assert cls.std().item() == pytest.approx(0.02, rel=0.15)
+
+
 def test_load_legacy_checkpoint_with_prefixes(tmp_path, tiny_vit):
     src = build_backbone("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
     ckpt = {

@@ -127,6 +127,19 @@ def labels_to_mask(labels: torch.Tensor, grid: tuple[int, int], patch: int, size
     return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
 
 
+def davis_frame_size(width: int, height: int, short_side: int, patch_size: int) -> tuple[int, int]:
+    """(w, h) a DAVIS frame is resized to, DINO's ``read_frame`` rule: the shorter side (the height of a square frame)
+    becomes ``short_side``, the other is scaled with it and rounded down to a multiple of 64 (854 x 480 -> 832 x 480);
+    both are then multiples of ``patch_size`` (a side under 64 px, never at 480p, to a multiple of the patch)."""
+    short, long = (width, height) if height > width else (height, width)
+    s = int(short_side) // patch_size * patch_size
+    scaled = int(short_side * long / short)
+    scaled = scaled // 64 * 64 if scaled >= 64 else scaled // patch_size * patch_size
+    if s <= 0 or scaled <= 0:
+        raise ValueError(f"davis short_side={short_side} gives no {patch_size} px patch for {width} x {height} frames")
+    return (s, scaled) if height > width else (scaled, s)
+
+
 def read_davis_video(root: Path, video: str, resolution: str = "480p"):
     """Frame paths and the first-frame annotation (H, W) uint8 object ids of one DAVIS video."""
     frames = sorted((root / "JPEGImages" / resolution / video).glob("*.jpg"))
@@ -167,9 +180,11 @@ def evaluate_davis(
         feats, grid = [], None
         for fp in frames:
             img = Image.open(fp).convert("RGB")
-            s = short_side / min(img.size)
-            w, h = round(img.size[0] * s) // patch_size * patch_size, round(img.size[1] * s) // patch_size * patch_size
-            x = torch.from_numpy(np.array(img.resize((w, h), Image.BICUBIC))).permute(2, 0, 1).float() / 255
+            w, h = davis_frame_size(*img.size, short_side, patch_size)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().unsqueeze(0)
+            # DINO resizes with cv2's bilinear (half-pixel centres, no antialias) to uint8
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+            x = x[0].round().clamp(0, 255) / 255
             with torch.no_grad():
                 feats.append(patch_features(normalize(x).unsqueeze(0).to(device))[0].float())  # propagated there
             grid = (h // patch_size, w // patch_size)

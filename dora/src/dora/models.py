@@ -39,6 +39,8 @@ def build_backbone(
     )
     if not isinstance(model, VisionTransformer) or model.num_prefix_tokens != 1:
         raise ValueError(f"{name!r}: DoRA needs a timm VisionTransformer with a CLS token and no registers")
+    if not pretrained:  # the DINO / DoRA ViT's init of the CLS token (timm draws it from N(0, 1e-6))
+        nn.init.trunc_normal_(model.cls_token, std=0.02)
     return use_dino_interpolation(model)
 
 
@@ -106,12 +108,13 @@ class DINOHead(nn.Module):
 
 
 class WeightNormLinear(nn.Module):
-    """Bias-free linear layer with weight = g * v / ||v|| (row-wise), g initialised to 1."""
+    """Bias-free linear layer with weight = g * v / ||v|| (row-wise), g initialised to 1; v has nn.Linear's default
+    init (the reference builds this layer after applying its trunc-normal init to the MLP)."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         v = torch.empty(out_dim, in_dim)
-        nn.init.trunc_normal_(v, std=0.02)
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's: uniform on +-1/sqrt(in_dim)
         self.weight_v = nn.Parameter(v)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
