@@ -17,14 +17,20 @@ from counting.figures import save_density_figure
 from counting.inference import count_image
 from counting.metrics import SUBSETS, count_metrics, kendall_tau
 from counting.models import UnCounTR, build_model
+from counting.reference import REFERENCE_SUFFIXES, load_reference_model
 from counting.train import setup_logging
 
 log = logging.getLogger("counting")
 
 
-def load_trained_model(checkpoint: str | Path, model_config: str | Path | None = None) -> tuple[UnCounTR, dict]:
-    """Model + training config from a checkpoint directory (``state.json`` + ``model.safetensors``)."""
+def load_trained_model(
+    checkpoint: str | Path, model_config: str | Path | None = None, reference_args: str | Path | None = None
+) -> tuple[UnCounTR, dict]:
+    """Model + training config from a checkpoint directory (``state.json`` + ``model.safetensors``), or from the
+    official release's ``UnCounTRModel.pt`` (``.pt``/``.pth``: ``counting.reference``, with its ``args.pt``)."""
     checkpoint = Path(checkpoint)
+    if checkpoint.suffix in REFERENCE_SUFFIXES:
+        return load_reference_model(checkpoint, reference_args, model_config)
     if model_config is not None:
         cfg = load_yaml(model_config)
     else:
@@ -123,16 +129,18 @@ def main(argv: list[str] | None = None) -> dict:
     if rest:
         raise SystemExit(f"unexpected arguments {rest}; use key=value overrides (checkpoint=PATH ...)")
     if not ecfg["checkpoint"]:
-        raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory)")
+        raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory or UnCounTRModel.pt)")
     checkpoint = Path(ecfg["checkpoint"])
     splits = eval_splits(ecfg["dataset"], ecfg["splits"])
-    out = Path(ecfg["out"]) if ecfg["out"] else checkpoint.parent.parent / f"eval_{ecfg['dataset']}"
+    run_dir = checkpoint.parent if checkpoint.suffix in REFERENCE_SUFFIXES else checkpoint.parent.parent
+    out = Path(ecfg["out"]) if ecfg["out"] else run_dir / f"eval_{ecfg['dataset']}"
     device = torch.device(
         "cuda"
         if ecfg["device"] == "auto" and torch.cuda.is_available()
         else ("cpu" if ecfg["device"] == "auto" else ecfg["device"])
     )
-    model, cfg = load_trained_model(checkpoint, ecfg["model_config"])  # before ``out`` exists: a typo leaves nothing
+    # loaded before ``out`` exists: a typo leaves nothing behind
+    model, cfg = load_trained_model(checkpoint, ecfg["model_config"], ecfg["reference_args"])
     setup_logging(out)
     model.to(device)
     scaling = cfg["collage"]["density_scaling"]

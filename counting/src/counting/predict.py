@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="counting-predict", description=__doc__)
     parser.add_argument("image", type=Path)
     parser.add_argument("--boxes", type=parse_box, nargs="+", required=True, help="1-3 exemplar boxes x1,y1,x2,y2")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory of counting-train")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint directory of counting-train, or UnCounTRModel.pt"
+    )
     parser.add_argument("--model-config", type=Path, default=None, help="config for a bare model.safetensors")
+    parser.add_argument("--reference-args", type=Path, default=None, help="args.pt (default: beside UnCounTRModel.pt)")
     parser.add_argument("--out", type=Path, default=None, help="density overlay PNG (default <image>_density.png)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="original")
     parser.add_argument("--height", type=int, default=384, help="test height = sliding-window size")
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"give 1 to 3 exemplar boxes, got {len(args.boxes)}")
     if not args.image.is_file():
         raise SystemExit(f"image {args.image} not found")
-    model, cfg = load_trained_model(args.checkpoint, args.model_config)
+    model, cfg = load_trained_model(args.checkpoint, args.model_config, args.reference_args)
     image = load_rgb(args.image)
     boxes = torch.tensor(args.boxes)
     _, h, w = image.shape
