@@ -216,18 +216,26 @@ def from_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     """Rename official ShareLock weights to this package's names.
 
     `vision_projector.projection.<i>.*` -> `vision_head.layers.<i>.*` and `language_projector.projection.<i>.*` ->
-    `text_head.layers.<i>.*` (the Sequential indices are the same), e.g. the `state_dict` of the FunAILab/ShareLock
-    Lightning checkpoints once re-saved as safetensors."""
+    `text_head.layers.<i>.*` (the Sequential indices are the same), with or without a leading `model.`, e.g. the
+    `state_dict` of the FunAILab/ShareLock Lightning checkpoints (`sharelock-convert` reads those). Any other key is
+    an error naming it."""
     renames = {
         "vision_projector.projection.": "vision_head.layers.",
         "language_projector.projection.": "text_head.layers.",
     }
-    out = {}
+    out, unknown = {}, []
     for key, value in state_dict.items():
-        key = key.removeprefix("model.")
-        for old, new in renames.items():
-            if key.startswith(old):
-                out[new + key[len(old) :]] = value
+        name = key.removeprefix("model.")
+        old = next((old for old in renames if name.startswith(old)), None)
+        if old is None:
+            unknown.append(key)
+        else:
+            out[renames[old] + name[len(old) :]] = value
+    if unknown:
+        raise ValueError(
+            f"not ShareLock projection weights (vision_projector.projection.* / language_projector.projection.*): "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     return out
 
 
