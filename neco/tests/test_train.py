@@ -146,6 +146,17 @@ def test_config_errors():
             assert cfg["loss"]["mask"] == "all", name
 
 
+def test_released_configs_queue_switch_as_the_reference():
+    """train_with_neco.py passes is_queue_usable=False when the key is absent: the official DINOv2 configs set it
+    True, the DINO / Leopart / TimeT configs (small/neco_{dino,leopart,timetuning}.yml) do not have it."""
+    queue_on = ["dinov2_vits14", "dinov2r_vits14", "dinov2r_xr_vits14", "dinov2_vitb14", "dinov2r_vitb14"]
+    queue_on.append("dinov2r_xr_vitb14")
+    for name in queue_on:
+        assert load_config(["--config", name])["loss"]["use_queue"] is True, name
+    for name in ["dino_vits16", "leopart_vits16", "timetuning_vits16"]:
+        assert load_config(["--config", name])["loss"]["use_queue"] is False, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mask", ["all", "fg"])
 def test_two_processes_match_one_process(tmp_path, mask):
