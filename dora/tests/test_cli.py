@@ -35,6 +35,29 @@ def test_visualise_writes_png_and_mp4(tmp_path):
         )
 
 
+def test_visualise_lists_only_the_frames_it_draws(tmp_path, monkeypatch):
+    """A frame the source cannot decode is left out of the figure and of masks.json's frame list alike."""
+    from dora.synthetic import write_walking_video
+
+    video = write_walking_video(tmp_path / "walk.mp4", num_frames=30, size=48)
+    real_open = visualise.open_source
+
+    class DropsFrame10:
+        def __init__(self, source):
+            self.source, self.num_frames = source, source.num_frames
+
+        def read(self, idx):
+            return {i: f for i, f in self.source.read(idx).items() if i != 10}
+
+    monkeypatch.setattr(visualise, "open_source", lambda *a, **k: DropsFrame10(real_open(*a, **k)))
+    args = [f"video={video}", f"out_dir={tmp_path / 'vis'}", "size=32", "num_frames=3", "step=10", "num_objects=2"]
+    info = visualise.main(
+        args + ["model_overrides={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}"]
+    )
+    assert info["frames"] == [0, 20]
+    assert json.loads((tmp_path / "vis" / "masks.json").read_text())["frames"] == [0, 20]
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     metrics = demo.main(["--quick", "--out", str(tmp_path), "--seed", "3"])

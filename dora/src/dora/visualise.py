@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     if idx[-1] >= src.num_frames:
         raise ValueError(f"clip frames {idx[0]}..{idx[-1]} exceed the video's {src.num_frames} frames")
     got = src.read(idx)
-    frames = np.stack([got[i] for i in idx if i in got])
+    idx = [i for i in idx if i in got]  # frames the source could not decode (counted in its warning) are left out
+    if not idx:
+        raise ValueError(f"none of the clip's frames could be decoded from {cfg['video']}")
+    frames = np.stack([got[i] for i in idx])
     num_heads = model.blocks[-1].attn.num_heads
     heads = cfg["heads"] or choose_heads(num_heads, cfg["num_objects"], random.Random(cfg["seed"]))
     out_dir = Path(cfg["out_dir"])
