@@ -18,7 +18,7 @@ def photo(width=90, height=60):
 def test_timm_transform_uses_built_img_size():
     import timm
 
-    bb = build_backbone("timm:vit_small_patch16_224.dino", pretrained=False, img_size=64, **TINY_VIT)
+    bb = build_backbone("timm:vit_small_patch16_224.augreg_in1k", pretrained=False, img_size=64, **TINY_VIT)
     assert (bb.input_size, bb.resize_size, bb.interpolation) == (64, 71, "bicubic")  # crop_pct 0.9: floor(64 / 0.9)
     # timm's own eval transform at the overridden size, as an independent reference
     cfg = timm.data.resolve_data_config({"input_size": (3, 64, 64)}, model=bb.model)
@@ -26,6 +26,32 @@ def test_timm_transform_uses_built_img_size():
     ex = FUNGIExtractor(bb, objectives=("kl",), seed=0)
     assert torch.allclose(ex.transform(photo()), reference, atol=1e-5)
     assert ex([photo(), photo(50, 70)]).shape == (2, 96)
+
+
+def test_dino_and_dinov2_use_their_official_eval_transform_as_the_reference():
+    from torchvision import transforms as T
+
+    # the reference (src/models/dino.py, dinov2.py): Resize(256, bicubic), CenterCrop(224), ImageNet mean / std,
+    # where timm's data config would resize DINO to floor(224 / 0.9) = 248 and DINOv2 at 224 px to 224
+    reference = T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    tiny14 = {**TINY_VIT, "patch_size": 14, "dynamic_img_size": True}
+    for bb in (
+        build_backbone("timm:vit_base_patch16_224.dino", pretrained=False, **TINY_VIT),
+        build_backbone("timm:vit_base_patch14_dinov2.lvd142m", False, None, 224, **tiny14),
+    ):
+        assert (bb.input_size, bb.resize_size, bb.interpolation) == (224, 256, "bicubic")
+        image = photo(400, 300)
+        torch.testing.assert_close(FUNGIExtractor(bb, objectives=()).transform(image), reference(image))
+    # CLIP keeps timm's data config, as the reference's clip_vision.py (timm's create_transform): floor(224 / 0.9)
+    clip = build_backbone("timm:vit_base_patch16_clip_224.openai", pretrained=False, **TINY_VIT)
+    assert (clip.input_size, clip.resize_size) == (224, 248)
 
 
 def test_timm_model_kwargs_may_keep_a_head_as_the_reference_clip_models():
@@ -49,7 +75,8 @@ def test_timm_input_size_on_a_dynamic_vit_interpolates_like_dino():
     bb = build_backbone(
         "timm:vit_small_patch16_224.dino", False, None, 32, img_size=64, dynamic_img_size=True, **TINY_VIT
     )
-    assert isinstance(bb.model, DinoInterpolationViT) and (bb.input_size, bb.resize_size) == (32, 35)
+    # DINO's official crop_pct 0.875: floor(32 / 0.875)
+    assert isinstance(bb.model, DinoInterpolationViT) and (bb.input_size, bb.resize_size) == (32, 36)
     x = torch.randn(2, 3, 32, 32)
     m = bb.model
     grid = 32 // m.patch_embed.patch_size[0]

@@ -20,6 +20,11 @@ from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_
 log = logging.getLogger(__name__)
 # PIL resample codes used by Hugging Face image processors -> torchvision interpolation names
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# timm weight tags whose official evaluation transform the reference uses instead of timm's data config: DINO
+# (tag 'dino', timm crop_pct 0.9) and DINOv2 (tag 'lvd142m', timm crop_pct 1.0) are resized to 256 and center
+# cropped to 224 (the reference's src/models/dino.py and dinov2.py, from DINO's eval_knn.py and DINOv2's
+# make_classification_eval_transform): crop_pct 224 / 256
+OFFICIAL_CROP_PCT = {"dino": 0.875, "lvd142m": 0.875}
 
 
 @dataclass
@@ -115,9 +120,12 @@ def build_timm(
     """timm model by name (``num_classes=0`` -> pooled CLS embedding, unless ``num_classes`` is given); optional local
     checkpoint.
 
-    The transform runs the model at its built ``img_size``, or at ``input_size`` when given. A ViT built with
-    ``dynamic_img_size=True`` keeps its stored position table and interpolates it for other sizes as the official
-    DINO / DINOv2 code does (``use_dino_interpolation``): e.g. DINOv2's 518 px table at 224 px, as torch.hub's model.
+    The transform runs the model at its built ``img_size``, or at ``input_size`` when given, with timm's data config
+    (mean, std, interpolation, crop_pct), except the crop_pct of DINO and DINOv2 weights (``OFFICIAL_CROP_PCT``:
+    resize 256, crop 224 as their official evaluation and the reference, where timm would resize to 248 or 224).
+    A ViT built with ``dynamic_img_size=True`` keeps its stored position table and interpolates it for other sizes as
+    the official DINO / DINOv2 code does (``use_dino_interpolation``): e.g. DINOv2's 518 px table at 224 px, as
+    torch.hub's model.
     Other dynamic models (ViT subclasses such as distilled DeiT, non-square tables) keep timm's own resampling.
     """
     import timm
@@ -143,7 +151,8 @@ def build_timm(
             "model_kwargs={dynamic_img_size: true} (or img_size)"
         )
     size = _square(input_size) if input_size else built
-    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    crop_pct = OFFICIAL_CROP_PCT.get(tag) or float(cfg.get("crop_pct") or 0.875)
     return Backbone(
         freeze(model),
         input_size=size,
