@@ -168,7 +168,7 @@ def test_synthetic_zero_shot_split_queries_only_held_out_classes(tmp_path, write
     composer = dataset_from_cfg(cfg, zero_shot, "val").composer
     expected = []
     for i in range(3):
-        comp = composer.compose(i, HELD_OUT_EPOCH, fixed=False)
+        comp = composer.compose(i, HELD_OUT_EPOCH, fixed=True)  # 3 objects, as the reference's val loaders
         expected += [
             (n, [14.0 * b[0], 14.0 * b[1], 14.0 * (b[2] + 1), 14.0 * (b[3] + 1)])
             for n, b in zip(comp.names, comp.boxes)
@@ -231,3 +231,19 @@ def test_eval_images_are_resized_like_the_reference(tmp_path):
     got = load_image(ObjectQuery(path, "dog", [0, 0, 1, 1], "0"), 224)
     ref = TF.resize(Image.open(path).convert("RGB"), [224, 224])
     assert torch.equal(got, torch.from_numpy(np.asarray(ref, np.float32) / 255.0).permute(2, 0, 1))
+
+
+def test_held_out_synthetic_sets_paste_three_objects_per_image(tmp_path):
+    """The reference's val and zero-shot XPaste loaders are built with num_objects=3 and --num_objects_fixed, and its
+    UpdateDataLoaderCallback switches only `trainer.train_dataloader.dataset` to 1-3 objects: every held-out
+    composition (pin-eval `synthetic`, the validation inside pin-train) has exactly 3 objects, 3 queries per image."""
+    from collections import Counter
+
+    from pin.config import load_config
+    from pin.eval import synthetic_eval_queries
+
+    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "data.val_size=12"])
+    queries = synthetic_eval_queries(cfg, "synthetic")
+    per_image = Counter(q.image_id for q in queries)
+    assert len(per_image) == 12 and set(per_image.values()) == {3}
+    assert len(queries) == 36

@@ -94,9 +94,9 @@ def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path
 
     from pin import validation as val_mod
 
-    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "eval.batch_size=3"])
+    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "eval.batch_size=5"])
     validation = val_mod.SyntheticValidation(cfg, tmp_path)
-    assert len(validation.queries) % 3 and len(validation.queries) // 3 > 2
+    assert len(validation.queries) % 5 and len(validation.queries) // 5 > 2
     seen = []
 
     def record(vlm, codec, queries, size, *args):
@@ -118,7 +118,7 @@ def test_each_process_evaluates_whole_batches_of_the_single_process_run(tmp_path
         monkeypatch.setattr(accelerator, "split_between_processes", split)
         validation.run(None, codec_from_cfg(cfg), torch.nn.Identity(), accelerator, 0, 0)
     got = [[id(q) for q in queries[i : i + size]] for queries, size in seen for i in range(0, len(queries), size)]
-    single = [[id(q) for q in validation.queries[i : i + 3]] for i in range(0, len(validation.queries), 3)]
+    single = [[id(q) for q in validation.queries[i : i + 5]] for i in range(0, len(validation.queries), 5)]
     assert got == single
 
 

@@ -110,7 +110,7 @@ def run(out: Path, quick: bool) -> dict:
     own, shuffled = image_reliance(vlm, codec, next(_batches(check, len(check))))
 
     val = dataset_from_cfg(cfg, val_pool, "val", length=n_eval)
-    queries = synthetic_queries(val, n_eval)
+    queries = synthetic_queries(val, n_eval, fixed=False)  # 1-3 objects per image
     evals = {"frozen VLM, raw prompt": evaluate_queries(vlm, codec, queries, batch_size=16)}
 
     method = Method(vlm, "pin", cfg)

@@ -150,15 +150,19 @@ HELD_OUT_EPOCH = 10**6
 
 
 def synthetic_queries(
-    dataset: SyntheticCompositions, num_images: int, epoch: int = HELD_OUT_EPOCH
+    dataset: SyntheticCompositions, num_images: int, epoch: int = HELD_OUT_EPOCH, fixed: bool = True
 ) -> list[ObjectQuery]:
-    """Held-out compositions (1..3 objects, an epoch never used in training); every object is a query, prompted with
-    its phrase (its name, with referral words when they are on, as the reference's validation prompts)."""
+    """Held-out compositions (an epoch never used in training); every object is a query, prompted with its phrase
+    (its name, with referral words when they are on, as the reference's validation prompts).
+
+    `fixed` (default): exactly `composer.fixed_objects` objects per image (data.max_objects, 3), as the reference's
+    val and zero-shot loaders, which keep `num_objects_fixed` for the whole run (its epoch-40 callback changes only
+    the training loader); False: k ~ U{1..max_objects} (the CPU demo's protocol)."""
     out = []
     cell = dataset.composer.sampler.cell
     size = dataset.composer.sampler.image_size
     for i in range(num_images):
-        comp = dataset.composer.compose(i, epoch, fixed=False)
+        comp = dataset.composer.compose(i, epoch, fixed=fixed)
         for name, b in zip(comp.phrases, comp.boxes):
             box = [b[0] * cell, b[1] * cell, min((b[2] + 1) * cell, size), min((b[3] + 1) * cell, size)]
             out.append(ObjectQuery(comp.image, name, [float(v) for v in box], f"synthetic_{i}"))
