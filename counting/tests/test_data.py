@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from counting.collage import normalize
-from counting.data import MSO, mso_boxes
+from counting.data import CARPK, MSO, mso_boxes
 
 BOXES = np.array([[1.0, 2, 30, 40], [5, 6, 7, 8]])
 
@@ -87,3 +87,24 @@ def test_mso_images_are_resized_without_antialias(tmp_path, monkeypatch):
     plain = torch.nn.functional.interpolate(image[None], size=(384, 384), mode="bilinear", align_corners=False)[0]
     assert item["image"].shape == (3, 384, 384)
     assert torch.allclose(item["image"], normalize(plain), atol=1e-5)
+
+
+def test_carpk_images_are_resized_without_antialias(tmp_path):
+    """The reference's CARPK images go through ToTensor, then Resize((384, 384)) (``test_baselines``' transform,
+    the only evaluator wired to CARPK): a tensor resize, not antialiased in torchvision 0.14, as for MSO."""
+    for d in ("Images", "Annotations", "ImageSets"):
+        (tmp_path / d).mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(500, 900, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "Images" / "a.png")  # lossless: the decoded pixels are ``pixels``
+    (tmp_path / "Annotations" / "a.txt").write_text("100 50 190 140 1\n300 200 420 300 1\n")
+    (tmp_path / "ImageSets" / "test.txt").write_text("a\n")
+    item = CARPK(tmp_path)[0]
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+    plain = torch.nn.functional.interpolate(image[None], size=(384, 384), mode="bilinear", align_corners=False)[0]
+    assert item["image"].shape == (3, 384, 384)
+    assert torch.allclose(item["image"], normalize(plain), atol=1e-5)
+    # exemplar 0: rows int(50 * 384 / 500) .. int(140 * 384 / 500), cols int(100 * 384 / 900) .. int(190 * 384 / 900)
+    assert item["rects"][0].tolist() == [38, 42, 107, 81]
+    crop = normalize(plain)[:, 38:108, 42:82]
+    expected = torch.nn.functional.interpolate(crop[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(item["exemplars"][0], expected, atol=1e-5)

@@ -156,3 +156,31 @@ def test_sun397_train_backgrounds_are_all_images_but_the_test_list(tmp_path):
     rel = lambda pool: sorted(str(p.relative_to(tmp_path / "SUN397")) for p in pool.paths)  # noqa: E731
     assert rel(sun397_backgrounds(tmp_path)) == ["a/abbey/sun_a.jpg", "b/beach/sun_c.jpg"]
     assert rel(sun397_backgrounds(tmp_path, split="test")) == ["a/abbey/sun_b.jpg", "b/beach/sun_d.jpg"]
+
+
+def test_faiss_kmeans_uses_the_gpus_of_a_gpu_build(monkeypatch):
+    """faiss.Kmeans runs on the CPU unless given ``gpu``: with faiss-gpu installed (the ``faiss-gpu`` extra) and a
+    visible GPU, the k-means step used to stay on the CPU."""
+    import sys
+    import types
+
+    calls = []
+
+    class Kmeans:
+        def __init__(self, d, k, **kwargs):
+            calls.append(kwargs)
+            self.centroids = np.zeros((k, d), np.float32)
+            self.index = types.SimpleNamespace(search=lambda x, n: (None, np.zeros((len(x), 1), np.int64)))
+
+        def train(self, x):
+            pass
+
+    x = np.zeros((4, 2), np.float32)
+    gpu_build = types.SimpleNamespace(Kmeans=Kmeans, StandardGpuResources=object, get_num_gpus=lambda: 2)
+    monkeypatch.setitem(sys.modules, "faiss", gpu_build)
+    kmeans(x, 2, "faiss")
+    kmeans(x, 2, "faiss", gpu=False)  # counting-preprocess device=cpu
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(Kmeans=Kmeans))  # a CPU build
+    kmeans(x, 2, "faiss")
+    assert [c["gpu"] for c in calls] == [True, False, False]
+    assert calls[0]["niter"] == 25 and calls[0]["seed"] == 0

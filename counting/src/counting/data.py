@@ -153,9 +153,14 @@ class FSC147(CountingTestSet):
 class CARPK(CountingTestSet):
     """CARPK: ``<root>/{Images/*.png, Annotations/*.txt ("x1 y1 x2 y2 cls" per car), ImageSets/<split>.txt}``.
 
-    As in the reference's baseline evaluator: square 384 x 384 resize, the first 3 annotated cars as exemplars.
+    Images and exemplars as the reference's baseline evaluator (its only CARPK path): square 384 x 384 resize, the
+    first 3 annotated cars as exemplars; counted with the same protocol as FSC-147 (windows, tiling, normalisation).
     Images with an empty annotation file have no exemplars to count with: they are skipped (logged), as MSO's.
+    Resized without antialias: the reference's CARPK transform is ToTensor then Resize, a tensor resize (torchvision
+    0.14 did not antialias tensors), as for MSO.
     """
+
+    antialias = False
 
     def __init__(self, root: str | Path, split: str = "test", **kwargs):
         kwargs.setdefault("fixed", True)

@@ -201,8 +201,11 @@ def run_masks(cfg: dict) -> Path:
     return out
 
 
-def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, iters: int = 25):
-    """(assignments (N,), centroids (k, D)) of k-means on float32 features; faiss or scikit-learn."""
+def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, iters: int = 25, gpu: bool = True):
+    """(assignments (N,), centroids (k, D)) of k-means on float32 features; faiss or scikit-learn.
+
+    A GPU build of faiss runs on every visible GPU (faiss.Kmeans stays on the CPU unless told); ``gpu=False`` keeps
+    it on the CPU."""
     if backend in ("auto", "faiss"):
         try:
             import faiss
@@ -210,7 +213,8 @@ def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, i
             if backend == "faiss":
                 raise ImportError("kmeans_backend=faiss needs `pip install funai-counting[faiss-cpu]`") from None
         else:
-            model = faiss.Kmeans(features.shape[1], k, niter=iters, seed=seed, verbose=False)
+            use_gpu = gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+            model = faiss.Kmeans(features.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=use_gpu)
             model.train(np.ascontiguousarray(features, dtype=np.float32))
             _, labels = model.index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
             return labels[:, 0].astype(np.int64), model.centroids
@@ -258,7 +262,9 @@ def run_clusters(cfg: dict) -> Path:
     if k > len(features):
         raise ValueError(f"num_clusters={k} exceeds the number of pool images ({len(features)})")
     log.info("k-means: %d features x %d dims into %d clusters", *features.shape, k)
-    labels, centroids = kmeans(features, k, cfg["kmeans_backend"], cfg["kmeans_seed"], cfg["kmeans_iters"])
+    labels, centroids = kmeans(
+        features, k, cfg["kmeans_backend"], cfg["kmeans_seed"], cfg["kmeans_iters"], gpu=cfg["device"] != "cpu"
+    )
     out = Path(cfg["clusters"])
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k_: str(cfg[k_]) for k_ in ("backbone", "num_clusters", "kmeans_backend", "kmeans_seed", "input_size")}
