@@ -119,6 +119,22 @@ def test_image_folders(tmp_path):
         ImageDirectory(tmp_path / "train" / "cat", extensions=(".jpg",))
 
 
+def test_image_directory_follows_symlinked_folders_as_image_folder_does(tmp_path):
+    # a tree of links to class folders (an ImageNet-100 subset, a COCO mirror): torchvision's ImageFolder (os.walk
+    # with followlinks=True) finds the images below a linked folder, so the unlabelled loader must too
+    _image(tmp_path / "store" / "n01" / "a.JPEG")
+    _image(tmp_path / "store" / "b.jpg")
+    (tmp_path / "tree" / "plain").mkdir(parents=True)
+    _image(tmp_path / "tree" / "plain" / "c.png")
+    (tmp_path / "tree" / "n01").symlink_to(tmp_path / "store" / "n01", target_is_directory=True)
+    (tmp_path / "tree" / "b.jpg").symlink_to(tmp_path / "store" / "b.jpg")
+    found = ImageDirectory(tmp_path / "tree").paths
+    assert [p.relative_to(tmp_path / "tree").as_posix() for p in found] == ["b.jpg", "n01/a.JPEG", "plain/c.png"]
+    (tmp_path / "labelled" / "x").mkdir(parents=True)
+    (tmp_path / "labelled" / "x" / "n01").symlink_to(tmp_path / "store" / "n01", target_is_directory=True)
+    assert len(ImageFolderDataset(tmp_path / "labelled")) == 1  # the labelled loader already follows links
+
+
 def test_synthetic_classification_labels_follow_the_dominant_class():
     seg = SyntheticSegmentation(num_images=5, image_size=32, num_classes=4, seed=3, cell=8)
     cls = SyntheticClassification(seg)

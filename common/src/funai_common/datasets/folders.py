@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,11 +41,18 @@ class ImageFolderDataset(ImageFolder):
 
 
 class ImageDirectory(Dataset):
-    """Every image below ``root`` (recursive, sorted), unlabelled: yields the (transformed) image only."""
+    """Every image below ``root`` (recursive, sorted; linked folders are followed), unlabelled: yields the
+    (transformed) image only."""
 
     def __init__(self, root, transform=None, extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
         root = require(Path(root), "a folder of images, e.g. coco/images/train2017/*.jpg")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions)
+        # os.walk(followlinks=True) as torchvision's ImageFolder: Path.rglob skips linked folders before Python 3.13
+        self.paths = sorted(
+            Path(folder, name)
+            for folder, _, names in os.walk(root, followlinks=True)
+            for name in names
+            if Path(name).suffix.lower() in extensions
+        )
         if not self.paths:
             raise FileNotFoundError(f"no images with extensions {extensions} found below {root}")
         self.transform = transform
