@@ -142,10 +142,8 @@ def _evaluator(feature_fn, **kw):
         num_classes=4,
         patch_size=8,
         input_size=64,
-        augmentation_epochs=1,
-        batch_size=4,
         progress=False,
-        **kw,
+        **{"augmentation_epochs": 1, "batch_size": 4, **kw},
     )
 
 
@@ -195,6 +193,21 @@ def test_memory_features_are_kept_only_on_request():
     plain = _evaluator(fn, memory_size=100)
     plain.build_memory()
     assert plain.memory_features is None
+
+
+@pytest.mark.parametrize("memory_size", [100, None])
+def test_memory_does_not_depend_on_the_batch_split(memory_size):
+    """The rows of every batch land in order in one buffer: batches of 3 (a partial last one) and 2 augmentation
+    epochs give the same memory as one batch of all 8 images (the draws come from one generator in the same order)."""
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    whole, split = (
+        _evaluator(fn, memory_size=memory_size, keep_memory_features=True, augmentation_epochs=2, batch_size=b)
+        for b in (8, 3)
+    )
+    (_, labels_whole), (_, labels_split) = whole.build_memory(), split.build_memory()
+    rows = 96 if memory_size else 2 * 8 * 64  # 100 // (8 images x 2 epochs) = 6 per image; else every patch
+    assert len(whole.memory_features) == rows and torch.equal(whole.memory_features, split.memory_features)
+    assert torch.equal(labels_whole, labels_split)
 
 
 def test_float16_bank_equals_a_float32_search_of_the_rounded_memory():
