@@ -270,3 +270,17 @@ def test_hf_datasets_without_the_optional_package_say_how_to_install_it(tmp_path
     with pytest.raises(SystemExit, match=r"sharelock-features: error: .*pip install 'funai-sharelock\[hf\]'"):
         precompute.cli()
     assert not (tmp_path / "store").exists()
+
+
+def test_captions_json_with_several_captions_per_id_is_refused(tmp_path):
+    """A JSON value that is a list (e.g. COCO's five captions per image) must not become the caption string
+    "['one', 'uno']": the caption of an id is one string; several captions go in several caption files."""
+    (tmp_path / "multi.json").write_text(json.dumps({"a.png": "one", "b.png": ["two", "dos"]}))
+    with pytest.raises(ValueError, match=r"b\.png.*one caption file per caption"):
+        read_captions(tmp_path / "multi.json")
+    (tmp_path / "recs.json").write_text(json.dumps([{"image": "a.png", "caption": ["one", "uno"]}]))
+    with pytest.raises(ValueError, match=r"a\.png.*one caption file per caption"):
+        read_captions(tmp_path / "recs.json")
+    (tmp_path / "nested.json").write_text(json.dumps({"a.png": {"caption": "one"}}))
+    with pytest.raises(ValueError, match=r"a\.png"):
+        read_captions(tmp_path / "nested.json")

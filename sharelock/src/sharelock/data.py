@@ -129,7 +129,15 @@ def read_captions(path: str | Path) -> dict[str, str]:
             if isinstance(data, dict)
             else ((_pick(r, ID_COLS, path), _pick(r, CAP_COLS, path)) for r in data)
         )
-        return {str(k): str(v) for k, v in records}
+        captions = {}
+        for k, v in records:
+            if isinstance(v, list | tuple | dict):  # str() would encode "['a dog', 'a cat']" as the caption
+                raise ValueError(
+                    f"{path}: the caption of {k!r} is a {type(v).__name__}, not a string: give one caption per id "
+                    "(several captions per image: one caption file per caption, each its own caption store)"
+                )
+            captions[str(k)] = str(v)
+        return captions
     if path.suffix.lower() in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is dropped
             rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
