@@ -247,3 +247,27 @@ def test_held_out_synthetic_sets_paste_three_objects_per_image(tmp_path):
     per_image = Counter(q.image_id for q in queries)
     assert len(per_image) == 12 and set(per_image.values()) == {3}
     assert len(queries) == 36
+
+
+def test_unloadable_model_or_missing_optional_package_is_a_one_line_error(tmp_path, monkeypatch):
+    """A model.name that is neither a folder nor a loadable id, and kind=openflamingo without open_flamingo, end the
+    console script with one line naming the cause, not a traceback."""
+    import sys
+
+    from pin import eval as eval_mod
+
+    base = ["pin-eval", "--config", "tiny", f"out_dir={tmp_path}", "method=raw"]
+    missing = tmp_path / "no" / "blip2"
+    monkeypatch.setattr(sys, "argv", base + [f"model.name={missing}"])
+    with pytest.raises(SystemExit) as exc:
+        eval_mod.cli()
+    message = str(exc.value.code)
+    assert message.startswith(f"pin-eval: error: model.name='{missing}' is neither a local checkpoint folder")
+    assert "\n" not in message
+    monkeypatch.setitem(sys.modules, "open_flamingo", None)  # import fails as when the package is not installed
+    monkeypatch.setattr(sys, "argv", base + ["model.kind=openflamingo", f"model.name={tmp_path / 'of.pt'}"])
+    with pytest.raises(SystemExit) as exc:
+        eval_mod.cli()
+    assert str(exc.value.code) == "pin-eval: error: kind=openflamingo needs the optional package: pip install " + (
+        "'funai-pin[openflamingo]'"
+    )

@@ -142,3 +142,20 @@ def test_checkpoint_folder_is_replaced_without_a_window_where_neither_exists(tmp
     with pytest.raises(FileNotFoundError):
         replace_dir(tmp_path / "missing", target)
     assert (tmp_path / ".old_step_0000004" / "w").read_text() == "new"
+
+
+def test_bad_data_or_resume_path_fails_before_the_vlm_is_built(tmp_path, monkeypatch):
+    """pin-train reads its data and finds the checkpoint to resume before it builds (or downloads) the VLM."""
+
+    def no_vlm(_cfg):
+        raise AssertionError("the VLM was built before the bad path was noticed")
+
+    monkeypatch.setattr(train_mod, "vlm_from_cfg", no_vlm)
+    base = ["--config", "tiny", f"out_dir={tmp_path}"]
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=f"object pool {missing} not found"):
+        train_mod.main(base + [f"data.objects={missing}"])
+    with pytest.raises(FileNotFoundError, match=f"background folder {missing} not found"):
+        train_mod.main(base + [f"data.backgrounds={missing}"])
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        train_mod.main(base + ["--resume", "latest"])

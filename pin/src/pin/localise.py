@@ -53,7 +53,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:  # ImportError: an optional package
         raise SystemExit(f"pin-localise: error: {err}") from None
 
 

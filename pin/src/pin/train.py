@@ -51,6 +51,20 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     torch.manual_seed(cfg["seed"])
 
     codec = codec_from_cfg(cfg)
+    # the data (pools, backgrounds, validation sets) is read before the VLM is built or downloaded, so a bad path
+    # fails in seconds; building it draws nothing from the global RNG, so the trajectory is unchanged
+    train_pool, _, _ = pools_from_cfg(cfg)
+    dataset = dataset_from_cfg(cfg, train_pool, "train")
+    steps_per_epoch = len(dataset) // (t["batch_size"] * accelerator.num_processes)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.train_size={len(dataset)} is smaller than one global batch")
+    total = (
+        t["epochs"] * steps_per_epoch if t["max_steps"] is None else min(t["max_steps"], t["epochs"] * steps_per_epoch)
+    )
+
+    val_every = t.get("val_every_epochs")
+    validation = SyntheticValidation(cfg, run_dir) if val_every else None
+    ckpt = find_checkpoint(run_dir, resume) if resume else None
     vlm = vlm_from_cfg(cfg)
     vlm.model.to(accelerator.device)
     method = Method(vlm, cfg["method"], cfg).to(accelerator.device)
@@ -68,22 +82,10 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     optimizer = accelerator.prepare_optimizer(
         torch.optim.Adam(params, lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"])
     )
-    train_pool, _, _ = pools_from_cfg(cfg)
-    dataset = dataset_from_cfg(cfg, train_pool, "train")
-    steps_per_epoch = len(dataset) // (t["batch_size"] * accelerator.num_processes)
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.train_size={len(dataset)} is smaller than one global batch")
-    total = (
-        t["epochs"] * steps_per_epoch if t["max_steps"] is None else min(t["max_steps"], t["epochs"] * steps_per_epoch)
-    )
-
-    val_every = t.get("val_every_epochs")
-    validation = SyntheticValidation(cfg, run_dir) if val_every else None
     history: list[dict] = []
 
     step = 0
-    if resume:
-        ckpt = find_checkpoint(run_dir, resume)
+    if ckpt is not None:
         state, tensors = load_state(ckpt)
         method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()})
         load_optimizer(optimizer, state["optimizer"], {k: v for k, v in tensors.items() if not k.startswith("rng.")})
@@ -184,7 +186,7 @@ def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:  # ImportError: an optional package
         raise SystemExit(f"pin-train: error: {err}") from None
 
 

@@ -265,8 +265,14 @@ def build_vlm(
         raise ValueError(f"unknown VLM kind {kind!r}; expected one of {sorted(classes)} or openflamingo")
     import transformers
 
-    model = getattr(transformers, classes[kind]).from_pretrained(name, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        model = getattr(transformers, classes[kind]).from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as err:  # a missing folder, a misspelt id, or offline without a cached copy: one line, not a trace
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(
+            f"model.name={name!r} is neither a local checkpoint folder nor a Hugging Face id available here ({reason})"
+        ) from err
     if kind == "blip2" and model.config.image_token_index is None:
         raise ValueError(f"{name}: BLIP-2 config has no image_token_index; use a checkpoint revision that has one")
     size = image_size or model.config.vision_config.image_size
