@@ -35,6 +35,17 @@ def test_visualise_writes_png_and_mp4(tmp_path):
         )
 
 
+def test_visualise_bad_heads_is_a_clear_error(tmp_path):
+    from dora.synthetic import write_walking_video
+
+    video = write_walking_video(tmp_path / "walk.mp4", num_frames=30, size=48)
+    args = [f"video={video}", f"out_dir={tmp_path / 'vis'}", "size=32", "num_frames=2", "step=10"]
+    args.append("model_overrides={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}")
+    for heads in ("[7]", "3"):
+        with pytest.raises(ValueError, match=r"heads=.*expected a list of head indices in 0..3"):
+            visualise.main([*args, f"heads={heads}"])
+
+
 def test_visualise_lists_only_the_frames_it_draws(tmp_path, monkeypatch):
     """A frame the source cannot decode is left out of the figure and of masks.json's frame list alike."""
     from dora.synthetic import write_walking_video
@@ -90,3 +101,13 @@ def test_help_prints_keys_and_exits_0(flag, capsys):
         assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "default config: wt_venice.yaml" in out and "shipped configs:" in out
+
+
+def test_help_lists_the_keys_of_the_config_given(capsys):
+    from dora import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", "tiny", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "default config: tiny" in out and "name = 'tiny'" in out and "out_dim = 64" in out

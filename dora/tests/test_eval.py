@@ -151,6 +151,14 @@ def test_feature_helpers(tiny_vit):
     assert dora_eval.patch_features(tiny_vit, x).shape == (2, 16, 32)
 
 
+def test_eval_bad_device_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="device='gpu': expected auto, cpu, cuda"):
+        dora_eval.main([f"out_dir={tmp_path / 'o'}", "device=gpu", "tasks=[]"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA device"):
+        dora_eval.main([f"out_dir={tmp_path / 'o'}", "device=cuda", "tasks=[]"])
+
+
 def test_eval_refuses_train_and_val_with_different_class_folders(tmp_path):
     for split, classes in (("train", "abc"), ("val", "ac")):  # val's "c" would be label 1, train's "b"
         for c in classes:

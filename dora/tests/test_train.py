@@ -154,6 +154,20 @@ def test_bad_config_and_inputs(tmp_path):
     assert cfg["optim"]["lr"] == 1e-4 and cfg["data"]["step"] == 5
 
 
+def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
+    """A bare string for a list key (read letter by letter before), a string for a number, a scalar for a section."""
+    with pytest.raises(ValueError, match=r"data.videos='Venice.mp4': expected a list, e.g. data.videos=\[Venice.mp4\]"):
+        load_config(["--config", "tiny", "data.videos=Venice.mp4"])
+    with pytest.raises(ValueError, match="data.batch_size_per_gpu='abc': expected a number"):
+        load_config(["--config", "tiny", "data.batch_size_per_gpu=abc"])
+    with pytest.raises(ValueError, match="data=3: data is a section"):
+        load_config(["--config", "tiny", "data=3"])
+    with pytest.raises(ValueError, match="tasks='knn': expected a list"):
+        load_config(["tasks=knn"], default="eval.yaml")
+    cfg = load_config(["--config", "tiny", "augment.global_blur_p=[1.0, 0.1]", "optim.max_steps=3", "resume=latest"])
+    assert cfg["augment"]["global_blur_p"] == [1.0, 0.1] and cfg["optim"]["max_steps"] == 3
+
+
 def test_config_yaml_quirks(tmp_path):
     """YAML 1.1 reads ``no`` as False and ``1e-3`` as a string, in files as on the command line."""
     from dora.config import config_path

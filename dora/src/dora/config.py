@@ -40,14 +40,29 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _check_kind(dotted: str, old: Any, value: Any) -> None:
+    """Refuse an override that cannot mean what the key holds: a scalar for a whole section, a bare string for a
+    list (``tasks=knn`` would read as the letters k, n, n) or a string for a number."""
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ValueError(
+            f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
+        )
+    if isinstance(old, list) and isinstance(value, str):
+        raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
+        raise ValueError(f"{dotted}={value!r}: expected a number")
+
+
 def set_key(cfg: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict; unknown keys raise a KeyError listing the valid keys."""
+    """Set ``a.b.c`` in a nested dict; unknown keys raise a KeyError listing the valid keys, an override of the
+    wrong kind (see ``_check_kind``) a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(_flat_keys(cfg))}")
         if i == len(parts) - 1:
+            _check_kind(dotted, node[part], value)
             node[part] = value
         else:
             node = node[part]
@@ -117,7 +132,8 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
 
 
 def print_help(default: str) -> None:
-    """Print the usage, the shipped configs and every key of config ``default`` with its value."""
+    """Print the usage, the shipped configs and every key of config ``default`` (the one ``--config`` names, else
+    the script's default) with its value."""
     with open(config_path(default)) as f:
         cfg = yaml.load(f, Loader=ConfigLoader) or {}
     names = sorted(p.stem for p in Path(str(resources.files("dora") / "configs")).glob("*.yaml"))
@@ -139,7 +155,8 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     """
     argv = list(argv or [])
     if "--help" in argv or "-h" in argv:
-        print_help(default)
+        config, _ = parse_overrides([a for a in argv if a not in ("--help", "-h")])
+        print_help(config or default)
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
     with open(config_path(config or default)) as f:

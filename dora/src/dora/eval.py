@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; expected knn, linear, davis")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg['device']!r} but torch sees no CUDA device; use device=auto or device=cpu")
     model = load_eval_backbone(cfg).to(device)
     metrics: dict = {"checkpoint": str(cfg["checkpoint"]), "arch": cfg["arch"]}
     rows: list[tuple[str, str, float]] = []

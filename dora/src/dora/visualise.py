@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"none of the clip's frames could be decoded from {cfg['video']}")
     frames = np.stack([got[i] for i in idx])
     num_heads = model.blocks[-1].attn.num_heads
-    heads = cfg["heads"] or choose_heads(num_heads, cfg["num_objects"], random.Random(cfg["seed"]))
+    heads = cfg["heads"]
+    if heads is not None and (
+        not isinstance(heads, list) or not all(isinstance(h, int) and 0 <= h < num_heads for h in heads)
+    ):
+        raise ValueError(f"heads={heads!r}: expected a list of head indices in 0..{num_heads - 1}, e.g. heads=[0, 2]")
+    heads = heads or choose_heads(num_heads, cfg["num_objects"], random.Random(cfg["seed"]))
     out_dir = Path(cfg["out_dir"])
     masks = visualise(model, frames, out_dir, cfg["size"], heads, cfg["fps"])
     info = {"heads": heads, "frames": idx, "mask_fraction": masks.mean(dim=(1, 2, 3)).tolist()}
