@@ -20,3 +20,19 @@ def test_mixed_precision_no_stays_the_string_accelerate_expects():
     cfg = load_config(["mixed_precision=no", "data.in_memory=no"], "default")
     assert cfg["mixed_precision"] == "no" and cfg["data"]["in_memory"] is False
     assert load_config(["mixed_precision=bf16"], "default")["mixed_precision"] == "bf16"
+
+
+def test_malformed_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_it(tmp_path):
+    import pytest
+
+    from sharelock.config import load_config
+
+    with pytest.raises(ValueError, match=r"data\.datasets: '\[\{vision: /a, text: \[/b\]' is not valid YAML"):
+        load_config(["data.datasets=[{vision: /a, text: [/b]"], "default")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noptim: {lr: 1\n")
+    with pytest.raises(ValueError, match=r"config file .*bad\.yaml is not valid YAML: .*line 3"):
+        load_config(["--config", str(bad)], "default")
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match=r"config file .*bad\.yaml must hold a mapping of keys to values, not a list"):
+        load_config(["--config", str(bad)], "default")

@@ -139,6 +139,19 @@ def test_split_missing_ids_and_config_errors(stores, tmp_path):
         train.main(tiny_args(stores, tmp_path / "x", "data.datasets=[{vision: /nonexistent, text: /nonexistent}]"))
 
 
+def test_malformed_dataset_entries_are_errors_naming_the_entry(stores):
+    with pytest.raises(
+        ValueError, match=r"data\.datasets\[0\] lacks 'vision' \(expected vision, text; got \['text', 'vison'\]"
+    ):
+        StorePairs([{"vison": str(stores / "v"), "text": [str(stores / "t0")]}])
+    with pytest.raises(ValueError, match=r"data\.datasets\[1\] lacks 'text'"):
+        StorePairs([{"vision": str(stores / "v"), "text": str(stores / "t0")}, {"vision": str(stores / "v")}])
+    with pytest.raises(
+        ValueError, match=r"data\.datasets must be a list of \{vision: STORE, text: \[STORES\]\}, got '/x'"
+    ):
+        StorePairs("/x")
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_keys_and_exits_0(flag, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -25,6 +25,25 @@ def parse_value(raw: str) -> Any:
     return yaml.load(raw, Loader=ConfigLoader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: the problem and where (PyYAML's message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _read_config(path: Path) -> dict:
+    """A YAML config file as a dict; invalid YAML or a top level that is not a mapping is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            cfg = yaml.load(f, Loader=ConfigLoader) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, not a {type(cfg).__name__}")
+    return cfg
+
+
 def _packaged(name: str) -> Path:
     return Path(str(resources.files("sharelock") / "configs" / f"{name}.yaml"))
 
@@ -108,7 +127,10 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
         if key == "config":
             config_path = raw
         else:
-            pairs.append((key, parse_value(raw) if raw != "" else None))
+            try:
+                pairs.append((key, parse_value(raw) if raw != "" else None))
+            except yaml.YAMLError as err:
+                raise ValueError(f"{key}: {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
         i += 1
     return config_path, pairs
 
@@ -124,8 +146,7 @@ def load_config(argv: list[str] | None, default: str) -> dict:
         raise SystemExit(0)
     config_path, pairs = parse_overrides(argv)
     path = resolve_config_path(config_path) if config_path else default_config_path(default)
-    with open(path) as f:
-        cfg = yaml.load(f, Loader=ConfigLoader) or {}
+    cfg = _read_config(path)
     if config_path:
         # user configs may omit keys: start from the packaged defaults so every key exists
         with open(default_config_path(default)) as f:

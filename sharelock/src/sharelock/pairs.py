@@ -19,6 +19,14 @@ class StorePairs:
     def __init__(self, datasets: Sequence[dict], in_memory: bool = False) -> None:
         if not datasets:
             raise ValueError("data.datasets is empty: give at least one {vision: STORE, text: [STORES]}")
+        if isinstance(datasets, str | dict):
+            raise ValueError(f"data.datasets must be a list of {{vision: STORE, text: [STORES]}}, got {datasets!r}")
+        for d, spec in enumerate(datasets):
+            if not isinstance(spec, dict):
+                raise ValueError(f"data.datasets[{d}] must be {{vision: STORE, text: [STORES]}}, got {spec!r}")
+            for key in ("vision", "text"):
+                if key not in spec:
+                    raise ValueError(f"data.datasets[{d}] lacks {key!r} (expected vision, text; got {sorted(spec)})")
         self.vision: list[FeatureStore] = []
         self.texts: list[list[FeatureStore]] = []
         ds_of, vrows, trows = [], [], []
