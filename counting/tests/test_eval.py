@@ -169,6 +169,23 @@ def test_eval_main_end_to_end(checkpoint, fsc_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_single_split_figure_name_and_bad_values(checkpoint, fsc_root, tmp_path, monkeypatch):
+    args = [f"checkpoint={checkpoint}", f"root={fsc_root}", "target_height=64", "window=64", "stride=32"]
+    out = tmp_path / "eval"
+    # splits=test and figures=c.jpg are one split and one image (not the letters of a string, nor a substring)
+    results = eval_main([*args, "splits=test", "figures=c.jpg", f"out={out}"])
+    assert set(results) == {"test"} and sorted(p.name for p in (out / "figures" / "test").iterdir()) == ["c.png"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device; expected auto, cpu, cuda"):
+        eval_main([*args, "device=gpu", f"out={tmp_path / 'gpu'}"])
+    with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available"):
+        eval_main([*args, "device=cuda", f"out={tmp_path / 'cuda'}"])
+    with pytest.raises(ValueError, match="window 60x60 px is not a multiple of the model's patch size 8"):
+        eval_main([*args[:2], "target_height=60", "window=60", f"out={tmp_path / 'w'}"])
+    with pytest.raises(ValueError, match="stride must be a positive number of pixels, got 0"):
+        eval_main([*args[:4], "stride=0", f"out={tmp_path / 's'}"])
+
+
 def test_predict_main(checkpoint, tmp_path, capsys):
     path = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
@@ -180,6 +197,8 @@ def test_predict_main(checkpoint, tmp_path, capsys):
         predict_main([str(path), "--boxes", "5,5,2,2", "--checkpoint", str(checkpoint)])
     with pytest.raises(SystemExit, match="outside"):
         predict_main([str(path), "--boxes", "5,5,200,20", "--checkpoint", str(checkpoint), "--height", "64"])
+    with pytest.raises(ValueError, match="window 60x60 px is not a multiple of the model's patch size 8"):
+        predict_main(args + ["--height", "60"])
 
 
 def test_fsc147_dot_map_follows_each_axis_of_the_resize(tmp_path):

@@ -52,6 +52,8 @@ def test_narrow_image_is_padded():
 def test_wrong_height_is_an_error():
     with pytest.raises(ValueError, match="height"):
         sliding_window(lambda x: x[:, 0], torch.zeros(1, 3, 20, 30), window=24)
+    with pytest.raises(ValueError, match="stride must be a positive number of pixels, got 0"):
+        sliding_window(lambda x: x[:, 0], torch.zeros(1, 3, 24, 30), window=24, stride=0)
 
 
 def test_tiles_cover_grid_with_remainder():

@@ -111,6 +111,16 @@ def test_bad_step_and_missing_files(tmp_path):
         main(["masks", f"image_root={tmp_path / 'none'}"])
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "device='gpu' is not a device"), ("cuda:0", "device='cuda:0' but CUDA is not available")],
+)
+def test_bad_device_is_named(image_root, tmp_path, device, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        main(["masks", *common_args(image_root, tmp_path), f"device={device}"])
+
+
 def test_resume_refuses_shards_made_with_other_settings(image_root, tmp_path):
     args = common_args(image_root, tmp_path)
     main(["all", *args])

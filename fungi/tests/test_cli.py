@@ -86,6 +86,35 @@ def test_config_errors_and_overrides():
         eval.main(["features=x.safetensors", "protocols=[knn,svm]"])
 
 
+def test_command_line_mistakes_are_clear_errors(monkeypatch):
+    """Mistakes a user makes on the command line: one ValueError naming the bad value, not a KeyError or traceback."""
+    from fungi.models import build_timm
+    from fungi.runs import resolve_device
+
+    with pytest.raises(ValueError, match=r"unknown objectives \['foo'\]"):
+        extract.main(["--config", "tiny", "objectives=[kl,foo]", "run_dir=unused"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        resolve_device("gpu")
+    # YAML reads {img_size:32} as a key 'img_size:32' without value: it was silently ignored by timm
+    with pytest.raises(ValueError, match="'img_size:32' has no value"):
+        parse_overrides(["model_kwargs={img_size:32}"])
+    with pytest.raises(ValueError, match="dynamic_img_sise"):
+        build_timm("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, dynamic_img_sise=True)
+
+
+def test_free_form_mappings_take_new_keys_after_a_config_filled_them():
+    """`--config tiny` fills model_kwargs; a further model_kwargs key is still a model argument, not an unknown key."""
+    cfg = resolve(["--config", "tiny", "model_kwargs.dynamic_img_size=true"], extract.DEFAULTS, None)
+    assert cfg["model_kwargs"] == {
+        "img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "dynamic_img_size": True
+    }  # fmt: skip
+    with pytest.raises(KeyError, match="dino.latentdim"):  # fixed sections stay strict
+        resolve(["--config", "tiny", "dino.latentdim=3"], extract.DEFAULTS, None)
+
+
 def test_knn_protocol_matches_brute_force_and_few_shot():
     gen = torch.Generator().manual_seed(0)
     train, test = torch.randn(30, 5, generator=gen), torch.randn(7, 5, generator=gen)

@@ -55,3 +55,9 @@ def test_train_limit_draws_a_seeded_random_subset_as_the_reference():
 def test_hummingbird_cli_unavailable_weights_name_the_model(tmp_path, offline_hub):
     with pytest.raises(FileNotFoundError, match="pretrained weights of model=timm:vit_small_patch16_224 not available"):
         hummingbird.main(["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "pretrained=true"])
+
+
+def test_dataset_kwargs_of_another_dataset_are_a_clear_error():
+    cfg = dict(hummingbird.DEFAULTS, dataset="ade20k", data_dir="unused", dataset_kwargs={"num_images": 8})
+    with pytest.raises(ValueError, match=r"dataset_kwargs=\{'num_images': 8\} do not apply to dataset='ade20k'"):
+        hummingbird.build_datasets(cfg)

@@ -63,6 +63,13 @@ def test_dataset_errors(tmp_path):
         build_image_dataset({"dataset": "imagenet", "root": str(tmp_path)})
 
 
+@pytest.mark.parametrize("name", ["coco", "imagenet", "imagenet100", "voc", "folder"])
+def test_dataset_without_root_is_a_clear_error(name):
+    # `neco-train --config tiny data.dataset=coco` (tiny.yaml has data.root: null) was a TypeError from os.path.join
+    with pytest.raises(ValueError, match=f"data.dataset='{name}' needs data.root=/path"):
+        build_image_dataset({"dataset": name, "root": None})
+
+
 def test_train_subset():
     data = list(range(256))
     sub = train_subset(data, 1 / 128)

@@ -266,3 +266,29 @@ def test_eval_default_train_split_fits_every_dataset(tmp_path):
             Image.new("L", (8, 8), 1).save(voc / folder / f"{name}.png")
     train, val, num_classes, _ = _datasets(load_config([f"data.root={voc}"], default="eval_voc"))
     assert (len(train), len(val), num_classes) == (2, 1, 21)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("evals=[hummingbrd]", r"evals=\['hummingbrd'\]: expected a non-empty list of"),
+        ("evals=[]", r"evals=\[\]: expected a non-empty list of"),
+        ("device=gpu", r"device='gpu': expected auto, cpu or cuda"),
+    ],
+)
+def test_eval_bad_evals_or_device_is_a_clear_error(tmp_path, override, message):
+    # a misspelt evaluation used to run nothing and print an empty row; device=gpu was a torch traceback
+    with pytest.raises(ValueError, match=message):
+        eval_main(["--config", "eval_tiny", override, f"output={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_synthetic_data_with_the_default_num_classes(tmp_path):
+    # eval_voc's data.num_classes is null ("the dataset's"); synthetic data then keeps its own 5 classes instead of
+    # failing inside SyntheticSegmentation with a TypeError
+    from neco.config import load_config
+    from neco.eval import _datasets
+
+    cfg = load_config(["data.dataset=synthetic", "data.root=null", "data.synthetic_images=2"], default="eval_voc")
+    train, val, num_classes, _ = _datasets(cfg)
+    assert (len(train), len(val), num_classes) == (2, 2, 5)

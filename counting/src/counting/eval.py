@@ -17,6 +17,7 @@ from counting.figures import save_density_figure
 from counting.inference import count_image
 from counting.metrics import SUBSETS, count_metrics, kendall_tau
 from counting.models import UnCounTR, build_model
+from counting.preprocess import device_of
 from counting.reference import REFERENCE_SUFFIXES, load_reference_model
 from counting.train import setup_logging
 
@@ -52,6 +53,11 @@ def density_fn_for(model: UnCounTR, exemplars: torch.Tensor):
     patch = model.patch_size
 
     def fn(window: torch.Tensor) -> torch.Tensor:
+        if window.shape[-2] % patch or window.shape[-1] % patch:
+            raise ValueError(
+                f"window {window.shape[-2]}x{window.shape[-1]} px is not a multiple of the model's patch size {patch} "
+                "(counting-eval window= / target_height=, counting-predict --height)"
+            )
         grid = (window.shape[-2] // patch, window.shape[-1] // patch)
         return model.forward_head(model.backbone(window), tokens, grid)
 
@@ -64,7 +70,7 @@ def evaluate_split(
 ):
     """Counts of every image of ``dataset``; returns (records, metrics)."""
     n = len(dataset) if ecfg["max_images"] is None else min(len(dataset), int(ecfg["max_images"]))
-    figures = ecfg["figures"]
+    figures = [ecfg["figures"]] if isinstance(ecfg["figures"], str) else ecfg["figures"]  # figures=NAME: one image
     records = []
     for i in tqdm(range(n), desc="eval", leave=False):
         item = dataset[i]
@@ -107,6 +113,8 @@ def eval_splits(dataset: str, splits: list[str] | None) -> list[str]:
     name = dataset.lower().replace("-", "")
     if splits is None:
         return ["val", "test"] if name == "fsc147" else ["test"]
+    if isinstance(splits, str):  # splits=test: one split, not its letters
+        splits = [splits]
     if name == "mso" and list(splits) != ["test"]:
         raise ValueError(f"MSO has a single split, test; got splits={list(splits)} (leave splits unset)")
     return list(splits)
@@ -134,11 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = eval_splits(ecfg["dataset"], ecfg["splits"])
     run_dir = checkpoint.parent if checkpoint.suffix in REFERENCE_SUFFIXES else checkpoint.parent.parent
     out = Path(ecfg["out"]) if ecfg["out"] else run_dir / f"eval_{ecfg['dataset']}"
-    device = torch.device(
-        "cuda"
-        if ecfg["device"] == "auto" and torch.cuda.is_available()
-        else ("cpu" if ecfg["device"] == "auto" else ecfg["device"])
-    )
+    device = device_of(ecfg)
     # loaded before ``out`` exists: a typo leaves nothing behind
     model, cfg = load_trained_model(checkpoint, ecfg["model_config"], ecfg["reference_args"])
     setup_logging(out)

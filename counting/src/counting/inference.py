@@ -35,6 +35,8 @@ def sliding_window(density_fn: DensityFn, image: torch.Tensor, window: int = 384
     _, _, height, width = image.shape
     if height != window:
         raise ValueError(f"image height must equal the window ({window}); got {height} (resize it first)")
+    if stride < 1:
+        raise ValueError(f"stride must be a positive number of pixels, got {stride}")
     if width < window:
         padded = F.pad(image, (0, window - width))
         return density_fn(padded).reshape(window, window)[:, :width]

@@ -115,9 +115,16 @@ def mask_from_files(folder: Path, relative: Path, index: int, size: int, cache: 
 
 
 def device_of(cfg: dict) -> torch.device:
+    """The torch device of ``cfg["device"]`` (auto: CUDA if available); ValueError for a bad or missing device."""
     if cfg["device"] == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg["device"])
+    try:
+        device = torch.device(cfg["device"])
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={cfg['device']!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg['device']!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device
 
 
 def load_backbone(cfg: dict) -> FrozenViT:

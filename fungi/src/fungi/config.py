@@ -24,7 +24,13 @@ ConfigLoader.add_implicit_resolver(
 
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
-    return yaml.load(raw, Loader=ConfigLoader)
+    value = yaml.load(raw, Loader=ConfigLoader)
+    # YAML reads {img_size:32} as the key 'img_size:32' with no value, which a free-form mapping would silently accept
+    if isinstance(value, dict):
+        glued = [k for k, v in value.items() if isinstance(k, str) and ":" in k and v is None]
+        if glued:
+            raise ValueError(f"cannot parse {raw!r}: key {glued[0]!r} has no value; YAML needs a space after ':'")
+    return value
 
 
 def config_path(name_or_path: str) -> Path:
@@ -47,16 +53,18 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def merge(base: dict, update: dict, prefix: str = "", strict: bool = True) -> dict:
+def merge(base: dict, update: dict, prefix: str = "", strict: bool = True, schema: dict | None = None) -> dict:
     """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones
-    (an empty mapping in ``base``, such as ``model_kwargs``, accepts any keys)."""
+    (an empty mapping in ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys)."""
     out = copy.deepcopy(base)
+    schema = base if schema is None else schema
     for key, value in update.items():
         full = f"{prefix}{key}"
         if strict and key not in out:
             raise KeyError(f"unknown config key {full!r}; valid keys: {', '.join(prefix + k for k in sorted(out))}")
         if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = merge(out[key], value, f"{full}.", strict and bool(out[key]))
+            sub = schema[key] if isinstance(schema.get(key), dict) else out[key]
+            out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub)
         else:
             out[key] = value
     return out
@@ -131,7 +139,7 @@ def resolve(argv: Sequence[str] | None, defaults: dict, default_config: str | No
     name = config_name or default_config
     if name:
         cfg = merge(cfg, load_yaml(config_path(name)))
-    return merge(cfg, overrides)
+    return merge(cfg, overrides, schema=defaults)  # model_kwargs & co. stay free-form after a config filled them
 
 
 def save_config(cfg: dict, path: Path) -> None:

@@ -17,6 +17,7 @@ from fungi.config import resolve, save_config
 from fungi.data import build_split, check_data_split, validation_split
 from fungi.extractor import FUNGIExtractor
 from fungi.models import build_backbone
+from fungi.objectives import OBJECTIVES
 from fungi.runs import resolve_device, resolve_dtype, save_features, setup_logging
 
 DEFAULTS = {
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = resolve(argv, DEFAULTS, None)
     if not cfg["splits"]:
         raise ValueError("splits is empty; expected e.g. splits=[train,val,test]")
+    unknown = sorted(set(cfg["objectives"]) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; expected a subset of {list(OBJECTIVES)}")
     for split in cfg["splits"]:
         check_data_split(cfg["data"], split)
     dropped_val = resolve_validation(cfg)

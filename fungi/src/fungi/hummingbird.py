@@ -62,8 +62,13 @@ def build_datasets(cfg: dict):
 
     name, root, extra = cfg["dataset"], cfg["data_dir"], dict(cfg["dataset_kwargs"])
     train_split = cfg["train_split"] or ("trainaug" if name == "voc" else "train")
-    train = build_segmentation_dataset(name, root, train_split, **extra)
-    val = build_segmentation_dataset(name, root, cfg["val_split"], **extra)
+    try:
+        train = build_segmentation_dataset(name, root, train_split, **extra)
+        val = build_segmentation_dataset(name, root, cfg["val_split"], **extra)
+    except TypeError as err:  # dataset_kwargs of another dataset (e.g. the tiny config's synthetic scenes)
+        if not extra:
+            raise
+        raise ValueError(f"dataset_kwargs={extra} do not apply to dataset={name!r}: {err}") from None
     if cfg["train_limit"] is not None:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
         train = torch.utils.data.Subset(train, keep[: int(cfg["train_limit"])].tolist())

@@ -133,7 +133,10 @@ def build_timm(
     from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 
     kwargs = {"num_classes": 0, **kwargs}  # model_kwargs={num_classes: 512} keeps CLIP's image projection
-    model = create_timm_model(name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, **kwargs)
+    try:
+        model = create_timm_model(name, pretrained and checkpoint is None, f"model=timm:{name}", WEIGHTS_HINT, **kwargs)
+    except TypeError as err:  # a model_kwargs key the model's constructor does not take (a misspelt one)
+        raise ValueError(f"model_kwargs={kwargs} do not fit model=timm:{name}: {err}") from None
     if checkpoint:
         missing, _ = model.load_state_dict(fit_to_timm_vit(load_state_dict_file(checkpoint), model), strict=False)
         if missing:

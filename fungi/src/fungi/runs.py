@@ -31,10 +31,16 @@ def setup_logging(run_dir: Path) -> logging.Logger:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; ValueError for a device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device=cpu or auto")
+    return resolved
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -208,6 +208,8 @@ def build_image_dataset(cfg: dict[str, Any]) -> Dataset:
                 f"(e.g. data.root=[/data/coco,/data/imagenet]), got {root!r}"
             )
         return ConcatDataset([build_image_dataset(dict(cfg, dataset=p, root=r)) for p, r in zip(parts, root)])
+    if name in DATASETS and name != "synthetic" and not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"data.dataset={name!r} needs data.root=/path (a folder), got {root!r}")
     if name == "coco":
         path = os.path.join(root, "train2017")
         _require(path, "COCO train2017 images", "<data.root>/train2017/*.jpg")

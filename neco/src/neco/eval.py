@@ -41,6 +41,9 @@ PAPER_TABLE = {
 }
 
 
+EVALS = ("hummingbird", "linear", "overcluster")
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory, or the latest checkpoint of a run directory."""
     if os.path.isfile(os.path.join(path, "meta.json")):
@@ -86,11 +89,9 @@ def _datasets(cfg: dict[str, Any]):
     d = cfg["data"]
     extra = {}
     if d["dataset"] == "synthetic":
-        extra = {
-            "num_images": d["synthetic_images"],
-            "image_size": d["synthetic_size"],
-            "num_classes": d["num_classes"],
-        }
+        extra = {"num_images": d["synthetic_images"], "image_size": d["synthetic_size"]}
+        if d["num_classes"]:  # null (eval_voc's default): the synthetic dataset's own number of classes
+            extra["num_classes"] = int(d["num_classes"])
     # VOC trains on the SBD-augmented "trainaug" list; ADE20K, COCO and Cityscapes have no such split
     train_split = d["train_split"] or ("trainaug" if d["dataset"] == "voc" else "train")
     train = build_segmentation_dataset(d["dataset"], d["root"], train_split, **extra)
@@ -146,7 +147,13 @@ def format_table(name: str, results: dict[str, float], paper: tuple[float, float
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate; returns the metrics dict also written to ``<output>/metrics.json``."""
     cfg = load_config(sys.argv[1:] if argv is None else argv, default="eval_voc")
+    unknown = [e for e in cfg["evals"] if e not in EVALS]
+    if unknown or not cfg["evals"]:
+        raise ValueError(f"evals={cfg['evals']!r}: expected a non-empty list of {list(EVALS)}")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device={cfg['device']!r}: expected auto, cpu or cuda[:N] (cuda needs a visible GPU)")
     train_ds, val_ds, num_classes, ignore = _datasets(cfg)  # fail on missing data before loading weights
     memory_ds = hummingbird_memory_images(train_ds, cfg["hummingbird"]) if "hummingbird" in cfg["evals"] else None
     if cfg["checkpoint"]:
