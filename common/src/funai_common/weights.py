@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,7 +71,21 @@ def fit_to_timm_vit(state: dict[str, torch.Tensor], model: torch.nn.Module) -> d
         )
     if "register_tokens" in state and "mask_token" not in state:
         state = {**state, "mask_token": torch.zeros(1)}  # timm converts the hub layout only when it sees one
-    return checkpoint_filter_fn(state, model)
+    return checkpoint_filter_fn(_fold_cls_position(state, model), model)
+
+
+def _fold_cls_position(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A DINOv2-code checkpoint without registers keeps the cls position inside ``pos_embed`` (1, 1 + M*M, D); timm
+    converts that layout only when it sees ``register_tokens``. For a model whose table covers the patches only
+    (``no_embed_class``, e.g. timm's reg4 class built with ``reg_tokens=0``) the cls position is added to
+    ``cls_token``, as the DINOv2 code adds it at run time."""
+    pos = state.get("pos_embed")
+    if not getattr(model, "no_embed_class", False) or pos is None or pos.ndim != 3 or "register_tokens" in state:
+        return state
+    n = pos.shape[1]
+    if math.isqrt(n) ** 2 == n or math.isqrt(n - 1) ** 2 != n - 1 or "cls_token" not in state:
+        return state  # already a patch-only table (timm layout)
+    return {**state, "cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
 
 
 def weights_unavailable(name: str, err: OSError, hint: str) -> FileNotFoundError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -54,25 +53,11 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
     return strip_prefixes_from(state, PREFIXES)
 
 
-def _fold_cls_position(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A DINOv2-code checkpoint without registers (e.g. the reference's R-XR runs: ``num_register_tokens=0``) keeps
-    the cls position inside ``pos_embed`` (1, 1 + M*M, D). A timm model whose table covers the patches only
-    (``no_embed_class``: the reg4 class, also with ``reg_tokens=0``) gets the cls position added to ``cls_token``, as
-    the DINOv2 code adds it at run time, and the table's patch part."""
-    pos = state.get("pos_embed")
-    if not getattr(model, "no_embed_class", False) or pos is None or pos.ndim != 3 or "register_tokens" in state:
-        return state
-    n = pos.shape[1]
-    if math.isqrt(n) ** 2 == n or math.isqrt(n - 1) ** 2 != n - 1 or "cls_token" not in state:
-        return state  # already a patch-only table (timm layout)
-    return {**state, "cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
-
-
 def _load_checkpoint(model: nn.Module, name: str, path: str, drop_registers: bool) -> None:
     """Load a backbone checkpoint (timm, DINOv2 torch.hub or NeCo layout) into the timm ``model`` called ``name``."""
     state = load_state_file(path)
-    state = _fold_cls_position(state, model)
-    # hub -> timm: register_tokens -> reg_token, cls position folded into cls_token, mask_token dropped, w12/w3
+    # hub -> timm: register_tokens -> reg_token, cls position folded into cls_token (also without registers, the
+    # reference's R-XR runs), mask_token dropped, w12/w3
     # renamed, pos_embed resampled to the model's grid; another patch size is an error
     state = fit_to_timm_vit(state, model)
     if drop_registers:
