@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import sys
 
 import numpy as np
@@ -127,6 +128,16 @@ def test_eval_carpk_default_split_and_errors(checkpoint, carpk_root, tmp_path, m
     args = [f"checkpoint={checkpoint}", "dataset=carpk", f"root={carpk_root}", "target_height=64", "window=64"]
     results = eval_main([*args, "stride=32", "figures=0", f"out={tmp_path / 'eval'}"])
     assert set(results) == {"test"} and results["test"]["num_images"] == 1
+    # one image leaves two of the three count subsets empty: NaN in memory, null in the (standard) JSON files
+    assert sum(math.isnan(results["test"][s]["mae"]) for s in ("low", "medium", "high")) == 2
+    for name in ("metrics.json", "predictions.json"):
+        constants = []
+        json.loads((tmp_path / "eval" / name).read_text(), parse_constant=constants.append)
+        assert constants == [], f"{name} holds {constants}, not standard JSON"
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"]["test"]
+    assert sorted(s for s in ("low", "medium", "high") if written[s] == {"mae": None, "rmse": None}) == sorted(
+        s for s in ("low", "medium", "high") if math.isnan(results["test"][s]["mae"])
+    )
     with pytest.raises(FileNotFoundError, match=r"val.txt missing \(split 'val'; lists found: \['test'\]\)"):
         eval_main([*args, "splits=[val]", f"out={tmp_path / 'val'}"])
     with pytest.raises(ValueError, match="MSO has a single split"):

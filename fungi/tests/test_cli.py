@@ -67,7 +67,7 @@ def test_extract_then_eval_text_t5(tmp_path, t5_folder):
     assert len(rows) == 7 and rows[0]["features"] == "embeddings"
 
 
-def test_config_errors_and_overrides():
+def test_config_errors_and_overrides(tmp_path):
     assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, {"a": {"b": 3}, "c": [1, 2], "quick": True})
     with pytest.raises(KeyError, match="valid keys"):
         resolve(["--config", "tiny", "dino.tempreature=0.1"], extract.DEFAULTS, None)
@@ -79,20 +79,20 @@ def test_config_errors_and_overrides():
         cfg = resolve(["--config", name], extract.DEFAULTS, None)
         assert cfg["kl"]["temperature"] == 15.0  # paper default everywhere
     with pytest.raises(ValueError, match=r"unknown split 'valid'.*\['train', 'val', 'test'\]"):
-        extract.main(["--config", "tiny", "splits=[train,valid]", "run_dir=unused"])
+        extract.main(["--config", "tiny", "splits=[train,valid]", f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"splits=\[val\] but the dataset has no validation split"):
-        extract.main(["--config", "tiny", "splits=[val]", "run_dir=unused"])  # digits have none
+        extract.main(["--config", "tiny", "splits=[val]", f"run_dir={tmp_path}"])  # digits have none
     with pytest.raises(ValueError, match="protocols"):
         eval.main(["features=x.safetensors", "protocols=[knn,svm]"])
 
 
-def test_command_line_mistakes_are_clear_errors(monkeypatch):
+def test_command_line_mistakes_are_clear_errors(monkeypatch, tmp_path):
     """Mistakes a user makes on the command line: one ValueError naming the bad value, not a KeyError or traceback."""
     from fungi.models import build_timm
     from fungi.runs import resolve_device
 
     with pytest.raises(ValueError, match=r"unknown objectives \['foo'\]"):
-        extract.main(["--config", "tiny", "objectives=[kl,foo]", "run_dir=unused"])
+        extract.main(["--config", "tiny", "objectives=[kl,foo]", f"run_dir={tmp_path}"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
         resolve_device("cuda")

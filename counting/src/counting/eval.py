@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -131,6 +132,18 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def json_ready(value):
+    """``value`` with every NaN float (an empty count subset, one image's Kendall tau) replaced by None, so that the
+    written JSON is standard JSON (``NaN`` is not) and reads as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate a checkpoint; returns {split: metrics}."""
     ecfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="eval")
@@ -161,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(results)
     log.info("%s (%s protocol)\n%s", ecfg["dataset"], ecfg["protocol"], table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"config": ecfg, "results": results}, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions, indent=2))
+    metrics = {"config": ecfg, "results": results}
+    (out / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
+    (out / "predictions.json").write_text(json.dumps(json_ready(predictions), indent=2, allow_nan=False))
     return results
 
 
