@@ -224,3 +224,18 @@ def test_davis_frames_are_resized_like_dino_read_frame(tmp_path):
     assert x.shape == (3, 32, 64)
     cols = x.mean(dim=(0, 1))
     assert (cols[0::2] < 0.05).all() and (cols[1::2] > 0.95).all()
+
+
+def test_davis_video_too_short_to_score(tmp_path):
+    """Two frames leave none to score (first and last excluded): null per video, and an error when no video has one."""
+    colour = lambda x: F.avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # noqa: E731
+    short = make_davis(tmp_path / "short", num_videos=1, frames=2)
+    with pytest.raises(ValueError, match=r"no DAVIS frame to score in the 1 videos of .*val.txt"):
+        evaluate_davis(colour, short, patch_size=4, short_side=64, neighbourhood=4)
+    mixed = make_davis(tmp_path / "mixed", num_videos=2, frames=4)
+    for t in (2, 3):  # vid1 keeps two frames
+        (mixed / "JPEGImages" / "480p" / "vid1" / f"{t:05d}.jpg").unlink()
+        (mixed / "Annotations" / "480p" / "vid1" / f"{t:05d}.png").unlink()
+    res = evaluate_davis(colour, mixed, patch_size=4, short_side=64, neighbourhood=4)
+    assert res["per_video"]["vid1"] == {"J": None, "F": None} and res["per_video"]["vid0"]["J"] > 0.85
+    assert res["J-Mean"] == pytest.approx(100 * res["per_video"]["vid0"]["J"])

@@ -340,6 +340,13 @@ def test_extract_then_eval_retrieval_end_to_end(tmp_path):
         "embeddings+kl+dino+simclr",
     ]
     assert (out / "metrics.json").is_file() and "ignored" in (out / "log.txt").read_text()
+    # limit=4: no query keeps a hard positive, so the Hard mAP is NaN, written as null (NaN is not standard JSON)
+    tiny = extract.main([*TINY, *data, "splits=[database,queries]", "limit=4", f"run_dir={tmp_path / 'tiny'}"])
+    gt_file = f"ground_truth={tmp_path / 'data/roxford5k/gnd_roxford5k.pkl'}"
+    no_hard = eval.main([f"features={tiny}", "protocols=[retrieval]", gt_file, f"out={tmp_path / 'no_hard'}"])
+    assert all(np.isnan(r["retrieval_mAP_H"]) and r["retrieval_mAP_M"] > 0 for r in no_hard)
+    written = json.loads((tmp_path / "no_hard" / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert [r["retrieval_mAP_H"] for r in written] == [None] * len(no_hard)
 
 
 def test_retrieval_cli_errors(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -132,18 +131,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def json_ready(value):
-    """``value`` with every NaN float (an empty count subset, one image's Kendall tau) replaced by None, so that the
-    written JSON is standard JSON (``NaN`` is not) and reads as null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate a checkpoint; returns {split: metrics}."""
     ecfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="eval")
@@ -174,9 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(results)
     log.info("%s (%s protocol)\n%s", ecfg["dataset"], ecfg["protocol"], table)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"config": ecfg, "results": results}
-    (out / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False))
-    (out / "predictions.json").write_text(json.dumps(json_ready(predictions), indent=2, allow_nan=False))
+    # an empty count subset (NaN in memory) is written as null: NaN is not standard JSON
+    for name, payload in (("metrics", {"config": ecfg, "results": results}), ("predictions", predictions)):
+        payload = json.loads(json.dumps(payload), parse_constant=lambda _: None)
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
     return results
 
 

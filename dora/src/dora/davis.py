@@ -204,10 +204,15 @@ def evaluate_davis(
         obj_j = [float(np.mean(v)) for v in vj.values() if v]
         obj_f = [float(np.mean(v)) for v in vf.values() if v]
         per_video[video] = {
-            "J": float(np.mean(obj_j)) if obj_j else float("nan"),
-            "F": float(np.mean(obj_f)) if obj_f else float("nan"),
+            "J": float(np.mean(obj_j)) if obj_j else None,  # None: no frame to score (written as null)
+            "F": float(np.mean(obj_f)) if obj_f else None,
         }
         js += obj_j
         fs += obj_f
+    if not js:
+        raise ValueError(
+            f"no DAVIS frame to score in the {len(videos)} videos of {list_file}: each video needs an object in its "
+            "first annotation and at least 3 annotated frames (the first and last are not scored)"
+        )
     j, f = float(np.mean(js)) * 100, float(np.mean(fs)) * 100
     return {"J&F-Mean": (j + f) / 2, "J-Mean": j, "F-Mean": f, "per_video": per_video}

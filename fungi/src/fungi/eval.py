@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         found = evaluate_retrieval(database_blocks, query_blocks, ground_truth, cfg["pca_dim"], cfg["incremental"])
         rows = merge_rows(rows, found)
     log.info("\n%s", format_table(rows))
-    with open(out / "metrics.json", "w") as f:
-        json.dump(rows, f, indent=2)
+    with open(out / "metrics.json", "w") as f:  # a NaN (no query with positives) is written as null
+        json.dump(json.loads(json.dumps(rows), parse_constant=lambda _: None), f, indent=2, allow_nan=False)
     return rows
 
 
