@@ -5,7 +5,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from neco.data import MultiCropDataset, StepBatchSampler, build_image_dataset, collate_multicrop, imagenet100_classes
-from neco.eval import hummingbird_memory_images, train_subset
+from neco.eval import hummingbird_memory_images, linear_train_images, train_subset
 
 
 class _Images:
@@ -77,6 +77,22 @@ def test_train_subset():
     assert train_subset(data, 1.0) is data
     with pytest.raises(ValueError, match="train_fraction"):
         train_subset(data, 0)
+
+
+@pytest.mark.parametrize(
+    "dataset, fraction, expected",
+    [("coco-things", None, 26), ("coco-stuff", None, 26), ("voc", None, 256), ("ade20k", None, 256), ("voc", 0.5, 128)],
+)
+def test_linear_head_trains_on_the_references_share_of_images(dataset, fraction, expected):
+    """The reference's linear_finetune.py keeps a random 10 % of COCO train2017 (round(256 * 0.1) = 26 here)."""
+    data = list(range(256))
+    cfg = {"data": {"dataset": dataset}, "linear": {"train_fraction": fraction}}
+    sub = linear_train_images(data, cfg)
+    assert len(sub) == expected and len(set(sub)) == expected and set(sub) <= set(data)
+    if expected < 256:
+        assert list(sub) != data[:expected]  # random, not the first images
+    with pytest.raises(ValueError, match=r"linear.train_fraction must be in \(0, 1\], got 1.5"):
+        linear_train_images(data, {"data": {"dataset": dataset}, "linear": {"train_fraction": 1.5}})
 
 
 def test_imagenet100_reads_only_the_listed_classes(tmp_path):

@@ -166,6 +166,7 @@ def test_eval_main_on_checkpoint(trained_run, tmp_path, capsys):
         "train_file_set": None,
         "train_fraction": 1.0,
     }
+    assert saved["linear"]["train_images"] == 4  # synthetic data: all of them (COCO: 10 %)
 
 
 def test_export_loads_into_plain_timm(trained_run, tmp_path):
