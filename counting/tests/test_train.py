@@ -12,8 +12,9 @@ from counting.train import learning_rate, main, train_step_inputs
 def test_config_overrides_and_unknown_keys():
     cfg, rest = load_config(["--config", "tiny", "optim.lr=0.5", "--train.batch_size", "2", "IMAGE"])
     assert cfg["optim"]["lr"] == 0.5 and cfg["train"]["batch_size"] == 2 and rest == ["IMAGE"]
-    with pytest.raises(KeyError, match="valid keys: .*optim.lr"):
+    with pytest.raises(KeyError, match="valid keys: .*optim.lr") as err:
         load_config(["config=tiny", "optim.lrr=1"])
+    assert str(err.value).startswith("unknown config key 'optim.lrr' (did you mean optim.lr")  # printed unquoted
     with pytest.raises(FileNotFoundError, match="not a file, nor a shipped config"):
         load_config(["--config", "nope"])
 

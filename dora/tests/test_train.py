@@ -144,8 +144,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, video, monkeypatch
 
 
 def test_bad_config_and_inputs(tmp_path):
-    with pytest.raises(KeyError, match="optim.lr"):
+    with pytest.raises(KeyError, match="optim.lr") as err:
         load_config(["--config", "tiny", "optim.lrr=1"])
+    assert str(err.value).startswith("unknown config key 'optim.lrr' (did you mean optim.lr or optim.min_lr?)")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(["--config", "nope.yaml"])
     with pytest.raises(FileNotFoundError, match="missing.mp4"):

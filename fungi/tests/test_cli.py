@@ -69,8 +69,12 @@ def test_extract_then_eval_text_t5(tmp_path, t5_folder):
 
 def test_config_errors_and_overrides(tmp_path):
     assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, {"a": {"b": 3}, "c": [1, 2], "quick": True})
-    with pytest.raises(KeyError, match="valid keys"):
+    with pytest.raises(KeyError, match="valid keys") as err:
         resolve(["--config", "tiny", "dino.tempreature=0.1"], extract.DEFAULTS, None)
+    # printed unquoted by the console scripts, with the closest keys
+    assert str(err.value).startswith(
+        "unknown config key 'dino.tempreature' (did you mean dino.teacher_temperature or dino.student_temperature?)"
+    )
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve(["--config", "nope"], extract.DEFAULTS, None)
     with pytest.raises(ValueError, match="key=value"):

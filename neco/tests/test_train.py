@@ -129,8 +129,11 @@ def test_default_config_without_weights_fails_naming_the_model(tmp_path, offline
 
 
 def test_config_errors():
-    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*optim.lr_backbone"):
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*optim.lr_backbone") as err:
         load_config(["optim.lrr=1"])
+    assert str(err.value).startswith("unknown config key 'optim.lrr'; valid keys: ")  # printed unquoted
+    with pytest.raises(KeyError, match=r"^unknown config key 'loss.netwrk' \(did you mean loss.network\?\); valid"):
+        load_config(["loss.netwrk=odd_even"])
     with pytest.raises(FileNotFoundError, match="config 'nope' not found.*tiny"):
         load_config(["--config", "nope"])
     cfg = load_config(["--config", "tiny", "--optim.batch_size", "8", "loss.network=odd_even", "optim.lr_head=1e-4"])

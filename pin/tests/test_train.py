@@ -44,8 +44,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
 
 def test_config_errors():
-    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*optim.lr"):
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*optim.lr") as err:
         load_config(["--config", "tiny", "optim.lrr=1"])
+    assert str(err.value).startswith("unknown config key 'optim.lrr' (did you mean optim.lr?)")  # printed unquoted
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         load_config(["--config", "nope"])
     cfg, _ = load_config(["--config", "tiny", "--optim.lr", "0.5", "train.epochs=3"])

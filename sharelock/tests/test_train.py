@@ -127,8 +127,13 @@ def test_split_missing_ids_and_config_errors(stores, tmp_path):
     write_store(tmp_path / "short", ["00000", "00001"], np.zeros((2, 12), np.float32), "text", "llm")
     with pytest.raises(KeyError, match=r"short .*lacks 118 of 120 requested ids \(required by vision store"):
         StorePairs([{"vision": str(stores / "v"), "text": [str(tmp_path / "short")]}])
-    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'; valid keys: .*optim.lr"):
+    with pytest.raises(KeyError, match="unknown config key 'optim.lrr'.*; valid keys: .*optim.lr") as err:
         load_config(["optim.lrr=1"], "default")
+    assert str(err.value).startswith("unknown config key 'optim.lrr' (did you mean optim.lr?)")  # printed unquoted
+    user = tmp_path / "user.yaml"  # a user config file: the nested key is named in full, as on the command line
+    user.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'optim.lrr' \(did you mean optim.lr\?\); valid keys: "):
+        load_config(["--config", str(user)], "default")
     cfg = load_config(["optim.lr=1e-3", "--optim.weight_decay", "-2.5E-4"], "default")  # YAML 1.1: strings
     assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["weight_decay"] == -0.00025
     write_store(tmp_path / "v2", [f"{i:05d}" for i in range(120)], np.zeros((120, 8), np.float32), "image", "vit2")

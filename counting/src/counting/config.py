@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,19 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def config_dir() -> Path:
@@ -60,7 +75,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
     valid = flatten(cfg)
     if key not in valid:
-        raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
+        raise UnknownKeyError(key, valid)
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:

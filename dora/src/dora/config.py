@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,19 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG = "wt_venice.yaml"
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -60,7 +75,7 @@ def set_key(cfg: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(_flat_keys(cfg))}")
+            raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
             _check_kind(dotted, node[part], value)
             node[part] = value

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,19 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def parse_value(raw: str) -> Any:
@@ -61,7 +75,7 @@ def merge(base: dict, update: dict, prefix: str = "", strict: bool = True, schem
     for key, value in update.items():
         full = f"{prefix}{key}"
         if strict and key not in out:
-            raise KeyError(f"unknown config key {full!r}; valid keys: {', '.join(prefix + k for k in sorted(out))}")
+            raise UnknownKeyError(full, [prefix + k for k in out])
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             sub = schema[key] if isinstance(schema.get(key), dict) else out[key]
             out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
@@ -20,6 +22,19 @@ ConfigLoader.add_implicit_resolver(
 )
 
 DEFAULT_CONFIG = "dinov2r_vits14"
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def config_dir() -> str:
@@ -54,10 +69,8 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            valid = ", ".join(
-                k for k in _flat_keys(cfg) if not isinstance(get_key(cfg, k), dict) or not get_key(cfg, k)
-            )
-            raise KeyError(f"unknown config key {dotted!r}; valid keys: {valid}")
+            valid = [k for k in _flat_keys(cfg) if not isinstance(get_key(cfg, k), dict) or not get_key(cfg, k)]
+            raise UnknownKeyError(dotted, valid)
         if i == len(parts) - 1:
             if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
                 raise KeyError(f"config key {dotted!r} is a section; set one of its fields ({dotted}.<field>=...)")

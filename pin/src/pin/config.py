@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import sys
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,19 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def parse_value(raw: str) -> Any:
@@ -64,7 +79,7 @@ def set_key(cfg: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(sorted(_flat_keys(cfg)))}")
+            raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
             node[part] = value
         else:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,19 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+class UnknownKeyError(KeyError):
+    """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
+
+    def __init__(self, key: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def parse_value(raw: str) -> Any:
@@ -101,7 +116,7 @@ def set_key(cfg: dict, dotted: str, value: Any) -> None:
     node = cfg
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys(cfg))}")
+            raise UnknownKeyError(dotted, valid_keys(cfg))
         if i == len(parts) - 1:
             node[part] = value
         else:
@@ -162,7 +177,7 @@ def merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in out:
-            raise KeyError(f"unknown config key {prefix + key!r}; valid keys: {', '.join(valid_keys(base))}")
+            raise UnknownKeyError(prefix + key, [prefix + k for k in valid_keys(base)])
         if isinstance(value, dict) and isinstance(out[key], dict) and out[key]:
             out[key] = merge(out[key], value, prefix + key + ".")
         else:
