@@ -59,6 +59,11 @@ def test_eval_transform_matches_manual_pipeline():
     assert (out - expected).abs().mean().item() < 0.01
     assert math.isfinite(out.sum().item())
 
+    # grey, palette and RGBA images give the 3-channel tensor of their RGB conversion
+    for mode in ("L", "P", "RGBA", "CMYK"):
+        other = img.convert(mode)
+        assert torch.equal(eval_transform()(other), eval_transform()(other.convert("RGB")))
+
 
 def test_constant_schedule_has_no_warmup_like_the_reference():
     # reference: lr_schedule "constant" returns the bare optimizer (no scheduler), so the LR is lr from step 0

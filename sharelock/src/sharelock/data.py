@@ -24,11 +24,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", "
 TEXT_EXTENSIONS = ("txt", "caption", "text")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey, palette and RGBA images as RGB (a no-op on RGB), so that every image gives 3 channels."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> (3, 224, 224) float tensor: Resize(256) on the shorter side (bilinear, antialias), CenterCrop(224),
-    ToTensor, ImageNet mean/std. The reference uses this for training features too (no augmentation)."""
+    """PIL image (any mode, converted to RGB) -> (3, 224, 224) float tensor: Resize(256) on the shorter side (bilinear,
+    antialias), CenterCrop(224), ToTensor, ImageNet mean/std. The reference uses this for training features too (no
+    augmentation)."""
     return T.Compose(
         [
+            to_rgb,
             T.Resize(256, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
             T.CenterCrop(224),
             T.ToTensor(),
