@@ -1,5 +1,6 @@
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -145,11 +146,16 @@ def test_resume_refuses_shards_made_with_other_settings(image_root, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_help_shows_the_steps(capsys):
+def test_help_shows_the_steps(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/counting-preprocess", "--help"])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: [masks|clusters|all (default)] [--config") and "mask_method = 'saliency'" in out
+    assert (
+        out.startswith("usage: counting-preprocess [masks|clusters|all (default)] [--config")
+        and "mask_method = 'saliency'" in out
+    )
 
 
 def test_sun397_train_backgrounds_are_all_images_but_the_test_list(tmp_path):

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -19,10 +20,13 @@ def test_config_overrides_and_unknown_keys():
         load_config(["--config", "nope"])
 
 
-def test_help_lists_keys(capsys):
+def test_help_lists_keys(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/counting-eval", "--help"])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
     with pytest.raises(SystemExit):
         load_config(["--help"], default="eval")
-    assert "protocol = 'original'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("usage: counting-eval [--config") and "protocol = 'original'" in out
 
 
 def test_paper_defaults():

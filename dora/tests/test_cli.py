@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -91,9 +92,16 @@ def test_walking_tours_listing(capsys):
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_prints_keys_and_exits_0(flag, capsys):
+def test_help_prints_keys_and_exits_0(flag, capsys, monkeypatch):
     from dora import eval as dora_eval
     from dora import train
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/dora-train", flag])  # the usage line names the command
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
+    with pytest.raises(SystemExit):
+        train.main([flag])
+    assert capsys.readouterr().out.startswith("usage: dora-train [--config NAME|PATH]")
 
     for main in (train.main, dora_eval.main, visualise.main):
         with pytest.raises(SystemExit) as exc:

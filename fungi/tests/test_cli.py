@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -203,8 +204,15 @@ def test_demo_quick(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_prints_keys_and_exits_0(flag, capsys):
+def test_help_prints_keys_and_exits_0(flag, capsys, monkeypatch):
     from fungi import hummingbird
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fungi-eval", flag])  # the usage line names the command
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
+    with pytest.raises(SystemExit):
+        eval.main([flag])
+    assert capsys.readouterr().out.startswith("usage: fungi-eval [--config NAME|PATH]")
 
     for main in (extract.main, eval.main, hummingbird.main):
         with pytest.raises(SystemExit) as exc:

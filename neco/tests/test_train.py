@@ -213,8 +213,15 @@ def test_bf16_step_on_gpu(tiny_args, mask):
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_prints_keys_and_exits_0(flag, capsys):
+def test_help_prints_keys_and_exits_0(flag, capsys, monkeypatch):
     from neco import export
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/neco-export", flag])  # the usage line names the command
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
+    with pytest.raises(SystemExit):
+        export.main([flag])
+    assert capsys.readouterr().out.startswith("usage: neco-export [key=value")
 
     for entry in (main, export.main):
         with pytest.raises(SystemExit) as exc:

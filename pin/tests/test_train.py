@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -117,8 +119,15 @@ def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_prints_keys_and_exits_0(flag, capsys):
+def test_help_prints_keys_and_exits_0(flag, capsys, monkeypatch):
     from pin import localise
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pin-localise", flag])  # the usage line names the command
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script, not `python -m`
+    with pytest.raises(SystemExit):
+        localise.main([flag])
+    assert capsys.readouterr().out.startswith('usage: pin-localise IMAGE "object name" [--config')
 
     for main in (train_mod.main, localise.main):
         with pytest.raises(SystemExit) as exc:

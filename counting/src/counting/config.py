@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,14 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
 
 
 class UnknownKeyError(KeyError):
@@ -138,7 +147,10 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
     if "-h" in argv or "--help" in argv:
         cfg = load_yaml(resolve_config_path(default))
         prefix = f"{positional} " if positional else ""
-        print(f"usage: {prefix}[--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+        print(
+            f"usage: {program_name()} {prefix}[--config NAME|PATH] [key=value | --key value ...]"
+            f"  (default config: {default})"
+        )
         print("shipped configs: " + ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml"))))
         print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
         raise SystemExit(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,14 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG = "wt_venice.yaml"
+
+
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
 
 
 class UnknownKeyError(KeyError):
@@ -152,7 +161,7 @@ def print_help(default: str) -> None:
     with open(config_path(default)) as f:
         cfg = yaml.load(f, Loader=ConfigLoader) or {}
     names = sorted(p.stem for p in Path(str(resources.files("dora") / "configs")).glob("*.yaml"))
-    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print(f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
     print("shipped configs: " + ", ".join(names))
     print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
 

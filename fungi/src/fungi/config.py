@@ -23,6 +23,14 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
+
+
 class UnknownKeyError(KeyError):
     """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
 
@@ -134,7 +142,10 @@ def print_help(defaults: dict, default_config: str | None) -> None:
     """Print the usage, the shipped configs and every key with its default (``defaults`` <- ``default_config``)."""
     cfg = merge(defaults, load_yaml(config_path(default_config))) if default_config else defaults
     names = sorted(p.name[:-5] for p in (resources.files("fungi") / "configs").iterdir() if p.name.endswith(".yaml"))
-    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default_config or 'none'})")
+    print(
+        f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]"
+        f"  (default config: {default_config or 'none'})"
+    )
     print("shipped configs: " + ", ".join(names))
     print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in _flatten(cfg).items()))
 

@@ -6,8 +6,10 @@ import copy
 import difflib
 import os
 import re
+import sys
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -22,6 +24,14 @@ ConfigLoader.add_implicit_resolver(
 )
 
 DEFAULT_CONFIG = "dinov2r_vits14"
+
+
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
 
 
 class UnknownKeyError(KeyError):
@@ -129,10 +139,12 @@ def print_help(defaults: dict[str, Any], default: str | None = None) -> None:
     names = sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml"))
     keys = [k for k in _flat_keys(defaults) if not isinstance(get_key(defaults, k), dict) or not get_key(defaults, k)]
     if default is not None:
-        print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+        print(
+            f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})"
+        )
         print("shipped configs: " + ", ".join(names))
     else:
-        print("usage: [key=value | --key value ...]")
+        print(f"usage: {program_name()} [key=value | --key value ...]")
     print("keys (defaults):\n" + "\n".join(f"  {k} = {get_key(defaults, k)!r}" for k in keys))
 
 

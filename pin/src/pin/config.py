@@ -23,6 +23,14 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
+
+
 class UnknownKeyError(KeyError):
     """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
 
@@ -122,7 +130,9 @@ def print_help(default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage
     cfg = load_yaml(config_path(default))
     names = sorted(p.name[:-5] for p in (resources.files("pin") / "configs").iterdir() if p.name.endswith(".yaml"))
     args = f"{usage_args} " if usage_args else ""
-    print(f"usage: {args}[--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print(
+        f"usage: {program_name()} {args}[--config NAME|PATH] [key=value | --key value ...]  (default config: {default})"
+    )
     print("shipped configs: " + ", ".join(names))
     if flags:
         print("options: " + ", ".join(f"{f}=..." for f in flags))

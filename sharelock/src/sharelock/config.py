@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,14 @@ class ConfigLoader(yaml.SafeLoader):
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+def program_name() -> str:
+    """The command as typed, for usage lines: the console script's name, or ``python -m package.module``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "<command>"
 
 
 class UnknownKeyError(KeyError):
@@ -89,7 +98,7 @@ def print_help(default: str) -> None:
     with open(default_config_path(default)) as f:
         cfg = yaml.load(f, Loader=ConfigLoader) or {}
     names = sorted(p.stem for p in default_config_path(default).parent.glob("*.yaml"))
-    print(f"usage: [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
+    print(f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
     print("packaged configs: " + ", ".join(names))
     print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in _flatten(cfg).items()))
 
