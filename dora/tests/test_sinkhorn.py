@@ -37,6 +37,17 @@ def test_matches_reference_where_finite():
     torch.testing.assert_close(sinkhorn_knopp(logits), ref, atol=1e-5, rtol=1e-4)
 
 
+def test_iteration_count_matches_reference_before_convergence():
+    # far from convergence every iteration shows: num_iters is honoured exactly (not one more or one fewer)
+    torch.manual_seed(3)
+    logits = torch.randn(2, 12, 4) * 0.2
+    for iters in (1, 2, 3):
+        torch.testing.assert_close(
+            sinkhorn_knopp(logits, num_iters=iters), reference_sinkhorn(logits, num_iters=iters), atol=1e-5, rtol=1e-4
+        )
+    assert (sinkhorn_knopp(logits, num_iters=1) - sinkhorn_knopp(logits, num_iters=2)).abs().max() > 1e-3
+
+
 def test_hand_case_two_by_two():
     # symmetric 2x2 problem: the marginals already hold, so each patch gets softmax(S / eps)
     logits = torch.tensor([[[0.1, 0.0], [0.0, 0.1]]])

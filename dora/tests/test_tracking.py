@@ -153,3 +153,18 @@ def test_intermediates_against_per_element_loops():
             threshold = normed[t, :, k].mean()  # one threshold for the whole batch
             torch.testing.assert_close(inter["masks"][t, :, k], (normed[t, :, k] > threshold).float())
     assert 0 < inter["masks"].sum() < inter["masks"].numel()
+
+
+def test_structureless_frame_gives_empty_masks():
+    # identical keys in frame 1: every track is uniform, equal to its (batch, patch) mean, and the reference's strict
+    # ">" leaves the masks empty; 4x4 grid so that 1/16 and its L2-normalised 1/4 are exact
+    torch.manual_seed(4)
+    T, B, g, n = 2, 2, 4, 16
+    attn = torch.rand(T, B, H, n + 1, n + 1).softmax(-1)
+    query, key, tokens = torch.randn(T, B, H, n + 1, DH), torch.randn(T, B, H, n + 1, DH), torch.randn(T, B, n, D)
+    key[1] = 0.0
+    images = torch.rand(B, T, 3, g * P, g * P) + 1.0
+    out, inter = track_and_mask(attn, query, key, tokens, images, P, [0, 2], return_intermediates=True)
+    torch.testing.assert_close(inter["tracks"][1], torch.full((B, 2, n), 1 / 16))
+    assert inter["masks"][1].sum() == 0 and (out[:, :, 1] == 0).all()
+    assert 0 < inter["masks"][0].sum() < inter["masks"][0].numel()  # frame 0 still has objects

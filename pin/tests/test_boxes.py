@@ -116,3 +116,6 @@ def test_snap_keeps_grid_boxes_and_encloses_others(codec):
     wide = GridCodec(16, 224, 364)
     assert wide.snap([100, 50, 200, 150]) == [92.0, 46.0, 207.0, 161.0]
     assert wide.snap([0, 0, 363, 363]) == [0.0, 0.0, 364.0, 364.0]
+    # a box on the far border (a VOC edge clipped to 224) snaps to the last cell, not to an empty box past the image
+    assert codec.snap([224, 224, 224, 224]) == [210.0, 210.0, 224.0, 224.0]
+    assert codec.snap([224, 0, 224, 20]) == [210.0, 0.0, 224.0, 28.0]

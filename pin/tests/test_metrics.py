@@ -80,6 +80,9 @@ def test_miou_grid_against_hand_computed_boxes():
 
 def test_precision_at_threshold():
     assert precision_at([[0, 0, 10, 10], [0, 0, 10, 10]], [[0, 0, 10, 10], [50, 50, 60, 60]]) == pytest.approx(50.0)
+    # IoU exactly at the threshold counts as a hit: 30 / 100 = 0.3 and 50 / 100 = 0.5
+    assert precision_at([[0, 0, 3, 10], [0, 0, 2, 10]], [[0, 0, 10, 10], [0, 0, 10, 10]]) == pytest.approx(50.0)
+    assert precision_at([[0, 0, 5, 10]], [[0, 0, 10, 10]], threshold=0.5) == pytest.approx(100.0)
 
 
 def test_shape_mismatch_is_an_error():

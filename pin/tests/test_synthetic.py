@@ -95,6 +95,20 @@ def test_composition_pastes_objects_at_their_boxes():
     assert comp.names == ["red thing"] and comp.phrase == "red thing"
 
 
+def test_boxes_follow_the_cutout_aspect_ratio():
+    # a 4:1 wide and a 1:4 tall cut-out: each gets a box elongated the same way (aspect = width / height)
+    def cutout(h, w):
+        return np.dstack([np.full((h, w, 3), 200, np.uint8), np.full((h, w), 255, np.uint8)])
+
+    pool = ObjectPool([("wide", cutout(8, 32)), ("tall", cutout(32, 8))])
+    composer = Composer(pool, Backgrounds(None), LayoutSampler(), seed=0, fixed_objects=2)
+    for index in range(8):
+        comp = composer.compose(index)
+        for name, (x1, y1, x2, y2) in zip(comp.names, comp.boxes):
+            width, height = x2 - x1 + 1, y2 - y1 + 1
+            assert width > height if name == "wide" else height > width
+
+
 def test_compositions_are_deterministic_and_switch_object_count():
     pool = procedural_pool(["circle", "square", "triangle", "cross"], per_class=2)
     composer = Composer(pool, Backgrounds(None), LayoutSampler(), seed=0)

@@ -48,3 +48,12 @@ def test_probe_scores_the_best_validation_checkpoint(tmp_path, monkeypatch):
     assert scored.keys() == best.keys()
     for key, value in best.items():
         torch.testing.assert_close(scored[key].cpu(), value, rtol=0, atol=0)
+
+
+def test_random_class_split_rounds_the_test_share():
+    """The seeded split holds round(test_fraction * C) test classes (at least one), disjoint from the train ones."""
+    names = [f"class {i}" for i in range(10)]
+    for fraction, n_test in ((0.28, 3), (0.25, 2), (0.04, 1), (0.5, 5)):  # 2.8 -> 3; 2.5 -> 2 (half to even)
+        train, test = probe.class_split(names, None, fraction, seed=1)
+        assert len(test) == n_test and sorted(train + test) == list(range(10))
+    assert probe.class_split(names, None, 0.28, seed=1) == probe.class_split(names, None, 0.28, seed=1)

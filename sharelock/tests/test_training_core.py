@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sharelock.data import eval_transform
-from sharelock.training import build_optimizer
+from sharelock.training import build_optimizer, warmup_cosine
 
 
 def lrs(total=5000, warmup=150, lr=1e-3, schedule="cosine"):
@@ -30,6 +30,7 @@ def test_schedule_warmup_peak_and_end():
     assert values[5000] == pytest.approx(0.0, abs=1e-12)
     assert max(values) == pytest.approx(1e-3)
     assert lrs(total=50, warmup=10, schedule="constant")[10:] == pytest.approx([1e-3] * 41)
+    assert warmup_cosine(5001, 150, 5000) == warmup_cosine(9000, 150, 5000) == 0.0  # stays at 0 past the end
 
 
 def test_optimizer_is_adam_with_coupled_l2():
@@ -41,6 +42,22 @@ def test_optimizer_is_adam_with_coupled_l2():
     # coupled L2: g = 0 + 0.5 * 2 = 1 and the first Adam step moves by lr * g / (|g| + eps) = 0.1;
     # AdamW would decay to 2 - 0.1 * 0.5 * 2 = 1.9 and take no Adam step for a zero gradient
     assert p.item() == pytest.approx(2.0 - 0.1, abs=1e-6)
+
+
+def test_adam_betas_and_eps_match_a_hand_written_loop():
+    # three steps against Adam written out in float64 with the reference's betas (0.9, 0.999) and eps 1e-8;
+    # the first coordinate's gradients are of the order of eps, so eps shows, and varying gradients show beta2
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt, _ = build_optimizer([p], lr=0.1, weight_decay=0.0, schedule="constant")
+    grads = [[1e-8, 1.0], [3e-8, -2.0], [-2e-8, 0.5]]
+    expected, m, v = np.zeros(2), np.zeros(2), np.zeros(2)
+    for t, g in enumerate(grads, start=1):
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        m = 0.9 * m + 0.1 * np.array(g)
+        v = 0.999 * v + 0.001 * np.array(g) ** 2
+        expected -= 0.1 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-9)
 
 
 def test_eval_transform_matches_manual_pipeline():
