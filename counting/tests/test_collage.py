@@ -56,6 +56,13 @@ def test_sizes_are_correlated_and_in_range():
     assert abs(np.corrcoef(means, spreads)[0, 1]) > 0.5  # larger objects spread more: a per-collage mean size
 
 
+def test_sizes_scale_with_the_collage_size():
+    # the same draws at img_size 112 are the 224-px sizes halved (truncated): int(s * 112 / 224)
+    full = sample_sizes(np.random.default_rng(5), 20, CollageConfig())
+    half = sample_sizes(np.random.default_rng(5), 20, CollageConfig(img_size=112))
+    assert half == [s // 2 for s in full] and max(full) > 1
+
+
 def test_collage_statistics(generator):
     counts, masses = [], []
     pool_ids = generator.objects.cluster_ids

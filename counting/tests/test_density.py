@@ -64,6 +64,17 @@ def test_reflect_padding_at_the_border_matches_scipy_mirror():
     assert float(d.sum()) != pytest.approx(3000.0, rel=1e-3)  # mass is not preserved at borders
 
 
+def test_kernel_as_wide_as_the_reflected_map_is_not_cut():
+    # a 30 px wide box on a 16 px wide map: 31 taps (radius 15) still fit one reflection of the 16 columns
+    boxes = torch.tensor([[-7.0, 15.0, 23.0, 25.0]])  # centre (col 8, row 20), x kernel 31 / 3.75, y 11 / 1.25
+    d = density_from_boxes(boxes, 40, 16)
+    points = np.zeros((40, 16))
+    points[20, 8] = 3000.0
+    expected = ndimage.correlate1d(points, hand_gaussian(31, 3.75), axis=1, mode="mirror")
+    expected = ndimage.correlate1d(expected, hand_gaussian(11, 1.25), axis=0, mode="mirror")
+    assert d.shape == (40, 16) and np.allclose(d.numpy(), expected, atol=1e-3)
+
+
 def test_empty_boxes_give_zeros():
     d = density_from_boxes(torch.zeros(0, 4), 8, 9)
     assert d.shape == (8, 9) and float(d.abs().sum()) == 0.0

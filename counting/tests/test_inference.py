@@ -47,6 +47,10 @@ def test_narrow_image_is_padded():
     image = torch.randn(1, 3, 24, 16)
     out = sliding_window(lambda x: x[:, 1], image, window=24, stride=8)
     assert out.shape == (24, 16) and torch.allclose(out, image[0, 1])
+    seen = []
+    sliding_window(lambda x: seen.append(x) or x[:, 0], image, window=24, stride=8)
+    assert len(seen) == 1 and seen[0].shape == (1, 3, 24, 24)
+    assert torch.equal(seen[0][..., :16], image) and (seen[0][..., 16:] == 0).all()  # zeros on the right
 
 
 def test_wrong_height_is_an_error():
@@ -64,6 +68,11 @@ def test_tiles_cover_grid_with_remainder():
     assert tiles[0][0, 0, 0, 0] == image[0, 0, 0, 0]
     assert tiles[8][0, 0, -1, -1] == image[0, 0, -1, -1]
     assert tiles[4][0, 0, 0, 0] == image[0, 0, 3, 4]
+    # 11 x 14: bounds 2 * (side // 3), not 2 * side // 3: rows [0,3), [3,6), [6,11); cols [0,4), [4,8), [8,14)
+    image = torch.arange(11 * 14, dtype=torch.float32).reshape(1, 1, 11, 14).expand(1, 3, 11, 14).contiguous()
+    tiles = tiles_3x3(image)
+    assert tiles[8][0, 0, 0, 0] == image[0, 0, 6, 8]
+    assert float(tiles[4][0, 0, -1, -1]) == pytest.approx(float(image[0, 0, 5, 7]))
 
 
 def test_exemplar_normalisation_by_hand():
@@ -76,6 +85,8 @@ def test_exemplar_normalisation_by_hand():
     assert exemplar_normalised_count(density, rects, threshold=3.5) == pytest.approx(6.0)
     assert exemplar_normalised_count(density, rects[1:], threshold=1.8) == pytest.approx(3.0)  # mean 2
     assert exemplar_normalised_count(density, rects[:0]) == pytest.approx(6.0)
+    # a mean exemplar mass of exactly the threshold does not normalise (strictly greater)
+    assert exemplar_normalised_count(density, rects[1:], threshold=2.0) == pytest.approx(6.0)
 
 
 def test_exemplar_normalisation_scaled_rects():

@@ -32,3 +32,9 @@ def test_length_mismatch():
 
 def test_kendall_tau_perfect_order():
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+
+
+def test_images_without_objects_are_in_the_low_subset():
+    m = count_metrics([2.0, 10.0, 30.0], [0, 16, 20])  # errors 2, -6 (low), 10 (medium)
+    assert m["low"] == pytest.approx({"mae": 4.0, "rmse": math.sqrt(20)})
+    assert m["medium"] == pytest.approx({"mae": 10.0, "rmse": 10.0})

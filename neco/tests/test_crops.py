@@ -64,3 +64,12 @@ def test_impossible_overlap_raises():
 def test_bad_shapes():
     with pytest.raises(ValueError, match="crop_sizes has 2 entries"):
         overlap_boxes(torch.zeros(3, 4), [1, 2])
+
+
+def test_second_global_crop_needs_twice_the_overlap():
+    # with min_intersection 0.1 the global crops must share > 20 % of the image (the reference's doubled threshold):
+    # intersections between 10 % and 20 % are common among global crops of scale (0.25, 1), so a single threshold shows
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        boxes = sample_crop_boxes(100, 100, num_local=0, min_intersection=0.1, generator=gen)
+        assert box_area(intersect(boxes[0], boxes[1])) > 0.2 * 100 * 100

@@ -124,6 +124,40 @@ def test_overclustering_random_features_score_low():
     assert over["K=3"]["miou"] < 0.8
 
 
+def test_overclustering_matching_and_standardised_features_by_hand(monkeypatch):
+    # 5 images of 2 x 2 patches (4 px); per patch block: (ground-truth class, cluster id for K=2, cluster id for K=3)
+    blocks = [(0, 0, 0)] * 6 + [(0, 1, 0)] * 2 + [(0, 1, 2)] * 4 + [(0, 1, 1)] * 3 + [(1, 1, 1)] * 2 + [(255, 0, 2)] * 3
+    gt, ids = np.array([b[0] for b in blocks]), {k: np.array([b[k - 1] for b in blocks]) for k in (2, 3)}
+    masks = np.kron(gt.reshape(5, 2, 2), np.ones((4, 4), np.uint8)).astype(np.uint8)  # (5, 8, 8)
+    data = [(Image.new("RGB", (8, 8)), Image.fromarray(mask)) for mask in masks]
+    features = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 10.0, 100.0])
+
+    def fake_kmeans(x, k, seed, niter, nredo):
+        # standardised then PCA-rotated (all 3 components kept): every feature contributes variance 1
+        assert x.shape == (20, 3) and x.var(0).sum() == pytest.approx(3.0, rel=1e-4)
+        return ids[k]
+
+    monkeypatch.setattr("neco.evaluation._kmeans", fake_kmeans)
+    over = overclustering(
+        lambda images: features[: len(images)],
+        data,
+        2,
+        4,
+        ks=[2, 3],
+        input_size=8,
+        mask_size=8,
+        seeds=[0],
+        progress=False,
+    )
+    # K = 2 = classes, Hungarian on IoU. Blocks (class, cluster): (0,0) 6, (0,1) 9, (1,1) 2. Cluster 0 -> class 0,
+    # 1 -> 1: IoUs 6/15, 2/11 (mean .291); the swap has more true positives (9 vs 8) but IoUs 9/17, 0 (mean .265);
+    # many-to-one would send both clusters to class 0: 15/17, 0
+    assert over["K=2"]["miou"] == pytest.approx((6 / 15 + 2 / 11) / 2)
+    # K = 3 > classes, many-to-one on counts: cluster 1 holds 3 blocks of class 0 and 2 of class 1 (all of class 1's)
+    # and goes to class 0 like the others: IoUs 15/17, 0; by share of each class it would go to class 1
+    assert over["K=3"]["miou"] == pytest.approx(15 / 17 / 2)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("neco_run")

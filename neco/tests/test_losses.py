@@ -76,7 +76,9 @@ def _batch(seed=0, batch=2, dim=6):
     return teacher, student, boxes, perms
 
 
-def _slow_loss(teacher, student, boxes, perms, steepness, patch=14, banks=None):
+def _slow_loss(
+    teacher, student, boxes, perms, steepness, patch=14, banks=None, teacher_steepness=None, similarity="cosine"
+):
     """Per image, per pair, with boxes from the textbook formula: the reference's loop structure."""
     batch = boxes.shape[0]
     total = []
@@ -97,9 +99,12 @@ def _slow_loss(teacher, student, boxes, perms, steepness, patch=14, banks=None):
         for b in range(batch):
             refs = pooled[perms[p][b * 49 : (b + 1) * 49]]
             ranks = []
-            for feats in (t_al[b], s_al[b]):
-                sims = F.normalize(feats, dim=-1) @ F.normalize(refs, dim=-1).T  # (49 queries, 49 refs)
-                ranks.append(soft_sort(sims, "bitonic", steepness)[1])
+            for feats, beta in ((t_al[b], teacher_steepness or steepness), (s_al[b], steepness)):
+                if similarity == "cosine":
+                    sims = F.normalize(feats, dim=-1) @ F.normalize(refs, dim=-1).T  # (49 queries, 49 refs)
+                else:
+                    sims = ((feats[:, None] - refs[None]) ** 2).sum(-1).sqrt()
+                ranks.append(soft_sort(sims, "bitonic", beta)[1])
             sub.append(-(ranks[0] * ranks[1].log()).sum(-1).mean())
         total.append(torch.stack(sub).mean())
     return torch.stack(total).mean()
@@ -120,6 +125,17 @@ def test_neco_loss_matches_slow_loop_with_reference_banks():
     fast = neco_loss(teacher, student, boxes, SIZES, 14, references=banks, ref_indices=perms, steepness=30.0)
     slow = _slow_loss(teacher, student, boxes, perms, 30.0, banks=banks)
     torch.testing.assert_close(fast, slow)
+
+
+@pytest.mark.parametrize("teacher_steepness,similarity", [(1000.0, "cosine"), (None, "euclidean")])
+def test_neco_loss_teacher_steepness_and_similarity_match_slow_loop(teacher_steepness, similarity):
+    """loss.teacher_steepness sharpens the teacher's ranks only; loss.similarity applies to teacher and student."""
+    teacher, student, boxes, perms = _batch(seed=7)
+    kwargs = dict(teacher_steepness=teacher_steepness, similarity=similarity)
+    fast = neco_loss(teacher, student, boxes, SIZES, 14, ref_indices=perms, steepness=30.0, **kwargs)
+    slow = _slow_loss(teacher, student, boxes, perms, 30.0, **kwargs)
+    torch.testing.assert_close(fast, slow)
+    assert not torch.isclose(fast, _slow_loss(teacher, student, boxes, perms, 30.0))  # the options matter here
 
 
 def test_gradients_reach_only_the_student():

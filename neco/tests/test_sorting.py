@@ -37,6 +37,7 @@ def _recursive_bitonic(vals, weights, up, steepness):
 
 
 def _bitonic_merge(vals, weights, up, steepness):
+    """Entries None are virtual wires: comparators touching them are skipped."""
     n = len(vals)
     if n <= 1:
         return vals, weights
@@ -44,6 +45,8 @@ def _bitonic_merge(vals, weights, up, steepness):
     vals, weights = list(vals), list(weights)
     for i in range(h):
         lo, hi = (i, i + h) if up else (i + h, i)  # wire receiving the min, wire receiving the max
+        if vals[lo] is None or vals[hi] is None:
+            continue
         al, be = _relaxed_pair(vals[lo], vals[hi], steepness)
         xa, xb = vals[lo], vals[hi]
         wa, wb = weights[lo], weights[hi]
@@ -64,6 +67,18 @@ def test_bitonic_matches_textbook_recursion(steepness):
         v, w = _recursive_bitonic(x[m].tolist(), eye, True, steepness)
         torch.testing.assert_close(values[m], torch.tensor(v, dtype=torch.float64))
         torch.testing.assert_close(perm[m], torch.tensor(w, dtype=torch.float64).T)
+
+
+def test_bitonic_49_is_the_64_wire_recursion_without_its_15_lowest_wires():
+    # n = 49 (7 x 7 references): diffsort's layout, i.e. the textbook network on 64 wires with every comparator that
+    # touches one of the 15 lowest (virtual) wires dropped; not the padded all-ascending form, which also sorts
+    x = torch.randn(2, 49, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    values, perm = soft_sort(x, "bitonic", 10.0)
+    for m in range(2):
+        eye = [[1.0 if i == j else 0.0 for i in range(49)] for j in range(49)]
+        v, w = _recursive_bitonic([None] * 15 + x[m].tolist(), [None] * 15 + eye, True, 10.0)
+        torch.testing.assert_close(values[m], torch.tensor(v[15:], dtype=torch.float64))
+        torch.testing.assert_close(perm[m], torch.tensor(w[15:], dtype=torch.float64).T)
 
 
 @pytest.mark.parametrize("network,n", [("bitonic", 49), ("bitonic", 22), ("odd_even", 7), ("odd_even", 49)])
