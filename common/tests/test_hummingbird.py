@@ -82,6 +82,15 @@ def test_patch_without_labelled_pixels_keeps_score_1e6_whatever_its_draw():
     assert rare_class_scores(mask, 2, 3, ignore_as_background=False)[0, 0] == 1e6
 
 
+def test_select_memory_patches_multiplies_score_by_draw_hand_case():
+    # scores [5, 4, 4, 4] (see the rare-class hand case), draws [0.1, 0.2, 0.9, 0.9]: products [0.5, 0.8, 3.6, 3.6],
+    # so the rare patch 0 comes first though its score alone is the largest.
+    mask = torch.zeros(1, 4, 4, dtype=torch.long)
+    mask[0, 0, 0] = 1
+    chosen = select_memory_patches(mask, 2, 2, k=2, draws=torch.tensor([[0.1, 0.2, 0.9, 0.9]]))
+    assert chosen[0].tolist() == [0, 1]
+
+
 def test_build_memory_unbounded_and_bounded():
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(2, 4, 3, generator=g)
@@ -113,6 +122,25 @@ def test_transfer_labels_matches_slow_loop():
             torch.testing.assert_close(got[m, p], (w[:, None] * labels[idx]).sum(0), atol=1e-5, rtol=1e-5)
 
 
+def test_transfer_labels_defaults_are_k30_and_temperature_002():
+    """The protocol's k = 30 neighbours and softmax temperature 0.02, checked against the slow loop, in the evaluator
+    too. The memory rows lie close together (cosines within a few T) so that the 30 neighbours all weigh in."""
+    import inspect
+
+    g = torch.Generator().manual_seed(4)
+    memory = torch.nn.functional.normalize(torch.tensor([1.0, 0, 0, 0]) + 0.1 * torch.randn(60, 4, generator=g), dim=1)
+    labels = torch.softmax(torch.randn(60, 3, generator=g), dim=1)
+    queries = torch.randn(1, 3, 4, generator=g)
+    got = transfer_labels(memory, labels, queries, backend="torch")
+    for p in range(3):
+        q = torch.nn.functional.normalize(queries[0, p], dim=0)
+        cos, idx = torch.topk(memory @ q, 30)
+        w = torch.softmax(cos / 0.02, dim=0)
+        torch.testing.assert_close(got[0, p], (w[:, None] * labels[idx]).sum(0), atol=1e-5, rtol=1e-5)
+    params = inspect.signature(HummingbirdEvaluator).parameters
+    assert (params["num_neighbors"].default, params["temperature"].default) == (30, 0.02)
+
+
 def test_transfer_labels_weights_are_cosines_for_a_memory_of_any_norm():
     # The reference re-normalises the retrieved keys (cross_attention: F.normalize(k)), so a bank whose rows are not
     # unit-norm is ranked by raw inner product but weighted by softmax(cos / T). Hand case, D = 2, k = 2:
@@ -130,6 +158,31 @@ def test_upsample_row_major_quadrants():
     out = upsample_predictions(probs, 4)
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
     assert torch.equal(out[0], expected)
+
+
+def test_upsample_is_bilinear_with_half_pixel_centres():
+    """Slow reference: output pixel x samples the patch grid at (x + 0.5) * S / size - 0.5 (clamped at 0), bilinear
+    between the two nearest patch centres (align_corners=False), then argmax over classes."""
+    g = torch.Generator().manual_seed(5)
+    s, size, c = 3, 12, 4
+    probs = torch.softmax(3 * torch.randn(2, s * s, c, generator=g), dim=-1)
+
+    def taps(x):
+        src = max((x + 0.5) * s / size - 0.5, 0.0)
+        i0 = int(src)
+        return i0, min(i0 + 1, s - 1), src - i0
+
+    grid = probs.reshape(2, s, s, c)
+    expected = torch.zeros(2, size, size, dtype=torch.long)
+    for y in range(size):
+        r0, r1, ly = taps(y)
+        for x in range(size):
+            c0, c1, lx = taps(x)
+            value = (1 - ly) * ((1 - lx) * grid[:, r0, c0] + lx * grid[:, r0, c1]) + ly * (
+                (1 - lx) * grid[:, r1, c0] + lx * grid[:, r1, c1]
+            )
+            expected[:, y, x] = value.argmax(-1)
+    assert torch.equal(upsample_predictions(probs, size), expected)
 
 
 def _evaluator(feature_fn, **kw):
@@ -153,6 +206,25 @@ def test_colour_features_reach_near_perfect_miou_and_noise_does_not():
     noise = _evaluator(lambda x: torch.randn(x.shape[0], 64, 16)).evaluate()
     assert noise["miou"] < 0.6
     assert noise["miou"] < perfect["miou"] - 0.3
+
+
+def test_evaluate_scores_the_predictions_with_hungarian_matching():
+    """evaluate() is the mIoU (Hungarian) of predict() on the validation transform's masks; weak features make the
+    matching matter (identity scores differently)."""
+    from funai_common.metrics import miou
+
+    w = torch.randn(192, 1, generator=torch.Generator().manual_seed(0))
+
+    def fn(x):  # a 1-D random projection of each 8 x 8 patch: poor features
+        return x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], 64, -1) @ w
+
+    ev = _evaluator(fn)
+    pairs = [ev.val_transform(*ev.val_dataset[i]) for i in range(4)]
+    images, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    pred = ev.predict(images)
+    result = ev.evaluate()
+    assert result["miou"] == pytest.approx(miou(masks, pred, 4, ignore_index=ev.ignore_index)[0], abs=1e-12)
+    assert result["miou"] != pytest.approx(miou(masks, pred, 4, ignore_index=ev.ignore_index, matching="identity")[0])
 
 
 def test_bounded_memory_is_seeded():

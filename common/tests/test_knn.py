@@ -69,6 +69,18 @@ def test_matches_reference_loop(n_test):
         assert got["top5"] == pytest.approx(want[1], abs=1e-9)
 
 
+def test_defaults_are_dino_k20_and_temperature_007():
+    """The paper's k-NN numbers use k = 20 and T = 0.07: the defaults must be those (checked against the loop)."""
+    rng = np.random.default_rng(0)
+    train_f, test_f = rng.normal(size=(200, 8)), rng.normal(size=(60, 8))
+    train_y, test_y = rng.integers(0, 6, 200), rng.integers(0, 6, 60)
+    want = reference_knn(train_f, train_y, test_f, test_y, 20, 0.07, 6)
+    for k, t in ((10, 0.07), (20, 0.1)):  # the case tells k and T apart
+        assert want != reference_knn(train_f, train_y, test_f, test_y, k, t, 6)
+    got = knn_classify(train_f, train_y, test_f, test_y)
+    assert (got["top1"], got["top5"]) == pytest.approx(want, abs=1e-9)
+
+
 def test_many_k_from_one_search_equals_single_k():
     rng = np.random.default_rng(0)
     train_f, test_f = rng.normal(size=(200, 8)), rng.normal(size=(50, 8))

@@ -38,6 +38,36 @@ def test_hungarian_undoes_a_permutation():
     assert miou(gt, perm[gt], num_classes=4, matching="identity")[0] < 0.5
 
 
+def test_hungarian_maximises_iou_not_overlap_or_dice():
+    # gt [0, 1, 1, 1, 1], pred [1, 0, 1, 1, 1]: identity gives IoUs (0, 3/5), mean 0.3; the swap gives (1/4, 1/4).
+    # A Dice-like score TP / (|gt| + |pred|) would prefer the swap (1/5 + 1/5 > 0 + 3/8).
+    value, per_class = miou(np.array([0, 1, 1, 1, 1]), np.array([1, 0, 1, 1, 1]), num_classes=2)
+    np.testing.assert_allclose(per_class, [0.0, 3 / 5])
+    assert value == pytest.approx(0.3)
+    # gt [0, 0, 1 x 7], pred [0 x 7, 1, 1]: identity overlaps 2 + 2 pixels, IoUs (2/7, 2/7); the swap overlaps 0 + 5
+    # pixels (more) but scores (0, 5/9), a lower mean: Hungarian keeps the identity.
+    gt, pred = np.array([0, 0] + [1] * 7), np.array([0] * 7 + [1, 1])
+    value, per_class = miou(gt, pred, num_classes=2)
+    np.testing.assert_allclose(per_class, [2 / 7, 2 / 7])
+
+
+def test_many_to_one_goes_by_overlap_not_by_recall():
+    # 10 pixels of class 0, 2 of class 1; cluster 0 holds 4 of class 0 and both of class 1 -> class 0 (4 > 2 pixels,
+    # though it holds all of class 1 and only 40 % of class 0); cluster 1 holds 6 of class 0 -> class 0.
+    gt = np.array([0] * 10 + [1] * 2)
+    pred = np.array([0] * 4 + [1] * 6 + [0] * 2)
+    value, per_class = miou(gt, pred, num_classes=2, matching="many_to_one")
+    np.testing.assert_allclose(per_class, [10 / 12, 0.0])  # everything predicted class 0
+    assert value == pytest.approx(5 / 12)
+
+
+def test_predicted_ids_outside_the_range_are_left_out():
+    # a negative id or one >= num_predicted must not land in another cell of the flat confusion matrix
+    cm = ConfusionMatrix(2, ignore_index=None)
+    cm.update(np.array([1, 1, 0, 0]), np.array([-1, 0, 2, 0]))
+    assert cm.matrix.tolist() == [[1, 0], [1, 0]]
+
+
 def test_absent_class_counts_as_zero_and_unmatched_predictions_go_to_zero():
     gt = np.array([0, 0, 1, 1])
     value, per_class = miou(gt, gt, num_classes=4)
@@ -160,3 +190,59 @@ def test_linear_probe_takes_bfloat16_features():
     x = torch.from_numpy(centres[y] + rng.normal(size=(300, 5))).bfloat16()
     result = linear_probe(x[:200], torch.from_numpy(y[:200]), x[200:], torch.from_numpy(y[200:]), C=1.0)
     assert result["top1"] > 95
+
+
+def test_linear_probe_candidates_use_the_size_of_the_fit_part(monkeypatch):
+    """Each lambda candidate is fitted on the (1 - val_fraction) part with C = 1/(n_fit lambda); the default
+    val_fraction 0.1 leaves 90 of 100 items; the stratified split keeps the class balance (45 + 45)."""
+    import funai_common.linear as linear
+
+    fits = []
+    real_fit = linear._fit
+
+    def spy(features, labels, C, **kw):
+        fits.append((len(labels), np.bincount(labels).tolist(), C))
+        return real_fit(features, labels, C, **kw)
+
+    monkeypatch.setattr(linear, "_fit", spy)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    x = y[:, None] + rng.normal(size=(100, 3))
+    linear.linear_probe(x, y, x, y, lambdas=(1e-2, 1e-1), standardize=False)
+    assert [f[:2] for f in fits[:2]] == [(90, [45, 45])] * 2
+    assert [f[2] for f in fits[:2]] == pytest.approx([1 / (90 * 1e-2), 1 / (90 * 1e-1)])
+    assert fits[2][0] == 100  # the refit on all of train
+
+
+def test_linear_probe_standardises_with_the_training_statistics():
+    # 1-D, classes at -1 and +1, no intercept: after centring, the boundary sits at the mean used for it. Test points
+    # 0.6..1.2 are all class 1: centred with the training mean (~0) they are all right of the boundary; centred with
+    # their own mean (0.9), half would fall on the wrong side.
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    x = (2.0 * y - 1.0 + 0.3 * rng.normal(size=40))[:, None]
+    test = np.array([[0.6], [0.8], [1.0], [1.2]])
+    assert linear_probe(x, y, test, np.ones(4), C=1.0, fit_intercept=False)["top1"] == 100.0
+    mean, std = x.mean(), x.std()
+    ref = LogisticRegression(C=1.0, fit_intercept=False, random_state=0).fit((x - mean) / std, y)
+    assert (ref.predict((test - mean) / std) == 1).all()
+
+
+def test_linear_probe_top5_against_sklearn_probabilities():
+    """7 overlapping classes: top-5 is the share of test labels among the 5 most probable classes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 7, 280)
+    x = rng.normal(size=(7, 4))[y] + 1.5 * rng.normal(size=(280, 4))
+    result = linear_probe(x[:200], y[:200], x[200:], y[200:], C=1.0)
+    scaler = StandardScaler().fit(x[:200])
+    ref = LogisticRegression(C=1.0, random_state=0).fit(scaler.transform(x[:200]), y[:200])
+    ranking = np.argsort(-ref.predict_proba(scaler.transform(x[200:])), axis=1)
+    hits = ranking == y[200:, None]
+    assert result["top1"] == pytest.approx(100 * hits[:, 0].mean())
+    assert result["top5"] == pytest.approx(100 * hits[:, :5].any(1).mean())
+    assert hits[:, :5].any(1).mean() > hits[:, :3].any(1).mean() > hits[:, 0].mean()  # the window size matters

@@ -9,7 +9,15 @@ from PIL import Image
 
 from fungi import demo, eval, extract
 from fungi.config import parse_overrides, resolve
-from fungi.evaluation import evaluate_blocks, few_shot_indices, fit_pca, knn_predict, knn_scores
+from fungi.evaluation import (
+    accuracy_scores,
+    concat_blocks,
+    evaluate_blocks,
+    few_shot_indices,
+    fit_pca,
+    knn_predict,
+    knn_scores,
+)
 from fungi.runs import load_features
 
 TINY = ["--config", "tiny", "limit=12", "dino.num_local=2", "simclr.stride_scale=2", "simclr.num_negatives=2"]
@@ -194,6 +202,29 @@ def test_knn_auc_matches_brute_force_vote_and_pair_count():
         rows[0]["6shot_auc"]
         == knn_scores(train[idx].numpy(), train_labels[idx], test.numpy(), test_labels, 7, None)["auc"]
     )
+
+
+def test_accuracy_scores_mean_per_class_is_the_mean_recall():
+    # labels [0, 0, 0, 1], predictions [0, 0, 1, 1]: recalls 2/3 and 1 -> 83.3 %; top-1 3/4
+    scores = accuracy_scores([0, 0, 0, 1], [0, 0, 1, 1])
+    assert scores == pytest.approx({"top1": 75.0, "mean_per_class": 100 * (2 / 3 + 1) / 2})
+
+
+def test_concat_blocks_normalises_each_block_before_concatenating():
+    blocks = {"embeddings": torch.tensor([[3.0, 4.0]]), "kl": torch.tensor([[0.0, 10.0]])}
+    torch.testing.assert_close(concat_blocks(blocks, ["kl", "embeddings"]), torch.tensor([[0.0, 1.0, 0.6, 0.8]]))
+
+
+def test_clustering_row_scores_the_test_split():
+    # test: 3 tight groups on the unit circle with labels 0, 1, 2 -> k-means recovers them (NMI = ARI = 100);
+    # train: random points with random labels (clustering it would score far lower)
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.tensor([0.0, 2.1, 4.2]).repeat_interleave(10) + 0.05 * torch.randn(30, generator=gen)
+    test = torch.stack([angles.cos(), angles.sin()], 1)
+    train = torch.randn(30, 2, generator=gen)
+    train_labels, test_labels = torch.randint(0, 3, (30,), generator=gen), torch.arange(3).repeat_interleave(10)
+    rows = evaluate_blocks({"embeddings": train}, train_labels, {"embeddings": test}, test_labels, ("clustering",))
+    assert rows[0]["kmeans_nmi"] == pytest.approx(100.0) and rows[0]["kmeans_ari"] == pytest.approx(100.0)
 
 
 def test_demo_quick(tmp_path):

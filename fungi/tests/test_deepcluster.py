@@ -69,6 +69,13 @@ def test_kmeans_hand_case_keeps_unnormalised_means():
         inner_product_kmeans(x, 5, torch.Generator())
 
 
+def test_kmeans_returns_the_assignments_to_the_final_centroids():
+    # one round from random rows does not converge: the returned assignments must be recomputed after the last move
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    centroids, assignments = inner_product_kmeans(x, 4, torch.Generator().manual_seed(0), iters=1, backend="torch")
+    assert torch.equal(assignments, (x @ centroids.T).argmax(1))
+
+
 def test_kmeans_is_seeded_and_backends_agree():
     x = F.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fungi.losses import dino_loss, kl_uniform_loss, simclr_loss
+from fungi.losses import dino_loss, dino_per_sample, kl_uniform_loss, simclr_loss
 
 
 @pytest.mark.filterwarnings("ignore:reduction")
@@ -35,6 +35,7 @@ def test_dino_matches_pairwise_loop_and_hand_case():
             p = torch.softmax(teacher[:, g] / 0.07, -1)
             total += -(p * torch.log_softmax(student[:, v] / 0.1, -1)).sum(-1)
     assert torch.allclose(dino_loss(student, teacher), total.mean(), rtol=1e-5)
+    assert torch.allclose(dino_per_sample(student, teacher), total, rtol=1e-5)  # same default temperatures
     # hand case: uniform teacher, 1 teacher view, 1 student view with logits [0, log 3 * 0.1]:
     # q = (1/4, 3/4), CE = -(1/2 log 1/4 + 1/2 log 3/4)
     s = torch.tensor([[[0.0, math.log(3.0) * 0.1]]])

@@ -102,6 +102,13 @@ def test_precision_at_k_hand_cases():
     assert np.isnan(mean_precision_at_k(rankings, [{"easy": [], "hard": []}], "medium"))
 
 
+def test_rank_database_keeps_database_order_among_ties():
+    # 40 rows (more than numpy's insertion-sort cut-off) with two scores only: each score group in index order
+    database = np.array([[1.0, 0.0], [2.0, 0.0]] * 20)
+    expected = list(range(1, 40, 2)) + list(range(0, 40, 2))
+    assert rank_database(database, np.array([[1.0, 5.0]])).tolist() == [expected]
+
+
 def test_medium_and_hard_setups_hand_case():
     query = {"easy": [10], "hard": [11], "junk": [12]}
     assert [a.tolist() for a in setup_lists(query, "medium")] == [[10, 11], [12]]
