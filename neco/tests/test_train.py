@@ -134,6 +134,8 @@ def test_config_errors():
     assert str(err.value).startswith("unknown config key 'optim.lrr'; valid keys: ")  # printed unquoted
     with pytest.raises(KeyError, match=r"^unknown config key 'loss.netwrk' \(did you mean loss.network\?\); valid"):
         load_config(["loss.netwrk=odd_even"])
+    with pytest.raises(ValueError, match=r"^loss=3: loss is a section; set its fields, e.g. loss.network=\.\.\.$"):
+        load_config(["loss=3"])
     with pytest.raises(FileNotFoundError, match="config 'nope' not found.*tiny"):
         load_config(["--config", "nope"])
     cfg = load_config(["--config", "tiny", "--optim.batch_size", "8", "loss.network=odd_even", "optim.lr_head=1e-4"])

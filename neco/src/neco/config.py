@@ -83,7 +83,8 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
             raise UnknownKeyError(dotted, valid)
         if i == len(parts) - 1:
             if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
-                raise KeyError(f"config key {dotted!r} is a section; set one of its fields ({dotted}.<field>=...)")
+                example = f"{dotted}.{next(iter(node[part]))}"
+                raise ValueError(f"{dotted}={value!r}: {dotted} is a section; set its fields, e.g. {example}=...")
             node[part] = value
         else:
             node = node[part]
