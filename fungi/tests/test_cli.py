@@ -354,3 +354,27 @@ def test_an_impossible_lambda_split_is_reported_before_any_work(tmp_path):
     assert rows[0]["linear_top1"] >= 0
     check_lambda_split(torch.arange(50) % 10)  # 10 validation items for 10 classes: possible
     check_lambda_split([0, 0, 1, 2, 3])  # a class with one item: linear_probe does not stratify
+
+
+def test_features_file_round_trip(tmp_path):
+    from fungi.runs import save_features
+
+    gen = torch.Generator().manual_seed(0)
+    splits = {
+        "train": (
+            {"embeddings": torch.randn(3, 4, generator=gen), "kl": torch.randn(3, 4, generator=gen)},
+            torch.tensor([2, 0, 1]),
+        ),
+        "test": (
+            {"embeddings": torch.randn(2, 4, generator=gen), "kl": torch.randn(2, 4, generator=gen)},
+            torch.tensor([1, 1]),
+        ),
+    }
+    save_features(tmp_path / "f.safetensors", splits, {"config": {"seed": 3}})
+    loaded, meta = load_features(tmp_path / "f.safetensors")
+    assert meta == {"config": {"seed": 3}} and sorted(loaded) == ["test", "train"]
+    for split, (blocks, labels) in splits.items():
+        assert loaded[split][1].dtype == torch.long and torch.equal(loaded[split][1], labels)
+        assert sorted(loaded[split][0]) == ["embeddings", "kl"]
+        for name, value in blocks.items():
+            assert torch.equal(loaded[split][0][name], value), (split, name)

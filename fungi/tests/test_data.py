@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fungi.data import build_split, read_table, torchvision_dataset, validation_split, wave_to_float
+from fungi.data import build_split, label_ids, read_table, torchvision_dataset, validation_split, wave_to_float
 
 
 def test_tsv_quotes_are_plain_characters(tmp_path):
@@ -99,3 +99,20 @@ def test_wave_to_float_scales_by_dtype_range():
     assert wave_to_float(floats).tolist() == [0.25, -2.0]
     stereo = np.array([[16384, -16384]], dtype=np.int16)
     assert wave_to_float(stereo).tolist() == [[0.5, -0.5]]
+
+
+def test_label_ids_number_integer_labels_by_value_and_words_alphabetically():
+    assert label_ids(["10", "2", "-1", "2", "0"]) == ([3, 2, 0, 2, 1], ["-1", "0", "2", "10"])
+    assert label_ids(["neg", "pos", "neg", "mixed"]) == ([1, 2, 1, 0], ["mixed", "neg", "pos"])
+    assert label_ids(["b"], ["c", "b"]) == ([1], ["c", "b"])
+    with pytest.raises(ValueError, match="not in the training classes"):
+        label_ids(["d"], ["c", "b"])
+
+
+def test_text_test_split_uses_the_training_class_ids(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\na\tcat\nb\tdog\nc\temu\n")
+    (tmp_path / "test.tsv").write_text("text\tlabel\nd\temu\ne\tcat\n")  # no dog: emu is still class 2
+    data = {"kind": "text", "train_file": str(tmp_path / "train.tsv"), "test_file": str(tmp_path / "test.tsv")}
+    train, test = build_split(data, "train"), build_split(data, "test")
+    assert [train[i][1] for i in range(3)] == [0, 1, 2]
+    assert [test[i] for i in range(2)] == [("d", 2), ("e", 0)]

@@ -111,6 +111,10 @@ def test_every_block_and_the_concat_order_match_an_independent_computation(image
         expected.append(F.normalize(grads.reshape(4, -1) @ proj.T, dim=-1))
     # embeddings first, then KL, DINO, SimCLR, each block L2-normalised separately
     assert torch.allclose(feats, torch.cat(expected, dim=1), atol=1e-4)
+    blocks = ex.blocks(images)  # named blocks (features files, per-block evaluation): each under its own name
+    assert list(blocks) == ["embeddings", "kl", "dino", "simclr"]
+    for name, value in zip(blocks, expected):
+        assert torch.allclose(blocks[name], value, atol=1e-4), name
 
 
 def test_seed_reproducibility_and_save_load(tmp_path, images, bank_images):
@@ -199,3 +203,16 @@ def test_projection_lives_on_the_extractor_device():
     ex = FUNGIExtractor(tiny_timm(), seed=0, device="meta")
     ex.build(8)
     assert ex.projection.device.type == "meta" and ex.projection.dtype == torch.int8
+
+
+def test_extract_blocks_keeps_dataset_order_and_labels_across_batches(images):
+    ex = make(objectives=("kl",))
+    labels = [3, 1, 4, 1]
+    items = [(image, y, f"extra {i}") for i, (image, y) in enumerate(zip(images, labels))]  # label: second entry
+    blocks, ys = ex.extract_blocks(items, batch_size=3)  # batches of 3 and 1
+    assert ys.dtype == torch.long and ys.tolist() == labels
+    whole = ex.blocks(images)
+    assert list(blocks) == ["embeddings", "kl"]
+    for name in blocks:
+        assert torch.allclose(blocks[name], whole[name], atol=1e-5), name
+    assert ex.extract_blocks(list(images), batch_size=3)[1].tolist() == [-1] * 4  # unlabelled inputs

@@ -214,3 +214,25 @@ def test_encoder_only_model_with_a_decoder_module_is_kept_whole():
 def test_unavailable_pretrained_weights_are_an_error_naming_the_model(offline_hub, name):
     with pytest.raises(FileNotFoundError, match=f"pretrained weights of model={name} not available.*checkpoint=PATH"):
         build_backbone(name)
+
+
+class _HiddenStates(torch.nn.Module):
+    """Stands in for a Hugging Face encoder: last_hidden_state (B, 4, 2) with token t holding the value t."""
+
+    def forward(self, **inputs):
+        from types import SimpleNamespace
+
+        batch = next(iter(inputs.values())).shape[0]
+        hidden = torch.arange(4.0)[None, :, None].expand(batch, 4, 2) + torch.tensor([0.0, 10.0])
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+def test_hugging_face_pooling_per_modality():
+    from fungi.models import HFAudioEmbedder, HFImageEmbedder, HFTextEmbedder
+
+    stub = _HiddenStates()
+    cls = torch.tensor([[0.0, 10.0]] * 2)
+    assert torch.equal(HFImageEmbedder(stub)(torch.zeros(2, 3, 8, 8)), cls)  # CLS token, pooler unused
+    assert torch.equal(HFTextEmbedder(stub)(torch.zeros(2, 5, dtype=torch.long)), cls)  # first token
+    # AST: mean of the CLS (token 0) and distillation (token 1) tokens
+    assert torch.equal(HFAudioEmbedder(stub)(torch.zeros(2, 16, 8)), torch.tensor([[0.5, 10.5]] * 2))

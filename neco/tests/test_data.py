@@ -162,3 +162,18 @@ def test_hummingbird_memory_from_a_reference_file_set(tmp_path):
         hummingbird_memory_images(data, {"train_fraction": 0.5, "train_file_set": str(tmp_path / "fs.txt")})
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         hummingbird_memory_images(data, {"train_fraction": 1.0, "train_file_set": str(tmp_path / "missing.txt")})
+
+
+def test_each_sample_and_epoch_gets_its_own_crops():
+    images = _Images(n=4)
+    ds = MultiCropDataset(images, global_size=28, local_size=14, seed=3)
+    boxes = [ds[(0, i)][1] for i in range(4)]  # equal-sized images: only the seed can tell them apart
+    assert all(not torch.equal(boxes[i], boxes[j]) for i in range(4) for j in range(i))
+    assert not torch.equal(MultiCropDataset(images, global_size=28, local_size=14, seed=4)[(0, 0)][1], boxes[0])
+
+
+def test_step_batch_sampler_reshuffles_every_epoch():
+    it = iter(StepBatchSampler(12, 4, seed=1))
+    epochs = [[i for _ in range(3) for _, i in next(it)] for _ in range(3)]
+    assert all(sorted(order) == list(range(12)) for order in epochs)  # each epoch visits every sample once
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]

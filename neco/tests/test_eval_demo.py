@@ -327,3 +327,22 @@ def test_eval_synthetic_data_with_the_default_num_classes(tmp_path):
     cfg = load_config(["data.dataset=synthetic", "data.root=null", "data.synthetic_images=2"], default="eval_voc")
     train, val, num_classes, _ = _datasets(cfg)
     assert (len(train), len(val), num_classes) == (2, 2, 5)
+
+
+def test_train_augmentation_crops_and_flips_image_and_mask_together():
+    from neco.evaluation import _SegTransform
+
+    image = np.zeros((24, 40, 3), np.uint8)
+    image[:, :20, 0] = 255  # red left half: class 1, blue right half: class 2 (crops keep >= 24 of the 40 columns)
+    image[:, 20:, 2] = 255
+    mask = np.where(np.arange(40) < 20, 1, 2).astype(np.uint8)[None].repeat(24, 0)
+    pairs = [(Image.fromarray(image), Image.fromarray(mask))] * 16
+    data = _SegTransform(pairs, input_size=20, mask_size=20, train=True, seed=0)
+    flipped = 0
+    for i in range(len(data)):
+        tensor, target = data[i]
+        red = tensor[0] > 0  # normalised red channel: > 0 on the red stripe only
+        assert set(target.unique().tolist()) == {1, 2}
+        assert ((target == 1) == red).float().mean() > 0.9, i  # a column of blur at the edge at most
+        flipped += bool(target[:, -1].eq(1).all())
+    assert 0 < flipped < len(data)  # some samples were flipped, some not

@@ -324,3 +324,28 @@ def test_freeze_blocks_unknown_block_is_an_error_listing_the_blocks():
     groups = param_groups(student, 1e-5, 1e-4, 0.04)
     assert [len(g["params"]) for g in groups[:2]] == [0, 0]
     torch.optim.AdamW(groups)
+
+
+def test_push_random_draws_from_every_image_of_the_batch():
+    """10 patches per image of 4 images of 49 patches: drawn uniformly from the whole batch (not the first rows)."""
+    q = PatchQueue(1, 64, 2)
+    tokens = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(49.0), indexing="ij"), -1)  # (image, patch)
+    torch.manual_seed(0)
+    q.push_random(0, tokens, per_image=10)
+    bank = q.banks()[0]
+    assert len(bank) == 40 and len({tuple(r) for r in bank.tolist()}) == 40  # distinct patches of the batch
+    assert set(bank[:, 0].tolist()) == {0.0, 1.0, 2.0, 3.0}  # P(one image missing) < 4 * (147/196)^40 ~ 4e-5
+    assert bank[:, 1].max() > 39  # not the leading patches of each image either
+
+
+def test_patch_tokens_of_non_square_images_floor_height_and_width_separately():
+    from neco.models import patch_tokens
+
+    student, _ = build_student_teacher(dict(TINY, drop_path=0.0))
+    student.eval()
+    images = torch.randn(2, 3, 30, 44)  # 30 // 14 = 2 rows, 44 // 14 = 3 columns
+    with torch.no_grad():
+        tokens = patch_tokens(student.backbone, images)
+        expected = patch_tokens(student.backbone, images[..., :28, :42])
+    assert tokens.shape == (2, 6, 48)
+    torch.testing.assert_close(tokens, expected)

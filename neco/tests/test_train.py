@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -246,3 +247,59 @@ def test_resume_with_other_ablation_switches_is_an_error(tiny_args, tmp_path):
     with pytest.raises(ValueError, match=r"loss.mask='all', this run has 'fg'"):
         main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1", "loss.mask=fg"])
     assert main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1"])["step"] == 2
+
+
+def test_optimizer_follows_the_schedules_at_the_global_step(tiny_args, tmp_path, monkeypatch):
+    """Every update uses lr / weight decay of its own step (backbone and head groups, decay groups only), also right
+    after a resume."""
+    from neco.schedules import cosine_schedule
+
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            seen.append([(g["lr"], g["weight_decay"]) for g in self.param_groups])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    run = [f"train.run_dir={tmp_path / 'r'}"]
+    main(tiny_args + run + ["optim.max_steps=3"])
+    main(tiny_args + run + ["optim.max_steps=5", "train.resume=latest"])
+    assert len(seen) == 5
+    # tiny: 8 images, batch 2 -> 4 steps per epoch, 2 epochs
+    lr_backbone = cosine_schedule(1e-4, 0.0, 2, 4)
+    lr_head = cosine_schedule(1e-3, 0.0, 2, 4)
+    wd = cosine_schedule(0.04, 0.5, 2, 4)
+    for step, groups in enumerate(seen):
+        expected = [
+            (lr_backbone[step], wd[step]),
+            (lr_backbone[step], 0.0),
+            (lr_head[step], wd[step]),
+            (lr_head[step], 0.0),
+        ]
+        np.testing.assert_allclose(groups, expected, rtol=1e-12, atol=0, err_msg=f"step {step}")
+
+
+def test_each_global_crop_has_its_own_queue_of_its_teacher_patches(tiny_args, monkeypatch):
+    """At the first step the queues are empty before the push: bank c holds patches of teacher crop c only."""
+    seen = []
+    real = train_mod.neco_loss
+
+    def spy(teacher_global, student_crops, *args, **kwargs):
+        seen.append(([t.detach().clone() for t in teacher_global], [r.clone() for r in kwargs["references"]]))
+        return real(teacher_global, student_crops, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "neco_loss", spy)
+    main(tiny_args + ["optim.max_steps=2"])
+    teacher, banks = seen[0]
+    assert len(banks) == 2
+    for c in range(2):
+        rows = teacher[c].reshape(-1, teacher[c].shape[-1])
+        assert len(banks[c]) == 10 * 2  # queue_per_image * batch
+        same = (banks[c][:, None] == rows[None]).all(-1)  # (entries, patches of crop c)
+        assert same.any(1).all(), c  # every entry is a patch of teacher crop c
+        assert len({int(i) for i in same.float().argmax(1)}) == len(banks[c])  # without repeats
+    _, second = seen[1]
+    assert [len(b) for b in second] == [40, 40]  # newest first, the first step's entries behind
+    for c in range(2):
+        torch.testing.assert_close(second[c][20:], banks[c], rtol=0, atol=0)
