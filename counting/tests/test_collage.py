@@ -109,6 +109,21 @@ def test_exemplars_are_the_last_pasted_targets():
             assert torch.allclose(s["exemplars"][k], crop, atol=1e-6)
 
 
+def test_wide_objects_are_placed_anywhere_inside_the_canvas():
+    """x0 ~ U{0..S-w}, y0 ~ U{0..S-h}: non-square objects stay inside the canvas and reach all four edges."""
+    pool = simple_pool()
+    for mask in pool.masks:
+        mask[:] = False
+        mask[6:10, 1:15] = True  # a wide 4 x 14 mask box
+    cfg = CollageConfig(img_size=64, object_size=16, exemplar_size=16)
+    gen = SelfCollageGenerator(pool, TensorBackgroundPool([torch.rand(3, 40, 50)]), cfg)
+    boxes = torch.cat([gen.sample(np.random.default_rng([5, i]))["all_boxes"] for i in range(40)])
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (widths > 2 * heights).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+    assert boxes[:, 2].max() == 64 and boxes[:, 3].max() == 64 and boxes[:, 0].min() == 0 and boxes[:, 1].min() == 0
+
+
 def test_density_sum_equals_count_at_224():
     backgrounds = TensorBackgroundPool([torch.rand(3, 64, 64)])
     gen = SelfCollageGenerator(simple_pool(size=32), backgrounds, CollageConfig(object_size=32))

@@ -62,6 +62,24 @@ def test_prepare_test_image_by_hand():
     assert torch.allclose(item["rel_boxes"][0], torch.tensor([10 / 150, 20 / 100, 30 / 150, 40 / 100]))
 
 
+def test_test_size_truncates_the_width_to_whole_patches():
+    from counting.data import test_size
+
+    assert test_size(100, 140, 16) == (384, 528)  # 16 * int(1.4 * 384 / 16 = 33.6), not 16 * 34
+    assert test_size(100, 150, 8, 64) == (64, 96)
+    assert test_size(100, 5, 16) == (384, 16)  # at least one patch
+    assert test_size(100, 140, 16, fixed=True) == (384, 384)
+
+
+def test_exemplar_rects_are_clamped_per_axis_on_a_wide_image():
+    """A box on the far right and bottom edges of a 2:1 image: rows clamp to H'-1, columns to W'-1."""
+    image = torch.rand(3, 50, 100)
+    item = prepare_test_image(image, torch.tensor([[80.0, 40.0, 100.0, 50.0]]), patch_size=8, target_height=64)
+    assert item["image"].shape == (3, 64, 128)
+    assert item["rects"].tolist() == [[51, 102, 63, 127]]  # int(40 * 1.28), int(80 * 1.28), 64 -> 63, 128 -> 127
+    assert item["exemplars"].shape == (1, 3, 64, 64)
+
+
 def test_fsc147_parsing(fsc_root):
     ds = FSC147(fsc_root, "test", patch_size=8, target_height=64)
     assert len(ds) == 2 and ds.items[1][2] == 45.0
@@ -273,3 +291,11 @@ def test_density_figure_takes_cuda_tensors(tmp_path):
     torch.testing.assert_close(to_display(normalize(image).cuda()), image.permute(1, 2, 0), atol=1e-5, rtol=0)
     save_density_figure(tmp_path / "cuda.png", normalize(image).cuda(), torch.rand(32, 48).cuda(), 2.0, 2)
     assert (tmp_path / "cuda.png").is_file()
+
+
+def test_fsc147_uses_the_first_exemplar_boxes(fsc_root):
+    ds = FSC147(fsc_root, "test", patch_size=8, target_height=64, shots=1)
+    item = ds[0]  # b.jpg, 64 x 64: shown at 64 x 64, boxes unscaled
+    assert item["rects"].tolist() == [[3, 2, 14, 12]]  # the first box (x1, y1, x2, y2) = (2, 3, 12, 14) as y1, x1, ...
+    ds = FSC147(fsc_root, "test", patch_size=8, target_height=64, shots=2)
+    assert ds[0]["rects"].tolist() == [[3, 2, 14, 12], [10, 20, 22, 31]]

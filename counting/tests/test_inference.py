@@ -133,3 +133,22 @@ def test_tiling_above_50_protocol():
     assert density.shape == (24, 40) and count == pytest.approx(64.0)
     with pytest.raises(ValueError, match="protocol"):
         count_image(ones, image, rect, "nope", window=24)
+
+
+def test_tiling_above_50_is_strictly_above_50():
+    ones = lambda x: torch.ones(1, x.shape[-2], x.shape[-1])  # noqa: E731
+    image, rect = torch.zeros(1, 3, 24, 40), torch.tensor([[0, 0, 10, 0]])  # not small: untiled first
+    # untiled 960 / scale objects, the 11-pixel exemplar holds < 1.8 of them: no normalisation
+    count, density = count_image(ones, image, rect, "tiling_above_50", window=24, stride=8, density_scaling=960 / 50)
+    assert density.shape == (24, 40) and count == pytest.approx(50.0)
+    count, density = count_image(ones, image, rect, "tiling_above_50", window=24, stride=8, density_scaling=960 / 51)
+    # re-counted tiled: 9 x 960 / scale; the exemplar's 31 pixels at scale 3 still hold < 1.8 objects
+    assert density.shape == (72, 120) and count == pytest.approx(9 * 51)
+
+
+def test_tiled_count_normalises_by_the_exemplar_mass_at_three_times_the_scale():
+    ones = lambda x: torch.ones(1, x.shape[-2], x.shape[-1])  # noqa: E731
+    image, rect = torch.zeros(1, 3, 24, 40), torch.tensor([[0, 0, 8, 8]])  # 9 x 9 px: small, so tiled
+    count, density = count_image(ones, image, rect, window=24, stride=8, density_scaling=100)
+    # 72 * 120 / 100 objects; the rect covers rows and columns 0..24 of the tiled map: 625 / 100 = 6.25 > 1.8
+    assert density.shape == (72, 120) and count == pytest.approx(72 * 120 / 625)

@@ -51,6 +51,16 @@ def test_backbone_is_frozen():
     assert not any(p.requires_grad for p in backbone.parameters())
 
 
+def test_head_initialisation_leaves_the_backbone_weights_alone():
+    """Xavier / LayerNorm init applies to the head only: the (pretrained) ViT keeps every weight it came with."""
+    backbone = tiny_backbone(8, 64)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    UnCounTR(backbone, img_size=64, fim_dim=32, fim_heads=2, decoder_width=16, decoder_groups=4)
+    after = backbone.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_exemplar_pooling_by_hand():
     model = UnCounTR(tiny_backbone(8, 64), img_size=64, fim_dim=32, fim_heads=2, decoder_width=16, decoder_groups=4)
     crops = torch.randn(2, 3, 3, 16, 16)

@@ -7,7 +7,7 @@ import yaml
 from safetensors.torch import load_file
 
 from counting.config import load_config
-from counting.train import learning_rate, main, train_step_inputs
+from counting.train import batch_indices, learning_rate, main, train_step_inputs
 
 
 def test_config_overrides_and_unknown_keys():
@@ -108,6 +108,25 @@ def test_keep_masks_split_over_processes_and_shared_mask():
     _, shared = train_step_inputs(5, cfg, 0, 1)
     assert all(torch.equal(shared[0], row) for row in shared)
     assert 0.7 < shared.float().mean() < 0.9  # keep_prob 0.8
+
+
+def test_shots_cover_min_to_max_shots():
+    cfg, _ = load_config(["--config", "tiny", "train.batch_size=4"])
+    low, high = cfg["train"]["min_shots"], cfg["collage"]["max_shots"]
+    assert low < high
+    assert {train_step_inputs(step, cfg, 0, 1)[0] for step in range(60)} == set(range(low, high + 1))
+
+
+def test_every_epoch_draws_new_collages():
+    """Epoch e holds dataset indices e * samples_per_epoch .. + samples_per_epoch - 1 (new collages each epoch),
+    each exactly once, split over the processes by rank."""
+    cfg, _ = load_config(["--config", "tiny", "train.batch_size=4", "train.samples_per_epoch=12"])
+    steps = 3
+    for epoch in range(2):
+        seen = [i for s in range(epoch * steps, (epoch + 1) * steps) for i in batch_indices(s, cfg, steps, 0, 1)]
+        assert sorted(seen) == list(range(12 * epoch, 12 * epoch + 12))
+    step = batch_indices(4, cfg, steps, 0, 1)
+    assert batch_indices(4, cfg, steps, 0, 2) + batch_indices(4, cfg, steps, 1, 2) == step[0::2] + step[1::2]
 
 
 def test_train_with_loss_ablations(tmp_path):

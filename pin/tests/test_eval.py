@@ -64,9 +64,8 @@ def test_pvoc_loader(tmp_path):
         xml = "<annotation><size><width>500</width><height>375</height></size>" + "".join(obj.format(*o) for o in objs)
         (base / "Annotations" / f"00000{i}.xml").write_text(xml + "</annotation>")
     q = pvoc_queries(tmp_path)
-    assert (
-        len(q) == 1 and q[0].name == "diningtable"
-    )  # the annotation name, as the reference prompts and q[0].box == [1.0, 1.0, 112.0, 224.0]
+    assert len(q) == 1 and q[0].name == "diningtable"  # the annotation name, as the reference prompts
+    assert q[0].box == [1.0, 1.0, 112.0, 224.0]  # x * 224/500, y * 224/375, near edges clipped to 1
 
 
 def test_refcoco_loader_and_safe_unpickling(tmp_path):
@@ -271,3 +270,81 @@ def test_unloadable_model_or_missing_optional_package_is_a_one_line_error(tmp_pa
     assert str(exc.value.code) == "pin-eval: error: kind=openflamingo needs the optional package: pip install " + (
         "'funai-pin[openflamingo]'"
     )
+
+
+def test_loaders_keep_images_with_exactly_max_objects(tmp_path):
+    """The limit is inclusive: an image with max_objects objects is kept, one more (or none) drops the image."""
+    images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in (1, 2, 3)]
+    anns = [{"id": 10 + j, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50]} for j in range(3)]
+    anns += [{"id": 20 + j, "image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50]} for j in range(4)]
+    (tmp_path / "annotations").mkdir()
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}]}
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    assert [q.image_id for q in coco_queries(tmp_path, max_objects=3)] == ["1"] * 3
+    assert coco_queries(tmp_path, max_objects=2) == []
+    assert len(coco_queries(tmp_path, max_objects=4)) == 7
+
+    base = tmp_path / "VOC2007"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    (base / "ImageSets" / "Main" / "test.txt").write_text("1\n2\n")
+    obj = "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+    for i, k in [(1, 3), (2, 4)]:
+        xml = f"<annotation><size><width>10</width><height>10</height></size>{obj * k}</annotation>"
+        (base / "Annotations" / f"{i}.xml").write_text(xml)
+    assert [q.image_id for q in pvoc_queries(tmp_path, max_objects=3)] == ["1"] * 3
+
+
+def test_kshot_context_boxes_are_not_taken_for_the_prediction(tiny_blip2, codec, monkeypatch):
+    """The k-shot examples hold boxes of their own; only the continuation after the context is parsed."""
+    import torch
+
+    from pin.pipeline import predict_boxes
+    from pin.prompts import training_text
+
+    context = training_text("square", codec.encode([0, 0, 1, 1]), ".", False) + " "
+    seen = {}
+
+    def generate(pv, prompts, num_beams=3, max_new_tokens=12):
+        seen["prompts"] = list(prompts)
+        return [p + " [28,42,84,112]" for p in prompts]
+
+    monkeypatch.setattr(tiny_blip2, "generate", generate)
+    boxes, texts = predict_boxes(tiny_blip2, codec, torch.rand(1, 3, 224, 224), ["circle"], context=context)
+    assert seen["prompts"] == [context + "In the image is a circle located at"]
+    assert boxes == [[28.0, 42.0, 84.0, 112.0]]
+
+
+def test_summary_reports_p_at_0_3_for_refcoco_only():
+    from pin.boxes import GridCodec
+    from pin.eval import summarise
+
+    codec = GridCodec()
+    preds, gts = [[0, 0, 40, 100], [0, 0, 20, 100]], [[0, 0, 100, 100], [0, 0, 100, 100]]  # IoU 0.4 and 0.2
+    result = {"preds": preds, "gts": gts, "batches": [(preds, gts)]}
+    row = summarise(result, codec, refcoco=True)
+    assert row["p@0.3"] == pytest.approx(50.0)
+    assert row["miou"] == pytest.approx(0.3) and row["batch_weighted_miou"] == pytest.approx(0.3)
+    assert "p@0.3" not in summarise(result, codec)
+
+
+def test_eval_runs_the_method_with_its_dropout_off(tmp_path, tiny_blip2, monkeypatch):
+    """A VPT / LoRA method handed over from training (dropout on) is evaluated in eval mode."""
+    from pin import eval as eval_mod
+    from pin.config import load_config
+    from pin.methods import Method
+
+    cfg, _ = load_config(["--config", "tiny", f"out_dir={tmp_path}", "method=vpt", "data.val_size=2"])
+    cfg["eval"]["figure_images"] = 0
+    method = Method(tiny_blip2, "vpt", {"vpt": {"num_tokens": 2, "dropout": 0.5}})
+    method.train(True)
+    seen = []
+
+    def evaluate(vlm, codec, queries, *args, **kwargs):
+        seen.append(method.module.dropout.training)
+        preds, gts = [codec.fallback_box] * len(queries), [q.box for q in queries]
+        return {"preds": preds, "gts": gts, "texts": [""] * len(queries), "batches": [(preds, gts)]}
+
+    monkeypatch.setattr(eval_mod, "evaluate_queries", evaluate)
+    rows, _ = eval_mod.run_eval(cfg, tiny_blip2, method, tmp_path / "eval")
+    assert seen == [False] and rows[0]["method"] == "vpt"

@@ -66,3 +66,10 @@ def test_loss_mask_on_the_real_tokenisation(tiny_blip2, codec):
     # the sequence starts with the media placeholders then BOS
     q = vlm.num_image_tokens
     assert ids[0, :q].tolist() == [vlm.image_token_id] * q and ids[0, q].item() == tok.bos_token_id
+
+
+def test_media_tokens_get_no_loss_even_after_the_prefix():
+    IMG, n = 9, IGNORE_INDEX
+    ids = torch.tensor([[1, IMG, IMG, 20, 21]])  # BOS, two media placeholders (not covered by the prefix), text
+    assert build_labels(ids, [1], 0, IMG, torch.ones_like(ids)).tolist() == [[n, n, 20, 21, n]]
+    assert build_labels(ids, [1], 0, None, torch.ones_like(ids)).tolist() == [[IMG, IMG, 20, 21, n]]

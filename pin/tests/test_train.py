@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from pin import train as train_mod
 from pin.config import load_config
+from pin.train import lr_at_epoch
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
@@ -27,6 +28,21 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert set(wa) == {"pos_enc"} | {k for k in wa if k.startswith("mlp.")}
     assert wa["pos_enc"].shape == (1, 65, 64)
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "log.txt").is_file()
+
+
+def test_resume_from_the_newest_of_several_checkpoints_in_the_middle_of_an_epoch(tmp_path):
+    """Step checkpoints 1, 2, 3 (2 steps per epoch): `latest` is step 3, and the resumed run skips the epoch's
+    first batch instead of training on it again."""
+    base = ["--config", "tiny", f"out_dir={tmp_path}"]
+    straight = train_mod.main(base + ["name=a"])
+    first = train_mod.main(base + ["name=b", "train.max_steps=3", "train.checkpoint_every_steps=1"])
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step_*")) == [
+        f"step_000000{i}" for i in (1, 2, 3)
+    ]
+    resumed = train_mod.main(base + ["name=b", "--resume", "latest"])
+    assert first["step"] == 3 and resumed["step"] == 4 and len(resumed["losses"]) == 1
+    assert straight["losses"][:3] == pytest.approx(first["losses"], abs=1e-6)
+    assert straight["losses"][3:] == pytest.approx(resumed["losses"], abs=1e-6)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -169,3 +185,8 @@ def test_bad_data_or_resume_path_fails_before_the_vlm_is_built(tmp_path, monkeyp
         train_mod.main(base + [f"data.backgrounds={missing}"])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         train_mod.main(base + ["--resume", "latest"])
+
+
+def test_lr_steps_down_at_each_milestone_epoch():
+    cfg = {"optim": {"lr": 1.0, "gamma": 0.1, "milestones": [2, 4]}}
+    assert [lr_at_epoch(cfg, e) for e in range(6)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])

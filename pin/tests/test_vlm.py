@@ -302,3 +302,105 @@ def test_checkpoint_of_another_method_is_a_key_error_naming_the_file(tiny_blip2)
     del state[dropped]
     with pytest.raises(KeyError, match=rf"lora_run does not match method lora: missing \['{dropped}'\] \(1\)"):
         lora.load_state_dict(state, source="lora_run")
+
+
+def test_hook_adds_the_insert_to_a_tuple_output(tiny_blip2):
+    """With return_dict=False the vision tower returns a tuple; its first entry (the tokens) still gets the insert."""
+    vlm = tiny_blip2
+    pv = torch.randn(1, 3, 224, 224)
+    plain = vlm.model.vision_model(pixel_values=pv, return_dict=False)
+    pin = vlm.build_insert(hidden_dims=(16,))
+    vlm.attach(pin)
+    hooked = vlm.model.vision_model(pixel_values=pv, return_dict=False)
+    assert isinstance(hooked, tuple) and len(hooked) == len(plain)
+    assert torch.allclose(hooked[0], plain[0] + pin()[0], atol=1e-6)
+    assert torch.equal(hooked[1], plain[1])  # the pooled output is left alone
+
+
+def test_vpt_tokens_go_right_after_cls_and_their_dropout_follows_train_mode(tiny_blip2):
+    from pin.methods import VisualPromptTokens
+
+    vpt = VisualPromptTokens(2, 4, patch_size=2, dropout=0.0)
+    emb = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)  # (B, 1 + N, D): CLS then two patches
+    out = vpt.insert(emb).detach()
+    prompts = vpt.prompts.detach()[0]
+    for b in range(2):
+        expected = torch.cat([emb[b, :1], prompts, emb[b, 1:]])  # [CLS, p1, p2, patch1, patch2]
+        assert torch.equal(out[b], expected)
+
+    vlm = tiny_blip2
+    method = Method(vlm, "vpt", {"vpt": {"num_tokens": 3, "dropout": 0.5}})
+    pv = torch.randn(1, 3, 224, 224)
+    method.train(False)
+    assert not method.module.dropout.training and not vlm.model.training
+    first = vlm.model.vision_model(pixel_values=pv).last_hidden_state
+    assert torch.equal(first, vlm.model.vision_model(pixel_values=pv).last_hidden_state)  # no dropout in eval
+    method.train(True)
+    assert method.module.dropout.training and not vlm.model.training  # only the method's dropout switches on
+    torch.manual_seed(0)
+    assert not torch.equal(first, vlm.model.vision_model(pixel_values=pv).last_hidden_state)
+
+
+def _word_vlm(codec, kind="blip2", image_after_bos=False):
+    from torch import nn
+
+    from pin.vlm import FrozenVLM
+    from pin.zoo import word_tokenizer
+
+    tok = word_tokenizer(SHAPES, codec)
+    return FrozenVLM(nn.Linear(1, 1), tok, kind, 224, 4, 8, 99, 2, "</s>", image_after_bos=image_after_bos)
+
+
+def test_media_placeholders_follow_bos_only_where_the_vlm_wants_them(codec):
+    """LLaVA: BOS, then the image placeholders, then the text; BLIP-2: the placeholders lead (before BOS)."""
+    text = "In the image is a circle located at"
+    llava, blip2 = _word_vlm(codec, "llava", True), _word_vlm(codec)
+    ids = llava.tokenizer(text)["input_ids"]
+    assert ids[0] == llava.tokenizer.bos_token_id and len(ids) > 2
+    assert llava.token_ids(text) == ids[:1] + [99, 99] + ids[1:]
+    assert blip2.token_ids(text) == [99, 99] + ids
+    assert llava.prefix_length(text) == blip2.prefix_length(text) == len(ids) + 2
+
+
+def test_batch_pads_right_for_training_and_left_for_generation(codec):
+    vlm = _word_vlm(codec)
+    texts = ["In the image is a circle located at", f"In the image is a circle located at {codec.encode([0, 0, 1, 1])}"]
+    short, long = (vlm.token_ids(t) for t in texts)
+    pad = len(long) - len(short)
+    assert pad > 0
+    ids, mask = vlm.batch(texts, padding_side="right")
+    assert ids[0].tolist() == short + [vlm.pad_token_id] * pad and ids[1].tolist() == long
+    assert mask[0].tolist() == [1] * len(short) + [0] * pad and mask[1].tolist() == [1] * len(long)
+    ids, mask = vlm.batch(texts, padding_side="left")  # generation continues right after each prompt
+    assert ids[0].tolist() == [vlm.pad_token_id] * pad + short and ids[1].tolist() == long
+    assert mask[0].tolist() == [0] * pad + [1] * len(short)
+
+
+def test_logits_are_the_last_positions_when_the_model_prepends_query_tokens():
+    """Older BLIP-2 versions return logits for [query tokens, text]; the text's logits are the last L positions."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from pin.vlm import FrozenVLM
+
+    class Prepends(nn.Module):
+        def forward(self, pixel_values, input_ids, attention_mask):
+            b, length = input_ids.shape
+            positions = torch.arange(length + 3, dtype=torch.float32)  # 3 query tokens first
+            return SimpleNamespace(logits=positions.view(1, -1, 1).expand(b, -1, 5))
+
+    vlm = FrozenVLM(Prepends(), None, "blip2", 224, 4, 8, None, 0, "</s>")
+    out = vlm.logits(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4))
+    assert out.shape == (2, 4, 5) and out[1, :, 0].tolist() == [3.0, 4.0, 5.0, 6.0]
+
+
+def test_pixel_values_are_resized_and_normalised_with_the_vlm_statistics(codec):
+    from pin.pipeline import pixel_values
+    from pin.vlm import CLIP_MEAN, CLIP_STD
+
+    vlm = _word_vlm(codec)  # 224 px, CLIP statistics
+    pv = pixel_values(vlm, torch.full((2, 3, 112, 112), 0.75))
+    assert pv.shape == (2, 3, 224, 224)
+    expected = torch.tensor([(0.75 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    assert torch.allclose(pv, expected.view(1, 3, 1, 1).expand_as(pv), atol=1e-6)
