@@ -117,3 +117,48 @@ def test_solarisation_comes_last():
     plain = photometric(frame, torch.Generator().manual_seed(4), 1.0)  # with blur: solarisation comes after it
     solar = photometric(frame, torch.Generator().manual_seed(4), 1.0, solarize_p=1.0)
     torch.testing.assert_close(solar, torch.where(plain >= 128 / 255, 1 - plain, plain))  # PIL's threshold 128
+
+
+def test_sharded_batches_are_slices_of_the_global_batch_with_its_seeds():
+    """Process r's batch is the r-th slice of the one-process batch of the global size, augmentation seeds included;
+    a new epoch draws new seeds; windows at the end of the clip range stay inside it."""
+    whole = list(ClipBatchSampler(50, 8, seed=4))
+    shards = [list(ClipBatchSampler(50, 4, seed=4, rank=r, world_size=2)) for r in range(2)]
+    assert len(whole) == len(shards[0]) == 6
+    for b, batch in enumerate(whole):
+        assert shards[0][b] + shards[1][b] == batch
+    seeds = {s for batch in whole for _, s in batch}
+    assert len(seeds) == 48
+    later = ClipBatchSampler(50, 8, seed=4)
+    later.set_epoch(1)
+    assert not seeds & {s for batch in later for _, s in batch}
+    tail = ClipBatchSampler(10, 2, seed=0, window=4)
+    assert sorted(tail.order().tolist()) == list(range(10))
+    assert all(0 <= c < 10 for batch in tail for c, _ in batch)
+
+
+def test_global_view_flips_horizontally_and_jitters_each_frame():
+    """A grey ramp from left to right (no blur, whole-frame crop): each global view is either the ramp or its mirror
+    image, the same for all its frames; colour jitter is drawn per frame, so identical frames come out different."""
+    ramp = np.broadcast_to(np.linspace(80, 150, 24).astype(np.uint8)[None, :, None], (24, 24, 3))
+    clip = np.stack([ramp] * 3)
+    aug = ClipAugmentation(precrop_size=None, global_size=24, global_scale=(1.0, 1.0), num_local_crops=0,
+                           global_blur_p=0.0)  # fmt: skip
+    flipped, jittered = [], []
+    for seed in range(12):
+        glob, _ = aug(clip, torch.Generator().manual_seed(seed))
+        right_minus_left = glob[:, 0, :, -1].mean(-1) - glob[:, 0, :, 0].mean(-1)  # (T,)
+        assert bool((right_minus_left > 0).all()) or bool((right_minus_left < 0).all())
+        flipped.append(bool(right_minus_left[0] < 0))
+        jittered.append(not torch.allclose(glob[0], glob[1]))
+    assert any(flipped) and not all(flipped)
+    assert sum(jittered) >= 8
+
+
+@pytest.mark.parametrize("height, width", [(20, 100), (100, 20)])
+def test_crop_boxes_stay_inside_non_square_frames(height, width):
+    from dora.augment import rrc_params
+
+    for seed in range(40):
+        top, left, h, w = rrc_params(height, width, (0.2, 1.0), torch.Generator().manual_seed(seed))
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width

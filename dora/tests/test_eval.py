@@ -148,6 +148,8 @@ def test_feature_helpers(tiny_vit):
     cat = dora_eval.last_blocks_cls(tiny_vit, x, 2)
     assert cat.shape == (2, 64)
     torch.testing.assert_close(cat[:, 32:], dora_eval.cls_features(tiny_vit, x))
+    # the last n of the 2 blocks: n=1 is the final CLS alone
+    torch.testing.assert_close(dora_eval.last_blocks_cls(tiny_vit, x, 1), dora_eval.cls_features(tiny_vit, x))
     assert dora_eval.patch_features(tiny_vit, x).shape == (2, 16, 32)
 
 
@@ -239,3 +241,48 @@ def test_davis_video_too_short_to_score(tmp_path):
     res = evaluate_davis(colour, mixed, patch_size=4, short_side=64, neighbourhood=4)
     assert res["per_video"]["vid1"] == {"J": None, "F": None} and res["per_video"]["vid0"]["J"] > 0.85
     assert res["J-Mean"] == pytest.approx(100 * res["per_video"]["vid0"]["J"])
+
+
+def test_neighbourhood_mask_hand_case():
+    from dora.davis import neighbourhood_mask
+
+    m = neighbourhood_mask(2, 3, 1)  # grid rows (0,0) (0,1) (0,2) / (1,0) (1,1) (1,2)
+    assert m[0].tolist() == [True, True, False, True, True, False]
+    assert m[1].all() and m[4].all()
+    assert m[5].tolist() == [False, True, True, False, True, True]
+    assert neighbourhood_mask(2, 3, 0).all()
+
+
+def reference_propagation(feats, first, grid, n_last, topk, size, temperature):
+    """DINO's label propagation one target patch at a time: context = frame 0 and the last n_last predictions."""
+    h, w = grid
+    feats = [F.normalize(f.double(), dim=-1) for f in feats]
+    out = [first.double()]
+    for t in range(1, len(feats)):
+        ctx = [0] + list(range(max(1, t - n_last), t))
+        lab = torch.zeros_like(out[0])
+        for i in range(h * w):
+            cands = [
+                (float(torch.exp(feats[t][i] @ feats[s][j] / temperature)), s, j)
+                for s in ctx
+                for j in range(h * w)
+                if size <= 0 or max(abs(i // w - j // w), abs(i % w - j % w)) <= size
+            ]
+            best = sorted(cands, reverse=True)[:topk]
+            total = sum(a for a, _, _ in best)
+            for a, s, j in best:
+                lab[i] += a / total * out[s][j]
+        out.append(lab)
+    return out
+
+
+@pytest.mark.parametrize("n_last, topk, size", [(2, 5, 1), (1, 20, 0), (3, 3, 2)])
+def test_label_propagation_matches_a_per_patch_reference(n_last, topk, size):
+    g = torch.Generator().manual_seed(n_last)
+    grid = (3, 4)
+    feats = [torch.randn(12, 6, generator=g) for _ in range(6)]
+    first = torch.softmax(3 * torch.randn(12, 3, generator=g), -1)
+    got = label_propagation(feats, first, grid, n_last, topk, size, temperature=0.2)
+    want = reference_propagation(feats, first, grid, n_last, topk, size, 0.2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)

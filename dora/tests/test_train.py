@@ -348,3 +348,32 @@ def test_heads_are_seeded_per_step():
     from dora.tracking import choose_heads
 
     assert choose_heads(6, 3, random.Random(7)) == choose_heads(6, 3, random.Random(7))
+
+
+def test_schedules_by_global_step_frozen_last_layer_and_heads_per_step(tmp_path, video, monkeypatch):
+    """The optimizer holds lr[it] (linear scaling: lr x global batch / 256) in both groups and wd[it] in the decayed
+    group only (0 in the other), it = the global step; the head's last layer keeps its initial weights through epoch 0
+    (so the EMA teacher's equals the student's); every step draws its tracking heads from its own RNG."""
+    from dora.schedules import cosine_schedule
+
+    states = []
+    choose = train.choose_heads
+    monkeypatch.setattr(train, "choose_heads", lambda n, k, rng: (states.append(rng.getstate()), choose(n, k, rng))[1])
+    run = tmp_path / "run"
+    train.main(tiny_args(run, video, "optim.warmup_epochs=0"))  # 2 epochs x 2 steps, batch 2
+    lr = cosine_schedule(5e-4 * 2 / 256, 1e-5, 2, 2, 0)
+    wd = cosine_schedule(0.04, 0.4, 2, 2)
+    assert len(set(lr.tolist())) == 4
+    for step in (2, 4):
+        groups = json.loads((run / "checkpoints" / f"step_{step:06d}" / "optimizer.json").read_text())["param_groups"]
+        assert [g["lr"] for g in groups] == pytest.approx([lr[step - 1]] * 2, rel=1e-6)
+        assert [g["weight_decay"] for g in groups] == pytest.approx([wd[step - 1], 0.0], rel=1e-6)
+    assert len(states) == 4 and len({repr(s) for s in states}) == 4
+    last = {}
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        student, teacher = (load_file(str(ckpt / f"{n}.safetensors")) for n in ("student", "teacher"))
+        keys = [k for k in student if "last_layer" in k]
+        assert keys
+        last[step] = all(torch.allclose(student[k], teacher[k], atol=1e-7, rtol=1e-6) for k in keys)
+    assert last == {2: True, 4: False}  # frozen in epoch 0, trained in epoch 1

@@ -149,3 +149,27 @@ def test_truncated_file_without_frame_count_keeps_later_frames_in_place(tmp_path
     decoded = {i: decode_index(f) for i, f in got.items()}
     assert decoded and all(i == v for i, v in decoded.items())  # never another frame under an index
     assert len(decoded) < 10  # the cut lost something
+
+
+def test_frame_read_again_by_the_next_request_is_delivered(coded_video):
+    """Consecutive batches may ask again for the last frame decoded (clips sharing a frame): it must come back, not be
+    reported missing (and silently replaced by a neighbour)."""
+    src = PyAVFrameSource(coded_video, short_side=None)
+    assert decode_index(src.read([40])[40]) == 40
+    got = src.read([40, 41])
+    assert {i: decode_index(f) for i, f in got.items()} == {40: 40, 41: 41}
+    assert decode_index(src.read([41])[41]) == 41
+    assert src.skipped_frames == 0
+
+
+def test_frame_cache_keeps_frames_after_an_undecodable_one_in_place(coded_video, tmp_path, monkeypatch):
+    frames = PyAVFrameSource._frames
+
+    def losing_frame_50(self):
+        return ((i, f) for i, f in frames(self) if i != 50)
+
+    monkeypatch.setattr(PyAVFrameSource, "_frames", losing_frame_50)
+    src = open_source(build_frame_cache(coded_video, tmp_path / "cache", short_side=None))
+    got = src.read([49, 50, 51, 52])
+    assert {i: decode_index(f) for i, f in got.items()} == {49: 49, 51: 51, 52: 52}
+    assert src.skipped_frames == 1

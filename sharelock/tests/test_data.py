@@ -284,3 +284,21 @@ def test_captions_json_with_several_captions_per_id_is_refused(tmp_path):
     (tmp_path / "nested.json").write_text(json.dumps({"a.png": {"caption": "one"}}))
     with pytest.raises(ValueError, match=r"a\.png"):
         read_captions(tmp_path / "nested.json")
+
+
+def test_pending_images_are_shared_between_ranks_without_the_done_ones():
+    from sharelock.precompute import _Pending
+
+    class Items:
+        ids = [f"{i:02d}" for i in range(10)]
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return self.ids[i], i
+
+    done = {"01", "04"}
+    parts = [[Items.ids[i] for i in _Pending(Items(), done, rank, 3).items] for rank in range(3)]
+    assert sorted(sum(parts, [])) == sorted(set(Items.ids) - done)  # every pending item exactly once
+    assert all(parts) and _Pending(Items(), done, 0, 3)[0] == ("00", 0, -1)

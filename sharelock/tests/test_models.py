@@ -271,3 +271,29 @@ def test_unnormalised_heads_give_raw_dot_products(tmp_path):
     loaded = load_model(tmp_path / "ckpt")
     assert loaded.text_head.normalize is False and loaded.vision_head.normalize is True
     torch.testing.assert_close(loaded.encode_text(x), mixed.text_head.layers(x))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_template_ensemble_from_a_prompt_store_averages_the_embeddings(tmp_path, normalize):
+    """Prototypes of a `t/c` prompt store: per class, the mean over all templates of the text embeddings (each unit
+    length, the mean renormalised; raw embeddings when the text head is unnormalised), whatever the row order."""
+    from sharelock.eval import classifier_from_store
+    from sharelock.store import FeatureStore, FeatureWriter
+
+    torch.manual_seed(0)
+    model = ShareLock(6, 5, text_layers=2, hidden_dim=7, text_normalize=normalize).eval()
+    n_t, n_c = 3, 4
+    feats = torch.randn(n_t, n_c, 5)
+    keys = [(t, c) for t in range(n_t) for c in range(n_c)]
+    order = torch.randperm(len(keys)).tolist()
+    with FeatureWriter(tmp_path / "prompts", "llm", "text", 5, shard_size=5) as w:
+        w.add([f"{keys[i][0]}/{keys[i][1]}" for i in order], torch.stack([feats[keys[i]] for i in order]))
+    got = classifier_from_store(model, FeatureStore(tmp_path / "prompts"))
+    with torch.no_grad():
+        emb = model.text_head.layers(feats.reshape(-1, 5)).reshape(n_t, n_c, -1)
+    if normalize:
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+    expected = emb.mean(0)
+    if normalize:
+        expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

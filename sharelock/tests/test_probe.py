@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,3 +58,41 @@ def test_random_class_split_rounds_the_test_share():
         train, test = probe.class_split(names, None, fraction, seed=1)
         assert len(test) == n_test and sorted(train + test) == list(range(10))
     assert probe.class_split(names, None, 0.28, seed=1) == probe.class_split(names, None, 0.28, seed=1)
+
+
+def test_unseen_classes_are_scored_against_their_own_prompts(tmp_path, monkeypatch):
+    """The unseen top-1 equals a per-image recomputation: image i of test class c is right when the prompt of c is
+    the most similar of the test classes' prompts (labels renumbered in the order of the test classes)."""
+    rng = np.random.default_rng(1)
+    n_cls, per_cls = 7, 12
+    labels = np.repeat(np.arange(n_cls), per_cls)
+    centres = rng.normal(size=(n_cls, 8)).astype(np.float32)
+    images = centres[labels] + 0.5 * rng.normal(size=(len(labels), 8)).astype(np.float32)
+    text = centres @ rng.normal(size=(8, 12)).astype(np.float32)
+    with FeatureWriter(tmp_path / "images", "vit", "image", 8) as w:
+        w.add([str(i) for i in range(len(labels))], images, labels.tolist())
+    with FeatureWriter(tmp_path / "prompts", "llm", "text", 12) as w:
+        w.add([str(c) for c in range(n_cls)], text)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps([f"class {c}" for c in range(n_cls)]))
+    splits = tmp_path / "splits.json"
+    test_cls = [1, 4, 6]
+    splits.write_text(json.dumps({"train": [0, 2, 3, 5], "test": test_cls}))
+    scored = []
+    evaluate = probe.evaluate_features
+    monkeypatch.setattr(
+        probe, "evaluate_features", lambda model, *a, **k: (scored.append(model), evaluate(model, *a, **k))[1]
+    )
+    result = probe.main(
+        [f"probe.features={tmp_path / 'images'}", f"probe.class_features={tmp_path / 'prompts'}"]
+        + [f"probe.class_names={names}", f"probe.splits={splits}", f"run_dir={tmp_path / 'run'}", "model.hidden_dim=16"]
+        + ["optim.batch_size=8", "optim.max_steps=6", "optim.warmup_steps=2", "data.val_size=0", "checkpoint_every=100"]
+    )
+    (model,) = scored
+    prompts = model.encode_text(torch.from_numpy(text))
+    hits = []
+    for x, y in zip(images, labels):
+        if y in test_cls:
+            sims = {c: float(model.encode_image(torch.from_numpy(x[None]))[0] @ prompts[c]) for c in test_cls}
+            hits.append(max(sims, key=sims.get) == y)
+    assert result["unseen top1"] == pytest.approx(100.0 * np.mean(hits))

@@ -281,3 +281,62 @@ def test_no_validation_split_runs_without_validation(stores, tmp_path):
     # a half-written checkpoint left by a killed run sorts after the complete one and must not be picked
     (run / "checkpoints" / "step_000008.tmp4242").mkdir()
     assert resolve_checkpoint(run) == run / "checkpoints" / "step_000008"
+
+
+def test_caption_rows_follow_each_store_and_samples_are_sorted_ids(tmp_path):
+    """Each caption store is indexed with its own row numbers (stores written in different orders), and sample i is
+    the i-th id in sorted order whatever order the vision store was written in."""
+    rng = np.random.default_rng(3)
+    ids = [f"{i:03d}" for i in range(30)]
+    v = rng.normal(size=(30, 4)).astype(np.float32)
+    t = [rng.normal(size=(30, 5)).astype(np.float32) for _ in range(2)]
+    shuffled = [rng.permutation(30) for _ in range(3)]
+    write_store(tmp_path / "v", [ids[i] for i in shuffled[0]], v[shuffled[0]], "image", "vit")
+    for k in range(2):
+        write_store(tmp_path / f"t{k}", [ids[i] for i in shuffled[k + 1]], t[k][shuffled[k + 1]], "text", "llm")
+    pairs = StorePairs([{"vision": str(tmp_path / "v"), "text": [str(tmp_path / "t0"), str(tmp_path / "t1")]}])
+    got_v, got_t = pairs.batch(np.arange(30), np.random.default_rng(0))
+    torch.testing.assert_close(got_v, torch.from_numpy(v))  # ids sort as 000, 001, ...: row i is sample i
+    from_0 = (got_t == torch.from_numpy(t[0])).all(1)
+    from_1 = (got_t == torch.from_numpy(t[1])).all(1)
+    assert bool((from_0 | from_1).all()) and from_0.any() and from_1.any()
+
+
+def test_epochs_reshuffle_and_micro_batches_draw_their_own_captions(stores, tmp_path, monkeypatch):
+    """Every epoch visits each training sample at most once in a new order, and every micro-batch (also within one
+    accumulated step) gets its own caption draw."""
+    calls = []
+    batch = StorePairs.batch
+
+    def recording(self, indices, rng):
+        calls.append((np.asarray(indices).copy(), json.dumps(rng.bit_generator.state)))
+        return batch(self, indices, rng)
+
+    monkeypatch.setattr(StorePairs, "batch", recording)
+    # no validation: every call is a training micro-batch; 120 samples / 16 = 7 micro-batches per epoch
+    train.main(tiny_args(stores, tmp_path / "r", "data.val_size=0", "optim.max_steps=7", "checkpoint_every=100"))
+    assert len(calls) == 14
+    epochs = [np.concatenate([c[0] for c in calls[:7]]), np.concatenate([c[0] for c in calls[7:]])]
+    for order in epochs:
+        assert len(order) == len(set(order.tolist())) == 112
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert len({state for _, state in calls}) == 14
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint_step(stores, tmp_path):
+    """Records past the restart point are dropped, the checkpoint's own step is kept: one record per step."""
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run))
+    shutil.rmtree(run / "checkpoints" / "step_000008")
+    train.main(tiny_args(stores, run, "resume=latest"))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_early_stop_is_checkpointed_and_a_resume_trains_no_further(stores, tmp_path):
+    run = tmp_path / "es"
+    args = tiny_args(stores, run, "early_stopping.patience=1", "early_stopping.min_delta=100", "checkpoint_every=100")
+    args += ["val_check_interval=4", "optim.accumulate_grad_batches=1", "optim.max_steps=20"]
+    assert train.main(args)["step"] == 8
+    assert (run / "checkpoints" / "step_000008" / "trainer_state.json").is_file()
+    assert train.main(args + ["resume=latest"])["step"] == 8

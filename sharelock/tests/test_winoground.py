@@ -20,11 +20,12 @@ def test_scores_on_hand_cases():
         ((1.0, 0.0), (2.0, 3.0)),  # each caption prefers its image (1 > 0, 3 > 2), but I0 prefers C1 (2 > 1)
         ((0.0, 1.0), (1.0, 0.0)),  # everything swapped
         ((1.0, 1.0), (0.0, 2.0)),  # a tie fails: f(C0,I0) = f(C0,I1)
+        ((1.0, 0.0), (1.0, 2.0)),  # a tie fails the text score too: f(C0,I0) = f(C1,I0)
     )
     got = winoground_scores(sim)
-    assert got["text"].tolist() == [True, True, False, False, True]
-    assert got["image"].tolist() == [True, False, True, False, False]
-    assert got["group"].tolist() == [True, False, False, False, False]
+    assert got["text"].tolist() == [True, True, False, False, True, False]
+    assert got["image"].tolist() == [True, False, True, False, False, True]
+    assert got["group"].tolist() == [True, False, False, False, False, False]
 
 
 def test_summary_in_percent_with_tags():
