@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     bar.close()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker
     return {"run_dir": str(run_dir), "losses": losses, "step": total_steps}
 
 

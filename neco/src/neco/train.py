@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             validation(done)
             tic += time.perf_counter() - started  # img/s counts training time only
     bar.close()
-    if tcfg["tensorboard"]:
-        accelerator.end_training()
+    accelerator.end_training()  # closes the trackers and destroys the process group (gloo threads at exit can abort)
     log.info("finished at step %d; last checkpoint %s", end_step, last_checkpoint)
     return {"run_dir": run_dir, "step": end_step, "losses": losses, "checkpoint": last_checkpoint}
 

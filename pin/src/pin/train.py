@@ -160,6 +160,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     bar.close()
     if saved_at[0] != step:  # every process takes this branch alike (a folder check would race the writer)
         checkpoint(max(0, math.ceil(step / steps_per_epoch) - 1))
+    accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker
     return {
         "losses": losses,
         "validation": history,

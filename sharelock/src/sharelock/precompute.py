@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         raise ValueError(f"modality={cfg['modality']!r}: expected 'image' or 'text'")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker
     log.info("features written to %s", out)
     return out
 

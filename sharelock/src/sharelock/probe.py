@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seen = np.isin(labels, train_cls)
     log.info("probe: %d train classes (%d images), %d unseen test classes", len(train_cls), seen.sum(), len(test_cls))
     _, summary = fit(cfg, TensorPairs(feats[seen], text, labels[seen]), run_dir, accelerator)
+    accelerator.end_training()  # no collective below; gloo threads left at exit can abort a worker
     # as the reference's train.py: the heads of the lowest validation loss (the last step's without validation)
     model = load_model(run_dir, accelerator.device)
     test_store = FeatureStore(probe["test_features"], modality="image") if probe["test_features"] else images

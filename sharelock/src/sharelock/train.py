@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.num_processes,
     )
     model, summary = fit(cfg, pairs, run_dir, accelerator)
+    accelerator.end_training()  # the evaluation below runs on the main process alone; gloo threads at exit can abort
     if cfg["eval"]["features"] and cfg["eval"]["class_features"] and accelerator.is_main_process:
         from sharelock.eval import evaluate_stores
         from sharelock.models import load_model
