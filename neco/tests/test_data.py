@@ -91,6 +91,9 @@ def test_linear_head_trains_on_the_references_share_of_images(dataset, fraction,
     assert len(sub) == expected and len(set(sub)) == expected and set(sub) <= set(data)
     if expected < 256:
         assert list(sub) != data[:expected]  # random, not the first images
+    assert len(linear_train_images(data, {"data": {"dataset": dataset}, "linear": {}})) == (  # an older config
+        expected if fraction is None else 256
+    )
     with pytest.raises(ValueError, match=r"linear.train_fraction must be in \(0, 1\], got 1.5"):
         linear_train_images(data, {"data": {"dataset": dataset}, "linear": {"train_fraction": 1.5}})
 

@@ -138,7 +138,7 @@ def hummingbird_memory_images(dataset: Any, h: dict[str, Any]) -> Any:
 def linear_train_images(dataset: Any, cfg: dict[str, Any]) -> Any:
     """The linear head's training images: ``linear.train_fraction`` of them (null: the reference's choice for the
     dataset, 10 % for COCO-Things / COCO-Stuff, all for the others), a seeded random subset."""
-    fraction = cfg["linear"]["train_fraction"]
+    fraction = cfg["linear"].get("train_fraction")  # configs written before this key: the per-dataset default
     if fraction is None:
         fraction = LINEAR_TRAIN_FRACTION.get(cfg["data"]["dataset"], 1.0)
     return train_subset(dataset, float(fraction), key="linear.train_fraction")
