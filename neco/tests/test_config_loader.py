@@ -34,3 +34,19 @@ def test_mixed_precision_no_stays_the_string_accelerate_expects(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config(["--config", str(tmp_path / "c.yaml")])["train"]["mixed_precision"] == "no"
     assert load_config(["--config", "tiny", "train.mixed_precision=bf16"])["train"]["mixed_precision"] == "bf16"
+
+
+def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
+    """A user's file is laid over the default config (the paper recipe; eval_voc for neco-eval); a key the default
+    lacks is an error naming it, with the closest valid key."""
+    (tmp_path / "mine.yaml").write_text("optim:\n  batch_size: 8\nloss:\n  network: odd_even\n")
+    cfg = load_config(["--config", str(tmp_path / "mine.yaml")])
+    paper = load_config([])
+    assert cfg["optim"]["batch_size"] == 8 and cfg["loss"]["network"] == "odd_even"
+    assert cfg["val"] == paper["val"] and cfg["optim"]["lr_backbone"] == paper["optim"]["lr_backbone"]
+    (tmp_path / "eval.yaml").write_text("evals: [linear]\nlinear:\n  epochs: 2\n")
+    ecfg = load_config(["--config", str(tmp_path / "eval.yaml")], default="eval_voc")
+    assert ecfg["linear"]["epochs"] == 2 and ecfg["linear"]["lr"] == 0.01 and ecfg["data"]["dataset"] == "voc"
+    (tmp_path / "typo.yaml").write_text("optim:\n  bach_size: 8\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'optim.bach_size' \(did you mean optim.batch_size\?\)"):
+        load_config(["--config", str(tmp_path / "typo.yaml")])

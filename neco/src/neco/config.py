@@ -163,11 +163,28 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     path = resolve_config_path(config or default)
     with open(path) as f:
         cfg = yaml.load(f, Loader=ConfigLoader)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(config_dir()):  # a user's file: may set some keys
+        with open(resolve_config_path(default)) as f:
+            cfg = merge(yaml.load(f, Loader=ConfigLoader), cfg or {})
     cfg = copy.deepcopy(cfg)
     for key, value in pairs:
         set_key(cfg, key, value)
     cfg["config_path"] = os.path.abspath(path)
     return string_mixed_precision(cfg)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``update`` (a config file) laid over a copy of ``base`` (the default config): keys a file leaves out keep
+    their defaults, keys the default lacks are an error (an empty mapping, such as ``model.overrides``, takes any)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out:
+            raise UnknownKeyError(prefix + key, [prefix + k for k in out])
+        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
 
 
 def string_mixed_precision(cfg: Any) -> Any:
