@@ -147,3 +147,15 @@ def test_resume_with_other_settings_names_them(tmp_path):
     assert "other settings" not in log.read_text()
     main([*base, "resume=latest", "train.max_steps=3", "train.distractor_weight=2.0"])
     assert "other settings than it was trained with: ['train.distractor_weight']" in log.read_text()
+
+
+def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
+    """A user's file is laid over the command's default config; a key the default lacks is an error naming it."""
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 0.001\n")
+    cfg, _ = load_config(["--config", str(tmp_path / "mine.yaml")])
+    paper, _ = load_config([])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["warmup_epochs"] == paper["optim"]["warmup_epochs"]
+    assert cfg["model"] == paper["model"] and cfg["collage"] == paper["collage"]
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'optim.lrr' \(did you mean optim.lr"):
+        load_config(["--config", str(tmp_path / "typo.yaml")])

@@ -257,12 +257,12 @@ def test_dino_baseline_trains_and_resumes(tmp_path, video):
 
 
 def test_configs_without_method_train_dora(tmp_path, video):
-    """A config written before ``method`` existed (no key) still trains DoRA."""
+    """A config written before ``method`` existed (no key) still trains DoRA: the key comes from the default config."""
     from dora.config import config_path
 
     old = tmp_path / "old.yaml"
     old.write_text("".join(line for line in config_path("tiny").open() if not line.startswith("method:")))
-    assert "method" not in load_config(["--config", str(old)])
+    assert load_config(["--config", str(old)])["method"] == "dora"
     out = train.main(
         ["--config", str(old), f"run_dir={tmp_path / 'run'}", f"data.videos=[{video}]", "optim.max_steps=1"]
     )
@@ -377,3 +377,14 @@ def test_schedules_by_global_step_frozen_last_layer_and_heads_per_step(tmp_path,
         assert keys
         last[step] = all(torch.allclose(student[k], teacher[k], atol=1e-7, rtol=1e-6) for k in keys)
     assert last == {2: True, 4: False}  # frozen in epoch 0, trained in epoch 1
+
+
+def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
+    """A user's file is laid over the command's default config; a key the default lacks is an error naming it."""
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 0.001\n")
+    cfg, paper = load_config(["--config", str(tmp_path / "mine.yaml")]), load_config([])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["epochs"] == paper["optim"]["epochs"]
+    assert cfg["tracking"] == paper["tracking"] and cfg["method"] == "dora"
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'optim.lrr' \(did you mean optim.lr"):
+        load_config(["--config", str(tmp_path / "typo.yaml")])

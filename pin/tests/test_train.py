@@ -190,3 +190,15 @@ def test_bad_data_or_resume_path_fails_before_the_vlm_is_built(tmp_path, monkeyp
 def test_lr_steps_down_at_each_milestone_epoch():
     cfg = {"optim": {"lr": 1.0, "gamma": 0.1, "milestones": [2, 4]}}
     assert [lr_at_epoch(cfg, e) for e in range(6)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
+    """A user's file is laid over the command's default config; a key the default lacks is an error naming it."""
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 0.001\n")
+    cfg, _ = load_config(["--config", str(tmp_path / "mine.yaml")])
+    paper, _ = load_config([])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["milestones"] == paper["optim"]["milestones"]
+    assert cfg["model"] == paper["model"] and cfg["pin"] == paper["pin"]
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'optim.lrr' \(did you mean optim.lr"):
+        load_config(["--config", str(tmp_path / "typo.yaml")])

@@ -138,6 +138,20 @@ def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]],
     return config, overrides, rest
 
 
+def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
+    """``update`` (a config file of the user's) laid over a copy of ``base`` (the command's default config): keys
+    the file leaves out keep their defaults, keys the default lacks are an error (an empty mapping takes any)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out:
+            raise UnknownKeyError(prefix + key, [prefix + k for k in out])
+        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+            out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(argv: list[str] | None, default: str = "uncountr", positional: str = "") -> tuple[dict, list[str]]:
     """Load the selected (or default) config and apply the overrides; returns (config, positional arguments).
 
@@ -156,6 +170,8 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
         raise SystemExit(0)
     config, overrides, rest = split_overrides(argv)
     cfg = load_yaml(resolve_config_path(config or default))
+    if resolve_config_path(config or default).resolve().parent != config_dir().resolve():  # a user's file
+        cfg = merge_user_config(load_yaml(resolve_config_path(default)), cfg)
     for key, value in overrides:
         set_dotted(cfg, key, value)
     train = cfg.get("train")

@@ -172,6 +172,20 @@ def _get(cfg: dict, dotted: str) -> Any:
     return cfg
 
 
+def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
+    """``update`` (a config file of the user's) laid over a copy of ``base`` (the command's default config): keys
+    the file leaves out keep their defaults, keys the default lacks are an error (an empty mapping takes any)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out:
+            raise UnknownKeyError(prefix + key, [prefix + k for k in out])
+        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+            out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) -> dict:
     """Resolve a config: the YAML given by ``--config`` / ``config=`` (else ``default``) plus overrides.
 
@@ -183,8 +197,12 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         print_help(config or default)
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
-    with open(config_path(config or default)) as f:
+    path = config_path(config or default)
+    with open(path) as f:
         cfg = yaml.load(f, Loader=ConfigLoader) or {}
+    if path.resolve().parent != Path(str(resources.files("dora") / "configs")).resolve():  # a user's file
+        with open(config_path(default)) as f:
+            cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader) or {}, cfg)
     cfg = copy.deepcopy(cfg)
     for key, value in pairs:
         set_key(cfg, key, value)

@@ -139,6 +139,20 @@ def print_help(default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage
     print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
 
 
+def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
+    """``update`` (a config file of the user's) laid over a copy of ``base`` (the command's default config): keys
+    the file leaves out keep their defaults, keys the default lacks are an error (an empty mapping takes any)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out:
+            raise UnknownKeyError(prefix + key, [prefix + k for k in out])
+        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+            out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(
     argv: list[str] | None, default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage_args: str = ""
 ) -> tuple[dict, list]:
@@ -160,6 +174,8 @@ def load_config(
         if key == "config":
             chosen = value
     cfg = copy.deepcopy(load_yaml(config_path(chosen)))
+    if config_path(chosen).resolve().parent != Path(str(resources.files("pin") / "configs")).resolve():  # user's file
+        cfg = merge_user_config(load_yaml(config_path(default)), cfg)
     cli: dict[str, Any] = {}
     for key, value in pairs:
         if key == "config":
