@@ -169,8 +169,9 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
         print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
         raise SystemExit(0)
     config, overrides, rest = split_overrides(argv)
-    cfg = load_yaml(resolve_config_path(config or default))
-    if resolve_config_path(config or default).resolve().parent != config_dir().resolve():  # a user's file
+    path = resolve_config_path(config or default)
+    cfg = load_yaml(path)
+    if path.resolve().parent != config_dir().resolve():  # a user's file
         cfg = merge_user_config(load_yaml(resolve_config_path(default)), cfg)
     for key, value in overrides:
         set_dotted(cfg, key, value)

@@ -165,7 +165,7 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         cfg = yaml.load(f, Loader=ConfigLoader)
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(config_dir()):  # a user's file: may set some keys
         with open(resolve_config_path(default)) as f:
-            cfg = merge(yaml.load(f, Loader=ConfigLoader), cfg or {})
+            cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader), cfg or {})
     cfg = copy.deepcopy(cfg)
     for key, value in pairs:
         set_key(cfg, key, value)
@@ -173,7 +173,7 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     return string_mixed_precision(cfg)
 
 
-def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def merge_user_config(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``update`` (a config file) laid over a copy of ``base`` (the default config): keys a file leaves out keep
     their defaults, keys the default lacks are an error (an empty mapping, such as ``model.overrides``, takes any)."""
     out = copy.deepcopy(base)
@@ -181,7 +181,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dic
         if key not in out:
             raise UnknownKeyError(prefix + key, [prefix + k for k in out])
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
-            out[key] = merge(out[key], value, f"{prefix}{key}.")
+            out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
         else:
             out[key] = value
     return out

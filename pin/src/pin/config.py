@@ -173,8 +173,9 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             chosen = value
-    cfg = copy.deepcopy(load_yaml(config_path(chosen)))
-    if config_path(chosen).resolve().parent != Path(str(resources.files("pin") / "configs")).resolve():  # user's file
+    path = config_path(chosen)
+    cfg = copy.deepcopy(load_yaml(path))
+    if path.resolve().parent != Path(str(resources.files("pin") / "configs")).resolve():  # a user's file
         cfg = merge_user_config(load_yaml(config_path(default)), cfg)
     cli: dict[str, Any] = {}
     for key, value in pairs:
