@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from funai_common import demo
-from funai_common.cli import hummingbird_main, knn_main, load_features
+from funai_common.cli import hummingbird_main, knn_cli, knn_main, load_features
 from funai_common.knn import knn_classify
 from funai_common.weights import load_state_dict
 
@@ -49,6 +49,16 @@ def test_feature_file_errors(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 2)))
     with pytest.raises(ValueError, match="labels file"):
         load_features(tmp_path / "f.npy")
+
+
+def test_knn_cli_prints_a_missing_key_as_one_line_without_quotes(tmp_path, monkeypatch):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    argv = ["funai-knn", "--train", str(tmp_path / "bad.safetensors"), "--test", str(tmp_path / "bad.safetensors")]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        knn_cli()
+    expected = f"funai-knn: error: {tmp_path / 'bad.safetensors'} lacks the keys ['features', 'labels'] (has ['x'])"
+    assert exit_.value.code == expected
 
 
 class _Custom:

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from fungi import demo, eval, extract
-from fungi.config import parse_overrides, resolve
+from fungi.config import parse_overrides, resolve, run_cli
 from fungi.evaluation import (
     accuracy_scores,
     concat_blocks,
@@ -378,3 +378,23 @@ def test_features_file_round_trip(tmp_path):
         assert sorted(loaded[split][0]) == ["embeddings", "kl"]
         for name, value in blocks.items():
             assert torch.equal(loaded[split][0][name], value), (split, name)
+
+
+def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
+    def raising(err):
+        def main():
+            raise err
+
+        return main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(KeyError("checkpoint c.safetensors lacks head.weight")), "fungi-eval")
+    assert exit_.value.code == "fungi-eval: error: checkpoint c.safetensors lacks head.weight"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(FileNotFoundError(f"{tmp_path / 'x.yaml'} does not exist")), "fungi-eval")
+    assert exit_.value.code == f"fungi-eval: error: {tmp_path / 'x.yaml'} does not exist"
+    with pytest.raises(ImportError):  # only the errors named: anything else keeps its traceback
+        run_cli(raising(ImportError("no module named av")), "fungi-eval")
+    with pytest.raises(SystemExit, match="^fungi-eval: error: no module named av$"):
+        run_cli(raising(ImportError("no module named av")), "fungi-eval", ImportError)
+    assert run_cli(lambda: 3, "fungi-eval") is None

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from neco.checkpoint import resolve_resume
-from neco.config import ConfigLoader, load_config, parse_value
+from neco.config import ConfigLoader, load_config, parse_value, run_cli
 
 
 def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
@@ -50,3 +50,23 @@ def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
     (tmp_path / "typo.yaml").write_text("optim:\n  bach_size: 8\n")
     with pytest.raises(KeyError, match=r"^unknown config key 'optim.bach_size' \(did you mean optim.batch_size\?\)"):
         load_config(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
+    def raising(err):
+        def main():
+            raise err
+
+        return main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(KeyError("checkpoint c.safetensors lacks head.weight")), "neco-eval")
+    assert exit_.value.code == "neco-eval: error: checkpoint c.safetensors lacks head.weight"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(FileNotFoundError(f"{tmp_path / 'x.yaml'} does not exist")), "neco-eval")
+    assert exit_.value.code == f"neco-eval: error: {tmp_path / 'x.yaml'} does not exist"
+    with pytest.raises(ImportError):  # only the errors named: anything else keeps its traceback
+        run_cli(raising(ImportError("no module named av")), "neco-eval")
+    with pytest.raises(SystemExit, match="^neco-eval: error: no module named av$"):
+        run_cli(raising(ImportError("no module named av")), "neco-eval", ImportError)
+    assert run_cli(lambda: 3, "neco-eval") is None

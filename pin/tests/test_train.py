@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from pin import train as train_mod
-from pin.config import load_config
+from pin.config import load_config, run_cli
 from pin.train import lr_at_epoch
 
 
@@ -202,3 +202,23 @@ def test_a_config_file_may_set_some_keys_the_rest_keep_the_defaults(tmp_path):
     (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.001\n")
     with pytest.raises(KeyError, match=r"^unknown config key 'optim.lrr' \(did you mean optim.lr"):
         load_config(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
+    def raising(err):
+        def main():
+            raise err
+
+        return main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(KeyError("checkpoint c.safetensors lacks head.weight")), "pin-eval")
+    assert exit_.value.code == "pin-eval: error: checkpoint c.safetensors lacks head.weight"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(FileNotFoundError(f"{tmp_path / 'x.yaml'} does not exist")), "pin-eval")
+    assert exit_.value.code == f"pin-eval: error: {tmp_path / 'x.yaml'} does not exist"
+    with pytest.raises(ImportError):  # only the errors named: anything else keeps its traceback
+        run_cli(raising(ImportError("no module named av")), "pin-eval")
+    with pytest.raises(SystemExit, match="^pin-eval: error: no module named av$"):
+        run_cli(raising(ImportError("no module named av")), "pin-eval", ImportError)
+    assert run_cli(lambda: 3, "pin-eval") is None

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sharelock import train
-from sharelock.config import load_config
+from sharelock.config import load_config, run_cli
 from sharelock.pairs import StorePairs, split_train_val
 from sharelock.store import FeatureWriter
 
@@ -340,3 +340,23 @@ def test_early_stop_is_checkpointed_and_a_resume_trains_no_further(stores, tmp_p
     assert train.main(args)["step"] == 8
     assert (run / "checkpoints" / "step_000008" / "trainer_state.json").is_file()
     assert train.main(args + ["resume=latest"])["step"] == 8
+
+
+def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
+    def raising(err):
+        def main():
+            raise err
+
+        return main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(KeyError("checkpoint c.safetensors lacks head.weight")), "sharelock-eval")
+    assert exit_.value.code == "sharelock-eval: error: checkpoint c.safetensors lacks head.weight"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(FileNotFoundError(f"{tmp_path / 'x.yaml'} does not exist")), "sharelock-eval")
+    assert exit_.value.code == f"sharelock-eval: error: {tmp_path / 'x.yaml'} does not exist"
+    with pytest.raises(ImportError):  # only the errors named: anything else keeps its traceback
+        run_cli(raising(ImportError("no module named av")), "sharelock-eval")
+    with pytest.raises(SystemExit, match="^sharelock-eval: error: no module named av$"):
+        run_cli(raising(ImportError("no module named av")), "sharelock-eval", ImportError)
+    assert run_cli(lambda: 3, "sharelock-eval") is None

@@ -245,7 +245,8 @@ def _run(main, prog: str) -> None:
     try:
         main()
     except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"{prog}: error: {err}") from None
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        raise SystemExit(f"{prog}: error: {message}") from None
 
 
 def knn_cli() -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from counting.collage import CollageConfig, SelfCollageGenerator
+from counting.config import run_cli
 from counting.data import prepare_test_image
 from counting.eval import density_fn_for
 from counting.figures import save_density_figure
@@ -183,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"counting-demo: error: {err}") from None
+    run_cli(main, "counting-demo")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from counting.checkpoint import load_model_weights
-from counting.config import load_config, load_yaml
+from counting.config import load_config, load_yaml, run_cli
 from counting.data import build_test_set
 from counting.figures import save_density_figure
 from counting.inference import count_image
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"counting-eval: error: {err}") from None
+    run_cli(main, "counting-eval", ImportError)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from counting.config import run_cli
 from counting.data import prepare_test_image
 from counting.eval import density_fn_for, load_trained_model
 from counting.figures import save_density_figure
@@ -76,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"counting-predict: error: {err}") from None
+    run_cli(main, "counting-predict")
 
 
 if __name__ == "__main__":

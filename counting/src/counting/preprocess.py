@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from counting.collage import normalize
-from counting.config import load_config
+from counting.config import load_config, run_cli
 from counting.models import FrozenViT, build_backbone
 from counting.pools import list_images, load_rgb
 from counting.resize import resize_image, resize_mask
@@ -303,10 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"counting-preprocess: error: {err}") from None
+    run_cli(main, "counting-preprocess")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from counting.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
-from counting.config import load_config, save_config
+from counting.config import load_config, run_cli, save_config
 from counting.losses import density_mse_loss
 from counting.models import build_model
 from counting.pools import FileObjectPool, sun397_backgrounds
@@ -223,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"counting-train: error: {err}") from None
+    run_cli(main, "counting-train")
 
 
 if __name__ == "__main__":

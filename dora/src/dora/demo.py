@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dora.config import run_cli
 from dora.synthetic import labelled_objects, walking_frames, write_video
 
 FULL = {"frames": 1200, "epochs": 4, "steps": 16, "batch": 16, "per_class": 150}
@@ -147,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"dora-demo: error: {err}") from None
+    run_cli(main, "dora-demo")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dora.config import load_config
+from dora.config import load_config, run_cli
 from dora.models import build_backbone, load_backbone
 
 logger = logging.getLogger("dora")
@@ -161,10 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"dora-eval: error: {err}") from None
+    run_cli(main, "dora-eval")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dora.checkpoint import (
     set_rng_state,
     write_rng,
 )
-from dora.config import load_config, save_config
+from dora.config import load_config, run_cli, save_config
 from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
 from dora.losses import DINOLoss, DoRALoss
 from dora.models import DoRANetwork, build_network
@@ -375,10 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"dora-train: error: {err}") from None
+    run_cli(main, "dora-train")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dora.augment import normalize
-from dora.config import load_config
+from dora.config import load_config, run_cli
 from dora.models import forward_with_attention
 from dora.tracking import choose_heads, track_and_mask
 from dora.video import open_source
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"dora-visualise: error: {err}") from None
+    run_cli(main, "dora-visualise")
 
 
 if __name__ == "__main__":

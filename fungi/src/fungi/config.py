@@ -6,7 +6,7 @@ import copy
 import difflib
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,15 @@ class UnknownKeyError(KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]) -> None:
+    """Run a command's ``main``: a bad path, key or value (or ``more_errors``) exits with ``prog: error: ...``."""
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError, *more_errors) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        raise SystemExit(f"{prog}: error: {message}") from None
 
 
 def parse_value(raw: str) -> Any:

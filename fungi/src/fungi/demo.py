@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fungi.config import run_cli
 from fungi.data import digits_split
 from fungi.evaluation import accuracy_scores, concat_blocks, format_table, knn_predict
 from fungi.extractor import FUNGIExtractor
@@ -99,10 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error for bad input (``main`` returns results)."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"fungi-demo: error: {err}") from None
+    run_cli(main, "fungi-demo")
 
 
 if __name__ == "__main__":

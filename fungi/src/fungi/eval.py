@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fungi.config import resolve, save_config
+from fungi.config import resolve, run_cli, save_config
 from fungi.data import ground_truth_path, load_ground_truth
 from fungi.evaluation import check_lambda_split, evaluate_blocks, evaluate_retrieval, format_table
 from fungi.retrieval import restrict_ground_truth
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error for bad input (``main`` returns results)."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"fungi-eval: error: {err}") from None
+    run_cli(main, "fungi-eval")
 
 
 if __name__ == "__main__":

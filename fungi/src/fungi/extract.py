@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fungi.config import resolve, save_config
+from fungi.config import resolve, run_cli, save_config
 from fungi.data import build_split, check_data_split, validation_split
 from fungi.extractor import FUNGIExtractor
 from fungi.models import build_backbone
@@ -187,10 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error for bad input (``main`` returns results)."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"fungi-extract: error: {err}") from None
+    run_cli(main, "fungi-extract")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fungi.config import resolve, save_config
+from fungi.config import resolve, run_cli, save_config
 from fungi.models import build_timm
 from fungi.patches import PatchFUNGI, PatchTokens
 from fungi.runs import resolve_device, setup_logging
@@ -146,10 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"fungi-hummingbird: error: {err}") from None
+    run_cli(main, "fungi-hummingbird")
 
 
 if __name__ == "__main__":

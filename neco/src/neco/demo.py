@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from neco.checkpoint import list_checkpoints
+from neco.config import run_cli
 from neco.eval import backbone_from_checkpoint, feature_function
 from neco.train import main as train_main
 
@@ -204,10 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"neco-demo: error: {err}") from None
+    run_cli(main, "neco-demo")
 
 
 if __name__ == "__main__":

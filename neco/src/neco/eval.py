@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 from neco.checkpoint import list_checkpoints
-from neco.config import load_config
+from neco.config import load_config, run_cli
 from neco.evaluation import linear_segmentation, overclustering
 from neco.models import build_backbone, patch_tokens
 from neco.train import setup_logging
@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"neco-eval: error: {err}") from None
+    run_cli(main, "neco-eval")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from neco.config import parse_overrides, print_help, wants_help
+from neco.config import parse_overrides, print_help, run_cli, wants_help
 from neco.eval import backbone_from_checkpoint, resolve_checkpoint
 from neco.models import BACKBONES
 
@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"neco-export: error: {err}") from None
+    run_cli(main, "neco-export")
 
 
 if __name__ == "__main__":

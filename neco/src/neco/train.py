@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, scaler_state
-from neco.config import load_config
+from neco.config import load_config, run_cli
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
 from neco.masks import check_loss_mask, token_masks
@@ -323,10 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"neco-train: error: {err}") from None
+    run_cli(main, "neco-train")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_path, load_yaml
+from .config import config_path, load_yaml, run_cli
 from .eval import evaluate_queries, format_table, summarise
 from .eval_data import QueryDataset, synthetic_queries
 from .figures import box_figure, loss_figure
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"pin-demo: error: {err}") from None
+    run_cli(main, "pin-demo")
 
 
 if __name__ == "__main__":

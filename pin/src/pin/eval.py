@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .boxes import GridCodec
 from .checkpoint import load_weights
-from .config import load_config
+from .config import load_config, run_cli
 from .eval_data import SYNTHETIC_SETS, QueryDataset, collate_queries, queries_for, synthetic_queries
 from .figures import box_figure
 from .methods import Method
@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None):
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:  # ImportError: an optional package
-        raise SystemExit(f"pin-eval: error: {err}") from None
+    run_cli(main, "pin-eval", ImportError)  # ImportError: an optional package
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_weights
-from .config import load_config
+from .config import load_config, run_cli
 from .eval_data import ObjectQuery, load_image
 from .figures import box_figure
 from .methods import Method
@@ -51,10 +51,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:  # ImportError: an optional package
-        raise SystemExit(f"pin-localise: error: {err}") from None
+    run_cli(main, "pin-localise", ImportError)  # ImportError: an optional package
 
 
 if __name__ == "__main__":

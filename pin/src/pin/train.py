@@ -23,7 +23,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import dump_config, load_config
+from .config import dump_config, load_config, run_cli
 from .methods import Method
 from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
 from .runlog import setup_logging
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:  # ImportError: an optional package
-        raise SystemExit(f"pin-train: error: {err}") from None
+    run_cli(main, "pin-train", ImportError)  # ImportError: an optional package
 
 
 if __name__ == "__main__":

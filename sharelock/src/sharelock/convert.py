@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sharelock.config import load_config
+from sharelock.config import load_config, run_cli
 from sharelock.models import MODEL_FILE, ShareLock, from_reference_state_dict
 from sharelock.safe_pickle import load_checkpoint, plain
 
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-convert: error: {err}") from None
+    run_cli(main, "sharelock-convert", ImportError)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import yaml
 
 from sharelock import eval as evaluate
 from sharelock import precompute, train
-from sharelock.config import default_config_path
+from sharelock.config import default_config_path, run_cli
 from sharelock.data import eval_transform, load_class_names
 from sharelock.models import REFERENCE_TEMPLATE, load_model
 from sharelock.store import FeatureStore
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-demo: error: {err}") from None
+    run_cli(main, "sharelock-demo")
 
 
 if __name__ == "__main__":

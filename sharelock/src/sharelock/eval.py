@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sharelock.config import load_config
+from sharelock.config import load_config, run_cli
 from sharelock.data import LabelledImages, is_hf_spec, load_class_names, parse_hf_spec
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 from sharelock.store import FeatureStore
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-eval: error: {err}") from None
+    run_cli(main, "sharelock-eval", ImportError)
 
 
 if __name__ == "__main__":

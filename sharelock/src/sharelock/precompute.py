@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from sharelock.config import load_config
+from sharelock.config import load_config, run_cli
 from sharelock.data import (
     ImageCaptionFolder,
     LabelledImages,
@@ -193,10 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-features: error: {err}") from None
+    run_cli(main, "sharelock-features", ImportError)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from sharelock.config import load_config, save_config
+from sharelock.config import load_config, run_cli, save_config
 from sharelock.data import is_hf_spec, load_class_names
 from sharelock.eval import evaluate_features
 from sharelock.models import format_prompt, load_model
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-probe: error: {err}") from None
+    run_cli(main, "sharelock-probe", ImportError)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from sharelock.config import load_config, save_config
+from sharelock.config import load_config, run_cli, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
@@ -233,10 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-train: error: {err}") from None
+    run_cli(main, "sharelock-train")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sharelock.config import load_config
+from sharelock.config import load_config, run_cli
 from sharelock.data import is_hf_spec, load_hf_split
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    try:
-        main()
-    except (FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        raise SystemExit(f"sharelock-winoground: error: {err}") from None
+    run_cli(main, "sharelock-winoground", ImportError)
 
 
 if __name__ == "__main__":
