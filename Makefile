@@ -20,6 +20,7 @@ ARGS ?=
 help: ## List the targets
 	@echo "Usage: make <target> [ARGS='key=value ...']"
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
+	@printf "  %-22s %s\n" "<paper>-<command>" "Any other console script of a paper, e.g. make fungi-extract ARGS=\"...\""
 	@echo "Papers present: $(PRESENT)"
 
 $(BIN)/python:
@@ -98,3 +99,13 @@ endef
 	$(call require_paper,$*)
 	@$(MAKE) --no-print-directory install
 	$(BIN)/$*-demo $(ARGS)
+
+# Every other console script of a paper the same way: make fungi-extract, make dora-visualise, make sharelock-features.
+define paper_command_rule
+$(1)-%:
+	@$$(MAKE) --no-print-directory install
+	@if [ ! -x "$$(BIN)/$(1)-$$*" ]; then \
+	  echo "error: $(1) has no command $(1)-$$* (its commands: $$$$(cd $$(BIN) && echo $(1)-*))" >&2; exit 2; fi
+	$$(BIN)/$(1)-$$* $$(ARGS)
+endef
+$(foreach p,$(PRESENT),$(eval $(call paper_command_rule,$(p))))
