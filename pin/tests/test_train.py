@@ -222,3 +222,10 @@ def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
     with pytest.raises(SystemExit, match="^pin-eval: error: no module named av$"):
         run_cli(raising(ImportError("no module named av")), "pin-eval", ImportError)
     assert run_cli(lambda: 3, "pin-eval") is None
+
+
+def test_a_bare_leaf_key_is_pointed_to_its_section():
+    """difflib alone misses 'run_dir' -> 'train.run_dir' (ratio 0.7): keys with the same last part come first."""
+    with pytest.raises(KeyError) as err:
+        load_config(["--config", "tiny", "epochs=1"])
+    assert "(did you mean train.epochs?)" in str(err.value)

@@ -36,7 +36,8 @@ class UnknownKeyError(KeyError):
 
     def __init__(self, key: str, valid: Iterable[str]):
         valid = sorted(valid)
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]  # run_dir: train.run_dir
+        close = list(dict.fromkeys(same_leaf + difflib.get_close_matches(key, valid, n=3, cutoff=0.75)))[:3]
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
 
