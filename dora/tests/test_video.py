@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from dora.data import VideoClipDataset
-from dora.synthetic import decode_index
-from dora.video import JpegCacheFrameSource, PyAVFrameSource, build_frame_cache, open_source, output_size
+from dora.synthetic import coded_frame, decode_index
+from dora.video import (
+    ImageFolderFrameSource,
+    JpegCacheFrameSource,
+    PyAVFrameSource,
+    build_frame_cache,
+    open_source,
+    output_size,
+)
 
 
 def test_frame_count_and_order(coded_video):
@@ -173,3 +180,21 @@ def test_frame_cache_keeps_frames_after_an_undecodable_one_in_place(coded_video,
     got = src.read([49, 50, 51, 52])
     assert {i: decode_index(f) for i, f in got.items()} == {49: 49, 51: 51, 52: 52}
     assert src.skipped_frames == 1
+
+
+def test_frame_folder_reads_in_name_order_and_counts_missing_frames(tmp_path):
+    """Frame i is the i-th file by name; a corrupt file and indices outside [0, N) (negative ones too, which plain
+    list indexing would wrap to the end) are skipped and counted."""
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(coded_frame(i, height=64, band=12)).save(tmp_path / f"frame_{i:03d}.png")
+    (tmp_path / "frame_006.png").write_bytes(b"not a png")
+    (tmp_path / "notes.txt").write_text("ignored: not an image")
+    src = open_source(tmp_path, short_side=32)
+    assert isinstance(src, ImageFolderFrameSource) and src.num_frames == 7
+    got = src.read([5, 0, 3, 6, -2, 7])
+    assert sorted(got) == [0, 3, 5]
+    assert {i: decode_index(f) for i, f in got.items()} == {0: 0, 3: 3, 5: 5}
+    assert got[0].shape == (32, 48, 3)  # 64 x 96 resized to short side 32
+    assert src.skipped_frames == 3

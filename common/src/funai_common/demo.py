@@ -70,6 +70,7 @@ def _plot(path: Path, images, masks, predictions: dict, num_classes: int) -> Non
 
 
 def main(argv=None) -> dict:
+    """Run the demo (Hummingbird mIoU, k-NN top-1 per feature function), writing to ``--out``; returns the metrics."""
     p = argparse.ArgumentParser(prog="common-demo", description=__doc__)
     p.add_argument("--out", default="runs/demo/common")
     p.add_argument("--quick", action="store_true", help="a much smaller run (tests)")

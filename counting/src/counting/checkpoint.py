@@ -51,6 +51,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of ``optimizer_tensors``: load the flat tensors and the JSON remainder back into ``optimizer``."""
     state = {int(pid): dict(entries) for pid, entries in meta["state"].items()}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
@@ -59,6 +60,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON meta) of the RNG states: torch CPU as a tensor, numpy's global and python's as JSON."""
     np_state = np.random.get_state()  # noqa: NPY002 (the global legacy state is what resume must restore)
     py_state = random.getstate()
     meta = {
@@ -69,6 +71,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore the torch CPU, numpy global and python RNG states saved by ``rng_state``."""
     torch.set_rng_state(tensors["torch"])
     name, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002

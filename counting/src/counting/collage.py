@@ -50,6 +50,7 @@ class CollageConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> CollageConfig:
+        """A config from a mapping of field values (missing ones keep their defaults); unknown keys are a KeyError."""
         unknown = set(cfg) - set(cls.__dataclass_fields__)
         if unknown:
             raise KeyError(f"unknown collage keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
@@ -112,6 +113,8 @@ class SelfCollageGenerator:
         return target, int(rng.choice(others))
 
     def load_object(self, rng: np.random.Generator, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Object ``index`` of the pool as image (3, s, s) and mask (s, s), s = object_size (aspect not kept), hflipped
+        with probability ``hflip_prob``."""
         image, mask = self.objects.load(index)
         side = (self.cfg.object_size, self.cfg.object_size)
         image, mask = resize_image(image, side, antialias=False), resize_mask(mask, side)

@@ -72,6 +72,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The YAML mapping in ``path`` (``1e-4`` reads as a float; an empty file gives {}); ValueError if not a mapping."""
     with open(path) as f:
         data = yaml.load(f, Loader=ConfigLoader) or {}
     if not isinstance(data, dict):
@@ -92,6 +93,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """Set ``cfg[a][b] = value`` for ``key = "a.b"``; a key that is not already a leaf of ``cfg`` is an error."""
     valid = flatten(cfg)
     if key not in valid:
         raise UnknownKeyError(key, valid)
@@ -192,5 +194,6 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
+    """Write ``cfg`` to ``path`` as plain YAML (``yaml.safe_dump``), keys in their config order."""
     with open(path, "w") as f:
         yaml.safe_dump(copy.deepcopy(cfg), f, sort_keys=False)

@@ -38,6 +38,7 @@ QUICK = {"train": 48, "test": 16, "steps": 12, "batch": 8, "types": 6, "per_type
 
 
 def make_collages(generator: SelfCollageGenerator, n: int, seed: int) -> list[dict]:
+    """``n`` self-collages; collage i is drawn with ``np.random.default_rng([seed, i])``."""
     return [generator.sample(np.random.default_rng([seed, i])) for i in range(n)]
 
 
@@ -85,6 +86,7 @@ def train_head(
 
 @torch.no_grad()
 def predict_counts(model: UnCounTR, data: dict, img_size: int, scaling: float, shots: int = 3) -> torch.Tensor:
+    """Counts (N,) of the cached collages: predicted density map sums (first ``shots`` exemplars) / ``scaling``."""
     grid = (img_size // model.patch_size,) * 2
     out = [
         model.forward_head(data["tokens"][i : i + 64], data["exemplars"][i : i + 64, :shots], grid).sum((1, 2))
@@ -94,6 +96,7 @@ def predict_counts(model: UnCounTR, data: dict, img_size: int, scaling: float, s
 
 
 def coins_image() -> torch.Tensor:
+    """``skimage.data.coins()`` as a (3, H, W) float tensor in [0, 1] (the grey image repeated over 3 channels)."""
     import skimage.data
 
     gray = torch.from_numpy(skimage.data.coins().astype(np.float32) / 255.0)
@@ -101,6 +104,7 @@ def coins_image() -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the demo (train on collages, held-out MAE, coins count), writing to ``--out``; returns the metrics."""
     parser = argparse.ArgumentParser(prog="counting-demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo/counting"))
     parser.add_argument("--quick", action="store_true", help="a much smaller run (< 20 s) for the test suite")

@@ -36,6 +36,7 @@ class FrozenViT(nn.Module):
         self.num_prefix_tokens = vit.num_prefix_tokens
 
     def train(self, mode: bool = True) -> FrozenViT:
+        """Ignores ``mode``: the frozen backbone always stays in eval mode."""
         return super().train(False)  # frozen: always in eval mode
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ def load_rgb(path: str | Path) -> torch.Tensor:
 
 
 def list_images(root: str | Path) -> list[Path]:
+    """Image files below ``root`` (recursive, sorted); FileNotFoundError if ``root`` is not a folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -44,6 +45,7 @@ class TensorObjectPool:
         return len(self.images)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image (3, H, W), boolean mask (H, W)) of object ``index``."""
         return self.images[index], self.masks[index]
 
 
@@ -88,6 +90,7 @@ class FileObjectPool:
         return self._shards[shard][offset : offset + 1][0].bool()
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image (3, H, W) in [0, 1] read from its file, boolean mask (s, s) from its shard) of object ``index``."""
         return load_rgb(self.paths[index]), self._mask(index)
 
 
@@ -101,6 +104,7 @@ class TensorBackgroundPool:
         return len(self.images)
 
     def load(self, index: int) -> torch.Tensor:
+        """Background ``index``: (3, H, W) in [0, 1]."""
         return self.images[index]
 
 
@@ -116,6 +120,7 @@ class FileBackgroundPool:
         return len(self.paths)
 
     def load(self, index: int) -> torch.Tensor:
+        """Background ``index`` read from its file: (3, H, W) float in [0, 1]."""
         return load_rgb(self.paths[index])
 
 

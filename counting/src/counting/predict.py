@@ -18,6 +18,7 @@ from counting.pools import load_rgb
 
 
 def parse_box(text: str) -> list[float]:
+    """argparse type: ``x1,y1,x2,y2`` -> [x1, y1, x2, y2] floats; anything else, or x2 <= x1 or y2 <= y1, is refused."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -28,6 +29,7 @@ def parse_box(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``counting-predict`` argument parser (image, exemplar boxes, checkpoint, output, protocol, window)."""
     parser = argparse.ArgumentParser(prog="counting-predict", description=__doc__)
     parser.add_argument("image", type=Path)
     parser.add_argument("--boxes", type=parse_box, nargs="+", required=True, help="1-3 exemplar boxes x1,y1,x2,y2")

@@ -51,6 +51,7 @@ class PoolImages(Dataset):
 
 
 def pool_paths(cfg: dict) -> list[Path]:
+    """The pool's images: those under ``cfg["image_root"]`` (sorted), the first ``max_images`` if set; else an error."""
     paths = list_images(cfg["image_root"])
     if cfg["max_images"] is not None:
         paths = paths[: int(cfg["max_images"])]
@@ -60,6 +61,7 @@ def pool_paths(cfg: dict) -> list[Path]:
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in consecutive shards of ``shard_size`` (the last may be shorter)."""
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
@@ -128,6 +130,7 @@ def device_of(cfg: dict) -> torch.device:
 
 
 def load_backbone(cfg: dict) -> FrozenViT:
+    """The frozen ViT that ``cfg`` describes (backbone, weights, input_size, backbone_kwargs) on ``cfg["device"]``."""
     return build_backbone(
         cfg["backbone"], cfg["pretrained"], cfg["checkpoint_path"], cfg["input_size"], **(cfg["backbone_kwargs"] or {})
     ).to(device_of(cfg))

@@ -68,6 +68,7 @@ class ClipBatchSampler(Sampler):
         return self.num_clips // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle and start at global batch ``start_batch`` (to resume mid-epoch)."""
         self.epoch = epoch
         self.start_batch = start_batch
 

@@ -32,6 +32,7 @@ class FrameSource:
     skipped_frames: int = 0
 
     def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """{index: (H, W, 3) uint8} of the requested frames; subclasses implement it."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -66,6 +67,7 @@ class ArrayFrameSource(FrameSource):
         self.name = name
 
     def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """The requested frames from memory; out-of-range indices are missing (counted, with a warning)."""
         idx = sorted({int(i) for i in indices})
         out = {i: self.frames[i] for i in idx if 0 <= i < self.num_frames}
         self._warn_missing([i for i in idx if i not in out])
@@ -85,13 +87,18 @@ class ImageFolderFrameSource(FrameSource):
         self.name = str(self.root)
 
     def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """The requested frames read from their files and resized to ``short_side``; out-of-range or unreadable ones
+        are missing (counted, with a warning)."""
         out, missing = {}, []
         for i in sorted({int(i) for i in indices}):
+            if not 0 <= i < self.num_frames:  # a negative index would silently read from the end
+                missing.append(i)
+                continue
             try:
                 img = Image.open(self.files[i]).convert("RGB")
                 img = img.resize(output_size(*img.size, self.short_side), Image.BILINEAR)
                 out[i] = np.asarray(img)
-            except (OSError, IndexError):
+            except OSError:
                 missing.append(i)
         self._warn_missing(missing)
         return out
@@ -226,6 +233,8 @@ class PyAVFrameSource(FrameSource):
         return frame.to_ndarray(width=w, height=h, format="rgb24")
 
     def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """Decode the requested frames (sorted) forward in one pass, seeking only across gaps over ``seek_gap``;
+        returns {index: (h, w, 3) uint8} at ``self.size``, undecodable frames skipped."""
         if self._container is None:
             self._open()
         wanted = sorted({int(i) for i in indices})
@@ -255,6 +264,7 @@ class PyAVFrameSource(FrameSource):
         return out
 
     def close(self) -> None:
+        """Close the container; the next ``read`` reopens the file."""
         if self._container is not None:
             self._container.close()
         self._container = None
@@ -278,6 +288,7 @@ class JpegCacheFrameSource(FrameSource):
         self._file = None
 
     def read(self, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """The requested frames decoded from the JPEG cache (opened on first use); empty or corrupt ones are skipped."""
         if self._file is None:
             self._file = open(self.root / "frames.bin", "rb")
         out, missing = {}, []
@@ -295,6 +306,7 @@ class JpegCacheFrameSource(FrameSource):
         return out
 
     def close(self) -> None:
+        """Close ``frames.bin``; the next ``read`` reopens it."""
         if self._file is not None:
             self._file.close()
         self._file = None

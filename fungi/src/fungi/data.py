@@ -233,6 +233,7 @@ class GroundTruthUnpickler(pickle.Unpickler):
         self.allowed = _numpy_globals()
 
     def find_class(self, module: str, name: str):
+        """The allowed numpy global for ``(module, name)``; any other global is refused with RefusedGlobalError."""
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
         raise RefusedGlobalError(

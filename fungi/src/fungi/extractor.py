@@ -319,4 +319,5 @@ class FUNGIExtractor(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """Layer, objectives, seed and embedding size for the module's repr."""
         return f"layer={self.layer!r}, objectives={self.objective_names}, seed={self.seed}, embed_dim={self.embed_dim}"

@@ -97,6 +97,7 @@ class DINOObjective(Objective):
         self.teacher_head = seeded_linear(embed_dim, latent_dim, gen)
 
     def views(self, inputs, seed: int):
+        """DINO multi-crop of (B, C, H, W) images -> (B, num_global + num_local, C, H, W), global crops first."""
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
             raise ValueError("the DINO objective needs image batches (B, C, H, W)")
         return dino_views(inputs, seed, self.num_global, self.num_local, self.global_scale, self.local_scale)
@@ -146,6 +147,8 @@ class SimCLRObjective(Objective):
         self.register_buffer("negatives", torch.zeros(0, latent_dim))
 
     def views(self, inputs, seed: int, negative: bool = False):
+        """Images (B, C, S, S) -> patch crops (B, n*n, C, S, S); texts -> lists of word-deleted copies; audio
+        (B, T, F) -> (B, V, T, F). ``negative``: the negative bank's (fewer) text / audio views."""
         if isinstance(inputs, list):
             n = self.num_negative_text_views if negative else self.num_text_views
             return [word_deletion(text, n, self.word_drop, seed) for text in inputs]
@@ -217,6 +220,7 @@ class DeepClusterObjective(Objective):
         return dino_views(inputs, seed + 1, self.num_global, 0, self.global_scale, mode="bilinear")
 
     def views(self, inputs, seed: int):
+        """(B, C, H, W) -> (B, 2 * num_global + num_local, C, H, W): the loss crops, then the assignment crops."""
         _require_images(inputs)
         crops = dino_views(
             inputs, seed + 2, self.num_global, self.num_local, self.global_scale, self.local_scale, mode="bilinear"

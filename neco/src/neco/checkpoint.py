@@ -27,6 +27,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:
+    """``<run_dir>/checkpoints/step_<step:06d>``: the directory of one checkpoint."""
     return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
 
 
@@ -65,6 +66,7 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``optimizer_to_files``: the optimizer state_dict rebuilt from its tensors and JSON rest."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["plain"].items()):
         pid, name = key.split(".", 1)
@@ -88,6 +90,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    """Restore the RNG states saved by ``rng_state`` (CUDA ones only where CUDA is available)."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():

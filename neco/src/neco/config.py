@@ -101,6 +101,7 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def get_key(cfg: dict[str, Any], dotted: str) -> Any:
+    """``cfg[a][b]`` for ``dotted = 'a.b'`` (KeyError if a part is missing)."""
     node = cfg
     for part in dotted.split("."):
         node = node[part]

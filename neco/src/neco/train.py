@@ -55,10 +55,12 @@ def setup_logging(run_dir: str | None, main_process: bool) -> None:
 
 
 def run_directory(cfg: dict[str, Any]) -> str:
+    """``train.run_dir``, or ``<output_dir>/<name>`` when it is empty."""
     return cfg["train"]["run_dir"] or os.path.join(cfg["output_dir"], cfg["name"])
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's global and torch's (CPU and CUDA) RNGs with ``seed``."""
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds the global state used by third-party code)
     torch.manual_seed(seed)

@@ -37,6 +37,7 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the python, numpy and torch RNG states saved by `rng_state` (CUDA ones only where CUDA is available)."""
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
@@ -62,6 +63,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str,
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_tensors`: load the JSON part and the tensors back into `optimizer`."""
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         pid, key = name.split(".", 1)

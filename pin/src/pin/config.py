@@ -76,6 +76,7 @@ def config_path(name: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The YAML mapping in `path` (`1e-4` reads as a float; an empty file gives {}); ValueError if not a mapping."""
     with open(path) as f:
         data = yaml.load(f, Loader=ConfigLoader) or {}
     if not isinstance(data, dict):

@@ -89,6 +89,7 @@ def image_reliance(vlm, codec, batch: dict) -> tuple[float, float]:
 
 
 def run(out: Path, quick: bool) -> dict:
+    """Run the demo (stand-in pre-training, PIN training, held-out eval), writing to `out`; returns the metrics."""
     # One thread: on a small shared CPU the per-op threading overhead dominates these tiny models.
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -194,6 +195,7 @@ def run(out: Path, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """pin-demo: parse `--out` and `--quick`, run the demo; returns its metrics dict."""
     parser = argparse.ArgumentParser(prog="pin-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo/pin", help="output folder")
     parser.add_argument("--quick", action="store_true", help="a few steps only (< 20 s), for the tests")

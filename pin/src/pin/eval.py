@@ -205,6 +205,7 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
 
 
 def main(argv: list[str] | None = None):
+    """pin-eval: evaluate the configured `method` on `eval.datasets` (key=value overrides); returns the metric rows."""
     cfg, positional = load_config(argv)
     if positional:
         raise SystemExit(f"pin-eval takes key=value overrides only, got {positional}")

@@ -180,6 +180,8 @@ def load_image(query: ObjectQuery, image_size: int = 224) -> torch.Tensor:
 
 
 class QueryDataset(torch.utils.data.Dataset):
+    """Items {"image": (3, S, S) in [0, 1], "name", "box" (4,) GT xyxy in the S x S frame, "index"} of the queries."""
+
     def __init__(self, queries: list[ObjectQuery], image_size: int = 224) -> None:
         self.queries, self.image_size = queries, image_size
 
@@ -192,6 +194,7 @@ class QueryDataset(torch.utils.data.Dataset):
 
 
 def collate_queries(items: list[dict]) -> dict:
+    """Batch `QueryDataset` items: "image" (B, 3, S, S), "box" (B, 4); "name" and "index" as lists."""
     return {
         "image": torch.stack([it["image"] for it in items]),
         "name": [it["name"] for it in items],

@@ -18,6 +18,7 @@ from .pipeline import codec_from_cfg, predict_boxes, vlm_from_cfg
 
 
 def main(argv: list[str] | None = None) -> list[float]:
+    """pin-localise: predict the named object's box in one image, save a figure; returns the box (xyxy, S x S frame)."""
     cfg, positional = load_config(argv, flags=("checkpoint", "out"), usage_args='IMAGE "object name"')
     if len(positional) != 2:
         raise SystemExit('usage: pin-localise IMAGE "object name" checkpoint=PATH [out=PNG] [--config NAME]')

@@ -146,6 +146,7 @@ class Method:
                 m.train(mode)
 
     def to(self, device) -> Method:
+        """Move the method's own tensors (not the VLM) to `device`; returns self."""
         if self.module is not None:
             self.module.to(device)
         return self

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def setup_logging(run_dir: Path | None, main_process: bool = True, name: str = "pin") -> logging.Logger:
+    """Logger `name` writing to stdout and `<run_dir>/log.txt` (main process; others log warnings only); returns it."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.setLevel(logging.INFO if main_process else logging.WARNING)

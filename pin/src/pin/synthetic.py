@@ -420,6 +420,7 @@ class SyntheticCompositions(torch.utils.data.Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch`: its samples (unless `sample_epoch` is set) and its phase."""
         self.epoch = epoch
 
     @property

@@ -176,6 +176,7 @@ def _fmt(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """pin-train: train with the config and key=value overrides (`resume=` to continue); returns `train`'s result."""
     cfg, positional = load_config(argv, flags=("resume",))
     if positional:
         raise SystemExit(f"pin-train takes key=value overrides only, got {positional}")

@@ -150,11 +150,13 @@ class FrozenVLM:
 
     @property
     def pad_token_id(self) -> int:
+        """The tokenizer's pad id, or its EOS id when it has none."""
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @property
     def end_token_id(self) -> int:
+        """Id of `end_token`, the token that ends generation."""
         return self.tokenizer.convert_tokens_to_ids(self.end_token)
 
     # ---- model calls ------------------------------------------------------------------------------------------------

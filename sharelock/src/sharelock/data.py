@@ -175,6 +175,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         self.transform = transform or eval_transform()
 
     def path(self, sample_id: str) -> Path:
+        """The image file of `sample_id`: `root/<id>` itself, else the first `root/<id><ext>` over IMAGE_EXTENSIONS."""
         direct = self.root / sample_id
         if direct.is_file():
             return direct

@@ -102,10 +102,12 @@ class TensorPairs:
         return len(self.v)
 
     def batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision (B, vision_dim) and text (B, text_dim) features of samples `indices` (`rng` unused)."""
         indices = np.asarray(indices)
         return self.v[indices], self.t[self.index[indices]]
 
     def backbones(self) -> dict:
+        """No backbone specs: in-memory features record none ({})."""
         return {}
 
 
@@ -119,6 +121,7 @@ class Subset:
         return len(self.indices)
 
     def batch(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pairs.batch` of the subset's samples `indices` (positions in the subset)."""
         return self.pairs.batch(self.indices[np.asarray(indices)], rng)
 
 

@@ -56,9 +56,11 @@ class Opaque:
         self.mapping[key] = value
 
     def append(self, value: Any) -> None:
+        """A list item of the stored object (pickle's APPEND), kept in `sequence`."""
         self.sequence.append(value)
 
     def extend(self, values: Any) -> None:
+        """List items of the stored object (pickle's APPENDS), kept in `sequence`."""
         self.sequence.extend(values)
 
     def __repr__(self) -> str:
@@ -72,6 +74,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose globals are the allow-list or `Opaque` subclasses named after the requested class."""
 
     def find_class(self, module: str, name: str) -> Any:
+        """An allow-listed callable, else an `Opaque` subclass named `module.name` (nothing is imported)."""
         # protocol-2 files (torch.save's default) name builtins the Python 2 way (`__builtin__.set`)
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[module, name]

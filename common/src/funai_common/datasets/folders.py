@@ -31,6 +31,7 @@ class ImageFolderDataset(ImageFolder):
         super().__init__(str(path), transform=transform, allow_empty=classes is not None)
 
     def find_classes(self, directory):
+        """(classes, class_to_idx): the given ``classes`` and their numbering if set, else the sorted class folders."""
         found, class_to_idx = super().find_classes(directory)
         if self._given_classes is None:
             return found, class_to_idx
