@@ -415,3 +415,14 @@ def test_a_bare_leaf_key_is_pointed_to_its_section():
     with pytest.raises(KeyError) as err:
         load_config(["--config", "tiny", "lr=1e-3"])
     assert "(did you mean optim.lr?)" in str(err.value)
+
+
+def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
+    """An empty mapping (model.overrides, free-form keyword arguments) takes new keys one by one; elsewhere a new key
+    is still an error."""
+    cfg = load_config(["model.overrides.img_size=96", "model.overrides.drop_path_rate=0.2"])
+    assert cfg["model"]["overrides"] == {"img_size": 96, "drop_path_rate": 0.2}
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config(["model.overridez.img_size=96"])
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config(["optim.lr.x=1"])

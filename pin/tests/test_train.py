@@ -229,3 +229,14 @@ def test_a_bare_leaf_key_is_pointed_to_its_section():
     with pytest.raises(KeyError) as err:
         load_config(["--config", "tiny", "epochs=1"])
     assert "(did you mean train.epochs?)" in str(err.value)
+
+
+def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
+    """An empty mapping (eval.roots, free-form keyword arguments) takes new keys one by one; elsewhere a new key
+    is still an error."""
+    cfg = load_config(["--config", "tiny", *["eval.roots.refcoco=/data/refcoco", "eval.roots.pvoc=/data/voc"]])[0]
+    assert cfg["eval"]["roots"] == {"refcoco": "/data/refcoco", "pvoc": "/data/voc"}
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config(["--config", "tiny", *["eval.rootz.refcoco=/data/refcoco"]])[0]
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config(["--config", "tiny", *["optim.lr.x=1"]])[0]

@@ -6,7 +6,7 @@ import copy
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,15 +92,28 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def set_dotted(cfg: dict, key: str, value: Any) -> None:
-    """Set ``cfg[a][b] = value`` for ``key = "a.b"``; a key that is not already a leaf of ``cfg`` is an error."""
+def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted names of the empty mappings of ``cfg``: free-form sections (extra keyword arguments such as
+    ``model.backbone_kwargs``) to which an override may add keys."""
+    out: set[str] = set()
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= empty_sections(value, f"{prefix}{key}.") if value else {prefix + key}
+    return out
+
+
+def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> None:
+    """Set ``cfg[a][b] = value`` for ``key = "a.b"``; a key that is not already a leaf of ``cfg`` is an error,
+    unless it is new in one of the ``free`` sections (see ``empty_sections``)."""
     valid = flatten(cfg)
-    if key not in valid:
+    if key not in valid and not any(key.startswith(section + ".") for section in free):
         raise UnknownKeyError(key, valid)
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # a.b=1 set earlier, now a.b.c
+            raise UnknownKeyError(key, valid)
     node[parts[-1]] = value
 
 
@@ -185,8 +198,9 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
     cfg = load_yaml(path)
     if path.resolve().parent != config_dir().resolve():  # a user's file
         cfg = merge_user_config(load_yaml(resolve_config_path(default)), cfg)
+    free = empty_sections(cfg)
     for key, value in overrides:
-        set_dotted(cfg, key, value)
+        set_dotted(cfg, key, value, free)
     train = cfg.get("train")
     if isinstance(train, dict) and train.get("mixed_precision") is False:
         train["mixed_precision"] = "no"  # YAML 1.1 reads `mixed_precision: no` (file or override) as false

@@ -6,7 +6,7 @@ import copy
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -87,12 +87,27 @@ def _check_kind(dotted: str, old: Any, value: Any) -> None:
         raise ValueError(f"{dotted}={value!r}: expected a number")
 
 
-def set_key(cfg: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict; unknown keys raise a KeyError listing the valid keys, an override of the
-    wrong kind (see ``_check_kind``) a ValueError."""
+def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted names of the empty mappings of ``cfg``: free-form sections (extra keyword arguments such as
+    ``model.overrides``) to which an override may add keys."""
+    out: set[str] = set()
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= empty_sections(value, f"{prefix}{key}.") if value else {prefix + key}
+    return out
+
+
+def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> None:
+    """Set ``a.b.c`` in a nested dict; unknown keys raise a KeyError listing the valid keys (new keys are welcome
+    in the ``free`` sections, see ``empty_sections``), an override of the wrong kind (``_check_kind``) a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
+        if isinstance(node, dict) and part not in node and ".".join(parts[:i]) in free:  # a free-form section
+            for sub in parts[i:-1]:
+                node = node.setdefault(sub, {})
+            node[parts[-1]] = value
+            return
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
@@ -213,9 +228,9 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     if path.resolve().parent != Path(str(resources.files("dora") / "configs")).resolve():  # a user's file
         with open(config_path(default)) as f:
             cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader) or {}, cfg)
-    cfg = copy.deepcopy(cfg)
+    cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
     for key, value in pairs:
-        set_key(cfg, key, value)
+        set_key(cfg, key, value, free)
     _check(cfg)
     return cfg
 

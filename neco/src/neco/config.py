@@ -7,7 +7,7 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,27 @@ def _flat_keys(cfg: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``cfg[a][b] = value`` for ``dotted = 'a.b'``; unknown keys raise KeyError listing the valid ones."""
+def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted names of the empty mappings of ``cfg``: free-form sections (extra keyword arguments such as
+    ``model.overrides``) to which an override may add keys."""
+    out: set[str] = set()
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= empty_sections(value, f"{prefix}{key}.") if value else {prefix + key}
+    return out
+
+
+def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] = ()) -> None:
+    """Set ``cfg[a][b] = value`` for ``dotted = 'a.b'``; unknown keys raise KeyError listing the valid ones (new
+    keys are welcome in the ``free`` sections, see ``empty_sections``)."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
+        if isinstance(node, dict) and part not in node and ".".join(parts[:i]) in free:  # a free-form section
+            for sub in parts[i:-1]:
+                node = node.setdefault(sub, {})
+            node[parts[-1]] = value
+            return
         if not isinstance(node, dict) or part not in node:
             valid = [k for k in _flat_keys(cfg) if not isinstance(get_key(cfg, k), dict) or not get_key(cfg, k)]
             raise UnknownKeyError(dotted, valid)
@@ -177,9 +193,9 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(config_dir()):  # a user's file: may set some keys
         with open(resolve_config_path(default)) as f:
             cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader), cfg or {})
-    cfg = copy.deepcopy(cfg)
+    cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
     for key, value in pairs:
-        set_key(cfg, key, value)
+        set_key(cfg, key, value, free)
     cfg["config_path"] = os.path.abspath(path)
     return string_mixed_precision(cfg)
 

@@ -6,7 +6,7 @@ import copy
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,11 +92,27 @@ def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def set_key(cfg: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict; the key must already exist (unknown keys are an error listing valid ones)."""
+def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted names of the empty mappings of ``cfg``: free-form sections (extra keyword arguments such as
+    ``model.overrides``) to which an override may add keys."""
+    out: set[str] = set()
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= empty_sections(value, f"{prefix}{key}.") if value else {prefix + key}
+    return out
+
+
+def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> None:
+    """Set `a.b.c` in a nested dict; the key must already exist (unknown keys are an error listing valid ones),
+    unless it is new in one of the `free` sections (see `empty_sections`)."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
+        if isinstance(node, dict) and part not in node and ".".join(parts[:i]) in free:  # a free-form section
+            for sub in parts[i:-1]:
+                node = node.setdefault(sub, {})
+            node[parts[-1]] = value
+            return
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
@@ -189,6 +205,7 @@ def load_config(
     if path.resolve().parent != Path(str(resources.files("pin") / "configs")).resolve():  # a user's file
         cfg = merge_user_config(load_yaml(config_path(default)), cfg)
     cli: dict[str, Any] = {}
+    free = empty_sections(cfg)
     for key, value in pairs:
         if key == "config":
             continue
@@ -196,7 +213,7 @@ def load_config(
         if key in flags:
             cli[key] = parsed
         else:
-            set_key(cfg, key, parsed)
+            set_key(cfg, key, parsed, free)
     cfg["_cli"] = cli
     return string_mixed_precision(cfg), positional
 
