@@ -84,6 +84,12 @@ def test_config_errors_and_overrides(tmp_path):
     assert str(err.value).startswith(
         "unknown config key 'dino.tempreature' (did you mean dino.teacher_temperature or dino.student_temperature?)"
     )
+    # a bare key of a section is pointed to it (difflib alone misses it), from a config file too
+    with pytest.raises(KeyError, match=r"^unknown config key 'teacher_temperature' \(did you mean dino.teacher_temp"):
+        resolve(["--config", "tiny", "teacher_temperature=0.1"], extract.DEFAULTS, None)
+    (tmp_path / "mine.yaml").write_text("dino:\n  num_prototypes: 3\n")
+    with pytest.raises(KeyError, match=r"^unknown config key 'dino.num_prototypes' \(did you mean deepcluster.num_pro"):
+        resolve(["--config", str(tmp_path / "mine.yaml")], extract.DEFAULTS, None)
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve(["--config", "nope"], extract.DEFAULTS, None)
     with pytest.raises(ValueError, match="key=value"):

@@ -34,9 +34,10 @@ def program_name() -> str:
 class UnknownKeyError(KeyError):
     """An unknown config key, printed as its message (a plain KeyError prints in quotes) with the closest valid keys."""
 
-    def __init__(self, key: str, valid: Iterable[str]):
+    def __init__(self, key: str, valid: Iterable[str], elsewhere: Iterable[str] = ()):
+        """``elsewhere``: keys of other sections with the same last part (``teacher_temperature``), named first."""
         valid = sorted(valid)
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+        close = list(dict.fromkeys([*elsewhere, *difflib.get_close_matches(key, valid, n=3, cutoff=0.75)]))[:3]
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         super().__init__(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
 
@@ -85,18 +86,28 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def merge(base: dict, update: dict, prefix: str = "", strict: bool = True, schema: dict | None = None) -> dict:
-    """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones
-    (an empty mapping in ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys)."""
+def merge(
+    base: dict,
+    update: dict,
+    prefix: str = "",
+    strict: bool = True,
+    schema: dict | None = None,
+    root: dict | None = None,
+) -> dict:
+    """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones and
+    naming keys of the whole config ``root`` (default ``base``) with the same last part (an empty mapping in
+    ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys)."""
     out = copy.deepcopy(base)
     schema = base if schema is None else schema
+    root = base if root is None else root
     for key, value in update.items():
         full = f"{prefix}{key}"
         if strict and key not in out:
-            raise UnknownKeyError(full, [prefix + k for k in out])
+            elsewhere = [k for k in _flatten(root) if k.rsplit(".", 1)[-1] == key]
+            raise UnknownKeyError(full, [prefix + k for k in out], elsewhere)
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             sub = schema[key] if isinstance(schema.get(key), dict) else out[key]
-            out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub)
+            out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub, root)
         else:
             out[key] = value
     return out
