@@ -86,6 +86,18 @@ def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
         load_state_dict(tmp_path / "missing.pth")
 
 
+def test_truncated_checkpoints_are_errors_naming_the_file(tmp_path):
+    """An interrupted download: a cut .pth (no zip directory) or .safetensors (header longer than the file)."""
+    torch.save({"w": torch.ones(64)}, tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pth: PytorchStreamReader failed"):
+        load_state_dict(tmp_path / "cut.pth")
+    save_file({"w": torch.ones(64)}, str(tmp_path / "full.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*cut\.safetensors: not a safetensors file, or a truncated one"):
+        load_state_dict(tmp_path / "cut.safetensors")
+
+
 def test_checkpoint_keeps_its_table_interpolated_like_dino(tmp_path):
     import timm
     from timm.layers import resample_abs_pos_embed

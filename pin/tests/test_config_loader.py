@@ -21,3 +21,24 @@ def test_mixed_precision_no_stays_the_string_accelerate_expects(tmp_path):
     assert cfg["train"]["mixed_precision"] == "no" and cfg["pin"]["learned_table"] is False
     (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config([f"config={tmp_path / 'c.yaml'}"])[0]["train"]["mixed_precision"] == "no"
+
+
+def test_an_override_or_config_file_of_the_wrong_kind_is_a_value_error_naming_the_key(tmp_path):
+    import pytest
+
+    from pin.config import load_config
+
+    with pytest.raises(ValueError, match=r"^train\.batch_size='four': expected a number \(default 4\)$"):
+        load_config(["--config", "tiny", "train.batch_size=four"])
+    with pytest.raises(ValueError, match=r"^optim\.lr=\[0\.1, 0\.2\]: expected a number"):
+        load_config(["--config", "tiny", "optim.lr=[0.1,0.2]"])
+    with pytest.raises(ValueError, match=r"^pin\.learned_table='maybe': expected true or false$"):
+        load_config(["--config", "tiny", "pin.learned_table=maybe"])
+    assert load_config(["--config", "tiny", "name=2024"])[0]["name"] == "2024"  # a string key keeps a string
+    (tmp_path / "mine.yaml").write_text("train: 5\n")
+    with pytest.raises(ValueError, match=r"^train=5: train is a section; set its keys"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+    # what the keys take stays accepted: null, an int for a float, a list or `default` for the held-out classes
+    cfg, _ = load_config(["--config", "tiny", "train.val_every_epochs=null", "optim.lr=1", "data.held_out=default"])
+    assert cfg["train"]["val_every_epochs"] is None and cfg["data"]["held_out"] == "default"
+    assert load_config(["data.held_out=[cat]"])[0]["data"]["held_out"] == ["cat"]

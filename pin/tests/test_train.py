@@ -240,3 +240,35 @@ def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
         load_config(["--config", "tiny", *["eval.rootz.refcoco=/data/refcoco"]])[0]
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(["--config", "tiny", *["optim.lr.x=1"]])[0]
+
+
+@pytest.mark.parametrize(
+    "override", ["train.batch_size=-2", "train.batch_size=0", "train.epochs=0", "train.max_steps=0"]
+)
+def test_counts_that_are_not_positive_integers_are_errors_naming_the_key(tmp_path, override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')}={value}: expected a positive integer"):
+        train_mod.main(["--config", "tiny", f"out_dir={tmp_path}", override])
+    assert not (tmp_path / "tiny").exists()  # no step_0000000 checkpoint of an untrained insert
+
+
+def test_a_run_with_checkpoints_is_not_overwritten_by_a_fresh_start(tmp_path):
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=null", "train.epochs=1"]
+    train_mod.main(base)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_0000002" / "weights.safetensors"
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"tiny already holds the checkpoints of a run: continue it with --resume"):
+        train_mod.main(base + ["optim.lr=0.5"])
+    assert ckpt.read_bytes() == before
+
+
+def test_an_output_folder_that_is_a_file_is_an_error_naming_it(tmp_path):
+    from pin import demo
+
+    (tmp_path / "file").write_text("not a folder")
+    for out_dir, name in ((tmp_path, "file"), (tmp_path / "file", "run")):
+        with pytest.raises(ValueError, match=rf"output folder {out_dir / name}: {tmp_path / 'file'} is a file"):
+            train_mod.main(["--config", "tiny", f"out_dir={out_dir}", f"name={name}"])
+    with pytest.raises(ValueError, match=rf"output folder {tmp_path / 'file'}: .* is a file"):
+        demo.main(["--out", str(tmp_path / "file"), "--quick"])  # before minutes of training, not after
+    assert (tmp_path / "file").read_text() == "not a folder"

@@ -36,3 +36,27 @@ def test_malformed_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match=r"config file .*bad\.yaml must hold a mapping of keys to values, not a list"):
         load_config(["--config", str(bad)], "default")
+
+
+def test_an_override_or_config_file_of_the_wrong_kind_is_a_value_error_naming_the_key(tmp_path):
+    import pytest
+
+    from sharelock.config import load_config
+
+    with pytest.raises(ValueError, match=r"^optim\.max_steps='three': expected a number \(default 5000\)$"):
+        load_config(["optim.max_steps=three"], "default")
+    with pytest.raises(ValueError, match=r"^optim\.batch_size=\[8, 16\]: expected a number"):
+        load_config(["optim.batch_size=[8,16]"], "default")
+    with pytest.raises(ValueError, match=r"^data\.in_memory='maybe': expected true or false$"):
+        load_config(["data.in_memory=maybe"], "default")
+    assert load_config(["name=2024"], "default")["name"] == "2024"  # a string key keeps a string (Path / 2024 failed)
+    user = tmp_path / "user.yaml"
+    user.write_text("optim: 5\n")
+    with pytest.raises(ValueError, match=r"^optim=5: optim is a section; set its keys"):
+        load_config(["--config", str(user)], "default")
+    # what the keys take stays accepted: null, an int for a float, a fraction for a count, `no` for mixed precision
+    cfg = load_config(["optim.lr=1", "data.val_size=0.5", "data.train_size=0.5", "run_dir=null", "mixed_precision=no"],
+                      "default")  # fmt: skip
+    assert cfg["optim"]["lr"] == 1 and cfg["data"]["val_size"] == 0.5 and cfg["mixed_precision"] == "no"
+    for name in ("tiny", "cc3m", "cc12m", "cc3m_cc12m"):  # the packaged configs, laid over default.yaml
+        load_config(["--config", name], "default")

@@ -246,3 +246,14 @@ def test_sharelock_winoground_uses_the_backbones_given_to_convert(tmp_path):
     model.attach_encoders(build_vision_encoder(vision), None, *build_language_encoder(language))
     expected = winoground.similarities(model, winoground.load_examples(data), batch_size=4)
     torch.testing.assert_close(torch.tensor([r["sim"] for r in rows]), expected, rtol=0, atol=1e-6)
+
+
+def test_a_truncated_checkpoint_or_a_folder_is_an_error_naming_it(tmp_path):
+    model = source_model()
+    ckpt = save_lightning(tmp_path / "a.ckpt", reference_state_dict(model), reference_hparams(model))
+    (tmp_path / "cut.ckpt").write_bytes(ckpt.read_bytes()[:300])  # an interrupted download
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.ckpt: PytorchStreamReader failed"):
+        convert.main([str(tmp_path / "cut.ckpt"), str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path} is a folder, expected a Lightning \.ckpt file"):
+        convert.main([str(tmp_path), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

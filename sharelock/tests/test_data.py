@@ -302,3 +302,46 @@ def test_pending_images_are_shared_between_ranks_without_the_done_ones():
     parts = [[Items.ids[i] for i in _Pending(Items(), done, rank, 3).items] for rank in range(3)]
     assert sorted(sum(parts, [])) == sorted(set(Items.ids) - done)  # every pending item exactly once
     assert all(parts) and _Pending(Items(), done, 0, 3)[0] == ("00", 0, -1)
+
+
+def test_caption_files_with_broken_rows_or_no_captions_are_errors_naming_the_file(tmp_path):
+    """A missing CSV field or a JSON null would be encoded as the caption "None", an unquoted comma would cut the
+    caption short, and an empty file would give an empty store: all refused, naming the file (and line)."""
+    cases = {
+        "short.csv": ("image,caption\na.png,one\nb.png\n", r"short\.csv line 3: fewer fields than the header"),
+        "comma.csv": ("image,caption\na.png,a cat, sitting\n", r"comma\.csv line 2: more fields than the header"),
+        "empty.csv": ("image,caption\n", r"captions file .*empty\.csv holds no captions"),
+        "null.json": ('{"a.png": null}', r"null\.json: the caption of 'a\.png' is null, expected a string"),
+        "broken.json": ('{"a.png": "one",\n', r"broken\.json is not valid JSON: .* at line 2, column 1"),
+    }
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=match):
+            read_captions(tmp_path / name)
+    (tmp_path / "names.json").write_text('["tench", "goldfish"')
+    with pytest.raises(ValueError, match=r"names\.json is not valid JSON"):
+        load_class_names(tmp_path / "names.json")
+
+
+def test_unreadable_images_and_shards_are_errors_naming_them(tmp_path):
+    from sharelock.data import LabelledImages
+
+    (tmp_path / "val" / "cls").mkdir(parents=True)
+    (tmp_path / "val" / "cls" / "x.jpg").write_bytes(b"\x00garbage, not a JPEG" * 20)
+    with pytest.raises(ValueError, match=r"cannot read image .*cls/x\.jpg: not an image file Pillow can identify"):
+        LabelledImages(tmp_path / "val")[0]
+    (tmp_path / "caps.json").write_text(json.dumps({"x.jpg": "a caption"}))
+    with pytest.raises(ValueError, match=r"cannot read image .*cls/x\.jpg"):
+        ImageCaptionFolder(tmp_path / "val" / "cls", tmp_path / "caps.json")[0]
+    write_shards(tmp_path / "wds", n=2, per_shard=2)
+    with tarfile.open(tmp_path / "wds" / "00001.tar", "w") as tar:  # a corrupt image member
+        info = tarfile.TarInfo("000000009.jpg")
+        info.size = 40
+        tar.addfile(info, io.BytesIO(b"\xff\xd8" + b"\x00" * 38))
+    with pytest.raises(ValueError, match=r"cannot read image 000000009 in .*00001\.tar"):
+        list(iter_webdataset(str(tmp_path / "wds" / "*.tar"), captions=False))
+    (tmp_path / "wds" / "00002.tar").write_bytes(b"not a tar file" * 100)
+    with pytest.raises(ValueError, match=r"webdataset shard .*00002\.tar is not a readable tar file"):
+        list(iter_webdataset(str(tmp_path / "wds" / "00002.tar")))
+    with pytest.raises(ValueError, match=r"no captions \(\{key\}\.txt members\) in the webdataset shards"):
+        precompute._texts({"type": "webdataset", "path": str(tmp_path / "wds" / "00001.tar")})

@@ -96,3 +96,19 @@ def test_unseen_classes_are_scored_against_their_own_prompts(tmp_path, monkeypat
             sims = {c: float(model.encode_image(torch.from_numpy(x[None]))[0] @ prompts[c]) for c in test_cls}
             hits.append(max(sims, key=sims.get) == y)
     assert result["unseen top1"] == pytest.approx(100.0 * np.mean(hits))
+
+
+def test_class_splits_that_cannot_be_used_are_errors_naming_the_file(tmp_path):
+    names = [f"class {i}" for i in range(4)]
+    splits = tmp_path / "splits.json"
+    for content, error, match in (
+        ('{"train": [0, 1]}', KeyError, r"splits\.json: expected a mapping with the keys 'train' and 'test', got "),
+        ('{"train": [0, 1], "test": [99]}', ValueError, r"class id 99 of .*splits\.json is not among the 4 class ids"),
+        ('{"train": [], "test": [1]}', ValueError, r"splits\.json: train lists no class"),
+        ('{"train": [0, 1], ', ValueError, r"splits\.json is not valid JSON: .* at line 1, column 19"),
+    ):
+        splits.write_text(content)
+        with pytest.raises(error, match=match):
+            probe.class_split(names, str(splits), 0.5, seed=0)
+    with pytest.raises(ValueError, match=r"probe\.test_fraction=1\.0 leaves no training class of the 4"):
+        probe.class_split(names, None, 1.0, seed=0)

@@ -367,3 +367,55 @@ def test_a_bare_leaf_key_is_pointed_to_its_section():
     with pytest.raises(KeyError) as err:
         load_config(["--config", "tiny", "patience=3"], "tiny")
     assert "(did you mean early_stopping.patience?)" in str(err.value)
+
+
+BAD_COUNTS = ["optim.batch_size=-4", "optim.batch_size=0", "optim.max_steps=0", "checkpoint_every=0", "log_every=2.5"]
+
+
+@pytest.mark.parametrize("override", BAD_COUNTS)
+def test_counts_that_are_not_positive_integers_are_errors_naming_the_key(stores, tmp_path, override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')}={value}: expected a positive integer$"):
+        train.main(tiny_args(stores, tmp_path / "r", override))
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, no step_000000 of an untrained model
+
+
+def test_a_finished_run_is_not_overwritten_by_a_fresh_start(stores, tmp_path):
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4"))
+    metrics, best = (run / "metrics.jsonl").read_text(), (run / "checkpoints" / "best" / "model.safetensors")
+    best_bytes = best.read_bytes()
+    with pytest.raises(ValueError, match=r"already holds the checkpoints of a run: continue it with --resume latest"):
+        train.main(tiny_args(stores, run, "optim.max_steps=2"))
+    assert (run / "metrics.jsonl").read_text() == metrics and best.read_bytes() == best_bytes
+    assert train.main(tiny_args(stores, run, "optim.max_steps=4", "resume=latest"))["step"] == 4
+
+
+def test_an_output_folder_that_is_a_file_is_an_error_naming_it(stores, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for run in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(ValueError, match=rf"output folder {run}: {tmp_path / 'file'} is a file"):
+            train.main(tiny_args(stores, run))
+    from sharelock import demo
+
+    with pytest.raises(ValueError, match=rf"output folder {tmp_path / 'file'}: .* is a file"):
+        demo.main(["--out", str(tmp_path / "file"), "--quick"])  # before any data is drawn
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_broken_checkpoints_are_errors_naming_the_file(stores, tmp_path):
+    from sharelock.models import load_model
+
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4"))
+    step = run / "checkpoints" / "step_000004"
+    # a checkpoint of other heads (model.hidden_dim 16 -> 8) cannot be resumed
+    with pytest.raises(ValueError, match=rf"checkpoint {step} does not fit the heads of this config \(model\.\*\)"):
+        train.main(tiny_args(stores, tmp_path / "other", f"resume={step}", "model.hidden_dim=8"))
+    weights = step / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(ValueError, match=rf"cannot read {weights}: not a safetensors file, or a truncated one"):
+        load_model(step)
+    (step / "meta.json").write_text('{"model": {"vision_dim": 8')
+    with pytest.raises(ValueError, match=rf"{step / 'meta.json'} is not valid JSON: .* at line 1, column 27"):
+        load_model(step)

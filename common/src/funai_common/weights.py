@@ -27,15 +27,22 @@ def load_state_dict(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors or .pth state dict)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"cannot read {path}: not a safetensors file, or a truncated one ({err})") from None
     else:
         # full training checkpoints (DINO, DoRA) also hold their argparse arguments: allow that plain container
         # (torch >= 2.5; older versions refuse such files)
         allow = getattr(torch.serialization, "safe_globals", None)
         with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except RuntimeError as err:  # not a zip archive: a truncated download, or another kind of file
+                raise ValueError(f"cannot read checkpoint {path}: {err}") from None
         for key in keys:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

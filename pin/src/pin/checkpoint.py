@@ -8,12 +8,14 @@ written to a temporary folder and renamed when complete.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from funai_common.weights import load_state_dict
@@ -133,6 +135,14 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 REFERENCE_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"cannot read {path}: not a safetensors file, or a truncated one ({err})") from None
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Trainable tensors of a checkpoint folder, of a bare .safetensors file, or of a reference `.pt` file such as
     the released `PINs/PIN_OF.pt` (read with `weights_only`, so no code runs; see `from_reference_weights`)."""
@@ -143,8 +153,13 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"no PIN weights at {file}; expected a checkpoint folder, a .safetensors file or a reference .pt file"
         )
     if file.suffix in REFERENCE_SUFFIXES:
-        return from_reference_weights(load_state_dict(file, keys=()), file)
-    return load_file(str(file))
+        try:
+            state = load_state_dict(file, keys=())
+        except pickle.UnpicklingError as err:  # garbage, or Python objects beyond tensors and plain containers
+            detail = str(err).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+            raise ValueError(f"cannot read {file} as a reference checkpoint (weights_only): {detail}") from None
+        return from_reference_weights(state, file)
+    return read_safetensors(file)
 
 
 def from_reference_weights(state: dict, source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
@@ -168,4 +183,4 @@ def load_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state.json content, optimizer/rng tensors) of a checkpoint folder."""
     with open(Path(path) / "state.json") as f:
         state = json.load(f)
-    return state, load_file(str(Path(path) / "optimizer.safetensors"))
+    return state, read_safetensors(Path(path) / "optimizer.safetensors")

@@ -102,9 +102,28 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
+def check_kind(dotted: str, old: Any, value: Any) -> Any:
+    """`value`, checked against the key's default `old` (null always passes): a scalar for a whole section, anything
+    but a number for a number, anything but true/false for a flag is a ValueError; a number for a string key becomes
+    its text (`name=2024`, which YAML reads as a number)."""
+    if value is None:
+        return value
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ValueError(
+            f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
+        )
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ValueError(f"{dotted}={value!r}: expected true or false")
+    if isinstance(old, int | float) and not isinstance(old, bool) and not number:
+        raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
+    return str(value) if isinstance(old, str) and number else value
+
+
 def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> None:
     """Set `a.b.c` in a nested dict; the key must already exist (unknown keys are an error listing valid ones),
-    unless it is new in one of the `free` sections (see `empty_sections`)."""
+    unless it is new in one of the `free` sections (see `empty_sections`); a value of the wrong kind (`check_kind`)
+    is a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -116,7 +135,7 @@ def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> N
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
-            node[part] = value
+            node[part] = check_kind(dotted, node[part], value)
         else:
             node = node[part]
 
@@ -176,7 +195,7 @@ def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
             out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
         else:
-            out[key] = value
+            out[key] = check_kind(prefix + key, out[key], value)
     return out
 
 

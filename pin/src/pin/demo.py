@@ -31,6 +31,7 @@ from .figures import box_figure, loss_figure
 from .methods import Method
 from .metrics import localisation_miou, paired_iou
 from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
+from .runlog import check_output_dir
 from .synthetic import collate
 
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/demo/pin", help="output folder")
     parser.add_argument("--quick", action="store_true", help="a few steps only (< 20 s), for the tests")
     args = parser.parse_args(argv)
+    check_output_dir(args.out)  # before minutes of training, not when the results are written
     return run(Path(args.out), args.quick)
 
 

@@ -130,6 +130,8 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
     codec = codec_from_cfg(cfg)
     # every dataset's queries and the checkpoint are read before the VLM is built or anything is evaluated, so a
     # bad name, path or empty pool fails in seconds rather than after the first datasets
+    if isinstance(e["datasets"], str):  # iterating it would read its letters as dataset names
+        raise ValueError(f"eval.datasets={e['datasets']!r}: expected a list, e.g. eval.datasets=[{e['datasets']}]")
     repeated = sorted({n for n in e["datasets"] if list(e["datasets"]).count(n) > 1})
     if repeated:
         raise ValueError(f"eval.datasets lists {repeated} more than once: {list(e['datasets'])}")

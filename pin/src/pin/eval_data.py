@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .boxes import coco_box_to_frame, voc_box_to_frame
-from .synthetic import SyntheticCompositions, normalise_name, to_tensor
+from .synthetic import SyntheticCompositions, normalise_name, open_image, to_tensor
 
 
 @dataclass
@@ -172,8 +172,7 @@ def synthetic_queries(
 def load_image(query: ObjectQuery, image_size: int = 224) -> torch.Tensor:
     """(3, S, S) float in [0, 1], anisotropic bilinear resize: the reference's torchvision `F.resize(img, (S, S))`
     at its default interpolation (the VLM processors' own resize is then a no-op on the square image)."""
-    img = query.image if isinstance(query.image, Image.Image) else Image.open(query.image)
-    img = img.convert("RGB")
+    img = query.image.convert("RGB") if isinstance(query.image, Image.Image) else open_image(query.image)
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     return to_tensor(img)

@@ -68,7 +68,13 @@ def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
                 f"{len(names)} classes, e.g. {sorted(names)[:8]})"
             )
     if d.get("objects"):
-        return pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
+        train, val, zero_shot = pool.split(held, d.get("val_size", 0), d.get("split_seed", 10))
+        if d.get("val_size", 0) >= len(train) + len(val):
+            raise ValueError(
+                f"data.val_size={d.get('val_size', 0)} leaves no training cut-outs: data.objects={d['objects']} holds "
+                f"{len(train) + len(val)} outside the held-out classes"
+            )
+        return train, val, zero_shot
     # held-out shapes form the zero-shot pool; without any it is empty (never the val pool's trained classes)
     held = {h.lower() for h in held}
     seen = [n for n in names if n.lower() not in held]

@@ -7,8 +7,20 @@ import sys
 from pathlib import Path
 
 
+def check_output_dir(path: str | Path) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (mkdir would raise FileExistsError or
+    NotADirectoryError deep inside the command)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output folder {path}: {existing} is a file, expected a folder or a path that does not exist")
+
+
 def setup_logging(run_dir: Path | None, main_process: bool = True, name: str = "pin") -> logging.Logger:
-    """Logger `name` writing to stdout and `<run_dir>/log.txt` (main process; others log warnings only); returns it."""
+    """Logger `name` writing to stdout and `<run_dir>/log.txt` (main process; others log warnings only); returns it.
+    A `run_dir` that is a file is a ValueError (`check_output_dir`)."""
+    if run_dir is not None:
+        check_output_dir(run_dir)
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.setLevel(logging.INFO if main_process else logging.WARNING)

@@ -19,12 +19,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .heldout import HELD_OUT_CLASSES
 from .layout import LayoutSampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """The image at `path` in `mode`; a file that is not a readable image (garbage, truncated, another format) is a
+    ValueError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {path}: not an image file Pillow can identify") from None
+    except OSError as err:  # e.g. "image file is truncated"; a missing file stays a FileNotFoundError
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def normalise_name(name: str) -> str:
@@ -56,7 +70,7 @@ class ObjectPool:
     def load(self, index: int) -> np.ndarray:
         """(H, W, 4) uint8 cut-out cropped to its alpha box."""
         src = self.instances[index][1]
-        arr = src if isinstance(src, np.ndarray) else np.asarray(Image.open(src).convert("RGBA"))
+        arr = src if isinstance(src, np.ndarray) else np.asarray(open_image(src, "RGBA"))
         return crop_to_alpha(arr)
 
     @classmethod
@@ -85,7 +99,19 @@ class ObjectPool:
         if not path.is_file():
             raise FileNotFoundError(f"object list {path} not found; expected LVIS_instance_pools.json")
         with open(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"object list {path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"object list {path}: expected {{class name: [cut-out paths]}}, got a {type(data).__name__}"
+            )
+        bad = next((name for name, paths in data.items() if not isinstance(paths, list)), None)
+        if bad is not None:
+            raise ValueError(
+                f"object list {path}: the entry of {bad!r} is a {type(data[bad]).__name__}, expected a list"
+            )
         items = [(normalise_name(n), resolve_pool_path(p, path.parent)) for n, paths in data.items() for p in paths]
         items = _drop_excluded(items)
         with ThreadPoolExecutor(max_workers=32) as pool:  # ~60k stats: seconds, not minutes, on network storage
@@ -193,7 +219,7 @@ class Backgrounds:
         if self.paths:
             path = self.paths[int(rng.integers(len(self.paths)))]
             # Pillow's default filter (bicubic), as the reference's `resize(size)` without one
-            return Image.open(path).convert("RGB").resize((s, s), Image.BICUBIC)
+            return open_image(path).resize((s, s), Image.BICUBIC)
         base = rng.uniform(60, 200, size=(2, 2, 3))
         low = Image.fromarray(base.astype(np.uint8)).resize((s, s), Image.BILINEAR)
         noise = rng.normal(0, 12, size=(s // 8, s // 8, 3))

@@ -37,12 +37,29 @@ def lr_at_epoch(cfg: dict, epoch: int) -> float:
     return o["lr"] * o["gamma"] ** sum(epoch >= m for m in o["milestones"])
 
 
+def _positive_int(t: dict, key: str, optional: bool = False) -> None:
+    """A ValueError naming `train.<key>` unless it is an integer >= 1 (or null when `optional`)."""
+    value = t.get(key)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.{key}={value!r}: expected a positive integer{' or null' if optional else ''}")
+
+
 def train(cfg: dict, resume: str | None = None) -> dict:
     """Run training; returns {"losses", "validation" (one dict per validation), "run_dir", "step", "method", "vlm"}."""
     t = cfg["train"]
+    for key in ("batch_size", "epochs", "checkpoint_every_epochs", "log_every"):
+        _positive_int(t, key)
+    _positive_int(t, "max_steps", optional=True)
     mp = t["mixed_precision"] if torch.cuda.is_available() else "no"
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
     run_dir = Path(cfg["out_dir"]) / cfg["name"]
+    if not resume and any((run_dir / "checkpoints").glob("step_*")):  # a fresh run would replace them
+        raise ValueError(
+            f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
+            "run with another name= or out_dir="
+        )
     log = setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
@@ -87,7 +104,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     step = 0
     if ckpt is not None:
         state, tensors = load_state(ckpt)
-        method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()})
+        method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()}, source=ckpt)
         load_optimizer(optimizer, state["optimizer"], {k: v for k, v in tensors.items() if not k.startswith("rng.")})
         set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
         load_scaler(accelerator.scaler, state.get("scaler", {}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -78,6 +79,24 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`; malformed JSON is a ValueError naming the file and where (json's message names neither)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (mkdir would raise FileExistsError or
+    NotADirectoryError deep inside the command)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output folder {path}: {existing} is a file, expected a folder or a path that does not exist")
+
+
 def _packaged(name: str) -> Path:
     return Path(str(resources.files("sharelock") / "configs" / f"{name}.yaml"))
 
@@ -129,15 +148,34 @@ def valid_keys(cfg: dict) -> list[str]:
     return sorted(_flatten(cfg))
 
 
+def check_kind(dotted: str, old: Any, value: Any) -> Any:
+    """`value`, checked against the key's default `old` (null always passes): a scalar for a whole section, anything
+    but a number for a number, anything but true/false for a flag is a ValueError; a number for a string key becomes
+    its text (`name=2024`, which YAML reads as a number)."""
+    if value is None:
+        return value
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ValueError(
+            f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
+        )
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ValueError(f"{dotted}={value!r}: expected true or false")
+    if isinstance(old, int | float) and not isinstance(old, bool) and not number:
+        raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
+    return str(value) if isinstance(old, str) and number else value
+
+
 def set_key(cfg: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict; unknown keys raise KeyError listing the valid ones."""
+    """Set `a.b.c` in a nested dict; unknown keys raise KeyError listing the valid ones, a value of the wrong kind
+    (`check_kind`) a ValueError."""
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, valid_keys(cfg))
         if i == len(parts) - 1:
-            node[part] = value
+            node[part] = check_kind(dotted, node[part], value)
         else:
             node = node[part]
 
@@ -192,7 +230,8 @@ def load_config(argv: list[str] | None, default: str) -> dict:
 
 
 def merge(base: dict, update: dict, prefix: str = "") -> dict:
-    """Recursive merge of `update` into a copy of `base`; keys absent from `base` are an error."""
+    """Recursive merge of `update` into a copy of `base`; keys absent from `base` are an error, and so is a value of
+    the wrong kind (`check_kind`)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in out:
@@ -200,7 +239,7 @@ def merge(base: dict, update: dict, prefix: str = "") -> dict:
         if isinstance(value, dict) and isinstance(out[key], dict) and out[key]:
             out[key] = merge(out[key], value, prefix + key + ".")
         else:
-            out[key] = value
+            out[key] = check_kind(prefix + key, out[key], value)
     return out
 
 

@@ -7,7 +7,6 @@ import csv
 import glob
 import inspect
 import io
-import json
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -15,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sharelock.config import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
 TEXT_EXTENSIONS = ("txt", "caption", "text")
@@ -27,6 +27,20 @@ TEXT_EXTENSIONS = ("txt", "caption", "text")
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grey, palette and RGBA images as RGB (a no-op on RGB), so that every image gives 3 channels."""
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_image(source: Any, name: Any = None) -> Image.Image:
+    """An RGB image from a path or file object; a file that is not a readable image (garbage, truncated, another
+    format) is a ValueError naming it (`name`, else `source`)."""
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {name or source}: not an image file Pillow can identify") from None
+    except OSError as err:  # e.g. "image file is truncated"; a missing file stays a FileNotFoundError
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read image {name or source}: {err}") from None
 
 
 def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -81,7 +95,11 @@ def iter_webdataset(
     `tarfile` (sequential reads, no extra dependency). Members are grouped by key (`000123.jpg`, `000123.txt`, ...);
     `skip(key)` True skips decoding (used to resume)."""
     for url in expand_urls(urls):
-        with tarfile.open(url, mode="r|*") as tar:
+        try:
+            tar = tarfile.open(url, mode="r|*")
+        except tarfile.ReadError as err:
+            raise ValueError(f"webdataset shard {url} is not a readable tar file ({err})") from None
+        with tar:
             current, group = None, {}
             for member in tar:
                 if not member.isfile():
@@ -89,16 +107,16 @@ def iter_webdataset(
                 key, ext = _split_member(member.name)
                 if key != current:
                     if current is not None:
-                        yield from _emit(current, group, images, captions, skip)
+                        yield from _emit(current, group, images, captions, skip, url)
                     current, group = key, {}
                 wanted = (images and ext in ("jpg", "jpeg", "png", "webp")) or (captions and ext in TEXT_EXTENSIONS)
                 if wanted and (skip is None or not skip(key.rsplit("/", 1)[-1])):
                     group[ext] = tar.extractfile(member).read()
             if current is not None:
-                yield from _emit(current, group, images, captions, skip)
+                yield from _emit(current, group, images, captions, skip, url)
 
 
-def _emit(key, group, images, captions, skip):
+def _emit(key, group, images, captions, skip, url):
     key = key.rsplit("/", 1)[-1]
     if skip is not None and skip(key):
         return
@@ -107,7 +125,7 @@ def _emit(key, group, images, captions, skip):
         raw = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
         if raw is None:
             return
-        image = Image.open(io.BytesIO(raw)).convert("RGB")
+        image = open_image(io.BytesIO(raw), f"{key} in {url}")
     if captions:
         raw = next((group[e] for e in TEXT_EXTENSIONS if e in group), None)
         if raw is None:
@@ -125,7 +143,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"captions file not found: {path} (expected .json or .csv)")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         if isinstance(data, dict) and "annotations" in data and "images" in data:
             raise ValueError(
                 f"{path} is a COCO-style annotation file: convert it to {{image file: caption}} JSON or a CSV with "
@@ -143,13 +161,25 @@ def read_captions(path: str | Path) -> dict[str, str]:
                     f"{path}: the caption of {k!r} is a {type(v).__name__}, not a string: give one caption per id "
                     "(several captions per image: one caption file per caption, each its own caption store)"
                 )
+            if v is None:  # str() would encode "None" as the caption
+                raise ValueError(f"{path}: the caption of {k!r} is null, expected a string")
             captions[str(k)] = str(v)
-        return captions
-    if path.suffix.lower() in (".csv", ".tsv"):
+    elif path.suffix.lower() in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is dropped
             rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            return {str(_pick(r, ID_COLS, path)): str(_pick(r, CAP_COLS, path)) for r in rows}
-    raise ValueError(f"unsupported captions file {path}: expected .json, .csv or .tsv")
+            captions = {}
+            for r in rows:
+                if None in r or None in r.values():  # csv puts extra fields under None, missing ones are None
+                    raise ValueError(
+                        f"{path} line {rows.line_num}: {'more' if None in r else 'fewer'} fields than the header "
+                        f"{rows.fieldnames} (quote a caption that holds the delimiter)"
+                    )
+                captions[str(_pick(r, ID_COLS, path))] = str(_pick(r, CAP_COLS, path))
+    else:
+        raise ValueError(f"unsupported captions file {path}: expected .json, .csv or .tsv")
+    if not captions:
+        raise ValueError(f"captions file {path} holds no captions")
+    return captions
 
 
 ID_COLS = ("image", "filepath", "file", "id", "key", "uid")
@@ -191,7 +221,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
         sample_id = self.ids[i]
-        return sample_id, self.transform(Image.open(self.path(sample_id)).convert("RGB"))
+        return sample_id, self.transform(open_image(self.path(sample_id)))
 
 
 # ------------------------------------------------------------------------------------ labelled sets
@@ -216,7 +246,7 @@ def load_class_names(
         if not path.is_file():
             raise FileNotFoundError(f"class names file not found: {path} (expected .json or .txt)")
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json(path)
             if isinstance(data, dict) and data and all(_is_wnid_pair(v) for v in data.values()):
                 pairs, data = data, {wnid: name for wnid, name in data.values()}
                 if not (folder_classes and all(c in data for c in folder_classes)):
@@ -256,7 +286,7 @@ def _local_dataset(root: Path, kind: str, split: str) -> torch.utils.data.Datase
     if not root.exists():
         raise FileNotFoundError(f"dataset root not found: {root}")
     if kind == "imagefolder":
-        return tvd.ImageFolder(str(root))
+        return tvd.ImageFolder(str(root), loader=open_image)
     cls = getattr(tvd, kind, None)
     if cls is None:
         raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from sharelock import eval as evaluate
 from sharelock import precompute, train
-from sharelock.config import default_config_path, run_cli
+from sharelock.config import check_output_dir, default_config_path, run_cli
 from sharelock.data import eval_transform, load_class_names
 from sharelock.models import REFERENCE_TEMPLATE, load_model
 from sharelock.store import FeatureStore
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.time()
     out = Path(args.out)
+    check_output_dir(out)
     n_train, n_test, steps = (160, 48, 40) if args.quick else (1200, 240, 1500)
     paths = make_dataset(out / "data", n_train=n_train, n_test=n_test, seed=0)
     transform = eval_transform()
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     )
     run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # the demo's own run of an earlier call: sharelock-train starts afresh
     text_stores = [str(feats / "captions_a"), str(feats / "captions_b")]
     datasets = json.dumps([{"vision": str(feats / "train_images"), "text": text_stores}])
     train_summary = train.main(

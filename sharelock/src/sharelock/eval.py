@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sharelock.config import load_config, run_cli
+from sharelock.config import load_config, read_json, run_cli
 from sharelock.data import LabelledImages, is_hf_spec, load_class_names, parse_hf_spec
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 from sharelock.store import FeatureStore
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = cfg["features"] or cfg["images"]
     if not source:
         raise ValueError("set features=STORE (labelled image features) or images=DATASET_ROOT|hf:<name>[:<split>]")
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_json(ckpt / "meta.json")
     backbones = dict(meta.get("backbones") or {})
     store = None
     if cfg["features"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from sharelock.config import read_json
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -244,6 +246,14 @@ def format_prompt(template: str, name: str) -> str:
     return template.replace("{c}", name).replace("{}", name)
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"cannot read {path}: not a safetensors file, or a truncated one ({err})") from None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint path, or from a run directory (best, else latest)."""
     path = Path(path)
@@ -264,9 +274,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", load_backbo
     """Load trained heads from a checkpoint or run directory; with `load_backbones` also attach the frozen vision and
     language models recorded in the checkpoint (names/paths from the feature stores used for training)."""
     ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / META_FILE).read_text())
+    meta = read_json(ckpt / META_FILE)
     model = ShareLock(**meta["model"])
-    model.load_state_dict(load_file(str(ckpt / MODEL_FILE)))
+    model.load_state_dict(read_safetensors(ckpt / MODEL_FILE))
     model.to(device).eval()
     if load_backbones:
         from sharelock.features import build_language_encoder, build_vision_encoder

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from sharelock.config import load_config, run_cli
+from sharelock.config import check_output_dir, load_config, run_cli
 from sharelock.data import (
     ImageCaptionFolder,
     LabelledImages,
@@ -132,6 +132,8 @@ def _texts(src: dict) -> tuple[list[str], list[str]]:
         return list(caps), list(caps.values())
     if src["type"] == "webdataset":
         pairs = [(k, c) for k, _, c in iter_webdataset(src["path"], images=False, captions=True)]
+        if not pairs:
+            raise ValueError(f"no captions ({{key}}.txt members) in the webdataset shards {src['path']!r}")
         return [k for k, _ in pairs], [c for _, c in pairs]
     if src["type"] == "classnames":
         names = load_class_names(src["path"], label_column=src["label_column"])
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if not cfg["out"]:
         raise ValueError("set out=DIR (the feature store directory)")
+    check_output_dir(cfg["out"])
     if not cfg["source"]["path"]:
         raise ValueError(
             "set source.path (tar pattern, image root, hf:<name>[:<split>], captions file or class-names file)"

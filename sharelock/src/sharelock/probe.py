@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from sharelock.config import load_config, run_cli, save_config
+from sharelock.config import load_config, read_json, run_cli, save_config
 from sharelock.data import is_hf_spec, load_class_names
 from sharelock.eval import evaluate_features
 from sharelock.models import format_prompt, load_model
 from sharelock.pairs import TensorPairs
 from sharelock.store import FeatureStore
-from sharelock.train import fit, setup_logging
+from sharelock.train import check_fresh_run, fit, setup_logging
 
 log = logging.getLogger("sharelock")
 
@@ -33,26 +33,38 @@ def class_split(names: list[str], splits: Any, test_fraction: float, seed: int) 
     if splits is None:
         order = np.random.default_rng(seed).permutation(len(names)).tolist()
         n_test = max(1, int(round(test_fraction * len(names))))
+        if n_test >= len(names):
+            raise ValueError(f"probe.test_fraction={test_fraction} leaves no training class of the {len(names)}")
         return sorted(order[n_test:]), sorted(order[:n_test])
+    where = "probe.splits"
     if isinstance(splits, str | Path):
         path = Path(splits)
         if not path.is_file():
             raise FileNotFoundError(f"class splits file not found: {path} (expected JSON with 'train' and 'test')")
-        splits = json.loads(path.read_text(encoding="utf-8"))
+        splits, where = read_json(path), str(path)
+    if not isinstance(splits, dict) or not {"train", "test"} <= set(splits):
+        found = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+        raise KeyError(f"class splits {where}: expected a mapping with the keys 'train' and 'test', got {found}")
     index = {n: i for i, n in enumerate(names)}
 
     def ids(items: list) -> list[int]:
         out = []
         for item in items:
             if isinstance(item, int):
+                if not 0 <= item < len(names):
+                    raise ValueError(
+                        f"class id {item} of {where} is not among the {len(names)} class ids 0..{len(names) - 1}"
+                    )
                 out.append(item)
             elif item in index:
                 out.append(index[item])
             else:
-                raise KeyError(f"class {item!r} of the splits is not among the {len(names)} class names")
+                raise KeyError(f"class {item!r} of {where} is not among the {len(names)} class names")
         return sorted(set(out))
 
     train, test = ids(splits["train"]), ids(splits["test"])
+    if not train or not test:
+        raise ValueError(f"class splits {where}: {'train' if not train else 'test'} lists no class")
     overlap = set(train) & set(test)
     if overlap:
         raise ValueError(f"class-disjoint protocol: classes in both splits: {sorted(names[i] for i in overlap)}")
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
     accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
+    check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")

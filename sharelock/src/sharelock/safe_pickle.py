@@ -97,12 +97,16 @@ def _restricted_module() -> types.ModuleType:
 def load_checkpoint(path: str | Path) -> Any:
     """The object stored in a PyTorch/Lightning checkpoint, read without running code from it (see the module doc)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, expected a Lightning .ckpt file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # objects beyond weights_only's set, e.g. an OmegaConf config among the hyper-parameters
+    except RuntimeError as err:  # not a zip archive: a truncated download, or another kind of file
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_module())
     except Exception as err:  # a refused call, or a file that is not a checkpoint

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sharelock.config import read_json
+
 FORMAT = "sharelock-features/1"
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16")
@@ -34,7 +36,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no feature store at {path}: {meta_path} is missing (create one with `sharelock-features`)"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from sharelock.config import read_json
 
 # The reference's single template (precompute_image_features_hf.py default; note the capital A, no full stop).
 REFERENCE = ["A photo of a {}"]
@@ -42,7 +43,7 @@ def _checked(templates: list[str], where: str) -> list[str]:
 def _json_templates(path: Path, key: str) -> list:
     """A JSON list of templates, or the list under ``key`` of a JSON object keyed by dataset (CLIP_benchmark's
     ``en_zeroshot_classification_templates.json``, read as ``FILE.json#imagenet1k``)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     if isinstance(data, dict):
         if not key:
             raise ValueError(

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from sharelock.config import load_config, run_cli, save_config
+from sharelock.config import check_output_dir, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
@@ -29,6 +29,8 @@ def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
     root = logging.getLogger("sharelock")
     root.setLevel(logging.INFO if main_process else logging.WARNING)
     root.propagate = False
+    if run_dir is not None:
+        check_output_dir(run_dir)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
@@ -40,6 +42,27 @@ def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+
+
+def positive_int(cfg: dict, dotted: str) -> int:
+    """The config value at `a.b`; a ValueError naming the key unless it is an integer >= 1."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{dotted}={value!r}: expected a positive integer")
+    return value
+
+
+def check_fresh_run(run_dir: Path, resume: str | None) -> None:
+    """Refuse to start a run from scratch in a folder that holds another run's checkpoints: the new run would
+    truncate its metrics and replace its checkpoints (`best` at the first validation)."""
+    ckpts = run_dir / "checkpoints"
+    if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ValueError(
+            f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
+            "run with another name= or run_dir="
+        )
 
 
 def build_model(cfg: dict, vision_dim: int, text_dim: int) -> ShareLock:
@@ -83,7 +106,9 @@ def fit(
     replays the same batches; model, optimizer, scheduler, RNG and early-stopping states come from the checkpoint.
     """
     opt_cfg = cfg["optim"]
-    bs, accum = opt_cfg["batch_size"], opt_cfg["accumulate_grad_batches"]
+    for key in ("optim.max_steps", "val_check_interval", "checkpoint_every", "log_every"):
+        positive_int(cfg, key)
+    bs, accum = positive_int(cfg, "optim.batch_size"), positive_int(cfg, "optim.accumulate_grad_batches")
     rank, world = accelerator.process_index, accelerator.num_processes
     train_idx, val_idx = split_per_dataset(pairs, cfg["data"]["val_size"], cfg["data"]["split_seed"])
     train_idx = subsample(train_idx, cfg["data"].get("train_size"), cfg["data"]["split_seed"])
@@ -206,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()  # CPU processes (gloo) must form one job, not several rank-0 runs
     accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
+    check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sharelock.config import load_config, run_cli
-from sharelock.data import is_hf_spec, load_hf_split
+from sharelock.config import load_config, read_json, run_cli
+from sharelock.data import is_hf_spec, load_hf_split, open_image
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 
 log = logging.getLogger("sharelock")
@@ -103,7 +103,7 @@ def similarities(model: ShareLock, examples: list[dict[str, Any]], batch_size: i
     """Cosines (N, 2, 2) [example, caption, image] of a model with attached backbones."""
 
     def pil(x) -> Image.Image:
-        return x if isinstance(x, Image.Image) else Image.open(x)
+        return x if isinstance(x, Image.Image) else open_image(x)
 
     images = [ex[f"image_{k}"] for ex in examples for k in (0, 1)]
     img = torch.cat(
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not cfg["data"]:
         raise ValueError("set data=WINOGROUND_DATA_FOLDER or data=hf:facebook/winoground")
     ckpt = resolve_checkpoint(cfg["checkpoint"])
-    backbones = json.loads((ckpt / "meta.json").read_text()).get("backbones") or {}
+    backbones = read_json(ckpt / "meta.json").get("backbones") or {}
     if not backbones.get("vision"):
         raise ValueError(f"{ckpt} records no vision backbone: train from stores extracted by sharelock-features")
     text_spec = language_spec(backbones, cfg["language_model"])
