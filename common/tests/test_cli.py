@@ -51,6 +51,38 @@ def test_feature_file_errors(tmp_path):
         load_features(tmp_path / "f.npy")
 
 
+def test_unreadable_feature_and_weight_files_are_named(tmp_path):
+    # a truncated download or a file of another format: a ValueError naming it (the CLIs print it on one line)
+    save_file({"features": torch.zeros(4, 2), "labels": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:20])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("cut.safetensors", "junk.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name} is not a readable safetensors file \(.+\): truncated"):
+            load_features(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name} is not a readable safetensors file"):
+            load_state_dict(tmp_path / name)
+    torch.save({"w": torch.ones(100)}, tmp_path / "w.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "w.pth").read_bytes()[:200])
+    (tmp_path / "junk.pth").write_bytes(b"\xff" * 64)
+    for name in ("cut.pth", "junk.pth"):
+        with pytest.raises(ValueError, match=rf"checkpoint .*{name} is not a readable PyTorch state dict \(.+\)$"):
+            load_state_dict(tmp_path / name)
+
+
+def test_cli_output_device_and_model_args_are_checked_up_front(tmp_path):
+    save_file({"features": torch.eye(3), "labels": torch.arange(3)}, str(tmp_path / "f.safetensors"))
+    knn = ["--train", str(tmp_path / "f.safetensors"), "--test", str(tmp_path / "f.safetensors"), "--k", "1"]
+    with pytest.raises(ValueError, match=rf"--out {tmp_path} is a directory; expected the path of a JSON file"):
+        knn_main([*knn, "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--out .*f.safetensors/knn.json: .*f.safetensors is a file, not a directory"):
+        knn_main([*knn, "--out", str(tmp_path / "f.safetensors" / "knn.json")])
+    hummingbird = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--dataset", "synthetic", "--input-size", "32"]
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a torch device; expected cpu, cuda or cuda:N"):
+        hummingbird_main([*hummingbird, "--device", "gpu"])
+    with pytest.raises(ValueError, match=r"--model-args \{.*'patch_sz': 8\} do not fit --model 'vit_tiny_patch16_224'"):
+        hummingbird_main([*hummingbird, "--device", "cpu", "--model-args", "patch_sz=8"])
+
+
 def test_knn_cli_prints_a_missing_key_as_one_line_without_quotes(tmp_path, monkeypatch):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     argv = ["funai-knn", "--train", str(tmp_path / "bad.safetensors"), "--test", str(tmp_path / "bad.safetensors")]
@@ -84,18 +116,6 @@ def test_legacy_checkpoint_is_read_without_unpickling(tmp_path):
         load_state_dict(tmp_path / "nested.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_state_dict(tmp_path / "missing.pth")
-
-
-def test_truncated_checkpoints_are_errors_naming_the_file(tmp_path):
-    """An interrupted download: a cut .pth (no zip directory) or .safetensors (header longer than the file)."""
-    torch.save({"w": torch.ones(64)}, tmp_path / "full.pth")
-    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pth: PytorchStreamReader failed"):
-        load_state_dict(tmp_path / "cut.pth")
-    save_file({"w": torch.ones(64)}, str(tmp_path / "full.safetensors"))
-    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"cannot read .*cut\.safetensors: not a safetensors file, or a truncated one"):
-        load_state_dict(tmp_path / "cut.safetensors")
 
 
 def test_checkpoint_keeps_its_table_interpolated_like_dino(tmp_path):

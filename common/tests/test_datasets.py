@@ -78,6 +78,28 @@ def test_missing_files_and_colour_masks_are_reported_up_front(tmp_path):
         ADE20K(root, "val")
 
 
+def test_corrupt_images_are_value_errors_naming_the_file(tmp_path):
+    # garbage bytes and a truncated PNG under an image name: reported by path, not as PIL's error in a data loader
+    _image(tmp_path / "train" / "cat" / "0.png")
+    (tmp_path / "train" / "cat" / "1.jpg").write_bytes(b"not an image")
+    whole = (tmp_path / "train" / "cat" / "0.png").read_bytes()
+    (tmp_path / "train" / "cat" / "2.png").write_bytes(whole[: len(whole) // 2])
+    folder, directory = ImageFolderDataset(tmp_path / "train"), ImageDirectory(tmp_path / "train")
+    assert folder[0][0].size == (8, 8) and directory[0].size == (8, 8)
+    for name, index in (("1.jpg", 1), ("2.png", 2)):
+        for dataset in (folder, directory):
+            with pytest.raises(ValueError, match=rf"{name} is not a readable image \(.*\); remove or replace"):
+                dataset[index]
+    root = tmp_path / "VOCSegmentation"
+    (root / "sets").mkdir(parents=True)
+    (root / "sets" / "val.txt").write_text("a\n")
+    _image(root / "images" / "a.jpg")
+    (root / "SegmentationClass").mkdir()
+    (root / "SegmentationClass" / "a.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match=r"SegmentationClass/a\.png is not a readable image"):
+        VOCSegmentation(root, "val")[0]
+
+
 def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     _image(tmp_path / "leftImg8bit" / "val" / "bonn" / "x_leftImg8bit.png")
     raw = np.array([[7, 8, 33, 0], [26, 1, 255, 24]] * 4)[:8, :4].repeat(2, axis=1)

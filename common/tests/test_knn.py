@@ -163,6 +163,11 @@ def test_bad_inputs():
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 5)
     with pytest.raises(ValueError, match="features and labels disagree"):
         knn_classify(np.ones((3, 2)), np.zeros(2), np.ones((1, 2)), np.zeros(1))
+    # labels outside [0, num_classes) would index past the vote table or never match: named, not a torch error
+    with pytest.raises(ValueError, match=r"train labels must be class ids in \[0, 2\) \(num_classes=2\), got 0..2"):
+        knn_classify(np.eye(3), np.arange(3), np.eye(3), np.zeros(3), k=1, num_classes=2)
+    with pytest.raises(ValueError, match=r"test labels must be class ids in \[0, 3\) \(num_classes=3\), got -1..0"):
+        knn_classify(np.eye(3), np.arange(3), np.eye(3), [0, -1, 0], k=1)
 
 
 @pytest.mark.gpu

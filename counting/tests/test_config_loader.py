@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
 from counting.config import ConfigLoader, config_dir, load_config, parse_value
@@ -26,3 +27,21 @@ def test_mixed_precision_no_stays_the_string_accelerate_expects(tmp_path):
     assert cfg["train"]["mixed_precision"] == "no"
     cfg, _ = load_config(["--config", "tiny", "train.mixed_precision=bf16"])
     assert cfg["train"]["mixed_precision"] == "bf16"
+
+
+def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
+    """A word, list or mapping for a number, a scalar for a list, and YAML's `{key:value}` (one key, no value) were
+    tracebacks deep in training, or silently ignored; figures=NAME stays one image."""
+    with pytest.raises(ValueError, match="train.batch_size='abc': expected a number"):
+        load_config(["--config", "tiny", "train.batch_size=abc"])
+    with pytest.raises(ValueError, match=r"stride=\[1, 2\]: expected a number"):
+        load_config(["stride=[1, 2]"], default="eval")
+    with pytest.raises(ValueError, match=r"optim.betas=0.9: expected a list"):
+        load_config(["optim.betas=0.9"])
+    with pytest.raises(ValueError, match="'{drop_path_rate:0.1}': YAML reads 'key:value' without a space as one key"):
+        load_config(["model.backbone_kwargs={drop_path_rate:0.1}"])
+    cfg, _ = load_config(["figures=c.jpg", "max_images=2"], default="eval")
+    assert cfg["figures"] == "c.jpg" and cfg["max_images"] == 2
+    assert load_config(["model.backbone_kwargs={drop_path_rate: 0.1}"])[0]["model"]["backbone_kwargs"] == {
+        "drop_path_rate": 0.1
+    }

@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -14,6 +15,7 @@ from counting.collage import normalize
 from counting.config import load_config
 from counting.data import CARPK, FSC147, prepare_test_image
 from counting.eval import cli as eval_cli
+from counting.eval import load_trained_model
 from counting.eval import main as eval_main
 from counting.metrics import count_metrics
 from counting.models import build_model
@@ -299,3 +301,98 @@ def test_fsc147_uses_the_first_exemplar_boxes(fsc_root):
     assert item["rects"].tolist() == [[3, 2, 14, 12]]  # the first box (x1, y1, x2, y2) = (2, 3, 12, 14) as y1, x1, ...
     ds = FSC147(fsc_root, "test", patch_size=8, target_height=64, shots=2)
     assert ds[0]["rects"].tolist() == [[3, 2, 14, 12], [10, 20, 22, 31]]
+
+
+def test_bad_fsc147_files_boxes_and_images_are_errors_naming_them(fsc_root, tmp_path):
+    """Annotations of another layout, inverted or out-of-image exemplar boxes and an unreadable image: errors naming
+    the file and image (they were tracebacks, an error reading only 'points', or a count from a 1-px exemplar)."""
+    (tmp_path / "images_384_VarV2").symlink_to(fsc_root / "images_384_VarV2")
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"test": ["b.jpg"]}))
+    good = json.loads((fsc_root / "annotation_FSC147_384.json").read_text())["b.jpg"]
+
+    def fsc147(entry):
+        (tmp_path / "annotation_FSC147_384.json").write_text(json.dumps({"b.jpg": entry}))
+        return FSC147(tmp_path, "test", target_height=32, patch_size=8)
+
+    with pytest.raises(KeyError, match=r"annotation_FSC147_384.json: the entry of b.jpg lacks 'points'"):
+        fsc147({"box_examples_coordinates": good["box_examples_coordinates"]})
+    with pytest.raises(ValueError, match=r"coordinates of b.jpg has shape \(1, 4\); expected \(k, 4, 2\)"):
+        fsc147({**good, "box_examples_coordinates": [[2, 3, 12, 14]]})  # x1, y1, x2, y2 instead of corners
+    with pytest.raises(ValueError, match=r"exemplar boxes of b.jpg \[\[12.0, 14.0, 2.0, 3.0\]\] are inverted"):
+        fsc147({**good, "box_examples_coordinates": [[[12, 14], [12, 3], [2, 3], [2, 14]]]})
+    outside = fsc147({**good, "box_examples_coordinates": [[[70, 5], [70, 9], [80, 9], [80, 5]]]})
+    with pytest.raises(ValueError, match=r"boxes \[\[70.0, 5.0, 80.0, 9.0\]\] of .*b.jpg lie outside its 64x64"):
+        outside[0]
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"test": "b.jpg"}))  # letters, not a list
+    with pytest.raises(ValueError, match=r"Train_Test_Val_FSC_147.json: expected a mapping of split names to lists"):
+        FSC147(tmp_path, "test")
+    (tmp_path / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"test": ["b.jpg"]}))
+    (tmp_path / "annotation_FSC147_384.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"annotation_FSC147_384.json is not valid JSON"):
+        FSC147(tmp_path, "test")
+    (tmp_path / "images_384_VarV2").unlink()
+    (tmp_path / "images_384_VarV2").mkdir()
+    (tmp_path / "images_384_VarV2" / "b.jpg").write_bytes(b"not a jpeg" * 20)
+    with pytest.raises(ValueError, match=r"b.jpg is not a readable image"):
+        fsc147(good)[0]
+
+
+def test_bad_carpk_rows_are_errors_naming_the_file(carpk_root):
+    (carpk_root / "Annotations" / "x.txt").write_text("1 2 10 12 1\nfoo bar\n")
+    with pytest.raises(ValueError, match=r"x.txt: .*; expected rows 'x1 y1 x2 y2 cls'"):
+        CARPK(carpk_root)
+    (carpk_root / "Annotations" / "x.txt").write_text("1 2 10 1\n")  # the class column left out: y2 < y1
+    with pytest.raises(ValueError, match=r"x.txt: exemplar boxes of x \[\[1.0, 2.0, 10.0, 1.0\]\] are inverted"):
+        CARPK(carpk_root)
+
+
+def test_eval_bad_values_checkpoints_and_out_are_errors_naming_them(checkpoint, fsc_root, tmp_path):
+    """Values that evaluated nothing (null metrics) or sliced the exemplars oddly, a damaged or other-size checkpoint,
+    a model config without a model and an output path under a file: one-line errors, nothing overwritten."""
+    args = [f"checkpoint={checkpoint}", f"root={fsc_root}", "target_height=64", "window=64", "stride=32"]
+    for bad, message in (
+        ("shots=-1", "shots=-1: expected the number of exemplars per image"),
+        ("max_images=0", "max_images=0: expected a positive integer"),
+        ("window=abc", "window='abc': expected a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            eval_main([*args, bad, f"out={tmp_path / 'eval'}"])
+    assert not (tmp_path / "eval").exists()
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^out: .*file is a file; expected a folder"):
+        eval_main([*args, f"out={tmp_path / 'file' / 'eval'}"])
+    assert (tmp_path / "file").read_text() == "kept"
+    empty = tmp_path / "empty_split"
+    empty.mkdir()
+    for name in ("annotation_FSC147_384.json", "images_384_VarV2"):
+        (empty / name).symlink_to(fsc_root / name)
+    (empty / "Train_Test_Val_FSC_147.json").write_text(json.dumps({"val": [], "test": ["b.jpg"]}))
+    with pytest.raises(ValueError, match=r"fsc147 split 'val' under .*empty_split has no image to evaluate"):
+        eval_main([*args[:1], f"root={empty}", *args[2:], f"out={tmp_path / 'e2'}"])
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"damaged/model.safetensors is not a readable safetensors file"):
+        load_trained_model(damaged)
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["config"]["model"]["fim_dim"] = 64
+    (damaged / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    (damaged / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"does not fit the model of the config \(\d+ shape mismatches"):
+        load_trained_model(damaged)
+    (tmp_path / "eval.yaml").write_text("dataset: fsc147\n")
+    with pytest.raises(KeyError, match=r"eval.yaml lacks the sections \['model', 'collage'\]"):
+        load_trained_model(checkpoint / "model.safetensors", tmp_path / "eval.yaml")
+
+
+def test_predict_out_folder_and_unreadable_image_are_errors(checkpoint, tmp_path):
+    """--out naming a folder wrote <folder>.png and reported the folder; an unreadable image was a traceback."""
+    path = tmp_path / "img.png"
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(path)
+    args = ["--boxes", "2,3,12,14", "--checkpoint", str(checkpoint), "--height", "64"]
+    with pytest.raises(ValueError, match=r"^--out .* is a folder; expected the path of the figure"):
+        predict_main([str(path), *args, "--out", str(tmp_path)])
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg" * 20)
+    with pytest.raises(ValueError, match=r"bad.jpg is not a readable image"):
+        predict_main([str(tmp_path / "bad.jpg"), *args])

@@ -200,3 +200,23 @@ def test_faiss_kmeans_uses_the_gpus_of_a_gpu_build(monkeypatch):
     kmeans(x, 2, "faiss")
     assert [c["gpu"] for c in calls] == [True, False, False]
     assert calls[0]["niter"] == 25 and calls[0]["seed"] == 0
+
+
+def test_bad_values_unreadable_images_and_output_paths_are_named(image_root, tmp_path):
+    """shard_size=0 and num_clusters=0 were Python errors (the latter after every feature was computed), an output
+    path under a file a traceback, and so was an unreadable image, which now names its path."""
+    args = common_args(image_root, tmp_path)
+    with pytest.raises(ValueError, match=r"^shard_size=0: expected a positive number of images per shard"):
+        main(["masks", *args, "shard_size=0"])
+    with pytest.raises(ValueError, match=r"^num_clusters=0: expected 1 to the number of pool images \(6\)"):
+        main(["clusters", *args, "num_clusters=0"])
+    assert not (tmp_path / "features").exists()
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^masks_dir: .*file is a file; expected a folder"):
+        main(["masks", *args, f"masks_dir={tmp_path / 'file'}"])
+    with pytest.raises(ValueError, match=r"^clusters: .*file is a file; expected a folder"):
+        main(["clusters", *args, f"clusters={tmp_path / 'file' / 'kmeans.safetensors'}"])
+    assert (tmp_path / "file").read_text() == "kept"
+    (image_root / "n0" / "0.jpg").write_bytes(b"not a jpeg" * 20)
+    with pytest.raises(ValueError, match=r"n0/0.jpg is not a readable image"):
+        main(["masks", *args])

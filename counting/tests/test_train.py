@@ -197,3 +197,29 @@ def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
         load_config(["model.backbone_kwargz.img_size=96"])[0]
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(["optim.lr.x=1"])[0]
+
+
+def test_bad_counts_output_dir_and_resume_are_errors_that_keep_the_run(tmp_path):
+    """Zero or negative counts trained on nothing (or divided by zero), an output folder that is a file, a resume
+    into another model size and a damaged checkpoint file were tracebacks; a failed resume no longer rewrites the
+    run's config.yaml."""
+    base = ["--config", "tiny", f"output_dir={tmp_path}", "name=r"]
+    for bad in ("train.batch_size=0", "train.epochs=0", "train.max_steps=0", "train.batch_size=-4"):
+        with pytest.raises(ValueError, match=rf"^{bad}: expected a positive integer"):
+            main([*base, bad])
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^output_dir/name: .*file is a file; expected a folder"):
+        main(["--config", "tiny", f"output_dir={tmp_path / 'file'}"])
+    assert (tmp_path / "file").read_text() == "kept"
+    main([*base, "train.max_steps=1"])
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"r already holds the checkpoints of a run: continue it with resume=latest"):
+        main([*base, "train.max_steps=1"])  # a fresh start would replace them
+    with pytest.raises(ValueError, match=r"step_000001/model.safetensors does not fit the model of the config"):
+        main([*base, "resume=latest", "train.max_steps=2", "model.fim_dim=64"])
+    assert (tmp_path / "r" / "config.yaml").read_text() == saved
+    optimizer = tmp_path / "r" / "checkpoints" / "step_000001" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(ValueError, match=r"optimizer.safetensors is not a readable safetensors file"):
+        main([*base, "resume=latest", "train.max_steps=2"])

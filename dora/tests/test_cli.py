@@ -47,6 +47,34 @@ def test_visualise_bad_heads_is_a_clear_error(tmp_path):
             visualise.main([*args, f"heads={heads}"])
 
 
+def test_visualise_bad_clip_size_and_out_dir_are_clear_errors(tmp_path):
+    """start=-5 read from the end and then reported no decodable frame, num_frames=0 was an IndexError, a size off
+    the patch grid timm's AssertionError, an out_dir under a file a traceback after all the work."""
+    from dora.synthetic import write_walking_video
+
+    video = write_walking_video(tmp_path / "walk.mp4", num_frames=30, size=48)
+    args = [f"video={video}", f"out_dir={tmp_path / 'vis'}", "size=32", "num_frames=2", "step=10"]
+    args.append("model_overrides={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}")
+    for bad, message in (
+        ("start=-5", r"^start=-5: expected an integer >= 0"),
+        ("num_frames=0", r"^num_frames=0: expected an integer >= 1"),
+        ("size=30", r"^size=30: expected a multiple of the model's patch size 8"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            visualise.main([*args, bad])
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^out_dir: .*file is a file; expected a folder"):
+        visualise.main([*args, f"out_dir={tmp_path / 'file' / 'vis'}"])
+    assert (tmp_path / "file").read_text() == "kept" and not (tmp_path / "vis").exists()
+
+
+def test_demo_out_under_a_file_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^--out: .*file is a file; expected a folder"):
+        demo.main(["--quick", "--out", str(tmp_path / "file" / "demo")])
+    assert (tmp_path / "file").read_text() == "kept"
+
+
 def test_visualise_lists_only_the_frames_it_draws(tmp_path, monkeypatch):
     """A frame the source cannot decode is left out of the figure and of masks.json's frame list alike."""
     from dora.synthetic import write_walking_video

@@ -31,6 +31,15 @@ def test_dataset_through_fake_reader():
         np.testing.assert_array_equal(clip[:, 0, 0, 0].numpy(), expected[clip_id])
 
 
+def test_a_batch_without_any_decodable_frame_is_an_error_naming_the_video(tmp_path):
+    """A frame folder of corrupt images was a RuntimeError traceback that named no file."""
+    for i in range(12):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"not a jpeg" * 20)
+    ds = VideoClipDataset([str(tmp_path)], num_frames=2, step=3)
+    with pytest.raises(ValueError, match=rf"no frame of clips \[0, 1\] could be decoded from \['{tmp_path}'\]"):
+        ds.__getitems__([0, 1])
+
+
 def test_sampler_shards_resumes_and_groups():
     a = ClipBatchSampler(100, 4, seed=3, rank=0, world_size=2)
     b = ClipBatchSampler(100, 4, seed=3, rank=1, world_size=2)

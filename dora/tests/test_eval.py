@@ -286,3 +286,36 @@ def test_label_propagation_matches_a_per_patch_reference(n_last, topk, size):
     want = reference_propagation(feats, first, grid, n_last, topk, size, 0.2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_davis_rgb_annotation_and_unreadable_frame_are_errors_naming_them(tmp_path):
+    """An RGB annotation failed deep in the propagation (a torch.stack size error), an unreadable frame with PIL's
+    traceback."""
+    colour = lambda x: F.avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # noqa: E731
+    root = make_davis(tmp_path / "DAVIS", num_videos=1, frames=3)
+    first = root / "Annotations" / "480p" / "vid0" / "00000.png"
+    rgb = Image.open(first).convert("RGB")
+    rgb.save(first)
+    with pytest.raises(ValueError, match=r"vid0/00000.png has 3 channels; expected a single-channel \(palette\) PNG"):
+        evaluate_davis(colour, root, patch_size=4, short_side=64)
+    root = make_davis(tmp_path / "DAVIS2", num_videos=1, frames=3)
+    (root / "JPEGImages" / "480p" / "vid0" / "00001.jpg").write_bytes(b"not a jpeg" * 20)
+    with pytest.raises(ValueError, match=r"DAVIS frame .*vid0/00001.jpg is not a readable image"):
+        evaluate_davis(colour, root, patch_size=4, short_side=64)
+
+
+def test_eval_out_dir_under_a_file_and_unreadable_checkpoints_are_errors(tmp_path):
+    """out_dir under a file, a truncated safetensors file and a file that is no PyTorch checkpoint at all (say, the
+    HTML page a failed download saves) were tracebacks."""
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^out_dir: .*file is a file; expected a folder"):
+        dora_eval.main([f"out_dir={tmp_path / 'file' / 'eval'}", "tasks=[]"])
+    assert (tmp_path / "file").read_text() == "kept"
+    base = [f"out_dir={tmp_path / 'out'}", f"model_overrides={TINY}", "tasks=[]"]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "teacher.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match=r"ckpt/teacher.safetensors is not a readable safetensors file"):
+        dora_eval.main([*base, f"checkpoint={tmp_path / 'ckpt'}"])
+    (tmp_path / "dora_venice_100ep.pth").write_text("<!DOCTYPE html><html><title>Google Drive</title></html>")
+    with pytest.raises(ValueError, match=r"dora_venice_100ep.pth: not a checkpoint of plain tensors"):
+        dora_eval.main([*base, f"checkpoint={tmp_path / 'dora_venice_100ep.pth'}"])

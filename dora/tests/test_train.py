@@ -426,3 +426,43 @@ def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
         load_config(["model.overridez.img_size=96"])
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(["optim.lr.x=1"])
+
+
+def test_a_config_that_is_not_a_mapping_and_yaml_flow_without_spaces_are_errors(tmp_path):
+    """A list for a config file was an AttributeError; `{embed_dim:48}` is YAML for the key 'embed_dim:48' with no
+    value, which timm dropped without a word (the model silently kept its default size)."""
+    (tmp_path / "list.yaml").write_text("- optim.lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"config .*list.yaml must be a YAML mapping of keys to values, got a list"):
+        load_config(["--config", str(tmp_path / "list.yaml")])
+    with pytest.raises(ValueError, match=r"'\{embed_dim:48\}': YAML reads 'key:value' without a space as one key"):
+        load_config(["--config", "tiny", "model.overrides={embed_dim:48}"])
+    assert load_config(["--config", "tiny", "model.overrides={embed_dim: 48}"])["model"]["overrides"] == {
+        "embed_dim": 48
+    }
+
+
+def test_bad_counts_output_paths_and_resume_are_errors_that_keep_the_run(tmp_path, video):
+    """Zero counts divided by zero, trained without a limit or read no frame; a run or cache folder under a file, a
+    resume into another model size and a damaged checkpoint were tracebacks; a failed resume keeps config.yaml."""
+    run = tmp_path / "run"
+    for bad in ("data.batch_size_per_gpu=0", "data.num_frames=0", "data.step=0", "optim.max_steps=0"):
+        with pytest.raises(ValueError, match=rf"^{bad}: expected a positive integer"):
+            train.main(tiny_args(run, video, bad))
+    assert not run.exists()
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match=r"^run_dir: .*file is a file; expected a folder"):
+        train.main(tiny_args(tmp_path / "file" / "run", video))
+    with pytest.raises(ValueError, match=r"^data.cache_dir: .*file is a file; expected a folder"):
+        train.main(tiny_args(run, video, f"data.cache_dir={tmp_path / 'file'}"))
+    assert (tmp_path / "file").read_text() == "kept"
+    train.main(tiny_args(run, video, "optim.max_steps=1"))
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"run already holds the checkpoints of a run: continue it with resume=latest"):
+        train.main(tiny_args(run, video, "optim.max_steps=1"))  # a fresh start would replace them
+    with pytest.raises(ValueError, match=r"step_000001/student.safetensors does not fit the model of the config"):
+        train.main(tiny_args(run, video, "resume=latest", "model.overrides.embed_dim=64"))
+    assert (run / "config.yaml").read_text() == saved
+    teacher = run / "checkpoints" / "step_000001" / "teacher.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(ValueError, match=r"teacher.safetensors is not a readable safetensors file"):
+        train.main(tiny_args(run, video, "resume=latest"))

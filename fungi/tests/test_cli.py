@@ -7,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from fungi import demo, eval, extract
+from fungi import demo, eval, extract, hummingbird
 from fungi.config import parse_overrides, resolve, run_cli
 from fungi.evaluation import (
     accuracy_scores,
@@ -122,6 +122,47 @@ def test_command_line_mistakes_are_clear_errors(monkeypatch, tmp_path):
         parse_overrides(["model_kwargs={img_size:32}"])
     with pytest.raises(ValueError, match="dynamic_img_sise"):
         build_timm("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, dynamic_img_sise=True)
+
+
+def test_values_of_the_wrong_kind_and_broken_yaml_are_named(tmp_path):
+    """A word or list for a number, a bare word for a list or a scalar for a section used to fail deep inside the
+    extraction (range() with a str, 'unknown objectives ['k', 'l']'); broken YAML was a yaml traceback."""
+    cases = [
+        ("batch_size=four", r"^batch_size='four': expected a number \(default 16\)$"),
+        ("dino.num_local=[2,3]", r"^dino.num_local=\[2, 3\]: expected a number"),
+        ("objectives=kl", r"^objectives='kl': expected a list, e.g. objectives=\[kl\]$"),
+        ("dino=3", r"^dino=3: dino is a section; set its keys, e.g. dino.latent_dim=\.\.\.$"),
+        ("objectives=[kl,dino", r"^cannot parse '\[kl,dino' as a YAML value: expected ',' or '\]'"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ValueError, match=message):
+            resolve(["--config", "tiny", override], extract.DEFAULTS, None)
+    with pytest.raises(ValueError, match=r"^memory_size='big': expected a number \(default 102400\)$"):
+        resolve(["--config", "hummingbird_tiny", "memory_size=big"], hummingbird.DEFAULTS, None)  # null in the config
+    cfg = resolve(["--config", "tiny", "limit=null", "kl.temperature=1", "input_size=48"], extract.DEFAULTS, None)
+    assert cfg["limit"] is None and cfg["kl"]["temperature"] == 1 and cfg["input_size"] == 48
+    (tmp_path / "broken.yaml").write_text("dino: {latent_dim: 8\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: not valid YAML \(while parsing a flow mapping"):
+        resolve(["--config", str(tmp_path / "broken.yaml")], extract.DEFAULTS, None)
+
+
+def test_bad_counts_and_run_folders_fail_before_anything_is_written(tmp_path):
+    """A failed extraction into an existing run folder used to overwrite its config.yaml first; a batch of 0, k=0 or
+    a file as the run folder were tracebacks or scikit-learn's words."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: earlier\n")
+    for bad in (["batch_size=0"], ["data.kind=imagefolder", f"data.root={tmp_path / 'nowhere'}"]):
+        with pytest.raises((ValueError, FileNotFoundError), match=r"^batch_size=0: expected a positive|nowhere/train"):
+            extract.main([*TINY, f"run_dir={run}", *bad])
+        assert (run / "config.yaml").read_text() == "name: earlier\n"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file is a file; the run folder \(run_dir, out\) must be a directory"):
+        extract.main([*TINY, f"run_dir={tmp_path / 'file'}"])
+    with pytest.raises(ValueError, match=r"^k=0: expected a positive integer \(protocols \['fewshot', 'knn'\]\)$"):
+        eval.main(["features=x.safetensors", "protocols=[knn]", "k=0"])
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--out", str(tmp_path / "file")])
 
 
 def test_free_form_mappings_take_new_keys_after_a_config_filled_them():
@@ -384,6 +425,31 @@ def test_features_file_round_trip(tmp_path):
         assert sorted(loaded[split][0]) == ["embeddings", "kl"]
         for name, value in blocks.items():
             assert torch.equal(loaded[split][0][name], value), (split, name)
+
+
+def test_features_file_errors_name_the_file_and_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+
+    def write(name, tensors):
+        save_file(tensors, str(tmp_path / name))
+        return tmp_path / name
+
+    rows = {"train/embeddings": torch.zeros(3, 4), "train/labels": torch.zeros(3), "test/labels": torch.zeros(2)}
+    cases = [
+        ({"features": torch.zeros(3, 4), "labels": torch.zeros(3)}, r"key 'features' is not '<split>/<block>'"),
+        (
+            {**rows, "test/embeddings": torch.zeros(2, 5)},
+            r"t\w+/embeddings has [45] dimensions but t\w+/embeddings has [45]: the splits come from different",
+        ),
+        ({**rows, "test/embeddings": torch.zeros(3, 4)}, r"test/embeddings has shape \(3, 4\), expected \(2, D\)"),
+        ({"train/embeddings": torch.zeros(3, 4)}, r"split 'train' has no train/labels"),
+    ]
+    for i, (tensors, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=rf"f{i}.safetensors: {message}"):
+            load_features(write(f"f{i}.safetensors", tensors))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f0.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"cut.safetensors is not a readable safetensors file \(.+\): truncated"):
+        load_features(tmp_path / "cut.safetensors")
 
 
 def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):

@@ -88,3 +88,37 @@ def test_overrides_may_add_keys_to_an_empty_mapping_of_the_config_only():
         load_config(["model.overridez.img_size=96"])
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(["optim.lr_head.x=1"])
+
+
+def test_values_of_the_wrong_kind_are_errors_naming_the_key(tmp_path):
+    """A word or a list for a number, or a bare string for a list, used to fail deep in training (int('four'),
+    str - float) or to read 'hummingbird' as its letters."""
+    with pytest.raises(ValueError, match=r"^optim.batch_size='four': expected a number \(default 4\)$"):
+        load_config(["--config", "tiny", "optim.batch_size=four"])
+    with pytest.raises(ValueError, match=r"^optim.lr_backbone=\[1, 2\]: expected a number"):
+        load_config(["--config", "tiny", "optim.lr_backbone=[1,2]"])
+    with pytest.raises(ValueError, match=r"^evals='linear': expected a list, e.g. evals=\[linear\]$"):
+        load_config(["--config", "eval_tiny", "evals=linear"])
+    with pytest.raises(ValueError, match=r"^cannot parse '\[4' as a YAML value: expected ',' or '\]'"):
+        load_config(["--config", "tiny", "optim.batch_size=[4"])
+    cfg = load_config(["--config", "tiny", "optim.max_steps=3", "val.every_epochs=null", "optim.final_lr=0"])
+    assert cfg["optim"]["max_steps"] == 3 and cfg["val"]["every_epochs"] is None  # null and int for float stay fine
+    (tmp_path / "mine.yaml").write_text("optim:\n  batch_size: eight\n")
+    with pytest.raises(ValueError, match=r"^optim.batch_size='eight': expected a number"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
+    (tmp_path / "list.yaml").write_text("- optim.batch_size=8\n")
+    with pytest.raises(ValueError, match=r"list.yaml: expected a YAML mapping of config keys at top level, got list$"):
+        load_config(["--config", str(tmp_path / "list.yaml")])
+    (tmp_path / "broken.yaml").write_text("optim: {batch_size: 8\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: not valid YAML \(while parsing a flow mapping .*line 1"):
+        load_config(["--config", str(tmp_path / "broken.yaml")])
+    (tmp_path / "section.yaml").write_text("optim: 8\n")
+    with pytest.raises(ValueError, match=r"^optim: 8 in the config file, but optim is a section of keys$"):
+        load_config(["--config", str(tmp_path / "section.yaml")])
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(["--config", str(tmp_path / "empty.yaml")]) == load_config([]) | {
+        "config_path": str(tmp_path / "empty.yaml")
+    }

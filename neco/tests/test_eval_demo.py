@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -219,6 +220,26 @@ def test_export_loads_into_plain_timm(trained_run, tmp_path):
         export_main([f"checkpoint={trained_run}", "weight=teacher"])
 
 
+def test_export_and_eval_refuse_unreadable_or_misplaced_files(trained_run, tmp_path):
+    # a truncated checkpoint file, an output that is not a .safetensors name (its JSON would overwrite <stem>.json),
+    # an eval output that is an existing file, a misspelt timm kwarg: ValueErrors naming them, nothing written
+    broken = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(trained_run, "checkpoints", "step_000001"), broken)
+    (broken / "student.safetensors").write_bytes((broken / "student.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ckpt/student.safetensors is not a readable safetensors file"):
+        export_main([f"checkpoint={broken}", f"output={tmp_path / 'b.safetensors'}"])
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"output='.*notes.txt': expected a file name ending in .safetensors"):
+        export_main([f"checkpoint={trained_run}", f"output={tmp_path / 'notes.txt'}"])
+    assert (tmp_path / "notes.json").read_text() == "{}"
+    (tmp_path / "metrics.json").write_text("{}")
+    args = ["--config", "eval_tiny", f"checkpoint={trained_run}", "evals=[hummingbird]"]
+    with pytest.raises(ValueError, match=r"output='.*metrics.json' is a file; expected a directory"):
+        eval_main([*args, f"output={tmp_path / 'metrics.json'}"])
+    with pytest.raises(ValueError, match=r"model.overrides=\{.*'drop_rate_typo': 0.1\} do not fit model.name="):
+        eval_main(["--config", "eval_tiny", "model.overrides={drop_rate_typo: 0.1}", f"output={tmp_path / 'o'}"])
+
+
 def test_format_table_with_paper_row():
     table = format_table(
         "neco_dinov2r_vits14", {"hummingbird": 80.0, "linear": 81.0, "overcluster_k500": 68.0}, (68.9, 80.7, 81.5)
@@ -241,6 +262,19 @@ def test_demo_quick(tmp_path):
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert len(metrics["losses_logged"]) == 2
     assert metrics["checkpoints"][-1].endswith("step_000002")
+
+
+def test_demo_refuses_a_file_as_out_and_no_steps(tmp_path, capsys):
+    from neco.demo import main as demo_main
+
+    (tmp_path / "out.json").write_text("{}")
+    for argv, message in (
+        (["--out", str(tmp_path / "out.json")], "out.json is a file; expected a folder"),
+        (["--steps", "0", "--out", str(tmp_path)], "--steps must be a positive integer, got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            demo_main(["--quick", *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_synthetic_dataset_is_used_for_training_images():

@@ -249,6 +249,44 @@ def test_resume_with_other_ablation_switches_is_an_error(tiny_args, tmp_path):
     assert main(resume + ["loss.use_teacher=false", "optim.trainable_blocks=-1"])["step"] == 2
 
 
+@pytest.mark.parametrize(
+    "bad",
+    ["optim.batch_size=0", "optim.batch_size=-4", "optim.epochs=0", "optim.max_steps=0", "train.checkpoint_every=0"],
+)
+def test_counts_that_must_be_positive_are_errors_before_anything_is_written(tiny_args, bad):
+    # batch 0 was a ZeroDivisionError, max_steps=0 trained the whole schedule, checkpoint_every=0 failed after step 1
+    key, value = bad.split("=")
+    with pytest.raises(ValueError, match=rf"^{key}={value}: expected a positive integer$"):
+        main(tiny_args + [bad])
+    assert not os.path.exists(tiny_args[2].split("=", 1)[1])
+
+
+def test_run_dir_checkpoints_are_never_overwritten_or_resumed_wrongly(tiny_args, tmp_path):
+    """A fresh start in a run directory holding checkpoints would overwrite them and leave train.resume=latest
+    pointing at the old run; resuming with another model, a truncated file, a past end or train.resume=true are
+    ValueErrors naming what to change."""
+    first = main(tiny_args + ["optim.max_steps=2"])
+    saved = _weights(first["checkpoint"])
+    with pytest.raises(ValueError, match=r"run already holds checkpoints \(latest .*step_000002\): continue that run"):
+        main(tiny_args + ["optim.max_steps=1"])
+    resume = tiny_args + ["train.resume=latest"]
+    shapes = r"\(2 tensors, e.g. head.mlp.4.bias \(32,\) \(this run \(16,\)\)"
+    with pytest.raises(ValueError, match=rf"student.safetensors does not fit this run's student {shapes}"):
+        main(resume + ["model.head_out_dim=16"])
+    with pytest.raises(ValueError, match=r"queue.safetensors does not fit this run's queue"):
+        main(resume + ["loss.queue_length=64"])
+    with pytest.raises(ValueError, match=r"is at step 2, past this run's end at step 1 \(optim.max_steps=1"):
+        main(resume + ["optim.max_steps=1"])
+    with pytest.raises(ValueError, match=r"^train.resume=True: expected latest or the path of a checkpoint directory"):
+        main(tiny_args + ["train.resume=true"])
+    _assert_same(saved, _weights(first["checkpoint"]), atol=0)
+    teacher = os.path.join(first["checkpoint"], "teacher.safetensors")
+    with open(teacher, "r+b") as f:
+        f.truncate(64)
+    with pytest.raises(ValueError, match=r"teacher.safetensors is not a readable safetensors file"):
+        main(resume + ["optim.max_steps=3"])
+
+
 def test_optimizer_follows_the_schedules_at_the_global_step(tiny_args, tmp_path, monkeypatch):
     """Every update uses lr / weight decay of its own step (backbone and head groups, decay groups only), also right
     after a resume."""

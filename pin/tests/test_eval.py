@@ -212,6 +212,10 @@ def test_procedural_pools_hold_out_classes_and_never_pass_train_classes_off_as_z
         eval_main(base + ["eval.datasets=[synthetic, cocoo]"])
     with pytest.raises(ValueError, match=r"eval.datasets lists \['synthetic'\] more than once"):
         eval_main(base + ["eval.datasets=[synthetic, synthetic]"])
+    with pytest.raises(
+        ValueError, match=r"eval.datasets='synthetic': expected a list, e.g. eval.datasets=\[synthetic\]"
+    ):
+        eval_main(base + ["eval.datasets=synthetic"])  # read letter by letter before
     with pytest.raises(FileNotFoundError, match="no PIN weights at"):
         eval_main(base[:-1] + ["method=pin", f"eval.checkpoint={tmp_path / 'missing.pt'}"])
     assert not (tmp_path / "tiny" / "eval" / "metrics.json").exists()

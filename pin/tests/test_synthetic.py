@@ -151,3 +151,36 @@ def test_backgrounds_and_cutouts_are_resized_like_the_reference(tmp_path):
     pasted = np.asarray(comp.image)[y1 * 14 : y1 * 14 + h, x1 * 14 : x1 * 14 + w]
     expected = np.asarray(Image.fromarray(cut).resize((w, h)))[..., :3]
     assert np.array_equal(pasted, expected)
+
+
+def test_unreadable_cutouts_backgrounds_and_object_lists_are_errors_naming_them(tmp_path):
+    (tmp_path / "pool" / "yak").mkdir(parents=True)
+    (tmp_path / "pool" / "yak" / "0.png").write_bytes(b"not a png" * 10)
+    with pytest.raises(ValueError, match=r"pool/yak/0\.png is not a readable image"):
+        ObjectPool.from_folder(tmp_path / "pool").load(0)
+    (tmp_path / "bg").mkdir()
+    (tmp_path / "bg" / "a.jpg").write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match=r"bg/a\.jpg is not a readable image"):
+        Backgrounds(tmp_path / "bg", 224).sample(np.random.default_rng(0))
+    cases = {
+        "cut.json": ('{"yak": ["a.png"', r"cut\.json is not valid JSON: Expecting ',' delimiter at line 1"),
+        "list.json": ("[1, 2]", r"list\.json: expected \{class name: \[cut-out paths\]\}, got a list"),
+        "str.json": ('{"yak": "a.png"}', r"str\.json: the entry of 'yak' is a str, expected a list"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=message):
+            ObjectPool.from_json(tmp_path / name)
+
+
+def test_a_validation_split_as_large_as_the_pool_is_an_error(tmp_path):
+    from pin.pipeline import pools_from_cfg
+
+    for i in range(2):
+        (tmp_path / "pool" / "yak").mkdir(parents=True, exist_ok=True)
+        _cutout(tmp_path / "pool" / "yak" / f"{i}.png", (0, 90, 0))
+    data = {"objects": str(tmp_path / "pool"), "held_out": [], "val_size": 2}
+    with pytest.raises(ValueError, match=r"data.val_size=2 leaves no training cut-outs: .* holds 2 outside"):
+        pools_from_cfg({"data": data})
+    train, val, _ = pools_from_cfg({"data": {**data, "val_size": 1}})
+    assert len(train) == len(val) == 1

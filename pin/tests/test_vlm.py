@@ -273,6 +273,9 @@ def test_reference_pt_checkpoints_load_for_pin_and_vpt(tiny_blip2, tmp_path):
     vpt = Method(vlm, "vpt", {"vpt": {"num_tokens": 3}})
     vpt.load_state_dict(load_weights(tmp_path / "vpt.pt"))
     torch.testing.assert_close(vpt.module.prompts.detach(), prompt)
+    (tmp_path / "page.pt").write_text("<html>a download's error page</html>")
+    with pytest.raises(ValueError, match=r"checkpoint .*page.pt is not a readable PyTorch state dict"):
+        load_weights(tmp_path / "page.pt")
     torch.save({"encoder": {"lora_A": torch.zeros(1)}}, tmp_path / "lora.pt")
     with pytest.raises(KeyError, match=r"lora.pt holds \['encoder'\]: expected a reference PIN checkpoint"):
         load_weights(tmp_path / "lora.pt")

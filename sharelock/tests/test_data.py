@@ -328,17 +328,17 @@ def test_unreadable_images_and_shards_are_errors_naming_them(tmp_path):
 
     (tmp_path / "val" / "cls").mkdir(parents=True)
     (tmp_path / "val" / "cls" / "x.jpg").write_bytes(b"\x00garbage, not a JPEG" * 20)
-    with pytest.raises(ValueError, match=r"cannot read image .*cls/x\.jpg: not an image file Pillow can identify"):
+    with pytest.raises(ValueError, match=r"cls/x\.jpg is not a readable image \(cannot identify image file"):
         LabelledImages(tmp_path / "val")[0]
     (tmp_path / "caps.json").write_text(json.dumps({"x.jpg": "a caption"}))
-    with pytest.raises(ValueError, match=r"cannot read image .*cls/x\.jpg"):
+    with pytest.raises(ValueError, match=r"cls/x\.jpg is not a readable image"):
         ImageCaptionFolder(tmp_path / "val" / "cls", tmp_path / "caps.json")[0]
     write_shards(tmp_path / "wds", n=2, per_shard=2)
     with tarfile.open(tmp_path / "wds" / "00001.tar", "w") as tar:  # a corrupt image member
         info = tarfile.TarInfo("000000009.jpg")
         info.size = 40
         tar.addfile(info, io.BytesIO(b"\xff\xd8" + b"\x00" * 38))
-    with pytest.raises(ValueError, match=r"cannot read image 000000009 in .*00001\.tar"):
+    with pytest.raises(ValueError, match=r"^000000009 in .*00001\.tar is not a readable image"):
         list(iter_webdataset(str(tmp_path / "wds" / "*.tar"), captions=False))
     (tmp_path / "wds" / "00002.tar").write_bytes(b"not a tar file" * 100)
     with pytest.raises(ValueError, match=r"webdataset shard .*00002\.tar is not a readable tar file"):

@@ -16,7 +16,7 @@ from funai_common.datasets import SEGMENTATION_DATASETS, build_segmentation_data
 from funai_common.hummingbird import HummingbirdEvaluator
 from funai_common.knn import knn_classify_many
 from funai_common.search import BACKENDS
-from funai_common.weights import create_timm_model, fit_to_timm_vit, load_state_dict
+from funai_common.weights import create_timm_model, fit_to_timm_vit, load_safetensors, load_state_dict
 
 log = logging.getLogger("funai_common")
 
@@ -27,9 +27,7 @@ def load_features(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"feature file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
         missing = {"features", "labels"} - tensors.keys()
         if missing:
             raise KeyError(f"{path} lacks the keys {sorted(missing)} (has {sorted(tensors)})")
@@ -47,6 +45,15 @@ def format_table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _check_out(path) -> None:
+    """Refuse an ``--out`` that cannot take a JSON file (a folder, or below a file) before any work is done."""
+    if path and Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory; expected the path of a JSON file (e.g. {path}/out.json)")
+    blocking = next((p for p in Path(path or ".").parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {path}: {blocking} is a file, not a directory")
 
 
 def _write_json(path, payload) -> None:
@@ -70,6 +77,7 @@ def knn_main(argv=None) -> dict:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _check_out(args.out)
     train_f, train_y = load_features(args.train, args.train_labels)
     test_f, test_y = load_features(args.test, args.test_labels)
     results = knn_classify_many(
@@ -137,14 +145,17 @@ def timm_patch_features(
         stored = _stored_img_size(state)
         if stored and "img_size" not in model_args:
             model_args = {"img_size": stored, **model_args}
-    model = create_timm_model(
-        model_name,
-        pretrained and checkpoint is None,
-        f"--model {model_name!r}",
-        "offline, give local weights with --checkpoint PATH",
-        num_classes=0,
-        **{"dynamic_img_size": True, **model_args},
-    )
+    try:
+        model = create_timm_model(
+            model_name,
+            pretrained and checkpoint is None,
+            f"--model {model_name!r}",
+            "offline, give local weights with --checkpoint PATH",
+            num_classes=0,
+            **{"dynamic_img_size": True, **model_args},
+        )
+    except TypeError as err:  # a --model-args key the model's constructor does not take (a misspelt one)
+        raise ValueError(f"--model-args {model_args} do not fit --model {model_name!r}: {err}") from None
     if state is not None:
         try:
             state = fit_to_timm_vit(state, model)  # DINOv2 hub names; a table of another size is resampled
@@ -194,6 +205,11 @@ def hummingbird_main(argv=None) -> dict:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _check_out(args.out)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device; expected cpu, cuda or cuda:N") from None
     # the datasets first: a wrong --data-dir fails before any weights are loaded (or downloaded)
     train_split = args.train_split or ("trainaug" if args.dataset == "voc" else "train")
     extra = {"image_size": args.input_size} if args.dataset == "synthetic" else {}

@@ -66,6 +66,12 @@ def knn_classify_many(
         )
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
+    for split, y in (("train", train_y), ("test", test_y)):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(
+                f"{split} labels must be class ids in [0, {num_classes}) (num_classes={num_classes}), "
+                f"got {int(y.min())}..{int(y.max())}"
+            )
     ks = sorted({int(k) for k in ks})
     n_train = train_f.shape[0]
     index = NeighborIndex(train_f, backend=backend)

@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 WRAPPER_KEYS = ("teacher", "model", "state_dict")
+
+
+class UnreadableCheckpointError(pickle.UnpicklingError, ValueError):
+    """A ``.pth`` file that is not a state dict of plain tensors (truncated, another format, or holding Python
+    objects, which are never unpickled); a ValueError for the command lines, an UnpicklingError for callers that
+    explain refused objects their own way."""
+
+    def __init__(self, path: str | Path, err: Exception):
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # the reason, without torch's advice to drop weights_only
+            text = "weights only load failed: " + text.split("WeightsUnpickler error:", 1)[1]
+            text = text.split("Check the documentation")[0]
+        super().__init__(f"checkpoint {path} is not a readable PyTorch state dict ({' '.join(text.split())})")
 
 
 def load_state_dict(
@@ -27,13 +41,7 @@ def load_state_dict(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors or .pth state dict)")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except SafetensorError as err:
-            raise ValueError(f"cannot read {path}: not a safetensors file, or a truncated one ({err})") from None
+        state = load_safetensors(path)
     else:
         # full training checkpoints (DINO, DoRA) also hold their argparse arguments: allow that plain container
         # (torch >= 2.5; older versions refuse such files)
@@ -41,13 +49,28 @@ def load_state_dict(
         with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:  # garbage, or Python objects beyond tensors (never unpickled)
+                raise UnreadableCheckpointError(path, err) from None
             except RuntimeError as err:  # not a zip archive: a truncated download, or another kind of file
-                raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+                if "PytorchStreamReader" not in str(err):
+                    raise
+                raise UnreadableCheckpointError(path, err) from None
         for key in keys:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
                 break
     return strip_prefixes_from(state, strip_prefixes)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file(path)``; a truncated or non-safetensors file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
 
 
 def strip_prefixes_from(state: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from counting.models import UnCounTR
@@ -23,13 +24,32 @@ def model_state(model: UnCounTR, with_backbone: bool) -> dict[str, torch.Tensor]
     }
 
 
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ValueError naming it when it is not one (truncated, garbage)."""
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): truncated, or another format") from None
+
+
 def load_model_weights(model: UnCounTR, path: str | Path) -> None:
     """Load ``model.safetensors`` of a checkpoint directory (or the file itself) into ``model``."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint weights {file} not found")
-    state = load_file(str(file))
+    state = read_safetensors(file)
+    own = model.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shapes:
+        raise ValueError(
+            f"checkpoint {file} does not fit the model of the config ({len(shapes)} shape mismatches, checkpoint vs "
+            f"model, e.g. {shapes[:3]}): another model size?"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
@@ -127,8 +147,8 @@ def load_checkpoint(path: Path, model: UnCounTR, optimizer: torch.optim.Optimize
     state = json.loads((Path(path) / "state.json").read_text())
     load_model_weights(model, path)
     if optimizer is not None:
-        restore_optimizer(optimizer, load_file(str(Path(path) / "optimizer.safetensors")), state["optimizer"])
-        restore_rng(load_file(str(Path(path) / "rng.safetensors")), state["rng"])
+        restore_optimizer(optimizer, read_safetensors(Path(path) / "optimizer.safetensors"), state["optimizer"])
+        restore_rng(read_safetensors(Path(path) / "rng.safetensors"), state["rng"])
     return state
 
 

@@ -54,6 +54,18 @@ def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]
         raise SystemExit(f"{prog}: error: {message}") from None
 
 
+def make_dir(path: str | Path, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) for output; ValueError naming ``what`` (the key or option that
+    gave it) when ``path`` or a folder above it is an existing file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ValueError(f"{what}: {blocker} is a file; expected a folder (or nothing) at {path}") from None
+    return path
+
+
 def config_dir() -> Path:
     """Folder of the shipped configs (inside the installed package)."""
     return Path(str(resources.files("counting") / "configs"))
@@ -102,12 +114,29 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
+# number keys that also take names: figures=NAME (one image) or figures=[a.jpg, b.jpg]
+NUMBER_OR_NAMES = ("figures",)
+
+
+def check_kind(key: str, old: Any, value: Any) -> None:
+    """Refuse an override that cannot mean what the key holds: a scalar for a list (``optim.betas=0.9``), or a
+    word, list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names)."""
+    if isinstance(old, list) and not isinstance(value, list):
+        raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
+    number = isinstance(old, (int, float)) and not isinstance(old, bool)
+    if number and isinstance(value, (str, list, dict)) and key not in NUMBER_OR_NAMES:
+        raise ValueError(f"{key}={value!r}: expected a number")
+
+
 def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> None:
     """Set ``cfg[a][b] = value`` for ``key = "a.b"``; a key that is not already a leaf of ``cfg`` is an error,
-    unless it is new in one of the ``free`` sections (see ``empty_sections``)."""
+    unless it is new in one of the ``free`` sections (see ``empty_sections``); so is a value of the wrong kind
+    (``check_kind``)."""
     valid = flatten(cfg)
     if key not in valid and not any(key.startswith(section + ".") for section in free):
         raise UnknownKeyError(key, valid)
+    if key in valid:
+        check_kind(key, valid[key], value)
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -122,6 +151,8 @@ def parse_value(raw: str) -> Any:
     if raw == "":
         return ""
     value = yaml.load(raw, Loader=ConfigLoader)
+    if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
+        raise ValueError(f"{raw!r}: YAML reads 'key:value' without a space as one key; write {{key: value, ...}}")
     if isinstance(value, str):
         try:
             return float(value)

@@ -67,6 +67,14 @@ def prepare_test_image(
     return {"image": resized, "rects": rects, "exemplars": exemplars, "rel_boxes": rel.float()}
 
 
+def read_json(path: Path):
+    """The content of a JSON file; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
 def centres(boxes: np.ndarray) -> np.ndarray:
     """(n, 2) xy centres of (n, >= 4) xyxy boxes."""
     return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
@@ -91,21 +99,37 @@ class CountingTestSet(Dataset):
                 f"e.g. {missing[:3]}"
             )
 
+    def check_boxes(self, boxes: np.ndarray, name: str, source: Path) -> None:
+        """Raise ValueError naming the image and its annotation file when an exemplar box it uses is inverted."""
+        used = boxes[: self.shots]
+        if ((used[:, 2] < used[:, 0]) | (used[:, 3] < used[:, 1])).any():
+            raise ValueError(
+                f"{source}: exemplar boxes of {name} {used.tolist()} are inverted; expected x1 <= x2 and y1 <= y2"
+            )
+
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         path, boxes, count, name, points = self.items[index]
         image = load_rgb(path)
+        height, width = image.shape[-2:]
+        used = boxes[: self.shots]
+        outside = (used[:, 0] >= width) | (used[:, 1] >= height) | (used[:, 2] <= 0) | (used[:, 3] <= 0)
+        if outside.any():
+            raise ValueError(
+                f"exemplar boxes {used[outside].tolist()} of {path} lie outside its {width}x{height} pixels "
+                "(expected x1, y1, x2, y2 in the image's own pixels)"
+            )
         out = prepare_test_image(
             image,
-            torch.as_tensor(boxes[: self.shots]),
+            torch.as_tensor(used),
             self.patch_size,
             self.target_height,
             self.fixed,
             antialias=self.antialias,
         )
-        (height, width), (new_h, new_w) = image.shape[-2:], out["image"].shape[-2:]
+        new_h, new_w = out["image"].shape[-2:]
         gt_density = dot_density_map(points, new_h, new_w, (new_w / width, new_h / height))
         out["points"] = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2) * torch.tensor(
             [new_w / width, new_h / height]
@@ -131,10 +155,13 @@ class FSC147(CountingTestSet):
                     f"FSC-147 file {path} missing; expected <root>/annotation_FSC147_384.json, "
                     "Train_Test_Val_FSC_147.json and images_384_VarV2/"
                 )
-        names = json.loads(splits.read_text())
+        names, annotations = read_json(splits), read_json(annotation)
+        if not isinstance(names, dict) or not all(isinstance(v, list) for v in names.values()):
+            raise ValueError(f"{splits}: expected a mapping of split names to lists of image names")
         if split not in names:
             raise ValueError(f"unknown FSC-147 split {split!r}; expected one of {sorted(names)}")
-        annotations = json.loads(annotation.read_text())
+        if not isinstance(annotations, dict):
+            raise ValueError(f"{annotation}: expected a mapping of image names to annotations")
         missing = [name for name in names[split] if name not in annotations]
         if missing:
             raise ValueError(
@@ -143,8 +170,17 @@ class FSC147(CountingTestSet):
             )
         for name in names[split]:
             ann = annotations[name]
+            for key in ("box_examples_coordinates", "points"):
+                if key not in ann:
+                    raise KeyError(f"{annotation}: the entry of {name} lacks {key!r}")
             corners = np.asarray(ann["box_examples_coordinates"], dtype=np.float64)
+            if corners.ndim != 3 or corners.shape[0] < 1 or corners.shape[1:] != (4, 2):
+                raise ValueError(
+                    f"{annotation}: box_examples_coordinates of {name} has shape {corners.shape}; expected (k, 4, 2), "
+                    "k >= 1 boxes of 4 [x, y] corners (top-left first, bottom-right third)"
+                )
             boxes = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 2, 0], corners[:, 2, 1]], axis=1)
+            self.check_boxes(boxes, name, annotation)
             points = np.asarray(ann["points"], dtype=np.float64).reshape(-1, 2)
             self.items.append((root / "images_384_VarV2" / name, boxes, float(len(points)), name, points))
         self.check_images(splits)
@@ -175,11 +211,18 @@ class CARPK(CountingTestSet):
             )
         skipped = []
         for name in listing.read_text().split():
-            text = (root / "Annotations" / f"{name}.txt").read_text()
+            file = root / "Annotations" / f"{name}.txt"
+            text = file.read_text()
             if not text.strip():
                 skipped.append(name)
                 continue
-            rows = np.loadtxt(io.StringIO(text), ndmin=2)
+            try:
+                rows = np.loadtxt(io.StringIO(text), ndmin=2)
+            except ValueError as err:
+                raise ValueError(f"{file}: {err}; expected rows 'x1 y1 x2 y2 cls'") from None
+            if rows.shape[1] < 4:
+                raise ValueError(f"{file}: rows of {rows.shape[1]} numbers; expected rows 'x1 y1 x2 y2 cls'")
+            self.check_boxes(rows[:, :4], name, file)
             self.items.append((root / "Images" / f"{name}.png", rows[:, :4], float(len(rows)), name, centres(rows)))
         self.check_images(listing)
         if skipped:
@@ -241,6 +284,7 @@ class MSO(CountingTestSet):
             raise FileNotFoundError(f"MSO index {index} missing; expected <root>/imgIdx.mat and <root>/img/")
         for name, boxes in read_mso_index(index):
             if len(boxes):
+                self.check_boxes(boxes, name, index)
                 self.items.append((root / "img" / name, boxes, float(len(boxes)), name, centres(boxes)))
         self.check_images(index)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from counting.collage import CollageConfig, SelfCollageGenerator
-from counting.config import run_cli
+from counting.config import make_dir, run_cli
 from counting.data import prepare_test_image
 from counting.eval import density_fn_for
 from counting.figures import save_density_figure
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a much smaller run (< 20 s) for the test suite")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    make_dir(args.out, "--out")  # before training: a file in the way fails at once
     torch.set_num_threads(1)  # small tensors: one thread is faster than two competing ones
     sizes = QUICK if args.quick else FULL
     start = time.time()

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from counting.checkpoint import load_model_weights
-from counting.config import load_config, load_yaml, run_cli
+from counting.config import load_config, load_yaml, make_dir, run_cli
 from counting.data import build_test_set
 from counting.figures import save_density_figure
 from counting.inference import count_image
@@ -34,6 +34,9 @@ def load_trained_model(
         return load_reference_model(checkpoint, reference_args, model_config)
     if model_config is not None:
         cfg = load_yaml(model_config)
+        missing = [key for key in ("model", "collage") if not isinstance(cfg.get(key), dict)]
+        if missing:
+            raise KeyError(f"model config {model_config} lacks the sections {missing}: expected the run's config.yaml")
     else:
         state = checkpoint / "state.json"
         if not state.is_file():
@@ -139,13 +142,17 @@ def main(argv: list[str] | None = None) -> dict:
     if not ecfg["checkpoint"]:
         raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory or UnCounTRModel.pt)")
     checkpoint = Path(ecfg["checkpoint"])
+    if type(ecfg["shots"]) is not int or ecfg["shots"] < 1:
+        raise ValueError(f"shots={ecfg['shots']!r}: expected the number of exemplars per image, 1 to 3")
+    if ecfg["max_images"] is not None and (type(ecfg["max_images"]) is not int or ecfg["max_images"] < 1):
+        raise ValueError(f"max_images={ecfg['max_images']!r}: expected a positive integer, or null (every image)")
     splits = eval_splits(ecfg["dataset"], ecfg["splits"])
     run_dir = checkpoint.parent if checkpoint.suffix in REFERENCE_SUFFIXES else checkpoint.parent.parent
     out = Path(ecfg["out"]) if ecfg["out"] else run_dir / f"eval_{ecfg['dataset']}"
     device = device_of(ecfg)
     # loaded before ``out`` exists: a typo leaves nothing behind
     model, cfg = load_trained_model(checkpoint, ecfg["model_config"], ecfg["reference_args"])
-    setup_logging(out)
+    setup_logging(make_dir(out, "out"))
     model.to(device)
     scaling = cfg["collage"]["density_scaling"]
     results, predictions = {}, {}
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         if ecfg["protocol"] == "fixed_images":
             kwargs["fixed"] = True
         dataset = build_test_set(ecfg["dataset"], ecfg["root"], split, **kwargs)
+        if not len(dataset):
+            raise ValueError(f"{ecfg['dataset']} split {split!r} under {ecfg['root']} has no image to evaluate")
         records, metrics = evaluate_split(model, dataset, ecfg, device, out / "figures" / split, scaling)
         results[split], predictions[split] = metrics, records
     table = format_table(results)

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from funai_common.datasets import open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
 
 
 def load_rgb(path: str | Path) -> torch.Tensor:
-    """(3, H, W) float tensor in [0, 1] of an image file."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """(3, H, W) float tensor in [0, 1] of an image file; ValueError naming a file that is not a readable image."""
+    array = np.asarray(open_image(path), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
 
 

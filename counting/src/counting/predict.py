@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"give 1 to 3 exemplar boxes, got {len(args.boxes)}")
     if not args.image.is_file():
         raise SystemExit(f"image {args.image} not found")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; expected the path of the figure to write (e.g. count.png)")
     model, cfg = load_trained_model(args.checkpoint, args.model_config, args.reference_args)
     image = load_rgb(args.image)
     boxes = torch.tensor(args.boxes)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from counting.collage import normalize
-from counting.config import load_config, run_cli
+from counting.config import load_config, make_dir, run_cli
 from counting.models import FrozenViT, build_backbone
 from counting.pools import list_images, load_rgb
 from counting.resize import resize_image, resize_mask
@@ -56,7 +56,8 @@ def pool_paths(cfg: dict) -> list[Path]:
     if cfg["max_images"] is not None:
         paths = paths[: int(cfg["max_images"])]
     if not paths:
-        raise FileNotFoundError(f"no images under {cfg['image_root']}")
+        limit = f" (max_images={cfg['max_images']})" if cfg["max_images"] is not None else ""
+        raise FileNotFoundError(f"no images under {cfg['image_root']}{limit}")
     return paths
 
 
@@ -163,8 +164,7 @@ def check_resume(folder: Path, settings: dict, shards: list[Path]) -> None:
 
 def run_masks(cfg: dict) -> Path:
     """Write ``index.json`` and ``masks_<start>_<stop>.safetensors`` shards (uint8 (n, s, s)) to ``masks_dir``."""
-    paths, out = pool_paths(cfg), Path(cfg["masks_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    paths, out = pool_paths(cfg), make_dir(cfg["masks_dir"], "masks_dir")
     root = Path(cfg["image_root"])
     index = {
         "images": [str(p.relative_to(root)) for p in paths],
@@ -239,8 +239,11 @@ def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, i
 @torch.no_grad()
 def run_clusters(cfg: dict) -> Path:
     """CLS feature shards in ``features``, then k-means into ``num_clusters``; writes the ``clusters`` file."""
-    paths, feat_dir = pool_paths(cfg), Path(cfg["features"])
-    feat_dir.mkdir(parents=True, exist_ok=True)
+    paths, k = pool_paths(cfg), int(cfg["num_clusters"])
+    if not 1 <= k <= len(paths):  # before any feature is computed
+        raise ValueError(f"num_clusters={k}: expected 1 to the number of pool images ({len(paths)})")
+    feat_dir, out = make_dir(cfg["features"], "features"), Path(cfg["clusters"])
+    make_dir(out.parent, "clusters")
     shards = list(feat_dir.glob("features_*.safetensors"))
     for shard in shards:  # the backbone is also in each shard (the only record of runs without index.json)
         with safe_open(str(shard), "pt") as f:
@@ -268,15 +271,10 @@ def run_clusters(cfg: dict) -> Path:
         save_file({"features": feats.contiguous()}, str(tmp), metadata={"backbone": cfg["backbone"]})
         tmp.rename(file)
     features = torch.cat([load_file(str(f))["features"] for f in shards]).numpy()
-    k = int(cfg["num_clusters"])
-    if k > len(features):
-        raise ValueError(f"num_clusters={k} exceeds the number of pool images ({len(features)})")
     log.info("k-means: %d features x %d dims into %d clusters", *features.shape, k)
     labels, centroids = kmeans(
         features, k, cfg["kmeans_backend"], cfg["kmeans_seed"], cfg["kmeans_iters"], gpu=cfg["device"] != "cpu"
     )
-    out = Path(cfg["clusters"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k_: str(cfg[k_]) for k_ in ("backbone", "num_clusters", "kmeans_backend", "kmeans_seed", "input_size")}
     save_file(
         {"assignments": torch.from_numpy(labels), "centroids": torch.from_numpy(np.asarray(centroids))},
@@ -295,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = rest or ["all"]
     if len(steps) != 1 or steps[0] not in ("masks", "clusters", "all"):
         raise SystemExit(f"expected one step: masks, clusters or all; got {rest}")
+    if type(cfg["shard_size"]) is not int or cfg["shard_size"] < 1:
+        raise ValueError(f"shard_size={cfg['shard_size']!r}: expected a positive number of images per shard")
     setup_logging(None)
     out = {}
     if steps[0] in ("masks", "all"):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from counting.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
-from counting.config import load_config, run_cli, save_config
+from counting.config import load_config, make_dir, run_cli, save_config
 from counting.losses import density_mse_loss
 from counting.models import build_model
 from counting.pools import FileObjectPool, sun397_backgrounds
@@ -118,12 +118,23 @@ def main(argv: list[str] | None = None) -> dict:
     if rest:
         raise SystemExit(f"unexpected arguments {rest}; use key=value overrides")
     train = cfg["train"]
+    for key in ("batch_size", "samples_per_epoch", "epochs"):
+        if type(train[key]) is not int or train[key] < 1:
+            raise ValueError(f"train.{key}={train[key]!r}: expected a positive integer")
+    max_steps = train["max_steps"]
+    if max_steps is not None and (type(max_steps) not in (int, float) or max_steps < 1):
+        raise ValueError(f"train.max_steps={train['max_steps']!r}: expected a positive integer, or null (no limit)")
     cuda = torch.cuda.is_available()  # CPU runs (gloo) as neco: two processes must not both think they are rank 0
     accelerator = Accelerator(cpu=not cuda, mixed_precision=train["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
-    setup_logging(run_dir, accelerator.is_main_process)
+    if not cfg["resume"] and any((run_dir / "checkpoints").glob("step_*")):  # a fresh run would replace them
+        raise ValueError(
+            f"{run_dir} already holds the checkpoints of a run: continue it with resume=latest, or start a new run "
+            "with another name= or output_dir="
+        )
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+        make_dir(run_dir, "output_dir/name")
+    setup_logging(run_dir, accelerator.is_main_process)
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)  # noqa: NPY002 (third-party code may use the global state)
 
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", path, start)
+    if accelerator.is_main_process:  # after the resume: a failed one leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     dataset = SelfCollageDataset(build_generator(cfg), train["samples_per_epoch"], cfg["seed"])

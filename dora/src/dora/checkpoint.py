@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -133,15 +134,38 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ValueError naming it when it is not one (truncated, garbage)."""
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): truncated, or another format") from None
+
+
+def check_shapes(module: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """ValueError listing the weights of ``state`` whose shapes differ from ``module``'s (another model size)."""
+    own = module.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{file} does not fit the model of the config ({len(wrong)} shape mismatches, checkpoint vs model, e.g. "
+            f"{wrong[:2]}): resume with the run's model.* settings"
+        )
+
+
 def load_checkpoint(path: Path) -> dict:
     """Everything a checkpoint holds, as tensors / plain values."""
     path = Path(path)
     out = {
-        "student": load_file(str(path / "student.safetensors")),
-        "teacher": load_file(str(path / "teacher.safetensors")),
-        "loss": load_file(str(path / "loss.safetensors")),
+        "student": read_safetensors(path / "student.safetensors"),
+        "teacher": read_safetensors(path / "teacher.safetensors"),
+        "loss": read_safetensors(path / "loss.safetensors"),
         "optimizer": optimizer_from_flat(
-            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+            read_safetensors(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
         ),
         "state": json.loads((path / "state.json").read_text()),
     }

@@ -131,7 +131,31 @@ METHODS = ("dora", "dino")
 
 def parse_value(raw: str) -> Any:
     """YAML scalar/list/dict of a command-line value (``1e-4`` is a float)."""
-    return yaml.load(raw, Loader=ConfigLoader)
+    value = yaml.load(raw, Loader=ConfigLoader)
+    if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
+        raise ValueError(f"{raw!r}: YAML reads 'key:value' without a space as one key; write {{key: value, ...}}")
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The YAML mapping of a config file (an empty file gives {}); ValueError naming it if it is not a mapping."""
+    with open(path) as f:
+        data = yaml.load(f, Loader=ConfigLoader) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping of keys to values, got a {type(data).__name__}")
+    return data
+
+
+def make_dir(path: str | Path, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) for output; ValueError naming ``what`` (the key or option that
+    gave it) when ``path`` or a folder above it is an existing file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ValueError(f"{what}: {blocker} is a file; expected a folder (or nothing) at {path}") from None
+    return path
 
 
 def _check(cfg: dict) -> None:
@@ -223,11 +247,9 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
     path = config_path(config or default)
-    with open(path) as f:
-        cfg = yaml.load(f, Loader=ConfigLoader) or {}
+    cfg = read_yaml(path)
     if path.resolve().parent != Path(str(resources.files("dora") / "configs")).resolve():  # a user's file
-        with open(config_path(default)) as f:
-            cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader) or {}, cfg)
+        cfg = merge_user_config(read_yaml(config_path(default)), cfg)
     cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
     for key, value in pairs:
         set_key(cfg, key, value, free)

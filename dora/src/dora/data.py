@@ -170,7 +170,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         clips = self.read_clips([c for c, _ in items])
         good = [c for c in clips if c is not None]
         if not good:
-            raise RuntimeError(f"no frame of clips {[c for c, _ in items]} could be decoded")
+            names = sorted({self._source(self.locate(int(c))[0]).name for c, _ in items})
+            raise ValueError(f"no frame of clips {[c for c, _ in items]} could be decoded from {names}")
         out = []
         for (clip_id, seed), clip in zip(items, clips):
             if clip is None:

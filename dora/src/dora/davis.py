@@ -17,6 +17,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dora.augment import normalize
+from funai_common.datasets import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +176,15 @@ def evaluate_davis(
     for video in tqdm(videos, desc="davis"):
         frames, annos = read_davis_video(root, video, resolution)
         first = np.asarray(Image.open(annos[0]))
+        if first.ndim != 2:
+            raise ValueError(
+                f"{annos[0]} has {first.shape[-1]} channels; expected a single-channel (palette) PNG of object ids"
+            )
         first = np.where(first == VOID, 0, first)  # void pixels are background, as in davis2017-evaluation
         num_obj = int(first.max())
         feats, grid = [], None
         for fp in frames:
-            img = Image.open(fp).convert("RGB")
+            img = open_image(fp, name=f"DAVIS frame {fp}")
             w, h = davis_frame_size(*img.size, short_side, patch_size)
             x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().unsqueeze(0)
             # DINO resizes with cv2's bilinear (half-pixel centres, no antialias) to uint8

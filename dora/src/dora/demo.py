@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dora.config import run_cli
+from dora.config import make_dir, run_cli
 from dora.synthetic import labelled_objects, walking_frames, write_video
 
 FULL = {"frames": 1200, "epochs": 4, "steps": 16, "batch": 16, "per_class": 150}
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         p["epochs"] = args.epochs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(args.out, "--out")
     t0 = time.perf_counter()
     video = write_video(out / "walk.mp4", walking_frames(p["frames"], size=64, num_objects=3, seed=0), fps=30)
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dora.visualise import visualise
 
     run_dir = out / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run of an earlier call: dora-train starts afresh
     overrides = demo_overrides(video, run_dir, p["batch"], p["epochs"], p["steps"], args.seed)
     summary = train_main(overrides)
     cfg = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())["config"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dora.config import load_config, run_cli
+from dora.config import load_config, make_dir, run_cli
 from dora.models import build_backbone, load_backbone
 
 logger = logging.getLogger("dora")
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from funai_common.transforms import eval_transform
 
     cfg = load_config(argv if argv is not None else sys.argv[1:], default="eval.yaml")
-    out_dir = Path(cfg["out_dir"] or Path("runs") / "dora" / "eval" / cfg["name"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(cfg["out_dir"] or Path("runs") / "dora" / "eval" / cfg["name"], "out_dir")
     setup_logging(out_dir, True)
     unknown = set(cfg["tasks"]) - {"knn", "linear", "davis"}
     if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,13 @@ def read_backbone_state(path: str | Path, key: str = "teacher") -> dict[str, tor
         path = path / f"{key}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: not a DoRA checkpoint directory?")
-    state = load_state_dict(path, keys=(key, "state_dict"), strip_prefixes=("module.", "_orig_mod.", "backbone."))
+    try:
+        state = load_state_dict(path, keys=(key, "state_dict"), strip_prefixes=("module.", "_orig_mod.", "backbone."))
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: not a checkpoint of plain tensors (not a PyTorch file, e.g. a download's HTML page, or one "
+            "holding other Python objects, which are never unpickled)"
+        ) from None
     return {k: v for k, v in state.items() if not k.startswith(("head.", "mlp.", "last_layer."))}
 
 

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from dora.augment import build_augmentation
 from dora.checkpoint import (
+    check_shapes,
     finalize_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -25,7 +27,7 @@ from dora.checkpoint import (
     set_rng_state,
     write_rng,
 )
-from dora.config import load_config, run_cli, save_config
+from dora.config import load_config, make_dir, run_cli, save_config
 from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
 from dora.losses import DINOLoss, DoRALoss
 from dora.models import DoRANetwork, build_network
@@ -163,6 +165,17 @@ def dino_step(
     return loss_fn(s_out, t_out.float().flatten(1, 2), epoch)
 
 
+# (section, key, null allowed): counts that must be positive integers (0 would train on nothing or without limit)
+POSITIVE_INTEGERS = (
+    ("data", "batch_size_per_gpu", False),
+    ("data", "num_frames", False),
+    ("data", "step", False),
+    ("optim", "epochs", False),
+    ("optim", "steps_per_epoch", True),
+    ("optim", "max_steps", True),
+)
+
+
 def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
     """The loss of ``cfg["method"]`` (``dora`` or ``dino``) from the ``loss``, ``augment`` and ``optim`` sections."""
     lcfg, a = cfg["loss"], cfg["augment"]
@@ -180,12 +193,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(argv if argv is not None else sys.argv[1:])
     cfg.setdefault("method", "dora")  # configs written before the DINO baseline existed
+    for section, key, optional in POSITIVE_INTEGERS:
+        value = cfg[section][key]
+        if not (value is None and optional) and (type(value) is not int or value < 1):
+            raise ValueError(
+                f"{section}.{key}={value!r}: expected a positive integer" + (", or null" if optional else "")
+            )
     run_dir = Path(cfg["run_dir"] or Path("runs") / "dora" / cfg["name"])
+    if not cfg["resume"] and list_checkpoints(run_dir):  # a fresh run would replace them one by one
+        raise ValueError(
+            f"{run_dir} already holds the checkpoints of a run: continue it with resume=latest, or start a new run "
+            "with another name= or run_dir="
+        )
     accelerator = Accelerator(mixed_precision=cfg["optim"]["mixed_precision"], cpu=bool(cfg["cpu"]))
     main_process = accelerator.is_main_process
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        make_dir(run_dir, "run_dir")
+        if cfg["data"]["cache_dir"]:
+            make_dir(cfg["data"]["cache_dir"], "data.cache_dir")
     accelerator.wait_for_everyone()
     setup_logging(run_dir, main_process)
     set_seed(cfg["seed"] + accelerator.process_index)
@@ -247,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         saved_method = state["state"].get("config", {}).get("method", "dora")
         if saved_method != cfg["method"]:
             raise ValueError(f"resume={ckpt} is a method={saved_method} run; this config has method={cfg['method']}")
+        check_shapes(student, state["student"], ckpt / "student.safetensors")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         loss_fn.load_state_dict(state["loss"])
@@ -257,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
         logger.info("resumed from %s at step %d", ckpt, step)
+    if main_process:  # after the resume: a failed one leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
     student, optimizer = accelerator.prepare(student, optimizer)
     if ckpt is None:
         # each process built its networks under its own seed; DDP has just broadcast rank 0's student, so the

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dora.augment import normalize
-from dora.config import load_config, run_cli
+from dora.config import load_config, make_dir, run_cli
 from dora.models import forward_with_attention
 from dora.tracking import choose_heads, track_and_mask
 from dora.video import open_source
@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv if argv is not None else sys.argv[1:], default="visualise.yaml")
     if not cfg["video"]:
         raise ValueError("video=PATH is required (a video file, frame-cache folder or frame folder)")
+    for key, least in (("start", 0), ("num_frames", 1), ("step", 1)):
+        if type(cfg[key]) is not int or cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= {least}")
     model = load_eval_backbone(cfg)
+    patch = model.patch_embed.patch_size[0]
+    if cfg["size"] % patch:
+        raise ValueError(f"size={cfg['size']}: expected a multiple of the model's patch size {patch}")
     src = open_source(cfg["video"], short_side=cfg["size"])
     idx = [cfg["start"] + cfg["step"] * i for i in range(cfg["num_frames"])]
     if idx[-1] >= src.num_frames:
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         raise ValueError(f"heads={heads!r}: expected a list of head indices in 0..{num_heads - 1}, e.g. heads=[0, 2]")
     heads = heads or choose_heads(num_heads, cfg["num_objects"], random.Random(cfg["seed"]))
-    out_dir = Path(cfg["out_dir"])
+    out_dir = make_dir(cfg["out_dir"], "out_dir")
     masks = visualise(model, frames, out_dir, cfg["size"], heads, cfg["fps"])
     info = {"heads": heads, "frames": idx, "mask_fraction": masks.mean(dim=(1, 2, 3)).tolist()}
     (out_dir / "masks.json").write_text(json.dumps(info, indent=1))

@@ -56,7 +56,10 @@ def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]
 
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
-    value = yaml.load(raw, Loader=ConfigLoader)
+    try:
+        value = yaml.load(raw, Loader=ConfigLoader)
+    except yaml.YAMLError as err:  # an unclosed [ or {, a stray character
+        raise ValueError(f"cannot parse {raw!r} as a YAML value: {getattr(err, 'problem', None) or err}") from None
     # YAML reads {img_size:32} as the key 'img_size:32' with no value, which a free-form mapping would silently accept
     if isinstance(value, dict):
         glued = [k for k, v in value.items() if isinstance(k, str) and ":" in k and v is None]
@@ -80,10 +83,25 @@ def config_path(name_or_path: str) -> Path:
 def load_yaml(path: Path) -> dict:
     """The YAML mapping in ``path`` (``1e-4`` reads as a float; an empty file gives {}); ValueError if not a mapping."""
     with open(path) as f:
-        data = yaml.load(f, Loader=ConfigLoader) or {}
+        try:
+            data = yaml.load(f, Loader=ConfigLoader) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
     return data
+
+
+def check_kind(key: str, old: Any, value: Any) -> None:
+    """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
+    string for a list (``objectives=kl`` would read as the letters k, l), or a string, list or mapping for a number
+    (``batch_size=four``)."""
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
+    if isinstance(old, list) and isinstance(value, str):
+        raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
+        raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
 
 
 def merge(
@@ -96,7 +114,8 @@ def merge(
 ) -> dict:
     """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones and
     naming keys of the whole config ``root`` (default ``base``) with the same last part (an empty mapping in
-    ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys)."""
+    ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys); a value of the wrong kind for its key
+    (``check_kind``) is a ValueError."""
     out = copy.deepcopy(base)
     schema = base if schema is None else schema
     root = base if root is None else root
@@ -109,6 +128,8 @@ def merge(
             sub = schema[key] if isinstance(schema.get(key), dict) else out[key]
             out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub, root)
         else:
+            old = out.get(key)
+            check_kind(full, schema.get(key) if old is None else old, value)  # null in a config: the default's kind
             out[key] = value
     return out
 

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = sorted(set(cfg["protocols"]) - set(PROTOCOLS))
     if bad:
         raise ValueError(f"unknown protocols {bad}; expected a subset of {PROTOCOLS}")
+    counts = {"k": {"knn", "fewshot"}, "shots": {"fewshot"}}  # k = 0 was scikit-learn's n_neighbors error
+    for key, used_by in counts.items():
+        if used_by & set(cfg["protocols"]) and cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ValueError(f"{key}={cfg[key]!r}: expected a positive integer (protocols {sorted(used_by)})")
     splits, meta = load_features(cfg["features"])
     retrieval = "retrieval" in cfg["protocols"]
     classification = any(p != "retrieval" for p in cfg["protocols"]) or not retrieval

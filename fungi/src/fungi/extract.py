@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = resolve(argv, DEFAULTS, None)
     if not cfg["splits"]:
         raise ValueError("splits is empty; expected e.g. splits=[train,val,test]")
+    for key in ("batch_size", "max_views_per_pass"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]!r}: expected a positive integer")
     unknown = sorted(set(cfg["objectives"]) - set(OBJECTIVES))
     if unknown:
         raise ValueError(f"unknown objectives {unknown}; expected a subset of {list(OBJECTIVES)}")
@@ -159,11 +162,11 @@ def main(argv: list[str] | None = None) -> Path:
             "the dataset has no validation split: 'val' not extracted (fungi-eval's linear probe then chooses "
             "lambda on an 80/20 split of train)"
         )
-    save_config(cfg, run_dir / "config.yaml")
     # data first: a missing dataset is reported before any weights are fetched
     datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     torch.manual_seed(cfg["seed"])
     extractor = build_extractor(cfg)
+    save_config(cfg, run_dir / "config.yaml")  # once the inputs are checked: a failed run keeps an earlier run's file
     log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
     if cfg["state"] and Path(cfg["state"]).is_file():
         extractor.load(cfg["state"])

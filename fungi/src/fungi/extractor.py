@@ -284,14 +284,17 @@ class FUNGIExtractor(nn.Module):
         """Restore a state written by ``save``. The layer, the objectives and their options (defaults filled in) must
         match this extractor: features computed with other temperatures, views or head sizes would not be comparable
         with those of the saved state, so a mismatch is a ValueError naming the options. The saved seed is adopted."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FUNGI state {path} does not exist (write one with FUNGIExtractor.save)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"FUNGI state {path} is not a readable safetensors file ({err})") from None
         for key in ("layer", "objectives"):
             mine = self.describe()[key]
             if meta.get(key) != mine:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 LOGGER = logging.getLogger("fungi")
@@ -17,6 +17,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def setup_logging(run_dir: Path) -> logging.Logger:
     """Log to stdout and ``<run_dir>/log.txt``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file; the run folder (run_dir, out) must be a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     LOGGER.setLevel(logging.INFO)
     for handler in list(LOGGER.handlers):
@@ -69,14 +71,41 @@ def load_features(path: str | Path) -> tuple[dict[str, tuple[dict[str, torch.Ten
     if not path.is_file():
         raise FileNotFoundError(f"features file {path} does not exist (write one with fungi-extract)")
     splits: dict[str, tuple[dict, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
-        for key in f.keys():
-            split, name = key.split("/", 1)
-            blocks, labels = splits.get(split, ({}, torch.empty(0)))
-            if name == "labels":
-                labels = f.get_tensor(key)
-            else:
-                blocks[name] = f.get_tensor(key)
-            splits[split] = (blocks, labels)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
+    for key, tensor in tensors.items():
+        if "/" not in key:
+            raise ValueError(
+                f"{path}: key {key!r} is not '<split>/<block>' or '<split>/labels'; expected a features file written "
+                "by fungi-extract"
+            )
+        split, name = key.split("/", 1)
+        blocks, labels = splits.get(split, ({}, torch.empty(0)))
+        if name == "labels":
+            labels = tensor
+        else:
+            blocks[name] = tensor
+        splits[split] = (blocks, labels)
+    for split, (blocks, labels) in splits.items():
+        if f"{split}/labels" not in tensors:
+            raise ValueError(f"{path}: split {split!r} has no {split}/labels")
+        for name, block in blocks.items():
+            if block.ndim != 2 or block.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"{path}: {split}/{name} has shape {tuple(block.shape)}, expected ({labels.shape[0]}, D): one row "
+                    f"per entry of {split}/labels"
+                )
+    dims = {}
+    for split, (blocks, _) in splits.items():
+        for name, block in blocks.items():
+            if dims.setdefault(name, (split, block.shape[1]))[1] != block.shape[1]:
+                first, size = dims[name]
+                raise ValueError(
+                    f"{path}: {split}/{name} has {block.shape[1]} dimensions but {first}/{name} has {size}: the "
+                    "splits come from different extractions"
+                )
     return splits, meta

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from funai_common.weights import load_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -42,6 +44,8 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 def resolve_resume(resume: str, run_dir: str) -> str:
     """``latest`` -> newest checkpoint of ``run_dir``; else an existing checkpoint directory."""
+    if not isinstance(resume, str):  # train.resume=true reads as a YAML boolean
+        raise ValueError(f"train.resume={resume!r}: expected latest or the path of a checkpoint directory")
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:
@@ -145,20 +149,35 @@ def save_checkpoint(
 def load_checkpoint(
     path: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore modules, optimizer and this process's RNG states from ``path``; returns meta.json."""
+    """Restore modules, optimizer and this process's RNG states from ``path``; returns meta.json. A module file
+    that does not fit (another model size, head or queue length) is a ValueError naming the file and the keys."""
     for name, module in modules.items():
-        module.load_state_dict(load_file(os.path.join(path, f"{name}.safetensors")))
+        file = os.path.join(path, f"{name}.safetensors")
+        state, own = load_safetensors(file), module.state_dict()
+        wrong = [
+            f"{k} {tuple(v.shape)} (this run {tuple(own[k].shape)})"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        wrong += [f"{k} missing" for k in sorted(own.keys() - state.keys())]
+        wrong += [f"{k} not in this run's {name}" for k in sorted(state.keys() - own.keys())]
+        if wrong:
+            raise ValueError(
+                f"{file} does not fit this run's {name} ({len(wrong)} tensors, e.g. {'; '.join(wrong[:3])}): resume "
+                f"with the model and loss settings the checkpoint was trained with (its meta.json config)"
+            )
+        module.load_state_dict(state)
     if optimizer is not None:
         with open(os.path.join(path, "optimizer.json")) as f:
             opt_meta = json.load(f)
         optimizer.load_state_dict(
-            optimizer_from_files(load_file(os.path.join(path, "optimizer.safetensors")), opt_meta)
+            optimizer_from_files(load_safetensors(os.path.join(path, "optimizer.safetensors")), opt_meta)
         )
     rng_file = os.path.join(path, f"rng_{rank}.safetensors")
     if not os.path.exists(rng_file):
         rng_file = os.path.join(path, "rng_0.safetensors")
     with open(rng_file.replace(".safetensors", ".json")) as f:
-        set_rng_state(load_file(rng_file), json.load(f))
+        set_rng_state(load_safetensors(rng_file), json.load(f))
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)
 

@@ -93,9 +93,19 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
+def check_kind(dotted: str, old: Any, value: Any) -> None:
+    """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
+    (``evals=linear`` would read as letters), or a string, list or mapping for a number (``optim.batch_size=four``)."""
+    if isinstance(old, list) and isinstance(value, str):
+        raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
+        raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
+
+
 def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] = ()) -> None:
     """Set ``cfg[a][b] = value`` for ``dotted = 'a.b'``; unknown keys raise KeyError listing the valid ones (new
-    keys are welcome in the ``free`` sections, see ``empty_sections``)."""
+    keys are welcome in the ``free`` sections, see ``empty_sections``), a value of the wrong kind (``check_kind``)
+    a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -111,6 +121,7 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] 
             if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
                 example = f"{dotted}.{next(iter(node[part]))}"
                 raise ValueError(f"{dotted}={value!r}: {dotted} is a section; set its fields, e.g. {example}=...")
+            check_kind(dotted, node[part], value)
             node[part] = value
         else:
             node = node[part]
@@ -126,7 +137,10 @@ def get_key(cfg: dict[str, Any], dotted: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """YAML value, with YAML 1.1's gap filled: ``1e-4`` (no dot) is a float, not a string."""
-    value = yaml.load(text, Loader=ConfigLoader)
+    try:
+        value = yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as err:  # an unclosed [ or {, a stray character
+        raise ValueError(f"cannot parse {text!r} as a YAML value: {getattr(err, 'problem', None) or err}") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -188,16 +202,28 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
     path = resolve_config_path(config or default)
-    with open(path) as f:
-        cfg = yaml.load(f, Loader=ConfigLoader)
+    cfg = read_yaml_mapping(path)
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(config_dir()):  # a user's file: may set some keys
         with open(resolve_config_path(default)) as f:
-            cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader), cfg or {})
+            cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader), cfg)
     cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
     for key, value in pairs:
         set_key(cfg, key, value, free)
     cfg["config_path"] = os.path.abspath(path)
     return string_mixed_precision(cfg)
+
+
+def read_yaml_mapping(path: str) -> dict[str, Any]:
+    """The YAML mapping of a config file (an empty file gives {}); ValueError naming the file for invalid YAML or
+    another top level (a list, a number)."""
+    with open(path) as f:
+        try:
+            data = yaml.load(f, Loader=ConfigLoader)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict) and data is not None:
+        raise ValueError(f"{path}: expected a YAML mapping of config keys at top level, got {type(data).__name__}")
+    return data or {}
 
 
 def merge_user_config(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -209,7 +235,10 @@ def merge_user_config(base: dict[str, Any], update: dict[str, Any], prefix: str 
             raise UnknownKeyError(prefix + key, [prefix + k for k in out])
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
             out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
+        elif isinstance(out[key], dict) and out[key]:
+            raise ValueError(f"{prefix}{key}: {value!r} in the config file, but {prefix}{key} is a section of keys")
         else:
+            check_kind(prefix + key, out[key], value)
             out[key] = value
     return out
 

@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="backbone learning rate (default: tiny.yaml's 1e-4)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file; expected a folder for the demo's run and figures")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tic = time.perf_counter()
     steps = args.steps or (3 if args.quick else 200)

@@ -16,9 +16,9 @@ import sys
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Subset
 
+from funai_common.weights import load_safetensors
 from neco.checkpoint import list_checkpoints
 from neco.config import load_config, run_cli
 from neco.evaluation import linear_segmentation, overclustering
@@ -68,7 +68,7 @@ def backbone_from_checkpoint(path: str, weights: str = "student") -> tuple[torch
         )
     model_cfg = dict(train_cfg["model"], pretrained=False, checkpoint=None, drop_path=0.0)
     backbone = build_backbone(model_cfg)
-    state = load_file(os.path.join(path, f"{weights}.safetensors"))
+    state = load_safetensors(os.path.join(path, f"{weights}.safetensors"))
     backbone.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     return backbone, train_cfg
 
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kind = str(device).split(":")[0]
     if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"device={cfg['device']!r}: expected auto, cpu or cuda[:N] (cuda needs a visible GPU)")
+    if cfg["output"] and os.path.exists(cfg["output"]) and not os.path.isdir(cfg["output"]):
+        raise ValueError(
+            f"output={cfg['output']!r} is a file; expected a directory (metrics.json and log.txt go in it)"
+        )
     train_ds, val_ds, num_classes, ignore = _datasets(cfg)  # fail on missing data before loading weights
     memory_ds = hummingbird_memory_images(train_ds, cfg["hummingbird"]) if "hummingbird" in cfg["evals"] else None
     linear_ds = linear_train_images(train_ds, cfg) if "linear" in cfg["evals"] else None

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args[key] = value
     if not args["checkpoint"]:
         raise ValueError("give checkpoint=<run dir or checkpoint dir>")
+    if args["output"] and not str(args["output"]).endswith(".safetensors"):  # timm reads a file by its suffix
+        raise ValueError(
+            f"output={args['output']!r}: expected a file name ending in .safetensors (the JSON goes beside it)"
+        )
     path = resolve_checkpoint(args["checkpoint"])
     backbone, train_cfg = backbone_from_checkpoint(path, args["weights"])
     output = args["output"] or os.path.join(path, f"backbone_{args['weights']}.safetensors")

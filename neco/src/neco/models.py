@@ -91,13 +91,16 @@ def build_backbone(cfg: dict[str, Any], drop_path: float | None = None) -> nn.Mo
     pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint")
     label = f"model.name={cfg['name']} (timm {name})"
     hint = "download them once on a machine online (they are cached), or set model.checkpoint=PATH to local weights"
-    if pretrained and cfg.get("drop_registers"):
-        model = create_timm_model(name, False, label, hint, **kwargs)
-        source = create_timm_model(name, True, label, hint, num_classes=0, dynamic_img_size=True).state_dict()
-        source.pop("reg_token", None)
-        model.load_state_dict(source, strict=True)
-    else:
-        model = create_timm_model(name, pretrained, label, hint, **kwargs)
+    try:
+        if pretrained and cfg.get("drop_registers"):
+            model = create_timm_model(name, False, label, hint, **kwargs)
+            source = create_timm_model(name, True, label, hint, num_classes=0, dynamic_img_size=True).state_dict()
+            source.pop("reg_token", None)
+            model.load_state_dict(source, strict=True)
+        else:
+            model = create_timm_model(name, pretrained, label, hint, **kwargs)
+    except TypeError as err:  # a model.overrides key the model's constructor does not take (a misspelt one)
+        raise ValueError(f"model.overrides={cfg.get('overrides')} do not fit {label}: {err}") from None
     if cfg.get("checkpoint"):
         _load_checkpoint(model, name, cfg["checkpoint"], bool(cfg.get("drop_registers")))
     return use_dino_interpolation(model)

@@ -115,11 +115,26 @@ def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
             )
 
 
+def check_counts(cfg: dict[str, Any]) -> None:
+    """Counts that must be positive integers (``optim.max_steps`` may be null; ``loss.queue_length`` only with the
+    queue on): a ValueError naming the key before anything is written (0 steps used to mean "no limit", a batch of 0
+    a ZeroDivisionError)."""
+    keys = ["optim.batch_size", "optim.epochs", "train.checkpoint_every", "train.log_every"]
+    keys += ["loss.queue_length"] if cfg["loss"]["use_queue"] else []
+    keys += ["optim.max_steps"] if cfg["optim"]["max_steps"] is not None else []
+    for key in keys:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r}: expected a positive integer")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train NeCo; returns {"run_dir", "step", "losses", "checkpoint"}."""
     from accelerate import Accelerator
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    check_counts(cfg)
     tcfg, ocfg, lcfg = cfg["train"], cfg["optim"], cfg["loss"]
     mask_mode = check_loss_mask(lcfg.get("mask", "all"))  # fg / bg: the foreground-background ablation
     masked = mask_mode != "all"
@@ -147,6 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = build_train_dataset(cfg["data"], cfg["seed"])  # fails at once when the data is missing
     vcfg = validation_config(cfg)  # in-training VOC k-means validation; None while val.root is null
     val_data = build_validation_dataset(vcfg, cfg["model"]["patch_size"]) if vcfg else None
+    if not tcfg["resume"] and list_checkpoints(run_dir):  # a fresh start would overwrite, mix with and prune them
+        raise ValueError(
+            f"{run_dir} already holds checkpoints (latest {list_checkpoints(run_dir)[-1]}): continue that run with "
+            "train.resume=latest, or start a new one elsewhere (name=... or train.run_dir=...)"
+        )
     global_batch = int(ocfg["batch_size"])
     sampler_probe = StepBatchSampler(len(dataset), global_batch, cfg["seed"], rank, world)
     iters_per_epoch = sampler_probe.iters_per_epoch
@@ -167,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_resume_options(path, cfg)
         meta = load_checkpoint(path, modules, optimizer, rank)
         start_step, history = meta["step"], meta.get("losses", [])
+        if end_step < start_step:
+            raise ValueError(
+                f"train.resume: {path} is at step {start_step}, past this run's end at step {end_step} "
+                f"(optim.max_steps={ocfg['max_steps']}, optim.epochs={ocfg['epochs']}); raise them to train further"
+            )
         if accelerator.scaler is not None and meta.get("scaler"):
             accelerator.scaler.load_state_dict(meta["scaler"])
         log.info("resumed from %s at step %d", path, start_step)

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from funai_common.datasets import open_image
+
 from .boxes import coco_box_to_frame, voc_box_to_frame
-from .synthetic import SyntheticCompositions, normalise_name, open_image, to_tensor
+from .synthetic import SyntheticCompositions, normalise_name, to_tensor
 
 
 @dataclass

@@ -19,26 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from funai_common.datasets import open_image
 
 from .heldout import HELD_OUT_CLASSES
 from .layout import LayoutSampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """The image at `path` in `mode`; a file that is not a readable image (garbage, truncated, another format) is a
-    ValueError naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {path}: not an image file Pillow can identify") from None
-    except OSError as err:  # e.g. "image file is truncated"; a missing file stays a FileNotFoundError
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def normalise_name(name: str) -> str:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms as T
 
+from funai_common.datasets import open_image
 from funai_common.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sharelock.config import read_json
 
@@ -27,20 +28,6 @@ TEXT_EXTENSIONS = ("txt", "caption", "text")
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grey, palette and RGBA images as RGB (a no-op on RGB), so that every image gives 3 channels."""
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def open_image(source: Any, name: Any = None) -> Image.Image:
-    """An RGB image from a path or file object; a file that is not a readable image (garbage, truncated, another
-    format) is a ValueError naming it (`name`, else `source`)."""
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {name or source}: not an image file Pillow can identify") from None
-    except OSError as err:  # e.g. "image file is truncated"; a missing file stays a FileNotFoundError
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"cannot read image {name or source}: {err}") from None
 
 
 def eval_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -125,7 +112,7 @@ def _emit(key, group, images, captions, skip, url):
         raw = next((group[e] for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
         if raw is None:
             return
-        image = open_image(io.BytesIO(raw), f"{key} in {url}")
+        image = open_image(io.BytesIO(raw), name=f"{key} in {url}")
     if captions:
         raw = next((group[e] for e in TEXT_EXTENSIONS if e in group), None)
         if raw is None:

@@ -251,7 +251,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise ValueError(f"cannot read {path}: not a safetensors file, or a truncated one ({err})") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from funai_common.datasets import open_image
 from sharelock.config import load_config, read_json, run_cli
-from sharelock.data import is_hf_spec, load_hf_split, open_image
+from sharelock.data import is_hf_spec, load_hf_split
 from sharelock.models import ShareLock, load_model, resolve_checkpoint
 
 log = logging.getLogger("sharelock")

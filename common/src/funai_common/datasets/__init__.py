@@ -10,6 +10,7 @@ from funai_common.datasets.segmentation import (
     COCOThings,
     SegmentationDataset,
     VOCSegmentation,
+    open_image,
     read_file_set,
     subset,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "SyntheticSegmentation",
     "VOCSegmentation",
     "build_segmentation_dataset",
+    "open_image",
     "read_file_set",
     "subset",
 ]

@@ -6,11 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from funai_common.datasets.segmentation import require
+from funai_common.datasets.segmentation import open_image, require
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -28,7 +27,7 @@ class ImageFolderDataset(ImageFolder):
             raise FileNotFoundError(f"{path} has no class sub-folders (layout: <root>/<class name>/<image>)")
         self._given_classes = None if classes is None else list(classes)
         # a split may lack some of the given classes (allow_empty), never have others (find_classes)
-        super().__init__(str(path), transform=transform, allow_empty=classes is not None)
+        super().__init__(str(path), transform=transform, loader=open_image, allow_empty=classes is not None)
 
     def find_classes(self, directory):
         """(classes, class_to_idx): the given ``classes`` and their numbering if set, else the sorted class folders."""
@@ -62,5 +61,5 @@ class ImageDirectory(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = Image.open(self.paths[i]).convert("RGB")
+        image = open_image(self.paths[i])
         return self.transform(image) if self.transform else image

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from funai_common.datasets.coco_categories import STUFF_SUPERCATEGORY, THING_SUPERCATEGORY
@@ -70,6 +70,20 @@ def require(path: Path, layout: str) -> Path:
     return path
 
 
+def open_image(source, mode: str | None = "RGB", name: str | None = None) -> Image.Image:
+    """The image at ``source`` (a path or a file object, called ``name`` in errors), decoded now and converted to
+    ``mode``; a file that is not a readable image (corrupt, truncated, another format) is a ValueError naming it,
+    instead of PIL's error deep inside a data loader (a missing file stays a FileNotFoundError)."""
+    try:
+        image = Image.open(source)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{name or source} is not a readable image ({err}); remove or replace the file") from None
+    return image.convert(mode) if mode else image
+
+
 def lookup_table(mapping: dict[int, int], default: int = 255) -> np.ndarray:
     """A 256-entry uint8 table mapping raw mask values to class ids (``default`` elsewhere)."""
     table = np.full(256, default, dtype=np.uint8)
@@ -104,8 +118,8 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i):
         image_path, mask_path = self.pairs[i]
-        image = Image.open(image_path).convert("RGB")
-        mask = np.array(Image.open(mask_path))
+        image = open_image(image_path)
+        mask = np.array(open_image(mask_path, mode=None))
         if mask.ndim != 2:
             raise ValueError(
                 f"mask {mask_path} has shape {mask.shape}: expected a single-channel PNG of class ids, not colours"
