@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from counting.models import UnCounTR
+from funai_common.weights import load_safetensors
 
 
 def model_state(model: UnCounTR, with_backbone: bool) -> dict[str, torch.Tensor]:
@@ -24,21 +24,13 @@ def model_state(model: UnCounTR, with_backbone: bool) -> dict[str, torch.Tensor]
     }
 
 
-def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; ValueError naming it when it is not one (truncated, garbage)."""
-    try:
-        return load_file(str(file))
-    except SafetensorError as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}): truncated, or another format") from None
-
-
 def load_model_weights(model: UnCounTR, path: str | Path) -> None:
     """Load ``model.safetensors`` of a checkpoint directory (or the file itself) into ``model``."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint weights {file} not found")
-    state = read_safetensors(file)
+    state = load_safetensors(file)
     own = model.state_dict()
     shapes = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -147,8 +139,8 @@ def load_checkpoint(path: Path, model: UnCounTR, optimizer: torch.optim.Optimize
     state = json.loads((Path(path) / "state.json").read_text())
     load_model_weights(model, path)
     if optimizer is not None:
-        restore_optimizer(optimizer, read_safetensors(Path(path) / "optimizer.safetensors"), state["optimizer"])
-        restore_rng(read_safetensors(Path(path) / "rng.safetensors"), state["rng"])
+        restore_optimizer(optimizer, load_safetensors(Path(path) / "optimizer.safetensors"), state["optimizer"])
+        restore_rng(load_safetensors(Path(path) / "rng.safetensors"), state["rng"])
     return state
 
 

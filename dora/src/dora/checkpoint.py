@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from funai_common.weights import load_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -134,14 +135,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; ValueError naming it when it is not one (truncated, garbage)."""
-    try:
-        return load_file(str(file))
-    except SafetensorError as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}): truncated, or another format") from None
-
-
 def check_shapes(module: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
     """ValueError listing the weights of ``state`` whose shapes differ from ``module``'s (another model size)."""
     own = module.state_dict()
@@ -161,11 +154,11 @@ def load_checkpoint(path: Path) -> dict:
     """Everything a checkpoint holds, as tensors / plain values."""
     path = Path(path)
     out = {
-        "student": read_safetensors(path / "student.safetensors"),
-        "teacher": read_safetensors(path / "teacher.safetensors"),
-        "loss": read_safetensors(path / "loss.safetensors"),
+        "student": load_safetensors(path / "student.safetensors"),
+        "teacher": load_safetensors(path / "teacher.safetensors"),
+        "loss": load_safetensors(path / "loss.safetensors"),
         "optimizer": optimizer_from_flat(
-            read_safetensors(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+            load_safetensors(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
         ),
         "state": json.loads((path / "state.json").read_text()),
     }

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from funai_common.weights import load_state_dict
+from funai_common.weights import load_safetensors, load_state_dict
 
 from .config import dump_config
 
@@ -134,14 +133,6 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 REFERENCE_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a truncated or foreign file is a ValueError naming it."""
-    try:
-        return load_file(str(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
-
-
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Trainable tensors of a checkpoint folder, of a bare .safetensors file, or of a reference `.pt` file such as
     the released `PINs/PIN_OF.pt` (read with `weights_only`, so no code runs; see `from_reference_weights`)."""
@@ -153,7 +144,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if file.suffix in REFERENCE_SUFFIXES:
         return from_reference_weights(load_state_dict(file, keys=()), file)  # garbage: a ValueError naming it
-    return read_safetensors(file)
+    return load_safetensors(file)
 
 
 def from_reference_weights(state: dict, source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
@@ -177,4 +168,4 @@ def load_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state.json content, optimizer/rng tensors) of a checkpoint folder."""
     with open(Path(path) / "state.json") as f:
         state = json.load(f)
-    return state, read_safetensors(Path(path) / "optimizer.safetensors")
+    return state, load_safetensors(Path(path) / "optimizer.safetensors")

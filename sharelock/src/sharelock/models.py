@@ -9,9 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from funai_common.weights import load_safetensors
 from sharelock.config import read_json
 
 MODEL_FILE = "model.safetensors"
@@ -246,14 +245,6 @@ def format_prompt(template: str, name: str) -> str:
     return template.replace("{c}", name).replace("{}", name)
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a truncated or foreign file is a ValueError naming it."""
-    try:
-        return load_file(str(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint path, or from a run directory (best, else latest)."""
     path = Path(path)
@@ -276,7 +267,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", load_backbo
     ckpt = resolve_checkpoint(path)
     meta = read_json(ckpt / META_FILE)
     model = ShareLock(**meta["model"])
-    model.load_state_dict(read_safetensors(ckpt / MODEL_FILE))
+    model.load_state_dict(load_safetensors(ckpt / MODEL_FILE))
     model.to(device).eval()
     if load_backbones:
         from sharelock.features import build_language_encoder, build_vision_encoder

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from funai_common.weights import load_safetensors
 from sharelock.config import save_config
-from sharelock.models import META_FILE, MODEL_FILE, read_safetensors
+from sharelock.models import META_FILE, MODEL_FILE
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -174,11 +175,11 @@ def load_trainer_state(
     if not (directory / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{directory} is not a resumable checkpoint (no trainer_state.json)")
     try:
-        model.load_state_dict(read_safetensors(directory / MODEL_FILE))
+        model.load_state_dict(load_safetensors(directory / MODEL_FILE))
     except RuntimeError as err:  # torch lists every mismatch on its own line
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise ValueError(f"checkpoint {directory} does not fit the heads of this config (model.*): {first}") from None
-    tensors = read_safetensors(directory / "trainer_state.safetensors")
+    tensors = load_safetensors(directory / "trainer_state.safetensors")
     full = json.loads((directory / "trainer_state.json").read_text())
     optimizer.load_state_dict(optimizer_from_safetensors(tensors, full["optimizer"]))
     if scheduler is not None and full["scheduler"] is not None:
