@@ -109,6 +109,10 @@ def test_demo_quick(tmp_path):
     assert summary["verdict"] == ("learned beats every random init" if beats else "no win: not above every random init")
     (state,) = (tmp_path / "train" / "checkpoints").glob("*/state.json")
     assert json.loads(state.read_text())["config"]["seed"] == 3
+    logged = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    again = demo.main(["--quick", "--out", str(tmp_path), "--seed", "3"])  # the demo replaces its own earlier run
+    assert again["train_steps"] == 3 and len(list((tmp_path / "train" / "checkpoints").glob("*/state.json"))) == 1
+    assert len((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()) == len(logged)  # not appended to
 
 
 def test_walking_tours_listing(capsys):
