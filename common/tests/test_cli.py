@@ -287,3 +287,20 @@ def test_training_checkpoints_with_args_need_torch_2_5(tmp_path, monkeypatch):
     assert list(load_state_dict(tmp_path / "plain.pth")) == ["w"]
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         load_state_dict(tmp_path / "args.pth")
+
+
+def test_an_error_in_a_data_loader_worker_is_printed_as_its_own_one_line():
+    from torch.utils.data import DataLoader, Dataset
+
+    from funai_common.cli import _run
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError("x.jpg is not a readable image (garbage); remove or replace the file")
+
+    with pytest.raises(SystemExit) as exit_:
+        _run(lambda: list(DataLoader(Broken(), num_workers=1)), "funai-knn")
+    assert exit_.value.code == "funai-knn: error: x.jpg is not a readable image (garbage); remove or replace the file"

@@ -178,6 +178,11 @@ def test_run_cli_errors_are_one_line_and_a_missing_key_has_no_quotes(tmp_path):
         run_cli(raising(ImportError("no module named av")), "counting-eval")
     with pytest.raises(SystemExit, match="^counting-eval: error: no module named av$"):
         run_cli(raising(ImportError("no module named av")), "counting-eval", ImportError)
+    worker = "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    worker += '  File "w.py", line 1, in f\nValueError: x.jpg is not a readable image\n'
+    with pytest.raises(SystemExit) as exit_:  # torch re-raises a worker's error with the worker's traceback
+        run_cli(raising(ValueError(worker)), "counting-eval")
+    assert exit_.value.code == "counting-eval: error: x.jpg is not a readable image"
     assert run_cli(lambda: 3, "counting-eval") is None
 
 

@@ -43,7 +43,9 @@ def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]
     try:
         main()
     except (FileNotFoundError, KeyError, ValueError, *more_errors) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)  # str(KeyError) adds quotes
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its last line is the error
+            message = message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
         raise SystemExit(f"{prog}: error: {message}") from None
 
 
