@@ -135,21 +135,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def check_shapes(module: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
-    """ValueError listing the weights of ``state`` whose shapes differ from ``module``'s (another model size)."""
-    own = module.state_dict()
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{file} does not fit the model of the config ({len(wrong)} shape mismatches, checkpoint vs model, e.g. "
-            f"{wrong[:2]}): resume with the run's model.* settings"
-        )
-
-
 def load_checkpoint(path: Path) -> dict:
     """Everything a checkpoint holds, as tensors / plain values."""
     path = Path(path)

@@ -207,6 +207,19 @@ def read_backbone_state(path: str | Path, key: str = "teacher") -> dict[str, tor
     return {k: v for k, v in state.items() if not k.startswith(("head.", "mlp.", "last_layer."))}
 
 
+def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    """ValueError ``what (n shape mismatches ...): hint`` when weights of ``state`` differ in shape from ``module``'s
+    (a checkpoint of another model size)."""
+    own = module.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{what} ({len(wrong)} shape mismatches, checkpoint vs model, e.g. {wrong[:2]}): {hint}")
+
+
 def load_backbone(model: VisionTransformer, path: str | Path, key: str = "teacher") -> tuple[list[str], list[str]]:
     """Load backbone weights into a timm ViT (non-strict; returns missing and unexpected keys).
 
@@ -220,16 +233,7 @@ def load_backbone(model: VisionTransformer, path: str | Path, key: str = "teache
 
         grid = int(math.sqrt(model.pos_embed.shape[1] - model.num_prefix_tokens))
         state["pos_embed"] = resample_abs_pos_embed(pe, (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
-    own = model.state_dict()
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path} does not fit the backbone ({len(wrong)} shape mismatches, checkpoint vs model, e.g. {wrong[:2]}): "
-            "set arch / model_overrides to the run's model.arch / model.overrides"
-        )
+    hint = "set arch / model_overrides to the run's model.arch / model.overrides"
+    check_shapes(model, state, f"{path} does not fit the backbone", hint)
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)

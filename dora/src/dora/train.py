@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from dora.augment import build_augmentation
 from dora.checkpoint import (
-    check_shapes,
     finalize_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -30,7 +29,7 @@ from dora.checkpoint import (
 from dora.config import load_config, make_dir, run_cli, save_config
 from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
 from dora.losses import DINOLoss, DoRALoss
-from dora.models import DoRANetwork, build_network
+from dora.models import DoRANetwork, build_network, check_shapes
 from dora.schedules import cosine_schedule
 from dora.tracking import choose_heads, track_and_mask
 
@@ -272,7 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
         saved_method = state["state"].get("config", {}).get("method", "dora")
         if saved_method != cfg["method"]:
             raise ValueError(f"resume={ckpt} is a method={saved_method} run; this config has method={cfg['method']}")
-        check_shapes(student, state["student"], ckpt / "student.safetensors")
+        check_shapes(
+            student,
+            state["student"],
+            f"{ckpt / 'student.safetensors'} does not fit the model of the config",
+            "resume with the run's model.* settings",
+        )
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         loss_fn.load_state_dict(state["loss"])

@@ -14,6 +14,7 @@ from fungi.gradients import call_model, default_layer, get_linear, gradient_shap
 from fungi.models import Backbone, build_backbone
 from fungi.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, build_objective, resolved_options
 from fungi.projection import l2_normalize, project, random_projection
+from fungi.runs import read_tensors_and_meta
 
 FORMAT_VERSION = 1
 DENSE_PROJECTION_LIMIT = 1 << 28  # entries; ViT-S (57M) and ViT-B (454M int8) -> ViT-S cached as float
@@ -284,17 +285,10 @@ class FUNGIExtractor(nn.Module):
         """Restore a state written by ``save``. The layer, the objectives and their options (defaults filled in) must
         match this extractor: features computed with other temperatures, views or head sizes would not be comparable
         with those of the saved state, so a mismatch is a ValueError naming the options. The saved seed is adopted."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FUNGI state {path} does not exist (write one with FUNGIExtractor.save)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"FUNGI state {path} is not a readable safetensors file ({err})") from None
+        tensors, meta = read_tensors_and_meta(path)
         for key in ("layer", "objectives"):
             mine = self.describe()[key]
             if meta.get(key) != mine:

@@ -65,18 +65,23 @@ def save_features(path: Path, splits: dict[str, tuple[dict[str, torch.Tensor], t
     tmp.replace(path)
 
 
+def read_tensors_and_meta(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the ``fungi`` JSON metadata of a safetensors file written here (features or an extractor
+    state); a truncated or foreign file is a ValueError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, json.loads((f.metadata() or {}).get("fungi", "{}"))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
+
+
 def load_features(path: str | Path) -> tuple[dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]], dict]:
     """Inverse of ``save_features`` -> ({split: (blocks, labels)}, metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"features file {path} does not exist (write one with fungi-extract)")
     splits: dict[str, tuple[dict, torch.Tensor]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("fungi", "{}"))
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated, or another format") from None
+    tensors, meta = read_tensors_and_meta(path)
     for key, tensor in tensors.items():
         if "/" not in key:
             raise ValueError(
