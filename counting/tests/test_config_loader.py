@@ -42,6 +42,7 @@ def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
         load_config(["model.backbone_kwargs={drop_path_rate:0.1}"])
     cfg, _ = load_config(["figures=c.jpg", "max_images=2"], default="eval")
     assert cfg["figures"] == "c.jpg" and cfg["max_images"] == 2
+    assert load_config(["name=2024"])[0]["name"] == "2024"  # a string key keeps a string (Path / 2024 failed)
     assert load_config(["model.backbone_kwargs={drop_path_rate: 0.1}"])[0]["model"]["backbone_kwargs"] == {
         "drop_path_rate": 0.1
     }

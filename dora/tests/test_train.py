@@ -167,6 +167,7 @@ def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
         load_config(["tasks=knn"], default="eval.yaml")
     cfg = load_config(["--config", "tiny", "augment.global_blur_p=[1.0, 0.1]", "optim.max_steps=3", "resume=latest"])
     assert cfg["augment"]["global_blur_p"] == [1.0, 0.1] and cfg["optim"]["max_steps"] == 3
+    assert load_config(["--config", "tiny", "name=2024"])["name"] == "2024"  # a string key keeps a string
 
 
 def test_config_yaml_quirks(tmp_path):

@@ -120,14 +120,17 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
 NUMBER_OR_NAMES = ("figures",)
 
 
-def check_kind(key: str, old: Any, value: Any) -> None:
+def check_kind(key: str, old: Any, value: Any) -> Any:
     """Refuse an override that cannot mean what the key holds: a scalar for a list (``optim.betas=0.9``), or a
-    word, list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names)."""
+    word, list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names). Returns
+    ``value``, a number for a string key as its text (``name=2024``)."""
     if isinstance(old, list) and not isinstance(value, list):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
-    number = isinstance(old, (int, float)) and not isinstance(old, bool)
-    if number and isinstance(value, (str, list, dict)) and key not in NUMBER_OR_NAMES:
-        raise ValueError(f"{key}={value!r}: expected a number")
+    if isinstance(old, int | float) and not isinstance(old, bool) and isinstance(value, str | list | dict):
+        if key not in NUMBER_OR_NAMES:
+            raise ValueError(f"{key}={value!r}: expected a number")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
 
 
 def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> None:
@@ -138,7 +141,7 @@ def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> N
     if key not in valid and not any(key.startswith(section + ".") for section in free):
         raise UnknownKeyError(key, valid)
     if key in valid:
-        check_kind(key, valid[key], value)
+        value = check_kind(key, valid[key], value)
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:

@@ -76,9 +76,10 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _check_kind(dotted: str, old: Any, value: Any) -> None:
+def _check_kind(dotted: str, old: Any, value: Any) -> Any:
     """Refuse an override that cannot mean what the key holds: a scalar for a whole section, a bare string for a
-    list (``tasks=knn`` would read as the letters k, n, n) or a string for a number."""
+    list (``tasks=knn`` would read as the letters k, n, n) or a string for a number. Returns
+    ``value``, a number for a string key as its text (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
@@ -87,6 +88,8 @@ def _check_kind(dotted: str, old: Any, value: Any) -> None:
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a number")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
 
 
 def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
@@ -113,8 +116,7 @@ def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> N
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
-            _check_kind(dotted, node[part], value)
-            node[part] = value
+            node[part] = _check_kind(dotted, node[part], value)
         else:
             node = node[part]
 

@@ -94,16 +94,19 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def check_kind(key: str, old: Any, value: Any) -> None:
+def check_kind(key: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
     string for a list (``objectives=kl`` would read as the letters k, l), or a string, list or mapping for a number
-    (``batch_size=four``)."""
+    (``batch_size=four``). Returns
+    ``value``, a number for a string key as its text (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
         raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
 
 
 def merge(
@@ -131,8 +134,7 @@ def merge(
             out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub, root)
         else:
             old = out.get(key)
-            check_kind(full, schema.get(key) if old is None else old, value)  # null in a config: the default's kind
-            out[key] = value
+            out[key] = check_kind(full, schema.get(key) if old is None else old, value)  # null: the default's kind
     return out
 
 

@@ -95,13 +95,16 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def check_kind(dotted: str, old: Any, value: Any) -> None:
+def check_kind(dotted: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
-    (``evals=linear`` would read as letters), or a string, list or mapping for a number (``optim.batch_size=four``)."""
+    (``evals=linear`` would read as letters), or a string, list or mapping for a number (``optim.batch_size=four``).
+    Returns ``value``, a number for a string key as its text (``name=2024``)."""
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
 
 
 def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] = ()) -> None:
@@ -123,8 +126,7 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] 
             if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
                 example = f"{dotted}.{next(iter(node[part]))}"
                 raise ValueError(f"{dotted}={value!r}: {dotted} is a section; set its fields, e.g. {example}=...")
-            check_kind(dotted, node[part], value)
-            node[part] = value
+            node[part] = check_kind(dotted, node[part], value)
         else:
             node = node[part]
 
@@ -240,8 +242,7 @@ def merge_user_config(base: dict[str, Any], update: dict[str, Any], prefix: str 
         elif isinstance(out[key], dict) and out[key]:
             raise ValueError(f"{prefix}{key}: {value!r} in the config file, but {prefix}{key} is a section of keys")
         else:
-            check_kind(prefix + key, out[key], value)
-            out[key] = value
+            out[key] = check_kind(prefix + key, out[key], value)
     return out
 
 
