@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> dict:
     coin_count, coin_density = count_image(
         density_fn_for(model, item["exemplars"]), item["image"][None], item["rects"], window=img_size, stride=32
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     h, w = item["image"].shape[-2:]
     save_density_figure(
         args.out / "coins_density.png",

@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
         results[split], predictions[split] = metrics, records
     table = format_table(results)
     log.info("%s (%s protocol)\n%s", ecfg["dataset"], ecfg["protocol"], table)
-    out.mkdir(parents=True, exist_ok=True)
     # an empty count subset (NaN in memory) is written as null: NaN is not standard JSON
     for name, payload in (("metrics", {"config": ecfg, "results": results}), ("predictions", predictions)):
         payload = json.loads(json.dumps(payload), parse_constant=lambda _: None)
