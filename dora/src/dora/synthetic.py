@@ -98,7 +98,8 @@ def walking_frames(
 
 
 def write_video(path: str | Path, frames, fps: int = 30, codec: str = "libx264", crf: int = 18, options=None) -> Path:
-    """Encode an iterable of (H, W, 3) uint8 frames with PyAV (yuv420p)."""
+    """Encode an iterable of (H, W, 3) uint8 frames with PyAV (yuv420p). libx264 runs without macroblock-tree rate
+    control: with it, the same frames encoded twice in one process came out as different bitstreams."""
     import av
 
     path = Path(path)
@@ -110,7 +111,7 @@ def write_video(path: str | Path, frames, fps: int = 30, codec: str = "libx264",
                 stream = out.add_stream(codec, rate=fps)
                 stream.width, stream.height = frame.shape[1], frame.shape[0]
                 stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf)} if codec == "libx264" else {}
+                stream.options = {"crf": str(crf), "mbtree": "0"} if codec == "libx264" else {}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 out.mux(packet)
         if stream is not None:
