@@ -83,6 +83,8 @@ def test_two_process_gloo_training(tmp_path):
         "optim.epochs=1",
         "optim.steps_per_epoch=2",
     ]
+    if not torch.cuda.is_available():  # the shipped configs say cpu: false; without CUDA they still form one gloo job
+        cmd.append("cpu=false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_000002"

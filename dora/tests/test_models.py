@@ -141,6 +141,22 @@ def test_pretrained_flag_reaches_timm(monkeypatch):
         build_network(load_config(["--config", "tiny", "model.pretrained=weights.pth"]))
 
 
+def test_overrides_of_keys_with_their_own_model_key_are_clear_errors():
+    """``model.overrides.drop_path_rate=0.1`` (the README's example once) reached build_backbone twice: a TypeError."""
+    from dora.config import load_config
+    from dora.models import build_network
+
+    tiny = "img_size: 32, embed_dim: 32, depth: 2, num_heads: 2"
+    for key, value in (("drop_path_rate", 0.1), ("pretrained", "true")):
+        cfg = load_config(["--config", "tiny", f"model.overrides={{{tiny}, patch_size: 8, {key}: {value}}}"])
+        with pytest.raises(ValueError, match=rf"model.overrides.{key}: set model.{key} instead"):
+            build_network(cfg)
+    cfg = load_config(["--config", "tiny", f"model.overrides={{{tiny}, patch_size: 4}}", "model.drop_path_rate=0.2"])
+    net = build_network(cfg)
+    assert net.backbone.patch_embed.patch_size == (4, 4)
+    assert net.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+
 def test_checkpoint_of_another_architecture_and_offline_weights_are_clear_errors(tmp_path, tiny_vit, monkeypatch):
     import timm
 

@@ -167,11 +167,15 @@ def build_network(cfg: dict, teacher: bool = False) -> DoRANetwork:
     pretrained = m.get("pretrained", False)
     if not isinstance(pretrained, bool):
         raise ValueError(f"model.pretrained={pretrained!r}: expected true or false (timm weights for model.arch)")
+    overrides = dict(m.get("overrides") or {})
+    for key in ("drop_path_rate", "pretrained"):  # keys of their own (the teacher has no drop path)
+        if key in overrides:
+            raise ValueError(f"model.overrides.{key}: set model.{key} instead")
     backbone = build_backbone(
         m["arch"],
         drop_path_rate=0.0 if teacher else m["drop_path_rate"],
         pretrained=pretrained,
-        **dict(m.get("overrides") or {}),
+        **overrides,
     )
     head = DINOHead(
         backbone.embed_dim,

@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{run_dir} already holds the checkpoints of a run: continue it with resume=latest, or start a new run "
             "with another name= or run_dir="
         )
-    accelerator = Accelerator(mixed_precision=cfg["optim"]["mixed_precision"], cpu=bool(cfg["cpu"]))
+    # without CUDA, processes started by torchrun / accelerate launch form one gloo job only with cpu=True (else each
+    # runs alone as rank 0 and they overwrite each other's run folder): the shipped configs say cpu: false
+    cpu = bool(cfg["cpu"]) or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg["optim"]["mixed_precision"], cpu=cpu)
     main_process = accelerator.is_main_process
     if main_process:
         make_dir(run_dir, "run_dir")
