@@ -46,3 +46,21 @@ def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
     assert load_config(["model.backbone_kwargs={drop_path_rate: 0.1}"])[0]["model"]["backbone_kwargs"] == {
         "drop_path_rate": 0.1
     }
+
+
+def test_a_flag_takes_only_true_or_false():
+    """A misspelt `false` was a non-empty string, so true: `train.shared_mask=flase` turned the ablation on."""
+    with pytest.raises(ValueError, match="train.shared_mask='flase': expected true or false"):
+        load_config(["--config", "tiny", "train.shared_mask=flase"])
+    with pytest.raises(ValueError, match="pretrained=1: expected true or false"):
+        load_config(["pretrained=1"], default="preprocess")
+    assert load_config(["train.shared_mask=true", "model.pretrained=false"])[0]["train"]["shared_mask"] is True
+
+
+def test_invalid_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_it(tmp_path):
+    """A yaml.YAMLError is no ValueError: the CLIs printed PyYAML's multi-line traceback instead of one line."""
+    with pytest.raises(ValueError, match=r"^cannot parse '\[x' as a YAML value: expected ',' or '\]'"):
+        load_config(["--config", "tiny", "name=[x"])
+    (tmp_path / "mine.yaml").write_text("name: [x\n")
+    with pytest.raises(ValueError, match=r"mine\.yaml is not valid YAML \(.*expected ',' or '\]'"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])

@@ -155,8 +155,9 @@ def test_bad_config_and_inputs(tmp_path):
     assert cfg["optim"]["lr"] == 1e-4 and cfg["data"]["step"] == 5
 
 
-def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
-    """A bare string for a list key (read letter by letter before), a string for a number, a scalar for a section."""
+def test_overrides_of_the_wrong_kind_are_errors_naming_the_key(tmp_path):
+    """A bare string for a list key (read letter by letter before), a string for a number, a scalar for a section,
+    anything but true/false for a flag, invalid YAML in an override or a file."""
     with pytest.raises(ValueError, match=r"data.videos='Venice.mp4': expected a list, e.g. data.videos=\[Venice.mp4\]"):
         load_config(["--config", "tiny", "data.videos=Venice.mp4"])
     with pytest.raises(ValueError, match="data.batch_size_per_gpu='abc': expected a number"):
@@ -165,6 +166,15 @@ def test_overrides_of_the_wrong_kind_are_errors_naming_the_key():
         load_config(["--config", "tiny", "data=3"])
     with pytest.raises(ValueError, match="tasks='knn': expected a list"):
         load_config(["tasks=knn"], default="eval.yaml")
+    with pytest.raises(ValueError, match="model.norm_last_layer='flase': expected true or false"):
+        load_config(["--config", "tiny", "model.norm_last_layer=flase"])  # a non-empty string: true
+    with pytest.raises(ValueError, match="cpu=1: expected true or false"):
+        load_config(["--config", "tiny", "cpu=1"])
+    with pytest.raises(ValueError, match=r"^cannot parse '\[x' as a YAML value: expected ',' or '\]'"):
+        load_config(["--config", "tiny", "name=[x"])  # a yaml.YAMLError printed a multi-line traceback before
+    (tmp_path / "mine.yaml").write_text("name: [x\n")
+    with pytest.raises(ValueError, match=r"mine\.yaml is not valid YAML \(.*expected ',' or '\]'"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
     cfg = load_config(["--config", "tiny", "augment.global_blur_p=[1.0, 0.1]", "optim.max_steps=3", "resume=latest"])
     assert cfg["augment"]["global_blur_p"] == [1.0, 0.1] and cfg["optim"]["max_steps"] == 3
     assert load_config(["--config", "tiny", "name=2024"])["name"] == "2024"  # a string key keeps a string

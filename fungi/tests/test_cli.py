@@ -93,6 +93,8 @@ def test_config_errors_and_overrides(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve(["--config", "nope"], extract.DEFAULTS, None)
     assert resolve(["--config", "tiny", "name=2024"], extract.DEFAULTS, None)["name"] == "2024"  # stays a string
+    with pytest.raises(ValueError, match=r"^pretrained='flase': expected true or false$"):
+        resolve(["--config", "tiny", "pretrained=flase"], extract.DEFAULTS, None)  # a non-empty string: true before
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["stray"])
     for name in ("paper", "text", "text_t5", "audio", "tiny"):

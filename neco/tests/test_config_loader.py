@@ -109,6 +109,8 @@ def test_values_of_the_wrong_kind_are_errors_naming_the_key(tmp_path):
     cfg = load_config(["--config", "tiny", "optim.max_steps=3", "val.every_epochs=null", "optim.final_lr=0"])
     assert cfg["optim"]["max_steps"] == 3 and cfg["val"]["every_epochs"] is None  # null and int for float stay fine
     assert load_config(["--config", "tiny", "name=2024"])["name"] == "2024"  # os.path.join(..., 2024) failed
+    with pytest.raises(ValueError, match=r"^loss.use_teacher='flase': expected true or false$"):
+        load_config(["--config", "tiny", "loss.use_teacher=flase"])  # a non-empty string read as true before
     (tmp_path / "mine.yaml").write_text("optim:\n  batch_size: eight\n")
     with pytest.raises(ValueError, match=r"^optim.batch_size='eight': expected a number"):
         load_config(["--config", str(tmp_path / "mine.yaml")])

@@ -42,3 +42,18 @@ def test_an_override_or_config_file_of_the_wrong_kind_is_a_value_error_naming_th
     cfg, _ = load_config(["--config", "tiny", "train.val_every_epochs=null", "optim.lr=1", "data.held_out=default"])
     assert cfg["train"]["val_every_epochs"] is None and cfg["data"]["held_out"] == "default"
     assert load_config(["data.held_out=[cat]"])[0]["data"]["held_out"] == ["cat"]
+
+
+def test_invalid_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_it(tmp_path):
+    import pytest
+
+    from pin.config import load_config
+
+    # a yaml.YAMLError is no ValueError: the CLIs printed a multi-line traceback instead of a one-line error
+    with pytest.raises(ValueError, match=r"^eval\.datasets: '\[synthetic' is not valid YAML \(expected ','"):
+        load_config(["--config", "tiny", "eval.datasets=[synthetic"])
+    with pytest.raises(ValueError, match=r"^eval\.checkpoint: '\.\.\.' is not valid YAML"):
+        load_config(["--config", "tiny", "eval.checkpoint=..."])  # the README's placeholder typed as it is
+    (tmp_path / "mine.yaml").write_text("name: [x\n")
+    with pytest.raises(ValueError, match=r"mine\.yaml is not valid YAML: expected ',' or '\]'.* at line 2, column 1$"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])

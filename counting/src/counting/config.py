@@ -86,9 +86,13 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """The YAML mapping in ``path`` (``1e-4`` reads as a float; an empty file gives {}); ValueError if not a mapping."""
+    """The YAML mapping in ``path`` (``1e-4`` reads as a float; an empty file gives {}); ValueError if not valid YAML
+    or not a mapping."""
     with open(path) as f:
-        data = yaml.load(f, Loader=ConfigLoader) or {}
+        try:
+            data = yaml.load(f, Loader=ConfigLoader) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -121,11 +125,14 @@ NUMBER_OR_NAMES = ("figures",)
 
 
 def check_kind(key: str, old: Any, value: Any) -> Any:
-    """Refuse an override that cannot mean what the key holds: a scalar for a list (``optim.betas=0.9``), or a
-    word, list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names). Returns
-    ``value``, a number for a string key as its text (``name=2024``)."""
+    """Refuse an override that cannot mean what the key holds: a scalar for a list (``optim.betas=0.9``), a word,
+    list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names), or anything but
+    true/false for a flag (``train.shared_mask=flase``). Returns ``value``, a number for a string key as its text
+    (``name=2024``)."""
     if isinstance(old, list) and not isinstance(value, list):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
+    if isinstance(old, bool) and not isinstance(value, bool | None):  # a misspelt false would read as true
+        raise ValueError(f"{key}={value!r}: expected true or false")
     if isinstance(old, int | float) and not isinstance(old, bool) and isinstance(value, str | list | dict):
         if key not in NUMBER_OR_NAMES:
             raise ValueError(f"{key}={value!r}: expected a number")
@@ -155,7 +162,10 @@ def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
     if raw == "":
         return ""
-    value = yaml.load(raw, Loader=ConfigLoader)
+    try:
+        value = yaml.load(raw, Loader=ConfigLoader)
+    except yaml.YAMLError as err:  # an unclosed [ or {, a stray character
+        raise ValueError(f"cannot parse {raw!r} as a YAML value: {getattr(err, 'problem', None) or err}") from None
     if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
         raise ValueError(f"{raw!r}: YAML reads 'key:value' without a space as one key; write {{key: value, ...}}")
     if isinstance(value, str):

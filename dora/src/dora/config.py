@@ -78,14 +78,17 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 def _check_kind(dotted: str, old: Any, value: Any) -> Any:
     """Refuse an override that cannot mean what the key holds: a scalar for a whole section, a bare string for a
-    list (``tasks=knn`` would read as the letters k, n, n) or a string for a number. Returns
-    ``value``, a number for a string key as its text (``name=2024``)."""
+    list (``tasks=knn`` would read as the letters k, n, n), a string for a number or anything but true/false for a
+    flag (``model.norm_last_layer=flase`` would read as true). Returns ``value``, a number for a string key as its
+    text (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
         )
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a number")
     number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -135,16 +138,23 @@ METHODS = ("dora", "dino")
 
 def parse_value(raw: str) -> Any:
     """YAML scalar/list/dict of a command-line value (``1e-4`` is a float)."""
-    value = yaml.load(raw, Loader=ConfigLoader)
+    try:
+        value = yaml.load(raw, Loader=ConfigLoader)
+    except yaml.YAMLError as err:  # an unclosed [ or {, a stray character
+        raise ValueError(f"cannot parse {raw!r} as a YAML value: {getattr(err, 'problem', None) or err}") from None
     if isinstance(value, dict) and any(isinstance(k, str) and ":" in k and v is None for k, v in value.items()):
         raise ValueError(f"{raw!r}: YAML reads 'key:value' without a space as one key; write {{key: value, ...}}")
     return value
 
 
 def read_yaml(path: str | Path) -> dict:
-    """The YAML mapping of a config file (an empty file gives {}); ValueError naming it if it is not a mapping."""
+    """The YAML mapping of a config file (an empty file gives {}); ValueError naming it if it is not valid YAML or
+    not a mapping."""
     with open(path) as f:
-        data = yaml.load(f, Loader=ConfigLoader) or {}
+        try:
+            data = yaml.load(f, Loader=ConfigLoader) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a YAML mapping of keys to values, got a {type(data).__name__}")
     return data

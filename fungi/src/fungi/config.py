@@ -96,13 +96,15 @@ def load_yaml(path: Path) -> dict:
 
 def check_kind(key: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
-    string for a list (``objectives=kl`` would read as the letters k, l), or a string, list or mapping for a number
-    (``batch_size=four``). Returns
-    ``value``, a number for a string key as its text (``name=2024``)."""
+    string for a list (``objectives=kl`` would read as the letters k, l), a string, list or mapping for a number
+    (``batch_size=four``), or anything but true/false for a flag (``pretrained=flase``). Returns ``value``, a number
+    for a string key as its text (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
+    if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true
+        raise ValueError(f"{key}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
         raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
     number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -97,10 +97,13 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
 
 def check_kind(dotted: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
-    (``evals=linear`` would read as letters), or a string, list or mapping for a number (``optim.batch_size=four``).
-    Returns ``value``, a number for a string key as its text (``name=2024``)."""
+    (``evals=linear`` would read as letters), a string, list or mapping for a number (``optim.batch_size=four``), or
+    anything but true/false for a flag (``loss.use_teacher=flase``). Returns ``value``, a number for a string key as
+    its text (``name=2024``)."""
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
+    if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true
+        raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
     number = isinstance(value, int | float) and not isinstance(value, bool)

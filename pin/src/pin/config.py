@@ -61,6 +61,13 @@ def parse_value(raw: str) -> Any:
     return yaml.load(raw, Loader=ConfigLoader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: the problem and where (PyYAML's message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 DEFAULT_CONFIG = "blip2.yaml"
 
 
@@ -78,9 +85,13 @@ def config_path(name: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """The YAML mapping in `path` (`1e-4` reads as a float; an empty file gives {}); ValueError if not a mapping."""
+    """The YAML mapping in `path` (`1e-4` reads as a float; an empty file gives {}); ValueError if not valid YAML or
+    not a mapping."""
     with open(path) as f:
-        data = yaml.load(f, Loader=ConfigLoader) or {}
+        try:
+            data = yaml.load(f, Loader=ConfigLoader) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
@@ -230,7 +241,10 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             continue
-        parsed = parse_value(value) if value != "" else ""
+        try:
+            parsed = parse_value(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"{key}: {value!r} is not valid YAML ({_yaml_problem(err)})") from None
         if key in flags:
             cli[key] = parsed
         else:
