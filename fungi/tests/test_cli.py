@@ -178,6 +178,16 @@ def test_free_form_mappings_take_new_keys_after_a_config_filled_them():
         resolve(["--config", "tiny", "dino.latentdim=3"], extract.DEFAULTS, None)
 
 
+def test_digits_at_another_size_than_a_fixed_size_model_are_a_clear_error(tmp_path):
+    """The digits skip the resize: a model built for 64 px fed 32 px digits stopped on timm's AssertionError."""
+    run = ["--config", "tiny", "model_kwargs.img_size=64", "limit=4", f"run_dir={tmp_path / 'a'}"]
+    with pytest.raises(ValueError, match=r"^data.image_size=32: .* built for 64x64 px; set data.image_size=64"):
+        extract.main(run)
+    assert not (tmp_path / "a" / "config.yaml").exists()  # refused before the run is recorded
+    assert extract.main(run[:-1] + ["data.image_size=64", f"run_dir={tmp_path / 'b'}"]).is_file()
+    assert extract.main(run[:-1] + ["model_kwargs.dynamic_img_size=true", f"run_dir={tmp_path / 'c'}"]).is_file()
+
+
 def test_knn_protocol_matches_brute_force_and_few_shot():
     gen = torch.Generator().manual_seed(0)
     train, test = torch.randn(30, 5, generator=gen), torch.randn(7, 5, generator=gen)

@@ -111,6 +111,19 @@ def build_extractor(cfg: dict) -> FUNGIExtractor:
     )
 
 
+def check_digits_size(backbone, image_size: int, name: str) -> None:
+    """The digits reach the model as tensors of ``data.image_size`` (no resize): a ViT built for a fixed other size
+    would stop on timm's assertion deep in the first batch."""
+    model = backbone.model
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    fixed = getattr(model.patch_embed, "strict_img_size", False) if built else False
+    if fixed and not getattr(model, "dynamic_img_size", False) and tuple(built) != (image_size, image_size):
+        raise ValueError(
+            f"data.image_size={image_size}: the digits reach the model at that size, but model={name} was built for "
+            f"{built[0]}x{built[1]} px; set data.image_size={built[0]} (or model_kwargs.dynamic_img_size=true)"
+        )
+
+
 def limited(dataset, limit: int | None):
     """The first ``limit`` items (all when None)."""
     if not limit or limit >= len(dataset):
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     torch.manual_seed(cfg["seed"])
     extractor = build_extractor(cfg)
+    if cfg["data"]["kind"] == "digits":
+        check_digits_size(extractor.backbone, cfg["data"]["image_size"], cfg["model"])
     save_config(cfg, run_dir / "config.yaml")  # once the inputs are checked: a failed run keeps an earlier run's file
     log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
     if cfg["state"] and Path(cfg["state"]).is_file():
