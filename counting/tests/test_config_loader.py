@@ -64,3 +64,45 @@ def test_invalid_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_it
     (tmp_path / "mine.yaml").write_text("name: [x\n")
     with pytest.raises(ValueError, match=r"mine\.yaml is not valid YAML \(.*expected ',' or '\]'"):
         load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_command_line_and_config_file_slips_are_errors_as_in_the_other_packages(tmp_path):
+    with pytest.raises(ValueError, match=r"^train\.epochs=True: expected a number$"):
+        load_config(["train.epochs=true"])  # a flag is an int to Python: one epoch
+    with pytest.raises(ValueError, match=r"^train\.shared_mask=None: expected true or false$"):
+        load_config(["train.shared_mask=null"])  # null read as false
+    with pytest.raises(ValueError, match=r"^optim=3: optim is a section; set its keys, e.g. optim\.lr=\.\.\.$"):
+        load_config(["optim=3"])  # was "unknown config key 'optim'"
+    with pytest.raises(ValueError, match=r"^option --output_dir expects a value$"):
+        load_config(["--output_dir", "--seed=3"])  # output_dir was the text '--seed=3'
+    with pytest.raises(FileNotFoundError, match=r"^config '' not found"):
+        load_config(["--config="])  # an empty $CFG ran the paper recipe
+    mine = tmp_path / "mine.yaml"  # a user's file is checked as the overrides are (it reached training unchecked)
+    for text, error in [
+        ("optim: {lr: abc}\n", r"^optim\.lr='abc': expected a number$"),
+        ("optim: 3\n", r"^optim=3: optim is a section"),
+        ("train: {shared_mask: flase}\n", r"^train\.shared_mask='flase': expected true or false$"),
+    ]:
+        mine.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            load_config(["--config", str(mine)])
+    mine.write_text("optim: {lr: 1.0e-3, betas: [0.5, 0.9]}\ntrain: {max_steps: 3}\n")
+    cfg, _ = load_config(["--config", str(mine)])
+    assert cfg["optim"]["betas"] == [0.5, 0.9] and cfg["train"]["max_steps"] == 3 and cfg["seed"] == 9832
+
+
+def test_a_stray_positional_argument_is_a_one_line_error_naming_the_command(monkeypatch):
+    import sys
+
+    from counting import eval as eval_mod
+    from counting import preprocess, train
+
+    for cli, prog, message in [
+        (train.cli, "counting-train", "unexpected arguments ['foo']; use key=value overrides"),
+        (eval_mod.cli, "counting-eval", "unexpected arguments ['foo']; use key=value overrides"),
+        (preprocess.cli, "counting-preprocess", "expected one step: masks, clusters or all; got ['foo']"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [prog, "foo"])
+        with pytest.raises(SystemExit) as exc:  # the message alone before, without the command and "error:"
+            cli()
+        assert str(exc.value.code).startswith(f"{prog}: error: {message}")

@@ -191,7 +191,7 @@ def test_eval_main_end_to_end(checkpoint, fsc_root, tmp_path):
         recomputed["high"]["mae"]
     )
     assert (out / "figures" / "test" / "b.png").is_file() and not (out / "figures" / "test" / "c.png").exists()
-    with pytest.raises(SystemExit, match="checkpoint=PATH"):
+    with pytest.raises(ValueError, match="checkpoint=PATH"):  # counting-eval: error: ... (a bare line before)
         eval_main([f"root={fsc_root}"])
     # a wrong checkpoint path is reported before anything is written (the default out is <run>/eval_<dataset>)
     missing = tmp_path / "run" / "checkpoints" / "step_000009"
@@ -226,7 +226,7 @@ def test_predict_main(checkpoint, tmp_path, capsys):
     assert out.is_file() and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == result["count"]
     with pytest.raises(SystemExit):
         predict_main([str(path), "--boxes", "5,5,2,2", "--checkpoint", str(checkpoint)])
-    with pytest.raises(SystemExit, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         predict_main([str(path), "--boxes", "5,5,200,20", "--checkpoint", str(checkpoint), "--height", "64"])
     with pytest.raises(ValueError, match="window 60x60 px is not a multiple of the model's patch size 8"):
         predict_main(args + ["--height", "60"])
@@ -396,3 +396,14 @@ def test_predict_out_folder_and_unreadable_image_are_errors(checkpoint, tmp_path
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg" * 20)
     with pytest.raises(ValueError, match=r"bad.jpg is not a readable image"):
         predict_main([str(tmp_path / "bad.jpg"), *args])
+
+
+def test_eval_of_a_run_folder_takes_its_latest_checkpoint(checkpoint, fsc_root, tmp_path):
+    """A run folder was "<run>/state.json not found"; neco-eval and sharelock-eval take one (its latest checkpoint)."""
+    args = [f"root={fsc_root}", "target_height=64", "window=64", "stride=32", "figures=0", "splits=[test]"]
+    direct = eval_main([*args, f"checkpoint={checkpoint}", f"out={tmp_path / 'a'}"])["test"]
+    by_run = eval_main([*args, f"checkpoint={checkpoint.parent.parent}", f"out={tmp_path / 'b'}"])["test"]
+    assert (by_run["mae"], by_run["rmse"]) == (direct["mae"], direct["rmse"])
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"run folder .*empty holds no checkpoint under .*empty/checkpoints"):
+        eval_main([*args, f"checkpoint={tmp_path / 'empty'}"])

@@ -106,7 +106,7 @@ def test_masks_from_png_files(image_root, tmp_path):
 
 
 def test_bad_step_and_missing_files(tmp_path):
-    with pytest.raises(SystemExit, match="masks, clusters or all"):
+    with pytest.raises(ValueError, match="masks, clusters or all"):
         main(["nope"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["masks", f"image_root={tmp_path / 'none'}"])

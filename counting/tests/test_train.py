@@ -76,8 +76,18 @@ def test_train_end_to_end_and_resume_equivalence(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        main(["--config", "tiny", f"output_dir={tmp_path}", "collage.density_scaling=1e30", "train.max_steps=1"])
+    """The error names the last good checkpoint (it named the run folder, even when no checkpoint existed); a resume
+    past the run's end is an error naming the keys (it returned at once, as after "steps 2..1")."""
+    base = ["--config", "tiny", f"output_dir={tmp_path}"]
+    with pytest.raises(FloatingPointError, match=r"at step 0; stopping \(last good checkpoint: none\)"):
+        main([*base, "collage.density_scaling=1e30", "train.max_steps=1"])
+    main([*base, "name=ok", "train.max_steps=2"])
+    with pytest.raises(
+        FloatingPointError, match=r"step 2; stopping \(last good checkpoint: .*/ok/checkpoints/step_000002"
+    ):
+        main([*base, "name=ok", "resume=latest", "collage.density_scaling=1e30"])
+    with pytest.raises(ValueError, match=r"step_000002 is at step 2, past this run's end at step 1 \(train.max_steps"):
+        main([*base, "name=ok", "resume=latest", "train.max_steps=1"])
 
 
 def test_resume_without_checkpoint(tmp_path):

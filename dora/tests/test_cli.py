@@ -151,3 +151,29 @@ def test_help_lists_the_keys_of_the_config_given(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "default config: tiny" in out and "name = 'tiny'" in out and "out_dim = 64" in out
+
+
+def test_command_line_and_config_file_slips_are_errors_as_in_the_other_packages(tmp_path):
+    from dora.config import load_config
+
+    with pytest.raises(ValueError, match=r"^optim\.epochs=True: expected a number$"):
+        load_config(["optim.epochs=true"])  # a flag is an int to Python: one epoch
+    with pytest.raises(ValueError, match=r"^optim\.lr=\[0\.1\]: expected a number$"):
+        load_config(["optim.lr=[0.1]"])
+    with pytest.raises(ValueError, match=r"^option --run_dir needs a value$"):
+        load_config(["--run_dir", "--seed=3"])  # run_dir was the text '--seed=3'
+    with pytest.raises(FileNotFoundError, match=r"^config '' not found"):
+        load_config(["--config="])  # an empty $CFG ran the paper recipe
+    mine = tmp_path / "mine.yaml"  # a user's file is checked as the overrides are (it reached training unchecked)
+    for text, error in [
+        ("optim: {lr: abc}\n", r"^optim\.lr='abc': expected a number$"),
+        ("optim: 3\n", r"^optim=3: optim is a section"),
+        ("model: {norm_last_layer: flase}\n", r"^model\.norm_last_layer='flase': expected true"),
+    ]:
+        mine.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            load_config(["--config", str(mine)])
+    # one blur / solarisation probability per global view stays accepted, from a file or an override
+    mine.write_text("method: dino\naugment: {num_global_crops: 2, global_blur_p: [1.0, 0.1]}\n")
+    cfg = load_config(["--config", str(mine), "augment.global_solarize_p=[0.0, 0.2]"])
+    assert cfg["augment"]["global_blur_p"] == [1.0, 0.1] and cfg["augment"]["global_solarize_p"] == [0.0, 0.2]

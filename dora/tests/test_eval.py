@@ -319,3 +319,19 @@ def test_eval_out_dir_under_a_file_and_unreadable_checkpoints_are_errors(tmp_pat
     (tmp_path / "dora_venice_100ep.pth").write_text("<!DOCTYPE html><html><title>Google Drive</title></html>")
     with pytest.raises(ValueError, match=r"dora_venice_100ep.pth: not a checkpoint of plain tensors"):
         dora_eval.main([*base, f"checkpoint={tmp_path / 'dora_venice_100ep.pth'}"])
+
+
+def test_eval_of_a_run_folder_takes_its_latest_complete_checkpoint(tmp_path):
+    """A run folder was "teacher.safetensors not found: not a DoRA checkpoint directory?"; neco-eval and
+    sharelock-eval take one. A checkpoint left half-written (``.tmp``) is not a candidate."""
+    state = build_network(load_config(["--config", "tiny"]), teacher=True).state_dict()
+    for name in ("step_000002", "step_000004", "step_000009.tmp"):
+        ckpt = tmp_path / "run" / "checkpoints" / name
+        ckpt.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "teacher.safetensors"))
+        (ckpt / "state.json").write_text("{}")
+    base = [f"out_dir={tmp_path / 'out'}", f"model_overrides={TINY}", "tasks=[]"]
+    assert dora_eval.main([*base, f"checkpoint={tmp_path / 'run'}"])["checkpoint"].endswith("checkpoints/step_000004")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"run folder .*empty holds no checkpoint under .*empty/checkpoints"):
+        dora_eval.main([*base, f"checkpoint={tmp_path / 'empty'}"])

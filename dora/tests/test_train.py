@@ -482,3 +482,15 @@ def test_bad_counts_output_paths_and_resume_are_errors_that_keep_the_run(tmp_pat
     teacher.write_bytes(teacher.read_bytes()[:100])  # a truncated copy
     with pytest.raises(ValueError, match=r"teacher.safetensors is not a readable safetensors file"):
         train.main(tiny_args(run, video, "resume=latest"))
+
+
+def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(tmp_path, video):
+    """resume=latest in a folder without checkpoints started a new run in silence (a misspelt run_dir went
+    unnoticed), and a resume past the run's end returned at once: both are errors, as in pin, neco and counting."""
+    with pytest.raises(FileNotFoundError, match=r"^resume=latest: no checkpoint under .*new/checkpoints \(leave"):
+        train.main(tiny_args(tmp_path / "new", video, "resume=latest"))
+    assert not (tmp_path / "new").exists()  # refused before the run folder is made
+    run = tmp_path / "run"
+    train.main(tiny_args(run, video, "optim.max_steps=2"))
+    with pytest.raises(ValueError, match=r"step_000002 is at step 2, past this run's end at step 1 \(optim.max_steps"):
+        train.main(tiny_args(run, video, "optim.max_steps=1", "resume=latest"))

@@ -130,3 +130,24 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
     assert load_config(["--config", str(tmp_path / "empty.yaml")]) == load_config([]) | {
         "config_path": str(tmp_path / "empty.yaml")
     }
+
+
+def test_command_line_slips_are_errors_as_in_the_other_packages():
+    with pytest.raises(ValueError, match=r"^optim\.epochs=True: expected a number \(default 25\)$"):
+        load_config(["optim.epochs=true"])  # a flag is an int to Python: it ran one epoch
+    with pytest.raises(ValueError, match=r"^option --train\.run_dir needs a value$"):
+        load_config(["--train.run_dir", "--seed=3"])  # run_dir was the text '--seed=3'
+    with pytest.raises(FileNotFoundError, match=r"^config '' not found"):
+        load_config(["--config="])  # an empty $CFG ran the paper recipe
+
+
+def test_the_demo_names_itself_in_its_usage_errors(capsys):
+    import pytest
+
+    from neco import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--nosuch"])
+    assert (
+        exc.value.code == 2 and "neco-demo: error: unrecognized arguments: --nosuch" in capsys.readouterr().err
+    )  # demo.py

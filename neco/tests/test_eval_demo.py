@@ -216,7 +216,7 @@ def test_export_loads_into_plain_timm(trained_run, tmp_path):
     ours, _ = backbone_from_checkpoint(trained_run, "student")
     x = torch.randn(1, 3, 98, 98)
     torch.testing.assert_close(model.eval().forward_features(x), ours.eval().forward_features(x))
-    with pytest.raises(KeyError, match="unknown option 'weight'"):
+    with pytest.raises(KeyError, match=r"unknown config key 'weight' \(did you mean weights\?\)"):
         export_main([f"checkpoint={trained_run}", "weight=teacher"])
 
 

@@ -57,3 +57,36 @@ def test_invalid_yaml_in_an_override_or_a_config_file_is_a_value_error_naming_it
     (tmp_path / "mine.yaml").write_text("name: [x\n")
     with pytest.raises(ValueError, match=r"mine\.yaml is not valid YAML: expected ',' or '\]'.* at line 2, column 1$"):
         load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_a_bare_word_for_a_list_or_null_for_a_flag_is_a_value_error_as_in_the_other_packages(tmp_path):
+    import pytest
+
+    from pin.config import load_config
+
+    with pytest.raises(ValueError, match=r"^eval\.datasets='coco': expected a list, e.g. eval\.datasets=\[coco\]$"):
+        load_config(["--config", "tiny", "eval.datasets=coco"])  # would read as the datasets c, o, c, o
+    with pytest.raises(ValueError, match=r"^pin\.learned_table=None: expected true or false$"):
+        load_config(["--config", "tiny", "pin.learned_table=null"])  # null read as false
+    (tmp_path / "mine.yaml").write_text("data:\n  procedural_classes: circle\n")
+    with pytest.raises(ValueError, match=r"^data\.procedural_classes='circle': expected a list"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_a_stray_positional_argument_is_a_one_line_error_naming_the_command(monkeypatch):
+    import sys
+
+    import pytest
+
+    from pin import eval as eval_mod
+    from pin import localise, train
+
+    for cli, prog, message in [
+        (train.cli, "pin-train", "pin-train takes key=value overrides only, got ['foo']"),
+        (eval_mod.cli, "pin-eval", "pin-eval takes key=value overrides only, got ['foo']"),
+        (localise.cli, "pin-localise", 'usage: pin-localise IMAGE "object name" checkpoint=PATH'),
+    ]:
+        monkeypatch.setattr(sys, "argv", [prog, "--config", "tiny", "foo"])
+        with pytest.raises(SystemExit) as exc:  # the message alone before, without the command and "error:"
+            cli()
+        assert str(exc.value.code).startswith(f"{prog}: error: {message}")

@@ -126,6 +126,10 @@ def test_train_eval_localise_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
     assert metrics[0]["num"] == 4 and (tmp_path / "tiny" / "eval" / "boxes_synthetic_pin.png").is_file()
     assert metrics[0]["miou_grid"] == pytest.approx(metrics[0]["miou"])  # synthetic GT boxes lie on the grid
+    # a run folder stands for its latest checkpoint, as in neco-eval and sharelock-eval (it was "no PIN weights")
+    args = ["--config", "tiny", f"out_dir={tmp_path}", "eval.limit=4", "data.val_size=2", "eval.max_new_tokens=4"]
+    by_run = eval_main([*args, "eval.num_beams=2", f"eval.checkpoint={tmp_path / 'tiny'}"])
+    assert by_run[0]["miou"] == rows[0]["miou"]
     rows = eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=random", "data.val_size=4"])
     assert rows[0]["miou_std"] >= 0 and 0 < rows[0]["miou"] < 1
     with pytest.raises(ValueError, match="needs eval.checkpoint"):

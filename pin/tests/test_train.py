@@ -55,7 +55,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_mod, "training_loss", flaky)
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(FloatingPointError, match=r"nan at step 2; last good checkpoint: .*step_0000002$"):
         train_mod.main(["--config", "tiny", f"out_dir={tmp_path}"])
     assert (tmp_path / "tiny" / "checkpoints" / "step_0000002" / "weights.safetensors").is_file()
     assert not (tmp_path / "tiny" / "checkpoints" / "step_0000003").exists()
@@ -277,3 +277,16 @@ def test_an_output_folder_that_is_a_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=rf"output folder {tmp_path / 'file'}: .* is a file"):
         demo.main(["--out", str(tmp_path / "file"), "--quick"])  # before minutes of training, not after
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_resuming_a_finished_run_writes_nothing_and_past_its_end_is_an_error(tmp_path):
+    """A finished run resumed rewrote its last checkpoint, one resumed with fewer steps trained nothing and returned
+    at once (neco: an error naming the keys); a non-finite loss names the checkpoint a run resumed from."""
+    args = ["--config", "tiny", f"out_dir={tmp_path}"]
+    train_mod.main(args)
+    last = tmp_path / "tiny" / "checkpoints" / "step_0000004" / "state.json"
+    written = last.stat().st_mtime_ns
+    assert train_mod.main([*args, "--resume", "latest"])["step"] == 4
+    assert last.stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match=r"step_0000004 is at step 4, past this run's end at step 2 \(train.max_steps"):
+        train_mod.main([*args, "--resume", "latest", "train.max_steps=2"])

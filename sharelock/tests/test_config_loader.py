@@ -60,3 +60,30 @@ def test_an_override_or_config_file_of_the_wrong_kind_is_a_value_error_naming_th
     assert cfg["optim"]["lr"] == 1 and cfg["data"]["val_size"] == 0.5 and cfg["mixed_precision"] == "no"
     for name in ("tiny", "cc3m", "cc12m", "cc3m_cc12m"):  # the packaged configs, laid over default.yaml
         load_config(["--config", name], "default")
+
+
+def test_command_line_slips_are_errors_as_in_the_other_packages():
+    import pytest
+
+    from sharelock.config import load_config
+
+    with pytest.raises(ValueError, match=r"^data\.datasets='store': expected a list, e.g. data\.datasets=\[store\]$"):
+        load_config(["data.datasets=store"], "default")  # would read as the stores s, t, o, r, e
+    with pytest.raises(ValueError, match=r"^data\.in_memory=None: expected true or false$"):
+        load_config(["data.in_memory=null"], "default")  # null read as false
+    with pytest.raises(ValueError, match=r"^option --run_dir expects a value$"):
+        load_config(["--run_dir", "--seed=3"], "default")  # run_dir was the text '--seed=3'
+    with pytest.raises(FileNotFoundError, match=r"^config '' not found"):
+        load_config(["--config="], "default")  # an empty $CFG ran the paper recipe
+
+
+def test_the_demo_names_itself_in_its_usage_errors(capsys):
+    import pytest
+
+    from sharelock import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--nosuch"])
+    assert (
+        exc.value.code == 2 and "sharelock-demo: error: unrecognized arguments: --nosuch" in capsys.readouterr().err
+    )  # demo.py

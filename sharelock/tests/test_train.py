@@ -98,7 +98,7 @@ def test_early_stopping_and_nonfinite_loss(stores, tmp_path):
     write_store(bad / "v", [str(i) for i in range(60)], v, "image", "vit")
     write_store(bad / "t", [str(i) for i in range(60)], rng.normal(size=(60, 12)).astype(np.float32), "text", "llm")
     datasets = json.dumps([{"vision": str(bad / "v"), "text": str(bad / "t")}])
-    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 0; last good checkpoint: none$"):
         train.main(tiny_args(stores, tmp_path / "nan", f"data.datasets={datasets}"))
 
 
@@ -173,8 +173,8 @@ def test_config_by_packaged_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: names fall back to the packaged configs
     for given in ("cc3m", "cc3m.yaml", "configs/cc3m.yaml"):
         assert load_config(["--config", given], "default")["name"] == "sharelock-cc3m"
-    with pytest.raises(FileNotFoundError, match="no file .*nope.* and no packaged config .*nope.yaml"):
-        load_config(["--config", "nope"], "default")
+    with pytest.raises(FileNotFoundError, match=r"no file .*nope, nor a packaged config \(cc12m, cc3m, .*tiny"):
+        load_config(["--config", "nope"], "default")  # the names to choose from
     with pytest.raises(FileNotFoundError, match="config file not found: .*elsewhere/configs/cc3m.yaml"):
         load_config(["--config", str(tmp_path / "elsewhere" / "configs" / "cc3m.yaml")], "default")
 
@@ -424,3 +424,15 @@ def test_broken_checkpoints_are_errors_naming_the_file(stores, tmp_path):
     (step / "meta.json").write_text('{"model": {"vision_dim": 8')
     with pytest.raises(ValueError, match=rf"{step / 'meta.json'} is not valid JSON: .* at line 1, column 27"):
         load_model(step)
+
+
+def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(stores, tmp_path):
+    """resume=latest in a folder without checkpoints started a new run (a misspelt run_dir went unnoticed), and a
+    resume past optim.max_steps returned at once: both are errors, as in pin, neco, counting and dora."""
+    with pytest.raises(FileNotFoundError, match=r"^resume=latest: no checkpoint under .*new/checkpoints \(leave"):
+        train.main(tiny_args(stores, tmp_path / "new", "resume=latest"))
+    assert not (tmp_path / "new" / "checkpoints").exists()
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4"))
+    with pytest.raises(ValueError, match=r"step_000004 is at step 4, past this run's end at optim.max_steps=2; raise"):
+        train.main(tiny_args(stores, run, "optim.max_steps=2", "resume=latest"))

@@ -91,6 +91,11 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``<run_dir>/checkpoints/step_XXXXXX``: the folder of the checkpoint at ``step``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -102,9 +107,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>/`` atomically (temporary name, then rename); ``scaler`` is the fp16
     GradScaler, if any."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with_backbone = not cfg["model"].get("pretrained", True) and not cfg["model"].get("checkpoint_path")
@@ -132,6 +136,18 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     if not candidates:
         raise FileNotFoundError(f"--resume latest: no checkpoint under {Path(run_dir) / 'checkpoints'}")
     return candidates[-1]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or the latest checkpoint when it is a run folder (``<run>/checkpoints/step_*``), as
+    neco-eval and sharelock-eval take a run folder."""
+    path = Path(path)
+    if path.is_dir() and not (path / "state.json").is_file() and (path / "checkpoints").is_dir():
+        found = sorted((path / "checkpoints").glob("step_*"))
+        if not found:
+            raise FileNotFoundError(f"run folder {path} holds no checkpoint under {path / 'checkpoints'}")
+        return found[-1]
+    return path
 
 
 def load_checkpoint(path: Path, model: UnCounTR, optimizer: torch.optim.Optimizer | None = None) -> dict:

@@ -125,15 +125,17 @@ NUMBER_OR_NAMES = ("figures",)
 
 
 def check_kind(key: str, old: Any, value: Any) -> Any:
-    """Refuse an override that cannot mean what the key holds: a scalar for a list (``optim.betas=0.9``), a word,
-    list or mapping for a number (``train.batch_size=abc``; ``figures`` also takes image names), or anything but
-    true/false for a flag (``train.shared_mask=flase``). Returns ``value``, a number for a string key as its text
-    (``name=2024``)."""
+    """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
+    scalar for a list (``optim.betas=0.9``), a flag, word, list or mapping for a number (``train.batch_size=abc``,
+    ``train.epochs=true``; ``figures`` also takes image names), or anything but true/false for a flag
+    (``train.shared_mask=flase``). Returns ``value``, a number for a string key as its text (``name=2024``)."""
+    if isinstance(old, dict) and old and not isinstance(value, dict):
+        raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and not isinstance(value, list):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
-    if isinstance(old, bool) and not isinstance(value, bool | None):  # a misspelt false would read as true
+    if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true, null as false
         raise ValueError(f"{key}={value!r}: expected true or false")
-    if isinstance(old, int | float) and not isinstance(old, bool) and isinstance(value, str | list | dict):
+    if isinstance(old, int | float) and not isinstance(old, bool) and isinstance(value, bool | str | list | dict):
         if key not in NUMBER_OR_NAMES:
             raise ValueError(f"{key}={value!r}: expected a number")
     number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -145,6 +147,11 @@ def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> N
     unless it is new in one of the ``free`` sections (see ``empty_sections``); so is a value of the wrong kind
     (``check_kind``)."""
     valid = flatten(cfg)
+    target = cfg
+    for part in key.split("."):
+        target = target.get(part) if isinstance(target, dict) else None
+    if isinstance(target, dict) and target:  # optim=3: a whole section
+        check_kind(key, target, value)
     if key not in valid and not any(key.startswith(section + ".") for section in free):
         raise UnknownKeyError(key, valid)
     if key in valid:
@@ -190,7 +197,7 @@ def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]],
             if "=" in body:
                 key, raw = body.split("=", 1)
             else:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ValueError(f"option {token} expects a value")
                 key, raw = body, argv[i + 1]
                 i += 1
@@ -219,7 +226,7 @@ def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
             out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
         else:
-            out[key] = value
+            out[key] = check_kind(prefix + key, out[key], value)
     return out
 
 
@@ -240,7 +247,7 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
         print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
         raise SystemExit(0)
     config, overrides, rest = split_overrides(argv)
-    path = resolve_config_path(config or default)
+    path = resolve_config_path(default if config is None else config)  # config= (an empty $CFG) is no config
     cfg = load_yaml(path)
     if path.resolve().parent != config_dir().resolve():  # a user's file
         cfg = merge_user_config(load_yaml(resolve_config_path(default)), cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from counting.checkpoint import load_model_weights
+from counting.checkpoint import load_model_weights, resolve_checkpoint
 from counting.config import load_config, load_yaml, make_dir, run_cli
 from counting.data import build_test_set
 from counting.figures import save_density_figure
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Evaluate a checkpoint; returns {split: metrics}."""
     ecfg, rest = load_config(sys.argv[1:] if argv is None else argv, default="eval")
     if rest:
-        raise SystemExit(f"unexpected arguments {rest}; use key=value overrides (checkpoint=PATH ...)")
+        raise ValueError(f"unexpected arguments {rest}; use key=value overrides (checkpoint=PATH ...)")
     if not ecfg["checkpoint"]:
-        raise SystemExit("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory or UnCounTRModel.pt)")
-    checkpoint = Path(ecfg["checkpoint"])
+        raise ValueError("checkpoint=PATH is required (a <run>/checkpoints/step_XXXXXX directory or UnCounTRModel.pt)")
+    checkpoint = resolve_checkpoint(ecfg["checkpoint"])
     if type(ecfg["shots"]) is not int or ecfg["shots"] < 1:
         raise ValueError(f"shots={ecfg['shots']!r}: expected the number of exemplars per image, 1 to 3")
     if ecfg["max_images"] is not None and (type(ecfg["max_images"]) is not int or ecfg["max_images"] < 1):
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     # loaded before ``out`` exists: a typo leaves nothing behind
     model, cfg = load_trained_model(checkpoint, ecfg["model_config"], ecfg["reference_args"])
     setup_logging(make_dir(out, "out"))
+    if checkpoint != Path(ecfg["checkpoint"]):
+        log.info("checkpoint=%s is a run folder: evaluating its latest checkpoint %s", ecfg["checkpoint"], checkpoint)
     model.to(device)
     scaling = cfg["collage"]["density_scaling"]
     results, predictions = {}, {}

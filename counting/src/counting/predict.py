@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Print and return {"count": float, "figure": path}."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not 1 <= len(args.boxes) <= 3:
-        raise SystemExit(f"give 1 to 3 exemplar boxes, got {len(args.boxes)}")
+        raise ValueError(f"give 1 to 3 exemplar boxes, got {len(args.boxes)}")
     if not args.image.is_file():
-        raise SystemExit(f"image {args.image} not found")
+        raise FileNotFoundError(f"image {args.image} not found")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; expected the path of the figure to write (e.g. count.png)")
     model, cfg = load_trained_model(args.checkpoint, args.model_config, args.reference_args)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     boxes = torch.tensor(args.boxes)
     _, h, w = image.shape
     if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any() or (boxes < 0).any():
-        raise SystemExit(f"boxes {args.boxes} fall outside the {w}x{h} image")
+        raise ValueError(f"boxes {args.boxes} fall outside the {w}x{h} image")
     item = prepare_test_image(image, boxes, model.patch_size, args.height, args.protocol == "fixed_images")
     count, density = count_image(
         density_fn_for(model, item["exemplars"]),

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, rest = load_config(argv, default="preprocess", positional="[masks|clusters|all (default)]")
     steps = rest or ["all"]
     if len(steps) != 1 or steps[0] not in ("masks", "clusters", "all"):
-        raise SystemExit(f"expected one step: masks, clusters or all; got {rest}")
+        raise ValueError(f"expected one step: masks, clusters or all; got {rest}")
     if type(cfg["shard_size"]) is not int or cfg["shard_size"] < 1:
         raise ValueError(f"shard_size={cfg['shard_size']!r}: expected a positive number of images per shard")
     setup_logging(None)

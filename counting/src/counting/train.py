@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from counting.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from counting.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
 from counting.config import load_config, make_dir, run_cli, save_config
 from counting.losses import density_mse_loss
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train; returns {"run_dir", "losses" (per step of this invocation), "step"}."""
     cfg, rest = load_config(sys.argv[1:] if argv is None else argv)
     if rest:
-        raise SystemExit(f"unexpected arguments {rest}; use key=value overrides")
+        raise ValueError(f"unexpected arguments {rest}; use key=value overrides")
     train = cfg["train"]
     for key in ("batch_size", "samples_per_epoch", "epochs"):
         if type(train[key]) is not int or train[key] < 1:
@@ -148,11 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = train["epochs"] * steps_per_epoch
     if train["max_steps"] is not None:
         total_steps = min(total_steps, int(train["max_steps"]))
-    start = 0
+    start, last_checkpoint = 0, None
     if cfg["resume"]:
-        path = find_checkpoint(run_dir, str(cfg["resume"]))
+        path = last_checkpoint = find_checkpoint(run_dir, str(cfg["resume"]))
         state = load_checkpoint(path, model, optimizer)
         start = state["step"]
+        if start > total_steps:
+            raise ValueError(
+                f"--resume: {path} is at step {start}, past this run's end at step {total_steps} (train.max_steps="
+                f"{train['max_steps']}, train.epochs={train['epochs']}); raise them to train further"
+            )
         changed = [k for k in changed_settings(state.get("config", {}), cfg) if k not in RESUME_FREE_KEYS]
         if changed:  # allowed (e.g. a fine-tuning stage), but the run no longer continues the same trajectory
             log.warning("resuming %s with other settings than it was trained with: %s", path, changed)
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum")):  # every process stops alike
             raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {step}; stopping (last good checkpoint left in {run_dir})"
+                f"non-finite loss {loss.item()} at step {step}; stopping (last good checkpoint: "
+                f"{last_checkpoint or 'none'})"
             )
         accelerator.backward(loss)
         optimizer.step()
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             mae = float((counts - batch["count"].to(device)).abs().mean())
             log.info("step %d loss %.5f train-batch MAE %.2f lr %.2e shots %d", done, loss_value, mae, lr, shots)
         if done % train["checkpoint_every"] == 0 or done == total_steps:
+            last_checkpoint = checkpoint_path(run_dir, done)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(

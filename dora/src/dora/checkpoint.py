@@ -123,15 +123,32 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``latest`` -> newest checkpoint of the run (None if there is none); a path -> that checkpoint."""
+    """``latest`` -> newest checkpoint of the run; a path -> that checkpoint; no ``resume`` -> None."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        if not found:  # as pin, neco and counting: a misspelt run_dir would silently start a new run
+            raise FileNotFoundError(
+                f"resume=latest: no checkpoint under {Path(run_dir) / 'checkpoints'} (leave resume out to start a new "
+                "run)"
+            )
+        return found[-1]
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"resume={resume!r}: {path} is not a checkpoint directory (no state.json)")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or the latest checkpoint when it is a run folder (``<run>/checkpoints/step_*``), as
+    neco-eval and sharelock-eval take a run folder."""
+    path = Path(path)
+    if path.is_dir() and not (path / "state.json").is_file() and (path / "checkpoints").is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"run folder {path} holds no checkpoint under {path / 'checkpoints'}")
+        return found[-1]
     return path
 
 

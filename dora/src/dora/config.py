@@ -76,11 +76,16 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# number keys that also take a list: one probability per global view
+PER_VIEW = ("augment.global_blur_p", "augment.global_solarize_p")
+
+
 def _check_kind(dotted: str, old: Any, value: Any) -> Any:
-    """Refuse an override that cannot mean what the key holds: a scalar for a whole section, a bare string for a
-    list (``tasks=knn`` would read as the letters k, n, n), a string for a number or anything but true/false for a
-    flag (``model.norm_last_layer=flase`` would read as true). Returns ``value``, a number for a string key as its
-    text (``name=2024``)."""
+    """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
+    bare string for a list (``tasks=knn`` would read as the letters k, n, n), a flag, string, list or mapping for a
+    number (``optim.epochs=true``; ``PER_VIEW`` keys take a list) or anything but true/false for a flag
+    (``model.norm_last_layer=flase`` would read as true). Returns ``value``, a number for a string key as its text
+    (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
@@ -89,8 +94,9 @@ def _check_kind(dotted: str, old: Any, value: Any) -> Any:
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     if isinstance(old, bool) and not isinstance(value, bool):
         raise ValueError(f"{dotted}={value!r}: expected true or false")
-    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
-        raise ValueError(f"{dotted}={value!r}: expected a number")
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
+        if not (isinstance(value, list) and dotted in PER_VIEW):
+            raise ValueError(f"{dotted}={value!r}: expected a number")
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
 
@@ -201,7 +207,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
             if "=" in body:
                 key, raw = body.split("=", 1)
             else:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ValueError(f"option {arg} needs a value")
                 key, raw = body, argv[i + 1]
                 i += 1
@@ -245,7 +251,7 @@ def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
             out[key] = merge_user_config(out[key], value, f"{prefix}{key}.")
         else:
-            out[key] = value
+            out[key] = _check_kind(prefix + key, out[key], value)
     return out
 
 
@@ -260,7 +266,7 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         print_help(config or default)
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
-    path = config_path(config or default)
+    path = config_path(default if config is None else config)  # config= (an empty $CFG) is no config
     cfg = read_yaml(path)
     if path.resolve().parent != Path(str(resources.files("dora") / "configs")).resolve():  # a user's file
         cfg = merge_user_config(read_yaml(config_path(default)), cfg)

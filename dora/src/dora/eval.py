@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from dora.checkpoint import resolve_checkpoint
 from dora.config import load_config, make_dir, run_cli
 from dora.models import build_backbone, load_backbone
 
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg['device']!r} but torch sees no CUDA device; use device=auto or device=cpu")
+    if cfg["checkpoint"] and not str(cfg["checkpoint"]).startswith("timm:"):
+        resolved = resolve_checkpoint(cfg["checkpoint"])
+        if resolved != Path(cfg["checkpoint"]):
+            logger.info(
+                "checkpoint=%s is a run folder: evaluating its latest checkpoint %s", cfg["checkpoint"], resolved
+            )
+            cfg["checkpoint"] = str(resolved)  # metrics.json names the checkpoint evaluated
     model = load_eval_backbone(cfg).to(device)
     metrics: dict = {"checkpoint": str(cfg["checkpoint"]), "arch": cfg["arch"]}
     rows: list[tuple[str, str, float]] = []

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{run_dir} already holds the checkpoints of a run: continue it with resume=latest, or start a new run "
             "with another name= or run_dir="
         )
+    ckpt = resolve_resume(cfg["resume"], run_dir)  # before any video is written or decoded
     # without CUDA, processes started by torchrun / accelerate launch form one gloo job only with cpu=True (else each
     # runs alone as rank 0 and they overwrite each other's run folder): the shipped configs say cpu: false
     cpu = bool(cfg["cpu"]) or not torch.cuda.is_available()
@@ -268,7 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
     mom_s = cosine_schedule(o["momentum_teacher"], 1.0, o["epochs"], niter)
 
     step = 0
-    ckpt = resolve_resume(cfg["resume"], run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         saved_method = state["state"].get("config", {}).get("method", "dora")
@@ -285,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["state"]["step"])
+        if step > max_steps:
+            raise ValueError(
+                f"resume: {ckpt} is at step {step}, past this run's end at step {max_steps} (optim.max_steps="
+                f"{o['max_steps']}, optim.epochs={o['epochs']}); raise them to train further"
+            )
         scaler_state = state["state"].get("scaler")
         rng_file = ckpt / f"rng_{accelerator.process_index}.json"
         if rng_file.is_file():

@@ -96,16 +96,16 @@ def load_yaml(path: Path) -> dict:
 
 def check_kind(key: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
-    string for a list (``objectives=kl`` would read as the letters k, l), a string, list or mapping for a number
-    (``batch_size=four``), or anything but true/false for a flag (``pretrained=flase``). Returns ``value``, a number
-    for a string key as its text (``name=2024``)."""
+    string for a list (``objectives=kl`` would read as the letters k, l), a flag, string, list or mapping for a number
+    (``batch_size=four``, ``seed=true``), or anything but true/false for a flag (``pretrained=flase``). Returns
+    ``value``, a number for a string key as its text (``name=2024``)."""
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{key}={value!r}: expected a list, e.g. {key}=[{value}]")
     if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true
         raise ValueError(f"{key}={value!r}: expected true or false")
-    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
@@ -209,8 +209,8 @@ def resolve(argv: Sequence[str] | None, defaults: dict, default_config: str | No
         raise SystemExit(0)
     config_name, overrides = parse_overrides(argv)
     cfg = copy.deepcopy(defaults)
-    name = config_name or default_config
-    if name:
+    name = default_config if config_name is None else config_name  # config= (an empty $CFG) is no config name
+    if name is not None:
         cfg = merge(cfg, load_yaml(config_path(name)))
     return merge(cfg, overrides, schema=defaults)  # model_kwargs & co. stay free-form after a config filled them
 

@@ -53,7 +53,9 @@ def plot(rows: list[dict], test_images: torch.Tensor, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; writes metrics.json, summary.json and knn_digits.png to ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fungi-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo/fungi")
     parser.add_argument("--quick", action="store_true", help="100 images, for tests (seconds)")
     parser.add_argument("--seed", type=int, default=42)

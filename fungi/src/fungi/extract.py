@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"unknown objectives {unknown}; expected a subset of {list(OBJECTIVES)}")
     for split in cfg["splits"]:
         check_data_split(cfg["data"], split)
+    if cfg["data"]["kind"] == "imagefolder" and not cfg["data"]["root"]:  # the defaults: Path(None) deep in data
+        raise ValueError("data.root is not set: give data.root=FOLDER (<root>/<split>/<class>/<image>) or a --config")
     dropped_val = resolve_validation(cfg)
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)

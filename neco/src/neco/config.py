@@ -97,14 +97,14 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
 
 def check_kind(dotted: str, old: Any, value: Any) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
-    (``evals=linear`` would read as letters), a string, list or mapping for a number (``optim.batch_size=four``), or
-    anything but true/false for a flag (``loss.use_teacher=flase``). Returns ``value``, a number for a string key as
-    its text (``name=2024``)."""
+    (``evals=linear`` would read as letters), a flag, string, list or mapping for a number (``optim.batch_size=four``,
+    ``optim.epochs=true``), or anything but true/false for a flag (``loss.use_teacher=flase``). Returns ``value``, a
+    number for a string key as its text (``name=2024``)."""
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true
         raise ValueError(f"{dotted}={value!r}: expected true or false")
-    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (str, list, dict)):
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
@@ -162,7 +162,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--") and "=" not in arg:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ValueError(f"option {arg} needs a value")
             key, value = arg[2:], argv[i + 1]
             i += 2
@@ -208,7 +208,7 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
             print_help(yaml.load(f, Loader=ConfigLoader) or {}, default)
         raise SystemExit(0)
     config, pairs = parse_overrides(argv)
-    path = resolve_config_path(config or default)
+    path = resolve_config_path(default if config is None else config)  # config= (an empty $CFG) is no config
     cfg = read_yaml_mapping(path)
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(config_dir()):  # a user's file: may set some keys
         with open(resolve_config_path(default)) as f:

@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary dict (also in ``<out>/summary.json``)."""
     from funai_common.datasets import SyntheticSegmentation
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="neco-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo/neco")
     parser.add_argument("--quick", action="store_true", help="a few steps on a handful of images (< 20 s)")
     parser.add_argument("--steps", type=int, default=None)

@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from neco.config import parse_overrides, print_help, run_cli, wants_help
+from neco.config import UnknownKeyError, parse_overrides, print_help, run_cli, wants_help
 from neco.eval import backbone_from_checkpoint, resolve_checkpoint
 from neco.models import BACKBONES
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = dict(DEFAULTS)
     for key, value in pairs:
         if key not in args:
-            raise KeyError(f"unknown option {key!r}; valid: {sorted(args)}")
+            raise UnknownKeyError(key, args)
         args[key] = value
     if not args["checkpoint"]:
         raise ValueError("give checkpoint=<run dir or checkpoint dir>")

@@ -84,13 +84,17 @@ def load_scaler(scaler, state: dict) -> None:
         scaler.load_state_dict(state)
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``<run_dir>/checkpoints/step_XXXXXXX``: the folder of the checkpoint at ``step``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer, state: dict, cfg: dict, scaler=None) -> Path:
     """Write checkpoints/step_XXXXXXX atomically; `state` is JSON-serialisable (epoch, step, ...); `scaler` the
     GradScaler of fp16 runs (or None)."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
+    final = checkpoint_path(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(weights, str(tmp / "weights.safetensors"))
@@ -127,6 +131,18 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     path = Path(which)
     if not (path / "weights.safetensors").is_file():
         raise FileNotFoundError(f"checkpoint {path} must be a folder holding weights.safetensors and state.json")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or the latest checkpoint when it is a run folder (``<run>/checkpoints/step_*``), as
+    neco-eval and sharelock-eval take a run folder."""
+    path = Path(path)
+    if path.is_dir() and not (path / "weights.safetensors").is_file() and (path / "checkpoints").is_dir():
+        found = sorted((path / "checkpoints").glob("step_*"))
+        if not found:
+            raise FileNotFoundError(f"run folder {path} holds no checkpoint under {path / 'checkpoints'}")
+        return found[-1]
     return path
 
 

@@ -115,16 +115,23 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
+# list keys that also take a name: data.held_out=default (the COCO + PVOC classes) or data.held_out=[a, b]
+LIST_OR_NAME = ("data.held_out",)
+
+
 def check_kind(dotted: str, old: Any, value: Any) -> Any:
-    """`value`, checked against the key's default `old` (null always passes): a scalar for a whole section, anything
-    but a number for a number, anything but true/false for a flag is a ValueError; a number for a string key becomes
-    its text (`name=2024`, which YAML reads as a number)."""
-    if value is None:
+    """`value`, checked against the key's default `old` (null passes, but for a flag): a scalar for a whole section,
+    a bare string for a list (`eval.datasets=coco` would read as letters), anything but a number for a number,
+    anything but true/false for a flag is a ValueError; a number for a string key becomes its text (`name=2024`,
+    which YAML reads as a number)."""
+    if value is None and not isinstance(old, bool):
         return value
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
         )
+    if isinstance(old, list) and isinstance(value, str) and dotted not in LIST_OR_NAME:
+        raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(old, bool) and not isinstance(value, bool):
         raise ValueError(f"{dotted}={value!r}: expected true or false")

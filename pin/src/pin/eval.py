@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .boxes import GridCodec
-from .checkpoint import load_weights
+from .checkpoint import load_weights, resolve_checkpoint
 from .config import load_config, run_cli
 from .eval_data import SYNTHETIC_SETS, QueryDataset, collate_queries, queries_for, synthetic_queries
 from .figures import box_figure
@@ -149,13 +149,20 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
                     f"method={kind} needs eval.checkpoint=<run>/checkpoints/step_X (or a .safetensors, or a reference "
                     ".pt such as PINs/PIN_OF.pt)"
                 )
-            weights = load_weights(e["checkpoint"])
+            checkpoint = resolve_checkpoint(e["checkpoint"])
+            if checkpoint != Path(e["checkpoint"]):
+                log.info(
+                    "eval.checkpoint=%s is a run folder: evaluating its latest checkpoint %s",
+                    e["checkpoint"],
+                    checkpoint,
+                )
+            weights = load_weights(checkpoint)
         vlm = vlm_from_cfg(cfg)
         if torch.cuda.is_available():
             vlm.model.to("cuda")
         method = Method(vlm, "raw" if kind == "kshot" else kind, cfg)
         if weights is not None:
-            method.load_state_dict(weights, source=e["checkpoint"])
+            method.load_state_dict(weights, source=checkpoint)
             method.to(next(vlm.model.parameters()).device)
     if method is not None:
         method.train(False)
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None):
     """pin-eval: evaluate the configured `method` on `eval.datasets` (key=value overrides); returns the metric rows."""
     cfg, positional = load_config(argv)
     if positional:
-        raise SystemExit(f"pin-eval takes key=value overrides only, got {positional}")
+        raise ValueError(f"pin-eval takes key=value overrides only, got {positional}")
     rows, _ = run_eval(cfg)
     return rows
 

@@ -21,13 +21,13 @@ def main(argv: list[str] | None = None) -> list[float]:
     """pin-localise: predict the named object's box in one image, save a figure; returns the box (xyxy, S x S frame)."""
     cfg, positional = load_config(argv, flags=("checkpoint", "out"), usage_args='IMAGE "object name"')
     if len(positional) != 2:
-        raise SystemExit('usage: pin-localise IMAGE "object name" checkpoint=PATH [out=PNG] [--config NAME]')
+        raise ValueError('usage: pin-localise IMAGE "object name" checkpoint=PATH [out=PNG] [--config NAME]')
     image_path, name = positional
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image {image_path} not found")
     checkpoint = cfg["_cli"].get("checkpoint") or cfg["eval"].get("checkpoint")
     if not checkpoint:
-        raise SystemExit("pin-localise needs checkpoint=<run>/checkpoints/step_X (or a .safetensors / reference .pt)")
+        raise ValueError("pin-localise needs checkpoint=<run>/checkpoints/step_X (or a .safetensors / reference .pt)")
     codec = codec_from_cfg(cfg)
     weights = load_weights(checkpoint)  # before the VLM: a bad path fails in seconds
     vlm = vlm_from_cfg(cfg)

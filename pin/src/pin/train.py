@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from .checkpoint import (
+    checkpoint_path,
     find_checkpoint,
     load_optimizer,
     load_scaler,
@@ -82,6 +83,13 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     val_every = t.get("val_every_epochs")
     validation = SyntheticValidation(cfg, run_dir) if val_every else None
     ckpt = find_checkpoint(run_dir, resume) if resume else None
+    if ckpt is not None:
+        state, tensors = load_state(ckpt)
+        if state["step"] > total:  # before the VLM is built or downloaded
+            raise ValueError(
+                f"--resume: {ckpt} is at step {state['step']}, past this run's end at step {total} (train.max_steps="
+                f"{t['max_steps']}, train.epochs={t['epochs']}); raise them to train further"
+            )
     vlm = vlm_from_cfg(cfg)
     vlm.model.to(accelerator.device)
     method = Method(vlm, cfg["method"], cfg).to(accelerator.device)
@@ -103,7 +111,6 @@ def train(cfg: dict, resume: str | None = None) -> dict:
 
     step = 0
     if ckpt is not None:
-        state, tensors = load_state(ckpt)
         method.load_state_dict({k: v.to(accelerator.device) for k, v in load_weights(ckpt).items()}, source=ckpt)
         load_optimizer(optimizer, state["optimizer"], {k: v for k, v in tensors.items() if not k.startswith("rng.")})
         set_rng_state(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
@@ -111,11 +118,13 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
 
-    saved_at = [-1]  # step of the last checkpoint, known to every process (not only to the one that writes)
+    # the last checkpoint and its step, known to every process (not only to the one that writes); a resumed run
+    # starts at its checkpoint, so resuming a finished run writes nothing
+    last = {"step": step if ckpt is not None else -1, "path": ckpt}
 
     def checkpoint(epoch: int) -> None:
         accelerator.wait_for_everyone()
-        saved_at[0] = step
+        last.update(step=step, path=checkpoint_path(run_dir, step))
         if accelerator.is_main_process:
             path = save_checkpoint(
                 run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg, accelerator.scaler
@@ -150,8 +159,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
                 loss = training_loss(vlm, codec, batch, accelerator.device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in "
-                    f"{run_dir / 'checkpoints'}"
+                    f"non-finite loss {loss.item()} at step {step}; last good checkpoint: {last['path'] or 'none'}"
                 )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -175,7 +183,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             if step >= total or end_of_epoch:
                 break
     bar.close()
-    if saved_at[0] != step:  # every process takes this branch alike (a folder check would race the writer)
+    if last["step"] != step:  # every process takes this branch alike (a folder check would race the writer)
         checkpoint(max(0, math.ceil(step / steps_per_epoch) - 1))
     accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker
     return {
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     """pin-train: train with the config and key=value overrides (`resume=` to continue); returns `train`'s result."""
     cfg, positional = load_config(argv, flags=("resume",))
     if positional:
-        raise SystemExit(f"pin-train takes key=value overrides only, got {positional}")
+        raise ValueError(f"pin-train takes key=value overrides only, got {positional}")
     resume = cfg["_cli"].get("resume")
     return train(cfg, str(resume) if resume else None)
 

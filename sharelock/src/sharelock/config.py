@@ -121,7 +121,8 @@ def resolve_config_path(given: str) -> Path:
     packaged = _packaged(path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name)
     if packaged.is_file():
         return packaged
-    raise FileNotFoundError(f"config {given!r} not found: no file {path.absolute()} and no packaged config {packaged}")
+    names = ", ".join(sorted(p.stem for p in packaged.parent.glob("*.yaml")))
+    raise FileNotFoundError(f"config {given!r} not found: no file {path.absolute()}, nor a packaged config ({names})")
 
 
 def print_help(default: str) -> None:
@@ -151,15 +152,18 @@ def valid_keys(cfg: dict) -> list[str]:
 
 
 def check_kind(dotted: str, old: Any, value: Any) -> Any:
-    """`value`, checked against the key's default `old` (null always passes): a scalar for a whole section, anything
-    but a number for a number, anything but true/false for a flag is a ValueError; a number for a string key becomes
-    its text (`name=2024`, which YAML reads as a number)."""
-    if value is None:
+    """`value`, checked against the key's default `old` (null passes, but for a flag): a scalar for a whole section,
+    a bare string for a list (`data.datasets=store` would read as letters), anything but a number for a number,
+    anything but true/false for a flag is a ValueError; a number for a string key becomes its text (`name=2024`,
+    which YAML reads as a number)."""
+    if value is None and not isinstance(old, bool):
         return value
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
         )
+    if isinstance(old, list) and isinstance(value, str):
+        raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(old, bool) and not isinstance(value, bool):
         raise ValueError(f"{dotted}={value!r}: expected true or false")
@@ -190,7 +194,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
         if arg.startswith("--"):
             arg = arg[2:]
             if "=" not in arg:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ValueError(f"option --{arg} expects a value")
                 arg = f"{arg}={argv[i + 1]}"
                 i += 1
@@ -219,9 +223,9 @@ def load_config(argv: list[str] | None, default: str) -> dict:
         print_help(default)
         raise SystemExit(0)
     config_path, pairs = parse_overrides(argv)
-    path = resolve_config_path(config_path) if config_path else default_config_path(default)
+    path = resolve_config_path(config_path) if config_path is not None else default_config_path(default)
     cfg = _read_config(path)
-    if config_path:
+    if config_path is not None:
         # user configs may omit keys: start from the packaged defaults so every key exists
         with open(default_config_path(default)) as f:
             base = yaml.load(f, Loader=ConfigLoader)

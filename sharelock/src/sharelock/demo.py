@@ -53,7 +53,7 @@ def plot(path: Path, sims: np.ndarray, confusion: np.ndarray, names: list[str], 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; writes features, the run, metrics.json, similarity.png and summary.json under --out."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="sharelock-demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo/sharelock")
     parser.add_argument("--quick", action="store_true", help="a much smaller version (< 20 s), for the test suite")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -131,11 +131,17 @@ def fit(
     resume = cfg.get("resume")
     if resume:
         path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            log.info("resume=latest but %s has no checkpoint: starting from scratch", run_dir)
-        else:
-            state.update(load_trainer_state(path, model, optimizer, scheduler))
-            log.info("resumed from %s at step %d", path, state["step"])
+        if path is None:  # as pin, neco and counting: a misspelt run_dir would silently start a new run
+            raise FileNotFoundError(
+                f"resume=latest: no checkpoint under {run_dir / 'checkpoints'} (leave resume out to start a new run)"
+            )
+        state.update(load_trainer_state(path, model, optimizer, scheduler))
+        if state["step"] > opt_cfg["max_steps"]:
+            raise ValueError(
+                f"resume: {path} is at step {state['step']}, past this run's end at optim.max_steps="
+                f"{opt_cfg['max_steps']}; raise it to train further"
+            )
+        log.info("resumed from %s at step %d", path, state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     meta = {"model": accelerator.unwrap_model(model).config, "backbones": pairs.backbones(), **(extra_meta or {})}
@@ -198,7 +204,7 @@ def fit(
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"non-finite training loss {loss_value} at step {state['step']}; last good checkpoint: "
-                f"{latest_checkpoint(run_dir)}"
+                f"{latest_checkpoint(run_dir) or 'none'}"
             )
         if opt_cfg["grad_clip"]:
             accelerator.clip_grad_norm_(model.parameters(), opt_cfg["grad_clip"])
