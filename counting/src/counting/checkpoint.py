@@ -125,6 +125,12 @@ def save_checkpoint(
     return final
 
 
+def step_folders(checkpoints: Path) -> list[Path]:
+    """The ``step_<N>`` folders of ``checkpoints`` by step number (by name, step_1000000 came before step_999999)."""
+    found = [p for p in Path(checkpoints).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
     """``latest`` (highest step under run_dir/checkpoints) or an explicit checkpoint directory."""
     if resume != "latest":
@@ -132,7 +138,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: no checkpoint (state.json) in that directory")
         return path
-    candidates = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    candidates = step_folders(Path(run_dir) / "checkpoints")
     if not candidates:
         raise FileNotFoundError(f"--resume latest: no checkpoint under {Path(run_dir) / 'checkpoints'}")
     return candidates[-1]
@@ -143,7 +149,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     neco-eval and sharelock-eval take a run folder."""
     path = Path(path)
     if path.is_dir() and not (path / "state.json").is_file() and (path / "checkpoints").is_dir():
-        found = sorted((path / "checkpoints").glob("step_*"))
+        found = step_folders(path / "checkpoints")
         if not found:
             raise FileNotFoundError(f"run folder {path} holds no checkpoint under {path / 'checkpoints'}")
         return found[-1]

@@ -121,10 +121,16 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def step_folders(checkpoints: Path) -> list[Path]:
+    """The ``step_<N>`` folders of ``checkpoints`` by step number (by name, step_1000000 came before step_999999)."""
+    found = [p for p in Path(checkpoints).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def find_checkpoint(run_dir: Path, which: str) -> Path:
     """`latest` -> newest step_* in run_dir/checkpoints; otherwise a checkpoint folder path."""
     if which == "latest":
-        ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+        ckpts = step_folders(Path(run_dir) / "checkpoints")
         if not ckpts:
             raise FileNotFoundError(f"--resume latest: no checkpoints in {Path(run_dir) / 'checkpoints'}")
         return ckpts[-1]
@@ -139,7 +145,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     neco-eval and sharelock-eval take a run folder."""
     path = Path(path)
     if path.is_dir() and not (path / "weights.safetensors").is_file() and (path / "checkpoints").is_dir():
-        found = sorted((path / "checkpoints").glob("step_*"))
+        found = step_folders(path / "checkpoints")
         if not found:
             raise FileNotFoundError(f"run folder {path} holds no checkpoint under {path / 'checkpoints'}")
         return found[-1]
