@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from counting.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint
+from counting.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint, step_folders
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
 from counting.config import load_config, make_dir, run_cli, save_config
 from counting.losses import density_mse_loss
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()  # CPU runs (gloo) as neco: two processes must not both think they are rank 0
     accelerator = Accelerator(cpu=not cuda, mixed_precision=train["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
-    if not cfg["resume"] and any((run_dir / "checkpoints").glob("step_*")):  # a fresh run would replace them
+    if not cfg["resume"] and step_folders(run_dir / "checkpoints"):  # a fresh run would replace them
         raise ValueError(
             f"{run_dir} already holds the checkpoints of a run: continue it with resume=latest, or start a new run "
             "with another name= or output_dir="

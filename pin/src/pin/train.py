@@ -23,6 +23,7 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
     set_rng_state,
+    step_folders,
 )
 from .config import dump_config, load_config, run_cli
 from .methods import Method
@@ -56,7 +57,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     mp = t["mixed_precision"] if torch.cuda.is_available() else "no"
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
     run_dir = Path(cfg["out_dir"]) / cfg["name"]
-    if not resume and any((run_dir / "checkpoints").glob("step_*")):  # a fresh run would replace them
+    if not resume and step_folders(run_dir / "checkpoints"):  # a fresh run would replace them
         raise ValueError(
             f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
             "run with another name= or out_dir="
