@@ -1,5 +1,7 @@
 import json
 import random
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, video, monkeypatch
     run = tmp_path / "run"
     train.main(tiny_args(run, video, "optim.max_steps=2"))
     monkeypatch.setattr(DoRALoss, "forward", lambda self, *a: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(train.NonFiniteLossError, match="step_000002"):
+    with pytest.raises(FloatingPointError, match="step_000002"):
         train.main(tiny_args(run, video, "resume=latest"))
     assert (run / "checkpoints" / "step_000002" / "student.safetensors").is_file()
 
@@ -490,7 +492,76 @@ def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(tmp_path
     with pytest.raises(FileNotFoundError, match=r"^resume=latest: no checkpoint under .*new/checkpoints \(leave"):
         train.main(tiny_args(tmp_path / "new", video, "resume=latest"))
     assert not (tmp_path / "new").exists()  # refused before the run folder is made
+    with pytest.raises(ValueError, match=r"^resume=True: expected latest, auto or the path of a checkpoint folder$"):
+        train.main(tiny_args(tmp_path / "new", video, "resume=true"))  # a TypeError traceback before
     run = tmp_path / "run"
     train.main(tiny_args(run, video, "optim.max_steps=2"))
     with pytest.raises(ValueError, match=r"step_000002 is at step 2, past this run's end at step 1 \(optim.max_steps"):
         train.main(tiny_args(run, video, "optim.max_steps=1", "resume=latest"))
+
+
+def test_cli_prints_a_non_finite_loss_as_one_line(tmp_path, video, monkeypatch):
+    monkeypatch.setattr(DoRALoss, "forward", lambda self, *a: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(sys, "argv", ["dora-train", *tiny_args(tmp_path / "run", video, "optim.max_steps=1")])
+    with pytest.raises(SystemExit) as exc:
+        train.cli()
+    assert str(exc.value.code).startswith("dora-train: error: non-finite loss [nan] at step 0; last good checkpoint")
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path, video):
+    """metrics.jsonl is appended to: a restart at step S first drops the records after S, so the file ends as the
+    one of an uninterrupted run."""
+    run = tmp_path / "run"
+    args = tiny_args(run, video, "checkpoint_every=1", "keep_checkpoints=5")
+    train.main(args)
+    straight = losses(run)
+    train.main([*args, f"resume={run / 'checkpoints' / 'step_000002'}"])
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert losses(run) == pytest.approx(straight, abs=1e-6)
+
+
+def test_resume_auto_starts_a_new_run_then_continues_as_latest(tmp_path, video, monkeypatch):
+    """resume=auto, for a requeued job that always passes the same command: a new run while the run folder holds no
+    checkpoint, else exactly resume=latest (same losses, weights and metrics.jsonl)."""
+    straight = tmp_path / "straight"
+    train.main(tiny_args(straight, video))
+    run = tmp_path / "run"
+    real, calls = DoRALoss.forward, []
+
+    def preempted(self, *a):  # the job is stopped during step 4, after step 3 was logged
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(DoRALoss, "forward", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(run, video, "resume=auto"))  # an empty run folder: a new run from step 0
+    monkeypatch.setattr(DoRALoss, "forward", real)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+    shutil.copytree(run, tmp_path / "latest")
+    auto = train.main(tiny_args(run, video, "resume=auto"))
+    latest = train.main(tiny_args(tmp_path / "latest", video, "resume=latest"))
+    assert auto["steps"] == latest["steps"] == 4 and auto["loss"] == latest["loss"]
+    for name in ("student", "teacher", "loss"):
+        a = load_file(str(run / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "latest" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert losses(run) == losses(tmp_path / "latest") == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_latest_checkpoint_is_the_highest_step_by_number(tmp_path):
+    """step_1000000 sorts before step_999999 as text: resume, dora-eval of a run folder and pruning go by the number."""
+    from dora.checkpoint import list_checkpoints, prune_checkpoints, resolve_checkpoint, resolve_resume
+
+    for step in (999999, 1000000, 2):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:06d}" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_1000001.tmp").mkdir()  # an unfinished checkpoint is none
+    order = [tmp_path / "checkpoints" / f"step_{s:06d}" for s in (2, 999999, 1000000)]
+    assert list_checkpoints(tmp_path) == order
+    assert resolve_resume("latest", tmp_path) == resolve_resume("auto", tmp_path) == order[-1]
+    assert resolve_checkpoint(tmp_path) == order[-1]
+    prune_checkpoints(tmp_path, 1)
+    assert list_checkpoints(tmp_path) == order[-1:]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import neco.train as train_mod
 from neco.config import config_dir, load_config
-from neco.train import NonFiniteLossError, main
+from neco.train import main
 
 
 def _weights(ckpt):
@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_args, monkeyp
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_mod, "neco_loss", flaky)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 2.*step_000002"):
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2.*step_000002"):
         main(tiny_args + ["optim.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5"])
     run = tiny_args[2].split("=", 1)[1]
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_000001", "step_000002"]
@@ -267,8 +267,9 @@ def test_run_dir_checkpoints_are_never_overwritten_or_resumed_wrongly(tiny_args,
     ValueErrors naming what to change."""
     first = main(tiny_args + ["optim.max_steps=2"])
     saved = _weights(first["checkpoint"])
+    config = open(os.path.join(first["run_dir"], "config.yaml")).read()
     with pytest.raises(ValueError, match=r"run already holds checkpoints \(latest .*step_000002\): continue that run"):
-        main(tiny_args + ["optim.max_steps=1"])
+        main(tiny_args + ["optim.max_steps=1", "seed=7"])
     resume = tiny_args + ["train.resume=latest"]
     shapes = r"\(2 tensors, e.g. head.mlp.4.bias \(32,\) \(this run \(16,\)\)"
     with pytest.raises(ValueError, match=rf"student.safetensors does not fit this run's student {shapes}"):
@@ -277,9 +278,10 @@ def test_run_dir_checkpoints_are_never_overwritten_or_resumed_wrongly(tiny_args,
         main(resume + ["loss.queue_length=64"])
     with pytest.raises(ValueError, match=r"is at step 2, past this run's end at step 1 \(optim.max_steps=1"):
         main(resume + ["optim.max_steps=1"])
-    with pytest.raises(ValueError, match=r"^train.resume=True: expected latest or the path of a checkpoint directory"):
+    with pytest.raises(ValueError, match=r"^train.resume=True: expected latest, auto or the path of a checkpoint dir"):
         main(tiny_args + ["train.resume=true"])
     _assert_same(saved, _weights(first["checkpoint"]), atol=0)
+    assert open(os.path.join(first["run_dir"], "config.yaml")).read() == config  # refused runs leave it as it was
     teacher = os.path.join(first["checkpoint"], "teacher.safetensors")
     with open(teacher, "r+b") as f:
         f.truncate(64)
@@ -341,3 +343,59 @@ def test_each_global_crop_has_its_own_queue_of_its_teacher_patches(tiny_args, mo
     assert [len(b) for b in second] == [40, 40]  # newest first, the first step's entries behind
     for c in range(2):
         torch.testing.assert_close(second[c][20:], banks[c], rtol=0, atol=0)
+
+
+def test_cli_prints_a_non_finite_loss_as_one_line(tiny_args, monkeypatch):
+    monkeypatch.setattr(train_mod, "neco_loss", lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(sys, "argv", ["neco-train", *tiny_args, "optim.max_steps=1"])
+    with pytest.raises(SystemExit) as exc:
+        train_mod.cli()
+    assert str(exc.value.code).startswith("neco-train: error: non-finite loss nan at step 0; stopping. Last good")
+
+
+def test_resume_auto_starts_a_new_run_then_continues_as_latest(tiny_args, tmp_path, monkeypatch):
+    """train.resume=auto, for a requeued job that always passes the same command: a new run while the run folder
+    holds no checkpoint, else exactly train.resume=latest (same losses, weights and metrics.jsonl)."""
+    import shutil
+
+    straight = main(tiny_args + ["optim.max_steps=4", f"train.run_dir={tmp_path / 'straight'}"])
+    auto = tiny_args + ["optim.max_steps=4", "train.checkpoint_every=2", "train.resume=auto"]
+    real, calls = train_mod.neco_loss, []
+
+    def preempted(*args, **kwargs):  # the job is stopped during step 4, after step 3 was logged
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "neco_loss", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        main(auto)  # an empty run folder: a new run from step 0
+    monkeypatch.setattr(train_mod, "neco_loss", real)
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000002"]
+    shutil.copytree(run, tmp_path / "latest")
+    resumed = main(auto)
+    latest = main(tiny_args + ["optim.max_steps=4", f"train.run_dir={tmp_path / 'latest'}", "train.resume=latest"])
+    assert resumed["losses"] == latest["losses"]
+    _assert_same(_weights(resumed["checkpoint"]), _weights(latest["checkpoint"]), atol=0)
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"]), atol=1e-6, rtol=0)
+    logged = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logged] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
+
+
+def test_latest_checkpoint_is_the_highest_step_by_number(tmp_path):
+    """step_1000000 sorts before step_999999 as text: resume, neco-eval / neco-export and pruning go by the number."""
+    from neco.checkpoint import list_checkpoints, resolve_resume
+    from neco.eval import resolve_checkpoint
+
+    for step in (999999, 1000000, 2):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:06d}" / "meta.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp_step_1000001").mkdir()  # an unfinished checkpoint is none
+    order = [os.path.join(tmp_path, "checkpoints", f"step_{s:06d}") for s in (2, 999999, 1000000)]
+    assert list_checkpoints(str(tmp_path)) == order  # save_checkpoint prunes list_checkpoints(run)[:-keep]
+    for latest in (resolve_resume("latest", str(tmp_path)), resolve_resume("auto", str(tmp_path))):
+        assert latest == order[-1]
+    assert resolve_checkpoint(str(tmp_path)) == order[-1]

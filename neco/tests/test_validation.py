@@ -119,3 +119,24 @@ def test_missing_val_root_fails_before_training(tiny_args, tmp_path):
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             main(tiny_args + [f"val.root={root}", *VAL, bad])
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(tiny_args, tmp_path):
+    """metrics.jsonl is appended to: a restart at step S first drops the training and validation records after S (all
+    of them at step 0, whose validation runs again), so the file ends as the one of an uninterrupted run."""
+    val = [f"val.root={write_voc(tmp_path / 'voc')}", "val.at_start=true", "val.every_steps=2", *VAL]
+    args = tiny_args + val + ["optim.max_steps=3", "train.checkpoint_every=1", "train.save_initial=true"]
+    run = main(args + ["train.keep_checkpoints=5"])["run_dir"]
+
+    def records():
+        return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+    straight = records()
+    kinds = [(r["step"], "val_miou_k6" in r) for r in straight]
+    assert kinds == [(0, True), (1, False), (2, False), (2, True), (3, False)]
+    for step in (1, 0):
+        resume = f"train.resume={os.path.join(run, 'checkpoints', f'step_{step:06d}')}"
+        main(args + ["train.keep_checkpoints=5", resume])
+        assert [(r["step"], "val_miou_k6" in r) for r in records()] == kinds, step
+        losses = [r["loss"] for r in records() if "loss" in r]
+        assert losses == pytest.approx([r["loss"] for r in straight if "loss" in r], abs=1e-6, rel=0)

@@ -123,17 +123,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``latest`` -> newest checkpoint of the run; a path -> that checkpoint; no ``resume`` -> None."""
+    """``latest`` -> newest checkpoint of the run (an error without one); ``auto`` -> the same, or None (a fresh run)
+    while there is none; a path -> that checkpoint; no ``resume`` -> None."""
     if not resume:
         return None
-    if resume == "latest":
+    if not isinstance(resume, str):  # resume=true reads as a YAML boolean
+        raise ValueError(f"resume={resume!r}: expected latest, auto or the path of a checkpoint folder")
+    if resume in ("latest", "auto"):
         found = list_checkpoints(run_dir)
-        if not found:  # as pin, neco and counting: a misspelt run_dir would silently start a new run
+        if not found and resume == "latest":  # as pin, neco and counting: a misspelt run_dir would silently start anew
             raise FileNotFoundError(
                 f"resume=latest: no checkpoint under {Path(run_dir) / 'checkpoints'} (leave resume out to start a new "
                 "run)"
             )
-        return found[-1]
+        return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"resume={resume!r}: {path} is not a checkpoint directory (no state.json)")

@@ -36,10 +36,6 @@ from dora.tracking import choose_heads, track_and_mask
 logger = logging.getLogger("dora")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss is NaN or infinite; the last good checkpoint is left in place."""
-
-
 def setup_logging(run_dir: Path | None, main_process: bool) -> None:
     """Log to stdout and ``<run_dir>/log.txt`` on the main process, warnings only elsewhere."""
     root = logging.getLogger()
@@ -162,6 +158,21 @@ def dino_step(
         s_out = student(views, torch.stack(locals_)) if locals_ else (student(views),)
     s_out = torch.cat([o.float() for o in s_out]).flatten(1, 2)  # (G + L, B*T, D)
     return loss_fn(s_out, t_out.float().flatten(1, 2), epoch)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` record; infinity for a line cut short by a crash (dropped as a later step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` after ``step``, where a run restarts, so that no step appears twice."""
+    if path.is_file():
+        kept = [line + "\n" for line in path.read_text().splitlines() if _logged_step(line) <= step]
+        path.write_text("".join(kept))
 
 
 # (section, key, null allowed): counts that must be positive integers (0 would train on nothing or without limit)
@@ -295,7 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
         logger.info("resumed from %s at step %d", ckpt, step)
-    if main_process:  # after the resume: a failed one leaves the run's config.yaml as it was
+    elif cfg["resume"]:
+        logger.info("resume=auto: no checkpoint in %s yet; starting a new run", run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if main_process:  # after the resume: a failed one leaves the run's metrics.jsonl and config.yaml as they were
+        trim_metrics(metrics_path, step)
         save_config(cfg, run_dir / "config.yaml")
     student, optimizer = accelerator.prepare(student, optimizer)
     if ckpt is None:
@@ -320,7 +335,6 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.num_processes,
         accelerator.device,
     )
-    metrics_path = run_dir / "metrics.jsonl"
     last_ckpt = ckpt
     last_loss = float("nan")
 
@@ -370,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
                 loss, _ = dora_step(student, teacher, loss_fn, glob, locals_, epoch, heads, cfg, accelerator.autocast)
             all_losses = accelerator.gather(loss.detach().reshape(1))
             if not torch.isfinite(all_losses).all():
-                raise NonFiniteLossError(
+                bar.close()  # the command's one-line error starts on a line of its own
+                raise FloatingPointError(
                     f"non-finite loss {all_losses.tolist()} at step {it}; last good checkpoint: {last_ckpt or 'none'}"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -415,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    run_cli(main, "dora-train")
+    run_cli(main, "dora-train", FloatingPointError)
 
 
 if __name__ == "__main__":

@@ -42,15 +42,18 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for _, n in names]
 
 
-def resolve_resume(resume: str, run_dir: str) -> str:
-    """``latest`` -> newest checkpoint of ``run_dir``; else an existing checkpoint directory."""
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    """The checkpoint a run continues from: ``latest`` -> newest checkpoint of ``run_dir`` (an error without one),
+    ``auto`` -> the same, or None (a fresh run) while there is none; a path -> that checkpoint; no resume -> None."""
+    if resume is None or resume is False:
+        return None
     if not isinstance(resume, str):  # train.resume=true reads as a YAML boolean
-        raise ValueError(f"train.resume={resume!r}: expected latest or the path of a checkpoint directory")
-    if resume == "latest":
+        raise ValueError(f"train.resume={resume!r}: expected latest, auto or the path of a checkpoint directory")
+    if resume in ("latest", "auto"):
         found = list_checkpoints(run_dir)
-        if not found:
+        if not found and resume == "latest":
             raise FileNotFoundError(f"train.resume=latest: no checkpoint under {os.path.join(run_dir, 'checkpoints')}")
-        return found[-1]
+        return found[-1] if found else None
     if not os.path.isfile(os.path.join(resume, "meta.json")):
         raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory (expected {resume}/meta.json)")
     return resume

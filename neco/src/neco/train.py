@@ -36,10 +36,6 @@ from neco.validation import build_validation_dataset, is_due, validate, validati
 log = logging.getLogger("neco")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss becomes NaN or infinite; the last good checkpoint is left in place."""
-
-
 def setup_logging(run_dir: str | None, main_process: bool) -> None:
     """Log to stdout and ``<run_dir>/log.txt`` (main process); replaces handlers of earlier calls."""
     log.handlers.clear()
@@ -97,6 +93,24 @@ RESUME_FIXED = (  # (section, key, default): settings a resumed run must keep
     ("optim", "trainable_blocks", None),
     ("loss", "mask", "all"),
 )
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` record; infinity for a line cut short by a crash (dropped as a later step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` that a run restarting at ``step`` writes again, so that no step appears
+    twice: those after ``step``, and all of them at step 0 (its step-0 validation runs again)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line + "\n" for line in f.read().splitlines() if step and _logged_step(line) <= step]
+        with open(path, "w") as f:
+            f.write("".join(kept))
 
 
 def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
@@ -182,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modules = {"student": student, "teacher": teacher, "queue": queue}
 
     start_step, history = 0, []
-    if tcfg["resume"]:
-        path = resolve_resume(tcfg["resume"], run_dir)
+    path = resolve_resume(tcfg["resume"], run_dir)  # None: a fresh run (no train.resume, or auto before a checkpoint)
+    if path is not None:
         check_resume_options(path, cfg)
         meta = load_checkpoint(path, modules, optimizer, rank)
         start_step, history = meta["step"], meta.get("losses", [])
@@ -196,9 +210,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator.scaler.load_state_dict(meta["scaler"])
         log.info("resumed from %s at step %d", path, start_step)
     else:
+        if tcfg["resume"]:
+            log.info("train.resume=auto: no checkpoint in %s yet; starting a new run", run_dir)
         seed_everything(cfg["seed"])  # model init consumed RNG; restart the stream identically on every process
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # after the resume checks: a refused or failed run leaves its files as they were
+        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     if tcfg["tensorboard"]:
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
             bar.close()
-            raise NonFiniteLossError(
+            raise FloatingPointError(
                 f"non-finite loss {loss_value} at step {step}; stopping. Last good checkpoint: "
                 f"{last_checkpoint or 'none'} (resume with train.resume=latest after lowering the learning rate)"
             )
@@ -350,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    run_cli(main, "neco-train")
+    run_cli(main, "neco-train", FloatingPointError)
 
 
 if __name__ == "__main__":
