@@ -1,3 +1,4 @@
+import json
 import math
 import sys
 
@@ -238,3 +239,78 @@ def test_bad_counts_output_dir_and_resume_are_errors_that_keep_the_run(tmp_path)
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated copy
     with pytest.raises(ValueError, match=r"optimizer.safetensors is not a readable safetensors file"):
         main([*base, "resume=latest", "train.max_steps=2"])
+
+
+def test_non_finite_loss_is_a_one_line_error_of_the_command(tmp_path, monkeypatch):
+    from counting.train import cli
+
+    args = ["--config", "tiny", f"output_dir={tmp_path}", "collage.density_scaling=1e30", "train.max_steps=1"]
+    monkeypatch.setattr(sys, "argv", ["counting-train", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert str(exit_.value.code).startswith("counting-train: error: non-finite loss")
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_one_record_per_logged_step_and_a_resume_rewrites_the_rest(tmp_path):
+    base = ["--config", "tiny", f"output_dir={tmp_path}"]
+    straight = main([*base, "name=a"])
+    rows = records(tmp_path / "a")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows] == straight["losses"]
+    assert set(rows[0]) == {"step", "loss", "train_batch_mae", "lr", "shots"} and rows[0]["lr"] == 0.0  # warmup
+    main([*base, "name=b", "train.log_every=3"])
+    assert [r["step"] for r in records(tmp_path / "b")] == [3, 4]  # and the last step
+    # resumed from an older checkpoint while newer ones exist: the records past it are written again, once
+    run = tmp_path / "c"
+    main([*base, "name=c", "train.checkpoint_every=1"])
+    main([*base, "name=c", f"resume={run / 'checkpoints' / 'step_000002'}"])
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records(run)] == pytest.approx(straight["losses"], abs=1e-6)
+
+
+def test_resume_auto_starts_a_new_run_or_continues_the_latest(tmp_path):
+    """resume=auto (requeued jobs repeat one command): a fresh start in a folder without checkpoints, else exactly
+    resume=latest."""
+    base = ["--config", "tiny", f"output_dir={tmp_path}"]
+    straight = main([*base, "name=a"])
+    assert main([*base, "name=fresh", "resume=auto"])["losses"] == straight["losses"]
+    resumed = {}
+    for resume in ("latest", "auto"):
+        main([*base, f"name={resume}", "train.max_steps=2"])
+        resumed[resume] = main([*base, f"name={resume}", f"resume={resume}"])
+        assert resumed[resume]["losses"] == pytest.approx(straight["losses"][2:], abs=1e-6)
+    assert resumed["auto"]["losses"] == resumed["latest"]["losses"]
+    wa, wb = (load_file(str(tmp_path / n / "checkpoints" / "step_000004" / "model.safetensors")) for n in resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest_steps(tmp_path):
+    from counting.checkpoint import prune_checkpoints
+
+    def steps(name):
+        return sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
+
+    base = ["--config", "tiny", f"output_dir={tmp_path}", "train.epochs=3", "train.checkpoint_every=1"]
+    main([*base, "name=r", "train.max_steps=5", "train.keep_checkpoints=2"])
+    assert steps("r") == ["step_000004", "step_000005"]
+    assert main([*base, "name=r", "train.keep_checkpoints=2", "resume=latest"])["step"] == 6
+    assert steps("r") == ["step_000005", "step_000006"]
+    main([*base, "name=all", "train.max_steps=5", "train.keep_checkpoints=null"])
+    assert steps("all") == [f"step_00000{i}" for i in range(1, 6)]
+    # a run resumed from an older checkpoint keeps the one it has just written beside the newer ones
+    prune_checkpoints(tmp_path / "all", 1, tmp_path / "all" / "checkpoints" / "step_000003")
+    assert steps("all") == ["step_000003", "step_000005"]
+    with pytest.raises(ValueError, match=r"^train.keep_checkpoints=0: expected a positive integer, or null"):
+        main([*base, "name=bad", "train.keep_checkpoints=0"])
+
+
+def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path):
+    from counting.train import trim_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    trim_records(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

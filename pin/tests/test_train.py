@@ -1,3 +1,4 @@
+import json
 import sys
 
 import pytest
@@ -290,3 +291,92 @@ def test_resuming_a_finished_run_writes_nothing_and_past_its_end_is_an_error(tmp
     assert last.stat().st_mtime_ns == written
     with pytest.raises(ValueError, match=r"step_0000004 is at step 4, past this run's end at step 2 \(train.max_steps"):
         train_mod.main([*args, "--resume", "latest", "train.max_steps=2"])
+
+
+def test_non_finite_loss_is_a_one_line_error_of_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "training_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    monkeypatch.setattr(sys, "argv", ["pin-train", "--config", "tiny", f"out_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_:
+        train_mod.cli()
+    assert str(exit_.value.code).startswith("pin-train: error: non-finite loss nan at step 0")
+
+
+def steps_of(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_holds_one_record_per_logged_step_and_a_resume_rewrites_the_rest(tmp_path):
+    base = ["--config", "tiny", f"out_dir={tmp_path}"]
+    straight = train_mod.main(base + ["name=a"])
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["epoch"] for r in records] == [0, 0, 1, 1]
+    assert [r["loss"] for r in records] == pytest.approx(straight["losses"]) and records[0]["lr"] == 1e-3
+    train_mod.main(base + ["name=b", "train.log_every=2"])
+    assert steps_of(tmp_path / "b" / "metrics.jsonl") == [2, 4]
+    # resumed from an older checkpoint while newer ones exist: the records past it are written again, once
+    run = tmp_path / "c"
+    train_mod.main(base + ["name=c", "train.checkpoint_every_steps=1"])
+    train_mod.main(base + ["name=c", "--resume", str(run / "checkpoints" / "step_0000002")])
+    assert steps_of(run / "metrics.jsonl") == [1, 2, 3, 4] and steps_of(run / "validation.jsonl") == [2, 4]
+    resumed = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == pytest.approx(straight["losses"], abs=1e-6)
+
+
+def test_a_refused_command_leaves_the_runs_config_yaml(tmp_path):
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=null", "train.epochs=1"]
+    train_mod.main(base)
+    saved = (tmp_path / "tiny" / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
+        train_mod.main(base + ["optim.lr=0.5"])
+    with pytest.raises(ValueError, match="past this run's end"):
+        train_mod.main(base + ["--resume", "latest", "train.max_steps=1"])
+    assert (tmp_path / "tiny" / "config.yaml").read_bytes() == saved
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        train_mod.main(base + ["name=new", "--resume", "latest"])
+    assert not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_resume_auto_starts_a_new_run_or_continues_the_latest(tmp_path):
+    """--resume auto (requeued jobs repeat one command): a fresh start in a folder without checkpoints, else exactly
+    --resume latest."""
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=null"]
+    straight = train_mod.main(base + ["name=a"])
+    assert train_mod.main(base + ["name=fresh", "--resume", "auto"])["losses"] == straight["losses"]
+    resumed = {}
+    for resume in ("latest", "auto"):
+        train_mod.main(base + [f"name={resume}", "train.max_steps=2"])
+        resumed[resume] = train_mod.main(base + [f"name={resume}", "--resume", resume])
+        assert resumed[resume]["losses"] == pytest.approx(straight["losses"][2:], abs=1e-6)
+    assert resumed["auto"]["losses"] == resumed["latest"]["losses"]
+    wa, wb = (load_file(str(tmp_path / n / "checkpoints" / "step_0000004" / "weights.safetensors")) for n in resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest_steps(tmp_path):
+    from pin.checkpoint import prune_checkpoints
+
+    def steps(name):
+        return sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
+
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=null", "train.epochs=3"]
+    base += ["train.checkpoint_every_steps=1"]
+    train_mod.main(base + ["name=r", "train.max_steps=5", "train.keep_checkpoints=2"])
+    assert steps("r") == ["step_0000004", "step_0000005"]
+    assert train_mod.main(base + ["name=r", "train.keep_checkpoints=2", "--resume", "latest"])["step"] == 6
+    assert steps("r") == ["step_0000005", "step_0000006"]
+    train_mod.main(base + ["name=all", "train.max_steps=5", "train.keep_checkpoints=null"])
+    assert steps("all") == [f"step_000000{i}" for i in range(1, 6)]
+    # a run resumed from an older checkpoint keeps the one it has just written beside the newer ones
+    prune_checkpoints(tmp_path / "all", 1, tmp_path / "all" / "checkpoints" / "step_0000003")
+    assert steps("all") == ["step_0000003", "step_0000005"]
+    with pytest.raises(ValueError, match=r"^train.keep_checkpoints=0: expected a positive integer or null$"):
+        train_mod.main(base + ["name=bad", "train.keep_checkpoints=0"])
+
+
+def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path):
+    from pin.runlog import trim_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    trim_records(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

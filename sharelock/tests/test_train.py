@@ -47,6 +47,17 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def nan_datasets(tmp_path):
+    """A store whose every third image feature is NaN: the first training loss is non-finite."""
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(60, 8)).astype(np.float32)
+    v[::3] = np.nan
+    write_store(tmp_path / "nan" / "v", [str(i) for i in range(60)], v, "image", "vit")
+    t = rng.normal(size=(60, 12)).astype(np.float32)
+    write_store(tmp_path / "nan" / "t", [str(i) for i in range(60)], t, "text", "llm")
+    return json.dumps([{"vision": str(tmp_path / "nan" / "v"), "text": str(tmp_path / "nan" / "t")}])
+
+
 def test_resume_continues_the_same_trajectory(stores, tmp_path):
     straight = tmp_path / "a"
     summary = train.main(tiny_args(stores, straight))
@@ -91,15 +102,8 @@ def test_early_stopping_and_nonfinite_loss(stores, tmp_path):
     # validations after micro-batches 4 and 8; the stop comes after the 8th optimizer step, which is checkpointed
     assert summary["step"] == 8
     assert (tmp_path / "es" / "checkpoints" / "step_000008" / "trainer_state.json").is_file()
-    bad = tmp_path / "bad"
-    rng = np.random.default_rng(1)
-    v = rng.normal(size=(60, 8)).astype(np.float32)
-    v[::3] = np.nan
-    write_store(bad / "v", [str(i) for i in range(60)], v, "image", "vit")
-    write_store(bad / "t", [str(i) for i in range(60)], rng.normal(size=(60, 12)).astype(np.float32), "text", "llm")
-    datasets = json.dumps([{"vision": str(bad / "v"), "text": str(bad / "t")}])
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 0; last good checkpoint: none$"):
-        train.main(tiny_args(stores, tmp_path / "nan", f"data.datasets={datasets}"))
+        train.main(tiny_args(stores, tmp_path / "nan_run", f"data.datasets={nan_datasets(tmp_path)}"))
 
 
 def test_pairs_random_caption_choice_and_id_alignment(stores):
@@ -436,3 +440,77 @@ def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(stores, 
     train.main(tiny_args(stores, run, "optim.max_steps=4"))
     with pytest.raises(ValueError, match=r"step_000004 is at step 4, past this run's end at optim.max_steps=2; raise"):
         train.main(tiny_args(stores, run, "optim.max_steps=2", "resume=latest"))
+
+
+def test_non_finite_loss_is_a_one_line_error_of_the_command(stores, tmp_path, monkeypatch):
+    args = tiny_args(stores, tmp_path / "r", f"data.datasets={nan_datasets(tmp_path)}")
+    monkeypatch.setattr(sys, "argv", ["sharelock-train", *args])
+    with pytest.raises(SystemExit) as exit_:
+        train.cli()
+    assert str(exit_.value.code).startswith("sharelock-train: error: non-finite training loss nan at step 0")
+
+
+def test_a_refused_command_leaves_the_runs_config_yaml(stores, tmp_path):
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4"))
+    saved = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
+        train.main(tiny_args(stores, run, "optim.max_steps=2"))
+    with pytest.raises(ValueError, match="past this run's end"):
+        train.main(tiny_args(stores, run, "optim.max_steps=2", "resume=latest"))
+    with pytest.raises(ValueError, match="does not fit the heads of this config"):
+        train.main(tiny_args(stores, run, "model.hidden_dim=8", "resume=latest"))
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    """Past the zero padding, sorting names put step_1000000 before step_999999; temp and stray folders are no steps."""
+    from sharelock.models import resolve_checkpoint
+    from sharelock.training import latest_checkpoint
+
+    for name in ("step_999999", "step_1000000", "step_1000001.tmp4242", "step_notes", ".old_step_1000002"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "step_1000000"
+    assert resolve_checkpoint(tmp_path).name == "step_1000000"
+
+
+def test_resume_auto_starts_a_new_run_or_continues_the_latest(stores, tmp_path):
+    """resume=auto (requeued jobs repeat one command): a fresh start in a folder without checkpoints, else exactly
+    resume=latest; resume=latest itself stays an error without a checkpoint."""
+    straight = tmp_path / "straight"
+    train.main(tiny_args(stores, straight))
+    fresh = tmp_path / "fresh"
+    assert train.main(tiny_args(stores, fresh, "resume=auto"))["step"] == 8
+    assert losses(fresh) == losses(straight)
+    for run, resume in ((tmp_path / "latest", "latest"), (tmp_path / "auto", "auto")):
+        shutil.copytree(straight / "checkpoints" / "step_000004", run / "checkpoints" / "step_000004")
+        train.main(tiny_args(stores, run, f"resume={resume}"))
+        np.testing.assert_allclose(losses(run), losses(straight)[4:], rtol=1e-6, atol=1e-6)
+    a = load_file(str(tmp_path / "latest" / "checkpoints" / "step_000008" / "model.safetensors"))
+    b = load_file(str(tmp_path / "auto" / "checkpoints" / "step_000008" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="resume=latest: no checkpoint"):
+        train.main(tiny_args(stores, tmp_path / "none", "resume=latest"))
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest_steps(stores, tmp_path):
+    from sharelock.training import prune_checkpoints
+
+    def steps(run):
+        return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=5", "checkpoint_every=1", "keep_checkpoints=2"))
+    assert steps(run) == ["best", "step_000004", "step_000005"]
+    assert train.main(tiny_args(stores, run, "optim.max_steps=6", "checkpoint_every=1", "keep_checkpoints=2",
+                                "resume=latest"))["step"] == 6  # fmt: skip
+    assert steps(run) == ["best", "step_000005", "step_000006"]
+    every = tmp_path / "all"
+    train.main(tiny_args(stores, every, "optim.max_steps=5", "checkpoint_every=1", "keep_checkpoints=null"))
+    assert steps(every) == ["best"] + [f"step_00000{i}" for i in range(1, 6)]
+    # a run resumed from an older checkpoint keeps the one it has just written beside the newer ones
+    prune_checkpoints(every, 1, every / "checkpoints" / "step_000003")
+    assert steps(every) == ["best", "step_000003", "step_000005"]
+    with pytest.raises(ValueError, match=r"^keep_checkpoints=0: expected a positive integer or null$"):
+        train.main(tiny_args(stores, tmp_path / "bad", "keep_checkpoints=0"))

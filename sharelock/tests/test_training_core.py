@@ -89,3 +89,12 @@ def test_constant_schedule_has_no_warmup_like_the_reference():
     assert with_warmup == pytest.approx([1e-4 * k for k in range(10)] + [1e-3] * 11)
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], schedule="linear")
+
+
+def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path):
+    from sharelock.training import trim_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    trim_records(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

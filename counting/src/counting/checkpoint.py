@@ -131,17 +131,31 @@ def step_folders(checkpoints: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """``latest`` (highest step under run_dir/checkpoints) or an explicit checkpoint directory."""
-    if resume != "latest":
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """``latest`` (highest step under run_dir/checkpoints; an error without one), ``auto`` (the same, or None without
+    one: a fresh start, as requeued jobs pass the same command every time) or an explicit checkpoint directory."""
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: no checkpoint (state.json) in that directory")
         return path
     candidates = step_folders(Path(run_dir) / "checkpoints")
-    if not candidates:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {Path(run_dir) / 'checkpoints'}")
-    return candidates[-1]
+    if not candidates and resume == "latest":
+        raise FileNotFoundError(
+            f"--resume latest: no checkpoint under {Path(run_dir) / 'checkpoints'} (leave resume out, or resume=auto, "
+            "to start a new run)"
+        )
+    return candidates[-1] if candidates else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None, written: Path) -> None:
+    """Delete all but the ``keep`` newest step checkpoints of a run (None keeps all); ``written``, the one just saved,
+    stays even when a run resumed from an older checkpoint has newer ones."""
+    if keep is None:
+        return
+    for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
+        if old.name != written.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

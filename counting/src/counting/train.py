@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -13,7 +14,14 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from counting.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint, step_folders
+from counting.checkpoint import (
+    checkpoint_path,
+    find_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_folders,
+)
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
 from counting.config import load_config, make_dir, run_cli, save_config
 from counting.losses import density_mse_loss
@@ -37,6 +45,22 @@ def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
     for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
+
+
+def record_step(line: str) -> float:
+    """The step of a JSON-lines record; infinity for a line cut short by a crash (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def trim_records(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` past ``step``, where a run (re)starts: a run resumed from an older
+    checkpoint writes them again, so each step keeps one record."""
+    if path.exists():
+        kept = [r for r in path.read_text().splitlines() if record_step(r) <= step]
+        path.write_text("".join(r + "\n" for r in kept))
 
 
 def build_generator(cfg: dict) -> SelfCollageGenerator:
@@ -96,6 +120,7 @@ RESUME_FREE_KEYS = (
     "train.max_steps",
     "train.num_workers",
     "train.checkpoint_every",
+    "train.keep_checkpoints",
     "train.log_every",
 )
 
@@ -124,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     max_steps = train["max_steps"]
     if max_steps is not None and (type(max_steps) not in (int, float) or max_steps < 1):
         raise ValueError(f"train.max_steps={train['max_steps']!r}: expected a positive integer, or null (no limit)")
+    keep = train["keep_checkpoints"]
+    if keep is not None and (type(keep) is not int or keep < 1):
+        raise ValueError(f"train.keep_checkpoints={keep!r}: expected a positive integer, or null (keep all)")
     cuda = torch.cuda.is_available()  # CPU runs (gloo) as neco: two processes must not both think they are rank 0
     accelerator = Accelerator(cpu=not cuda, mixed_precision=train["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["output_dir"]) / cfg["name"]
@@ -148,9 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = train["epochs"] * steps_per_epoch
     if train["max_steps"] is not None:
         total_steps = min(total_steps, int(train["max_steps"]))
-    start, last_checkpoint = 0, None
-    if cfg["resume"]:
-        path = last_checkpoint = find_checkpoint(run_dir, str(cfg["resume"]))
+    start = 0
+    path = last_checkpoint = find_checkpoint(run_dir, str(cfg["resume"])) if cfg["resume"] else None
+    if path is not None:
         state = load_checkpoint(path, model, optimizer)
         start = state["step"]
         if start > total_steps:
@@ -164,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", path, start)
+    metrics = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:  # after the resume: a failed one leaves the run's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
+        trim_records(metrics, start)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     dataset = SelfCollageDataset(build_generator(cfg), train["samples_per_epoch"], cfg["seed"])
@@ -221,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
             scale = cfg["collage"]["density_scaling"]
             counts = (pred.detach().sum((1, 2)) / scale).clamp_min(0)  # the reference clips counts at 0
             mae = float((counts - batch["count"].to(device)).abs().mean())
+            if accelerator.is_main_process:
+                record = {"step": done, "loss": loss_value, "train_batch_mae": mae, "lr": lr, "shots": shots}
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             log.info("step %d loss %.5f train-batch MAE %.2f lr %.2e shots %d", done, loss_value, mae, lr, shots)
         if done % train["checkpoint_every"] == 0 or done == total_steps:
             last_checkpoint = checkpoint_path(run_dir, done)
@@ -235,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                     {"loss": loss_value},
                     accelerator.scaler,
                 )
+                prune_checkpoints(run_dir, keep, last_checkpoint)
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker
@@ -243,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    run_cli(main, "counting-train")
+    run_cli(main, "counting-train", FloatingPointError)
 
 
 if __name__ == "__main__":

@@ -127,17 +127,31 @@ def step_folders(checkpoints: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """`latest` -> newest step_* in run_dir/checkpoints; otherwise a checkpoint folder path."""
-    if which == "latest":
+def find_checkpoint(run_dir: Path, which: str) -> Path | None:
+    """`latest` -> newest step_* in run_dir/checkpoints (an error without one); `auto` -> the same, or None without
+    one (a fresh start: requeued jobs pass the same command every time); otherwise a checkpoint folder path."""
+    if which in ("latest", "auto"):
         ckpts = step_folders(Path(run_dir) / "checkpoints")
-        if not ckpts:
-            raise FileNotFoundError(f"--resume latest: no checkpoints in {Path(run_dir) / 'checkpoints'}")
-        return ckpts[-1]
+        if not ckpts and which == "latest":
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoints in {Path(run_dir) / 'checkpoints'} (leave --resume out, or --resume "
+                "auto, to start a new run)"
+            )
+        return ckpts[-1] if ckpts else None
     path = Path(which)
     if not (path / "weights.safetensors").is_file():
         raise FileNotFoundError(f"checkpoint {path} must be a folder holding weights.safetensors and state.json")
     return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None, written: Path) -> None:
+    """Delete all but the ``keep`` newest step checkpoints of a run (None keeps all); ``written``, the one just saved,
+    stays even when a run resumed from an older checkpoint has newer ones."""
+    if keep is None:
+        return
+    for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
+        if old.name != written.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -1,8 +1,10 @@
-"""Logging to stdout and <run>/log.txt."""
+"""Logging to stdout and <run>/log.txt; JSON-lines records (<run>/metrics.jsonl)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -35,3 +37,25 @@ def setup_logging(run_dir: Path | None, main_process: bool = True, name: str = "
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path``."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def record_step(line: str) -> float:
+    """The step of a JSON-lines record; infinity for a line cut short by a crash (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def trim_records(path: Path, step: int) -> None:
+    """Drop the records of a JSON-lines file past ``step``, where a run (re)starts: a run resumed from an older
+    checkpoint writes them again, so each step keeps one record."""
+    if path.exists():
+        kept = [r for r in path.read_text().splitlines() if record_step(r) <= step]
+        path.write_text("".join(r + "\n" for r in kept))

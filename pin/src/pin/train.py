@@ -1,6 +1,8 @@
 """pin-train: learn the positional insert (or a VPT / LoRA baseline) on synthetic compositions, VLM frozen.
 
-pin-train [--config blip2|openflamingo|tiny|PATH] [key=value ...] [--resume latest|PATH]
+pin-train [--config blip2|openflamingo|tiny|PATH] [key=value ...] [--resume latest|auto|PATH]
+
+`--resume auto` continues the run's latest checkpoint, or starts the run when it has none (requeued jobs).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .checkpoint import (
     load_scaler,
     load_state,
     load_weights,
+    prune_checkpoints,
     save_checkpoint,
     set_rng_state,
     step_folders,
@@ -28,7 +31,7 @@ from .checkpoint import (
 from .config import dump_config, load_config, run_cli
 from .methods import Method
 from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
-from .runlog import setup_logging
+from .runlog import append_record, setup_logging, trim_records
 from .synthetic import collate
 from .validation import SyntheticValidation
 
@@ -54,6 +57,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     for key in ("batch_size", "epochs", "checkpoint_every_epochs", "log_every"):
         _positive_int(t, key)
     _positive_int(t, "max_steps", optional=True)
+    _positive_int(t, "keep_checkpoints", optional=True)
     mp = t["mixed_precision"] if torch.cuda.is_available() else "no"
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
     run_dir = Path(cfg["out_dir"]) / cfg["name"]
@@ -63,8 +67,6 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             "run with another name= or out_dir="
         )
     log = setup_logging(run_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        dump_config(cfg, run_dir / "config.yaml")
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])  # noqa: NPY002 (seeds third-party code using the global RNG)
     torch.manual_seed(cfg["seed"])
@@ -118,6 +120,11 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         load_scaler(accelerator.scaler, state.get("scaler", {}))
         step = state["step"]
         log.info("resumed from %s at step %d", ckpt, step)
+    metrics = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:  # after the resume: a refused one leaves the run's files as they were
+        dump_config(cfg, run_dir / "config.yaml")
+        for records in (metrics, run_dir / "validation.jsonl"):
+            trim_records(records, step)
 
     # the last checkpoint and its step, known to every process (not only to the one that writes); a resumed run
     # starts at its checkpoint, so resuming a finished run writes nothing
@@ -131,6 +138,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
                 run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg, accelerator.scaler
             )
             log.info("saved %s", path)
+            prune_checkpoints(run_dir, t["keep_checkpoints"], path)
 
     losses: list[float] = []
     method.train(True)
@@ -173,7 +181,10 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             losses.append(value)
             bar.update(1)
             if step % t["log_every"] == 0:
-                log.info("epoch %d step %d loss %.4f lr %.2e", epoch, step, value, optimizer.param_groups[0]["lr"])
+                record = {"step": step, "epoch": epoch, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
+                if accelerator.is_main_process:
+                    append_record(metrics, record)
+                log.info("epoch %d step %d loss %.4f lr %.2e", epoch, step, value, record["lr"])
             every = t.get("checkpoint_every_steps")
             end_of_epoch = step % steps_per_epoch == 0
             if (every and step % every == 0) or (end_of_epoch and (epoch + 1) % t["checkpoint_every_epochs"] == 0):
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    run_cli(main, "pin-train", ImportError)  # ImportError: an optional package
+    run_cli(main, "pin-train", ImportError, FloatingPointError)  # ImportError: an optional package
 
 
 if __name__ == "__main__":

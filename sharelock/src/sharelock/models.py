@@ -245,6 +245,13 @@ def format_prompt(template: str, name: str) -> str:
     return template.replace("{c}", name).replace("{}", name)
 
 
+def step_folders(checkpoints: Path) -> list[Path]:
+    """The ``step_<N>`` folders of ``checkpoints`` by step number (by name, step_1000000 came before step_999999);
+    temporary (``step_N.tmpPID``) and stray folders are no steps."""
+    found = [p for p in Path(checkpoints).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint path, or from a run directory (best, else latest)."""
     path = Path(path)
@@ -253,7 +260,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ckpts = path / "checkpoints"
     if (ckpts / "best" / MODEL_FILE).is_file():
         return ckpts / "best"
-    steps = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and ".tmp" not in p.name) if ckpts.is_dir() else []
+    steps = step_folders(ckpts)
     if steps:
         return steps[-1]
     raise FileNotFoundError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from sharelock.config import load_config, read_json, run_cli, save_config
+from sharelock.config import load_config, read_json, run_cli
 from sharelock.data import is_hf_spec, load_class_names
 from sharelock.eval import evaluate_features
 from sharelock.models import format_prompt, load_model
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg["mixed_precision"] if cuda else "no")
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     check_fresh_run(run_dir, cfg.get("resume"))
-    setup_logging(run_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+    setup_logging(run_dir, accelerator.is_main_process)  # fit writes config.yaml once the resume checks pass
     images = FeatureStore(probe["features"], modality="image")
     if images.labels is None:
         raise ValueError(f"feature store {images.path} has no labels (extract it with source.type=labelled)")

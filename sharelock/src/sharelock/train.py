@@ -19,7 +19,15 @@ from sharelock.config import check_output_dir, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
-from sharelock.training import build_optimizer, latest_checkpoint, load_trainer_state, save_checkpoint
+from sharelock.training import (
+    build_optimizer,
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+    trim_records,
+)
 
 log = logging.getLogger("sharelock")
 
@@ -44,13 +52,15 @@ def setup_logging(run_dir: Path | None, main_process: bool = True) -> None:
         root.addHandler(handler)
 
 
-def positive_int(cfg: dict, dotted: str) -> int:
-    """The config value at `a.b`; a ValueError naming the key unless it is an integer >= 1."""
+def positive_int(cfg: dict, dotted: str, optional: bool = False) -> int | None:
+    """The config value at `a.b`; a ValueError naming the key unless it is an integer >= 1 (or null if `optional`)."""
     value: Any = cfg
     for part in dotted.split("."):
         value = value[part]
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{dotted}={value!r}: expected a positive integer")
+        raise ValueError(f"{dotted}={value!r}: expected a positive integer{' or null' if optional else ''}")
     return value
 
 
@@ -101,6 +111,8 @@ def fit(
     cfg: dict, pairs, run_dir: Path, accelerator: Accelerator, extra_meta: dict | None = None
 ) -> tuple[ShareLock, dict[str, Any]]:
     """Train ShareLock heads on `pairs` (StorePairs/TensorPairs) with the config's recipe; returns (model, summary).
+    The resolved config goes to `<run_dir>/config.yaml` once the resume checks have passed (a refused resume leaves
+    the run's own in place).
 
     The data order is a function of (seed, epoch) and the caption choice of (seed, micro-batch), so a resumed run
     replays the same batches; model, optimizer, scheduler, RNG and early-stopping states come from the checkpoint.
@@ -109,6 +121,7 @@ def fit(
     for key in ("optim.max_steps", "val_check_interval", "checkpoint_every", "log_every"):
         positive_int(cfg, key)
     bs, accum = positive_int(cfg, "optim.batch_size"), positive_int(cfg, "optim.accumulate_grad_batches")
+    keep = positive_int(cfg, "keep_checkpoints", optional=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_idx, val_idx = split_per_dataset(pairs, cfg["data"]["val_size"], cfg["data"]["split_seed"])
     train_idx = subsample(train_idx, cfg["data"].get("train_size"), cfg["data"]["split_seed"])
@@ -128,13 +141,8 @@ def fit(
     )
     logit_scale = float(torch.tensor(cfg["loss"]["log_logit_scale"], dtype=torch.float32).exp())
     state = {"step": 0, "best_val": math.inf, "es_best": math.inf, "es_wait": 0, "stopped": False, "history": []}
-    resume = cfg.get("resume")
-    if resume:
-        path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
-        if path is None:  # as pin, neco and counting: a misspelt run_dir would silently start a new run
-            raise FileNotFoundError(
-                f"resume=latest: no checkpoint under {run_dir / 'checkpoints'} (leave resume out to start a new run)"
-            )
+    path = resume_checkpoint(run_dir, cfg.get("resume"))
+    if path is not None:
         state.update(load_trainer_state(path, model, optimizer, scheduler))
         if state["step"] > opt_cfg["max_steps"]:
             raise ValueError(
@@ -142,6 +150,8 @@ def fit(
                 f"{opt_cfg['max_steps']}; raise it to train further"
             )
         log.info("resumed from %s at step %d", path, state["step"])
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     meta = {"model": accelerator.unwrap_model(model).config, "backbones": pairs.backbones(), **(extra_meta or {})}
@@ -149,10 +159,11 @@ def fit(
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
-            save_checkpoint(
+            written = save_checkpoint(
                 ckpt_dir / f"step_{state['step']:06d}", accelerator.unwrap_model(model),
                 {**meta, "step": state["step"]}, cfg, optimizer, scheduler, state,
             )  # fmt: skip
+            prune_checkpoints(run_dir, keep, written)
 
     def validate() -> None:
         val_loss = validation_loss(model, val, bs, logit_scale, cfg["seed"], device)
@@ -175,9 +186,8 @@ def fit(
                 log.info("early stopping: no improvement > %g in %d validations", es["min_delta"], es["patience"])
 
     metrics_file = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process and metrics_file.exists():  # drop records past the restart point
-        kept = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["step"] <= state["step"]]
-        metrics_file.write_text("".join(r + "\n" for r in kept))
+    if accelerator.is_main_process:
+        trim_records(metrics_file, state["step"])
     model.train()
     bar = tqdm(total=opt_cfg["max_steps"], initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     loss_value: float | None = None  # stays None when no step runs (a run resumed at max_steps)
@@ -239,8 +249,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
     pairs = StorePairs(cfg["data"]["datasets"], in_memory=cfg["data"]["in_memory"])
     log.info(
         "%d pairs, vision dim %d, text dim %d, %d process(es)",
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli() -> None:
     """Console-script entry point: exit status 0, or a one-line error naming the bad path, key or value."""
-    run_cli(main, "sharelock-train")
+    run_cli(main, "sharelock-train", FloatingPointError)
 
 
 if __name__ == "__main__":

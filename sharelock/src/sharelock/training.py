@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from funai_common.weights import load_safetensors
 from sharelock.config import save_config
-from sharelock.models import META_FILE, MODEL_FILE
+from sharelock.models import META_FILE, MODEL_FILE, step_folders
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -189,6 +189,47 @@ def load_trainer_state(
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The highest `checkpoints/step_*` directory of a run, or None."""
-    steps = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir() and ".tmp" not in p.name)
+    """The highest `checkpoints/step_<N>` directory of a run by step number, or None."""
+    steps = step_folders(Path(run_dir) / "checkpoints")
     return steps[-1] if steps else None
+
+
+def resume_checkpoint(run_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint a run continues from: `latest` the run's newest (an error without one), `auto` the newest or
+    None without one (a fresh start: requeued jobs pass the same command every time), a path that path; None
+    without `resume`."""
+    if resume not in ("latest", "auto"):
+        return Path(resume) if resume else None
+    path = latest_checkpoint(run_dir)
+    if path is None and resume == "latest":  # as pin, neco and counting: a misspelt run_dir would start a new run
+        raise FileNotFoundError(
+            f"resume=latest: no checkpoint under {Path(run_dir) / 'checkpoints'} (leave resume out, or resume=auto, "
+            "to start a new run)"
+        )
+    return path
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None, written: Path) -> None:
+    """Delete all but the `keep` newest step checkpoints of a run (None keeps all); `written`, the one just saved,
+    stays even when a run resumed from an older checkpoint has newer ones, and `best` is no step checkpoint."""
+    if keep is None:
+        return
+    for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
+        if old.name != written.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def record_step(line: str) -> float:
+    """The step of a JSON-lines record; infinity for a line cut short by a crash (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def trim_records(path: Path, step: int) -> None:
+    """Drop the records of a JSON-lines file past ``step``, where a run (re)starts: a run resumed from an older
+    checkpoint writes them again, so each step keeps one record."""
+    if path.exists():
+        kept = [r for r in path.read_text().splitlines() if record_step(r) <= step]
+        path.write_text("".join(r + "\n" for r in kept))
