@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from counting.config import ConfigLoader, config_dir, load_config, parse_value
+from counting.config import ConfigLoader, config_dir, flatten, load_config, parse_value
 
 
 def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
@@ -106,3 +106,31 @@ def test_a_stray_positional_argument_is_a_one_line_error_naming_the_command(monk
         with pytest.raises(SystemExit) as exc:  # the message alone before, without the command and "error:"
             cli()
         assert str(exc.value.code).startswith(f"{prog}: error: {message}")
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    assert [load_config([f"name={w}"])[0]["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
+    assert load_config(["train.mixed_precision=no", "output_dir=on"])[0]["output_dir"] == "on"
+    (tmp_path / "mine.yaml").write_text("name: yes\n")
+    with pytest.raises(ValueError, match=r'^name: yes/on/true reads as true, but name holds text .*: name: "yes"$'):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
+        load_config(["optim.lr="])  # an empty $LR was '' and failed deep in the schedule
+    with pytest.raises(ValueError, match=r"^name=null: expected text, not null .* \(default 'uncountr_vitb16'\)$"):
+        load_config(["name=null"])
+    (tmp_path / "mine.yaml").write_text("train:\n  batch_size:\n")
+    with pytest.raises(ValueError, match=r"^train\.batch_size=null: expected a number"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+    cfg, _ = load_config(["resume=", "data.image_root=~"])
+    assert cfg["resume"] is None and cfg["data"]["image_root"] is None  # resume= was '', data.image_root= too
+    assert load_config(["max_images="], default="eval")[0]["max_images"] is None
+    # a null of a shipped config means something there: the other configs of its command take it too
+    cfgs = {name: load_config(["--config", name])[0] for name in ("uncountr", "uncountr_vitb8", "tiny")}
+    nulls = {k for cfg in cfgs.values() for k, v in flatten(cfg).items() if v is None}
+    for name, cfg in cfgs.items():
+        for key in sorted(k for k, v in flatten(cfg).items() if k in nulls and isinstance(v, int | float | str)):
+            assert flatten(load_config(["--config", name, f"{key}="])[0])[key] is None

@@ -177,3 +177,39 @@ def test_command_line_and_config_file_slips_are_errors_as_in_the_other_packages(
     mine.write_text("method: dino\naugment: {num_global_crops: 2, global_blur_p: [1.0, 0.1]}\n")
     cfg = load_config(["--config", str(mine), "augment.global_solarize_p=[0.0, 0.2]"])
     assert cfg["augment"]["global_blur_p"] == [1.0, 0.1] and cfg["augment"]["global_solarize_p"] == [0.0, 0.2]
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    from dora.config import load_config
+
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    assert [load_config([f"name={w}"])["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
+    cfg = load_config(["optim.mixed_precision=no", "run_dir=/tmp/x"])
+    assert cfg["optim"]["mixed_precision"] == "no"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: yes\n")
+    with pytest.raises(ValueError, match=r'^name: yes/on/true reads as true, but name holds text .*: name: "yes"$'):
+        load_config(["--config", str(mine)])
+    mine.write_text("optim: {mixed_precision: no}\n")
+    assert load_config(["--config", str(mine)])["optim"]["mixed_precision"] == "no"
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    from dora.config import _flat_keys, _get, load_config
+
+    with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
+        load_config(["optim.lr="])  # an empty $LR: a traceback in the schedule
+    with pytest.raises(ValueError, match=r"^optim\.mixed_precision=null: expected text, not null .* \(default 'no'\)$"):
+        load_config(["optim.mixed_precision=null"])  # silently "no" before
+    (tmp_path / "mine.yaml").write_text("data:\n  batch_size_per_gpu:\n")
+    with pytest.raises(ValueError, match=r"^data\.batch_size_per_gpu=null: expected a number"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+    cfg = load_config(["resume=", "keep_checkpoints=", "keep_every_epochs=~", "optim.clip_grad="])
+    assert cfg["resume"] is None and cfg["keep_checkpoints"] is None and cfg["keep_every_epochs"] is None
+    # a null of a shipped config means something there: the other configs of its command take it too
+    cfgs = {name: load_config(["--config", name]) for name in ("wt_venice", "dino_wt_venice", "tiny")}
+    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if _get(cfg, k) is None}
+    assert {"augment.precrop_size", "optim.steps_per_epoch"} <= nulls
+    for name, cfg in cfgs.items():
+        for key in sorted(k for k in nulls if isinstance(_get(cfg, k), int | float | str)):
+            assert _get(load_config(["--config", name, f"{key}="]), key) is None

@@ -77,7 +77,8 @@ def test_extract_then_eval_text_t5(tmp_path, t5_folder):
 
 
 def test_config_errors_and_overrides(tmp_path):
-    assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, {"a": {"b": 3}, "c": [1, 2], "quick": True})
+    nested, typed = {"a": {"b": 3}, "c": [1, 2], "quick": True}, {"a.b": "3", "c": "[1, 2]", "quick": "true"}
+    assert parse_overrides(["--a.b", "3", "c=[1, 2]", "--quick"]) == (None, nested, typed)
     with pytest.raises(KeyError, match="valid keys") as err:
         resolve(["--config", "tiny", "dino.tempreature=0.1"], extract.DEFAULTS, None)
     # printed unquoted by the console scripts, with the closest keys

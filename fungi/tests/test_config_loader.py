@@ -50,3 +50,44 @@ def test_the_demo_names_itself_in_its_usage_errors(capsys):
     assert (
         exc.value.code == 2 and "fungi-demo: error: unrecognized arguments: --nosuch" in capsys.readouterr().err
     )  # demo.py
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    import pytest
+
+    from fungi import extract
+    from fungi.config import resolve
+
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    names = [resolve([f"name={w}"], extract.DEFAULTS, None)["name"] for w in ("yes", "off", "1e3")]
+    assert names == ["yes", "off", "1e3"]
+    assert resolve(["--config", "paper", "layer=on"], extract.DEFAULTS, None)["layer"] == "on"  # a config's text
+    (tmp_path / "mine.yaml").write_text("name: no\n")
+    with pytest.raises(ValueError, match=r'^name: no/off/false reads as false, but name holds text .*: name: "no"$'):
+        resolve(["--config", str(tmp_path / "mine.yaml")], extract.DEFAULTS, None)
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    import pytest
+
+    from fungi import eval as eval_mod
+    from fungi import extract, hummingbird
+    from fungi.config import _flatten, config_path, load_yaml, resolve
+
+    with pytest.raises(ValueError, match=r"^kl\.temperature=null: expected a number, not null or an empty value"):
+        resolve(["kl.temperature="], extract.DEFAULTS, None)  # an empty $T: a traceback in the loss
+    with pytest.raises(ValueError, match=r"^name=null: expected text, not null .* \(default 'default'\)$"):
+        resolve(["name=null"], extract.DEFAULTS, None)
+    (tmp_path / "mine.yaml").write_text("simclr:\n  num_negatives:\n")
+    with pytest.raises(ValueError, match=r"^simclr\.num_negatives=null: expected a number"):
+        resolve(["--config", str(tmp_path / "mine.yaml")], extract.DEFAULTS, None)
+    # null is checked against the command's default: the paper config's layer is null (the last block) by default
+    cfg = resolve(["--config", "paper", "layer=", "data.val_split=", "run_dir="], extract.DEFAULTS, None)
+    assert cfg["layer"] is None and cfg["data"]["val_split"] is None and cfg["run_dir"] is None
+    assert resolve(["val_split="], eval_mod.DEFAULTS, None)["val_split"] is None
+    # a shipped config's null means something: its command takes it as an override too
+    shipped = {"paper": extract, "retrieval": extract, "text": extract, "audio": extract, "tiny": extract}
+    shipped |= {"hummingbird_tiny": hummingbird, "hummingbird_efficient": hummingbird}
+    for name, command in shipped.items():
+        nulls = [k for k, v in _flatten(load_yaml(config_path(name))).items() if v is None]
+        assert all(_flatten(resolve([f"{k}="], command.DEFAULTS, None))[k] is None for k in nulls)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from neco.checkpoint import resolve_resume
-from neco.config import ConfigLoader, load_config, parse_value, run_cli
+from neco.config import ConfigLoader, _flat_keys, get_key, load_config, parse_value, run_cli
 
 
 def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides():
@@ -151,3 +151,32 @@ def test_the_demo_names_itself_in_its_usage_errors(capsys):
     assert (
         exc.value.code == 2 and "neco-demo: error: unrecognized arguments: --nosuch" in capsys.readouterr().err
     )  # demo.py
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    assert [load_config([f"name={w}"])["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
+    cfg = load_config(["train.mixed_precision=no", "loss.use_teacher=no", "train.run_dir=/tmp/x"])
+    assert cfg["train"]["mixed_precision"] == "no" and cfg["loss"]["use_teacher"] is False  # a flag keeps YAML's
+    (tmp_path / "mine.yaml").write_text("name: on\n")
+    with pytest.raises(ValueError, match=r'^name: yes/on/true reads as true, but name holds text .*: name: "yes"$'):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    with pytest.raises(ValueError, match=r"^optim\.lr_head=null: expected a number, not null or an empty value"):
+        load_config(["optim.lr_head="])  # an empty $LR: a traceback in the schedule
+    with pytest.raises(ValueError, match=r"^name=null: expected text, not null .* \(default 'neco_dinov2r_vits14'\)$"):
+        load_config(["name=null"])
+    (tmp_path / "mine.yaml").write_text("optim:\n  batch_size:\n")
+    with pytest.raises(ValueError, match=r"^optim\.batch_size=null: expected a number"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+    cfg = load_config(["train.keep_checkpoints=", "val.every_epochs=~", "model.checkpoint=", "train.resume="])
+    assert cfg["train"]["keep_checkpoints"] is None and cfg["val"]["every_epochs"] is None
+    # a null of a shipped config means something there: the other configs of its command take it too
+    for names in (["dinov2r_vits14", "tiny", "leopart_vits16", "timetuning_vits16"], ["eval_voc", "eval_tiny"]):
+        cfgs = {name: load_config(["--config", name]) for name in names}
+        nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if get_key(cfg, k) is None}
+        for name, cfg in cfgs.items():
+            for key in sorted(k for k in nulls if isinstance(get_key(cfg, k), int | float | str)):
+                assert get_key(load_config(["--config", name, f"{key}="]), key) is None

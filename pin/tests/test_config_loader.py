@@ -90,3 +90,56 @@ def test_a_stray_positional_argument_is_a_one_line_error_naming_the_command(monk
         with pytest.raises(SystemExit) as exc:  # the message alone before, without the command and "error:"
             cli()
         assert str(exc.value.code).startswith(f"{prog}: error: {message}")
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    import pytest
+
+    from pin.config import load_config
+
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    assert [load_config([f"name={w}"])[0]["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
+    assert load_config(["train.mixed_precision=no", "out_dir=on"])[0]["out_dir"] == "on"
+    # the command-line switches are paths or `latest`: the text typed, an empty one none
+    cli = load_config(["resume=", "out=no"], flags=("resume", "out"))[0]["_cli"]
+    assert cli == {"resume": None, "out": "no"}
+    (tmp_path / "mine.yaml").write_text("name: no\n")
+    with pytest.raises(ValueError, match=r'^name: no/off/false reads as false, but name holds text .*: name: "no"$'):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    import pytest
+
+    from pin.config import _flat_keys, _get, load_config
+
+    with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
+        load_config(["optim.lr="])  # an empty $LR was '' and failed deep in the optimizer
+    with pytest.raises(ValueError, match=r"^name=null: expected text, not null .* \(default 'blip2_pin'\)$"):
+        load_config(["name=~"])
+    (tmp_path / "mine.yaml").write_text("train:\n  batch_size:\n")
+    with pytest.raises(ValueError, match=r"^train\.batch_size=null: expected a number"):
+        load_config(["--config", str(tmp_path / "mine.yaml")])
+    cfg, _ = load_config(["train.val_every_epochs=", "data.held_out=", "train.max_steps="])
+    assert cfg["train"]["val_every_epochs"] is None and cfg["data"]["held_out"] is None
+    # a null of a shipped config means something there: the other shipped configs take it too
+    cfgs = {
+        name: load_config(["--config", name])[0] for name in ("blip2", "llava", "openflamingo", "paligemma", "tiny")
+    }
+    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if _get(cfg, k) is None}
+    assert {"data.objects", "data.backgrounds", "data.synonyms_path"} <= nulls
+    for name, cfg in cfgs.items():
+        for key in sorted(k for k in nulls if isinstance(_get(cfg, k), int | float | str)):
+            assert _get(load_config(["--config", name, f"{key}="])[0], key) is None
+
+
+def test_a_users_copy_of_the_tiny_config_loads_as_the_shipped_one(tmp_path):
+    from pin.config import config_path, load_config
+
+    copy = tmp_path / "my_tiny.yaml"
+    copy.write_text(config_path("tiny").read_text())
+    mine, _ = load_config(["--config", str(copy)])
+    shipped, _ = load_config(["--config", "tiny"])
+    assert mine["model"]["tiny"] == {"patch_size": 28, "width": 32}
+    for section in ("model", "pin", "data", "train"):  # eval.roots: an empty mapping in a user's file keeps defaults
+        assert mine[section] == shipped[section]

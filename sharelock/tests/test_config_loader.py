@@ -87,3 +87,39 @@ def test_the_demo_names_itself_in_its_usage_errors(capsys):
     assert (
         exc.value.code == 2 and "sharelock-demo: error: unrecognized arguments: --nosuch" in capsys.readouterr().err
     )  # demo.py
+
+
+def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_path):
+    import pytest
+
+    from sharelock.config import load_config
+
+    # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
+    assert [load_config([f"name={w}"], "default")["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
+    assert load_config(["mixed_precision=no", "run_dir=/tmp/x"], "default")["mixed_precision"] == "no"
+    user = tmp_path / "user.yaml"
+    user.write_text("name: yes\n")
+    with pytest.raises(ValueError, match=r'^name: yes/on/true reads as true, but name holds text .*: name: "yes"$'):
+        load_config(["--config", str(user)], "default")
+    user.write_text("mixed_precision: no\nname: '2024'\n")
+    assert load_config(["--config", str(user)], "default")["mixed_precision"] == "no"
+
+
+def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
+    import pytest
+
+    from sharelock.config import load_config
+
+    with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
+        load_config(["optim.lr="], "default")  # an empty $LR: a traceback deep in the optimizer
+    with pytest.raises(ValueError, match=r"^name=null: expected text, not null .* \(default 'sharelock-cc3m'\)$"):
+        load_config(["name=null"], "default")
+    user = tmp_path / "user.yaml"
+    user.write_text("optim:\n  batch_size:\n")
+    with pytest.raises(ValueError, match=r"^optim\.batch_size=null: expected a number"):
+        load_config(["--config", str(user)], "default")
+    # an empty value is null, as in a YAML file; the NULLABLE keys and the keys whose default is null take it
+    cfg = load_config(["resume=", "optim.grad_clip=", "data.train_size=~"], "default")
+    assert cfg["resume"] is None and cfg["optim"]["grad_clip"] is None and cfg["data"]["train_size"] is None
+    assert load_config(["language.dtype=", "vision.dtype=null"], "convert")["language"]["dtype"] is None
+    assert load_config(["split="], "eval")["split"] is None

@@ -124,11 +124,29 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
 NUMBER_OR_NAMES = ("figures",)
 
 
-def check_kind(key: str, old: Any, value: Any) -> Any:
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "train.keep_checkpoints",  # null: keep every checkpoint
+        "data.image_root",  # null in tiny.yaml: the synthetic data reads no files
+        "data.masks_dir",  # as data.image_root
+        "data.clusters",  # as data.image_root
+        "data.background_root",  # as data.image_root
+    }
+)
+
+
+def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
     scalar for a list (``optim.betas=0.9``), a flag, word, list or mapping for a number (``train.batch_size=abc``,
-    ``train.epochs=true``; ``figures`` also takes image names), or anything but true/false for a flag
-    (``train.shared_mask=flase``). Returns ``value``, a number for a string key as its text (``name=2024``)."""
+    ``train.epochs=true``; ``figures`` also takes image names), anything but true/false for a flag
+    (``train.shared_mask=flase``), or null for a number or string key that ``NULLABLE`` does not list. Where YAML
+    reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the command line
+    (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote it), but for
+    ``mixed_precision: no``."""
+    if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
+        kind = "text" if isinstance(old, str) else "a number"
+        raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and not isinstance(value, list):
@@ -138,14 +156,24 @@ def check_kind(key: str, old: Any, value: Any) -> Any:
     if isinstance(old, int | float) and not isinstance(old, bool) and isinstance(value, bool | str | list | dict):
         if key not in NUMBER_OR_NAMES:
             raise ValueError(f"{key}={value!r}: expected a number")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        if value or key.rsplit(".", 1)[-1] != "mixed_precision":  # ``mixed_precision: no`` is "no"
+            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+            raise ValueError(
+                f"{key}: {words} reads as {str(value).lower()}, but {key} holds text (default {old!r}); quote it: "
+                f'{key}: "{word}"'
+            )
+    return value
 
 
-def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> None:
+def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = (), raw: str | None = None) -> None:
     """Set ``cfg[a][b] = value`` for ``key = "a.b"``; a key that is not already a leaf of ``cfg`` is an error,
     unless it is new in one of the ``free`` sections (see ``empty_sections``); so is a value of the wrong kind
-    (``check_kind``)."""
+    (``check_kind``, ``raw``: the text typed)."""
     valid = flatten(cfg)
     target = cfg
     for part in key.split("."):
@@ -155,7 +183,7 @@ def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> N
     if key not in valid and not any(key.startswith(section + ".") for section in free):
         raise UnknownKeyError(key, valid)
     if key in valid:
-        value = check_kind(key, valid[key], value)
+        value = check_kind(key, valid[key], value, raw)
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -166,9 +194,8 @@ def set_dotted(cfg: dict, key: str, value: Any, free: Collection[str] = ()) -> N
 
 
 def parse_value(raw: str) -> Any:
-    """YAML value of a command-line string; also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
-    if raw == "":
-        return ""
+    """YAML value of a command-line string (an empty one is null); also reads ``1e-4`` as a float (YAML 1.1 needs
+    ``1.0e-4``)."""
     try:
         value = yaml.load(raw, Loader=ConfigLoader)
     except yaml.YAMLError as err:  # an unclosed [ or {, a stray character
@@ -183,8 +210,9 @@ def parse_value(raw: str) -> Any:
     return value
 
 
-def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], list[str]]:
-    """Parse ``--config PATH``/``config=PATH``, ``key=value`` and ``--key value``; returns (config, overrides, rest).
+def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]], list[str]]:
+    """Parse ``--config PATH``/``config=PATH``, ``key=value`` and ``--key value``; returns (config, overrides as
+    (key, parsed value, text typed), rest).
 
     ``rest`` keeps the positional arguments (tokens without '=' that do not follow a ``--key``).
     """
@@ -211,7 +239,7 @@ def split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]],
         if key == "config":
             config = raw
         else:
-            overrides.append((key, parse_value(raw)))
+            overrides.append((key, parse_value(raw), raw))
         i += 1
     return config, overrides, rest
 
@@ -252,11 +280,11 @@ def load_config(argv: list[str] | None, default: str = "uncountr", positional: s
     if path.resolve().parent != config_dir().resolve():  # a user's file
         cfg = merge_user_config(load_yaml(resolve_config_path(default)), cfg)
     free = empty_sections(cfg)
-    for key, value in overrides:
-        set_dotted(cfg, key, value, free)
+    for key, value, raw in overrides:
+        set_dotted(cfg, key, value, free, raw)
     train = cfg.get("train")
     if isinstance(train, dict) and train.get("mixed_precision") is False:
-        train["mixed_precision"] = "no"  # YAML 1.1 reads `mixed_precision: no` (file or override) as false
+        train["mixed_precision"] = "no"  # YAML 1.1 reads `mixed_precision: no` in a file as false
     return cfg, rest
 
 

@@ -80,12 +80,29 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 PER_VIEW = ("augment.global_blur_p", "augment.global_solarize_p")
 
 
-def _check_kind(dotted: str, old: Any, value: Any) -> Any:
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "keep_checkpoints",  # null: keep every checkpoint
+        "keep_every_epochs",  # null: no epoch milestones kept beside the newest checkpoints
+        "optim.steps_per_epoch",  # null: the whole video dataset per epoch
+        "optim.clip_grad",  # null (as 0): no gradient clipping
+        "augment.precrop_size",  # null: no pre-crop (the DINO baseline's config)
+    }
+)
+
+
+def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
     bare string for a list (``tasks=knn`` would read as the letters k, n, n), a flag, string, list or mapping for a
-    number (``optim.epochs=true``; ``PER_VIEW`` keys take a list) or anything but true/false for a flag
-    (``model.norm_last_layer=flase`` would read as true). Returns ``value``, a number for a string key as its text
-    (``name=2024``)."""
+    number (``optim.epochs=true``; ``PER_VIEW`` keys take a list), anything but true/false for a flag
+    (``model.norm_last_layer=flase`` would read as true), or null for a number or string key that ``NULLABLE`` does
+    not list. Where YAML reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the
+    command line (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote
+    it), but for ``mixed_precision: no``."""
+    if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
+        kind = "text" if isinstance(old, str) else "a number"
+        raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
             f"{dotted}={value!r}: {dotted} is a section; set its keys, e.g. {dotted}.{next(iter(old))}=..."
@@ -97,8 +114,18 @@ def _check_kind(dotted: str, old: Any, value: Any) -> Any:
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         if not (isinstance(value, list) and dotted in PER_VIEW):
             raise ValueError(f"{dotted}={value!r}: expected a number")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # ``mixed_precision: no`` is "no"
+            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+            raise ValueError(
+                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
+                f'it: {dotted}: "{word}"'
+            )
+    return value
 
 
 def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
@@ -111,9 +138,10 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> None:
+def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = (), raw: str | None = None) -> None:
     """Set ``a.b.c`` in a nested dict; unknown keys raise a KeyError listing the valid keys (new keys are welcome
-    in the ``free`` sections, see ``empty_sections``), an override of the wrong kind (``_check_kind``) a ValueError."""
+    in the ``free`` sections, see ``empty_sections``), an override of the wrong kind (``_check_kind``, ``raw``: the
+    text typed) a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -125,7 +153,7 @@ def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> N
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
-            node[part] = _check_kind(dotted, node[part], value)
+            node[part] = _check_kind(dotted, node[part], value, raw)
         else:
             node = node[part]
 
@@ -191,14 +219,15 @@ def _check(cfg: dict) -> None:
     optim = cfg.get("optim")
     if isinstance(optim, dict) and "mixed_precision" in optim:
         value = optim["mixed_precision"]
-        if value is False or value is None:
+        if value is False:
             optim["mixed_precision"] = "no"
         elif value not in MIXED_PRECISION:
             raise ValueError(f"optim.mixed_precision={value!r}: expected one of {', '.join(MIXED_PRECISION)}")
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    """Split argv into (config path or None, [(dotted key, yaml-parsed value), ...])."""
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
+    """Split argv into (config path or None, [(dotted key, yaml-parsed value, text typed), ...]); an empty value is
+    null."""
     config, pairs, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -219,7 +248,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
         if key == "config":
             config = raw
         else:
-            pairs.append((key, parse_value(raw)))
+            pairs.append((key, parse_value(raw), raw))
         i += 1
     return config, pairs
 
@@ -271,8 +300,8 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
     if path.resolve().parent != Path(str(resources.files("dora") / "configs")).resolve():  # a user's file
         cfg = merge_user_config(read_yaml(config_path(default)), cfg)
     cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
-    for key, value in pairs:
-        set_key(cfg, key, value, free)
+    for key, value, raw in pairs:
+        set_key(cfg, key, value, free, raw)
     _check(cfg)
     return cfg
 

@@ -94,11 +94,27 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def check_kind(key: str, old: Any, value: Any) -> Any:
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "data.val_split",  # null: no validation split
+        "val_split",  # fungi-eval: null chooses the linear probe's lambda on an 80/20 split of train
+        "memory_size",  # fungi-hummingbird: null keeps every patch (hummingbird_tiny / _efficient)
+        "data_dir",  # fungi-hummingbird: null in hummingbird_tiny.yaml, the synthetic scenes read no files
+    }
+)
+
+
+def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
     string for a list (``objectives=kl`` would read as the letters k, l), a flag, string, list or mapping for a number
-    (``batch_size=four``, ``seed=true``), or anything but true/false for a flag (``pretrained=flase``). Returns
-    ``value``, a number for a string key as its text (``name=2024``)."""
+    (``batch_size=four``, ``seed=true``), anything but true/false for a flag (``pretrained=flase``), or null for a
+    number or string key that ``NULLABLE`` does not list. Where YAML reads a number or a boolean for a string key, the
+    key keeps ``raw``, the text typed on the command line (``name=2024``, ``name=yes``); in a file a number becomes
+    its text and a boolean is an error (quote it)."""
+    if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
+        kind = "text" if isinstance(old, str) else "a number"
+        raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(f"{key}={value!r}: {key} is a section; set its keys, e.g. {key}.{next(iter(old))}=...")
     if isinstance(old, list) and isinstance(value, str):
@@ -107,8 +123,17 @@ def check_kind(key: str, old: Any, value: Any) -> Any:
         raise ValueError(f"{key}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+        raise ValueError(
+            f"{key}: {words} reads as {str(value).lower()}, but {key} holds text (default {old!r}); quote it: "
+            f'{key}: "{word}"'
+        )
+    return value
 
 
 def merge(
@@ -118,14 +143,17 @@ def merge(
     strict: bool = True,
     schema: dict | None = None,
     root: dict | None = None,
+    typed: dict[str, str] | None = None,
 ) -> dict:
     """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error listing the valid ones and
     naming keys of the whole config ``root`` (default ``base``) with the same last part (an empty mapping in
     ``schema``, default ``base``, such as ``model_kwargs``, accepts any keys); a value of the wrong kind for its key
-    (``check_kind``) is a ValueError."""
+    (``check_kind``; null against the ``schema`` default; ``typed``: the text of command-line values by dotted key)
+    is a ValueError."""
     out = copy.deepcopy(base)
     schema = base if schema is None else schema
     root = base if root is None else root
+    typed = typed or {}
     for key, value in update.items():
         full = f"{prefix}{key}"
         if strict and key not in out:
@@ -133,15 +161,17 @@ def merge(
             raise UnknownKeyError(full, [prefix + k for k in out], elsewhere)
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             sub = schema[key] if isinstance(schema.get(key), dict) else out[key]
-            out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub, root)
+            out[key] = merge(out[key], value, f"{full}.", strict and bool(sub), sub, root, typed)
         else:
             old = out.get(key)
-            out[key] = check_kind(full, schema.get(key) if old is None else old, value)  # null: the default's kind
+            kind = schema.get(key) if old is None or value is None else old  # null: checked against the default
+            out[key] = check_kind(full, kind, value, typed.get(full))
     return out
 
 
-def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict]:
-    """``['--config', 'x.yaml', 'a.b=1', '--c', '2']`` -> ('x.yaml', {'a': {'b': 1}, 'c': 2})."""
+def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict, dict[str, str]]:
+    """``['--config', 'x.yaml', 'a.b=1', '--c', '2']`` -> ('x.yaml', {'a': {'b': 1}, 'c': 2}, {'a.b': '1', 'c': '2'}):
+    the config, the parsed values (an empty value is null) and the text typed, by dotted key."""
     pairs: list[tuple[str, str]] = []
     args = list(argv)
     i = 0
@@ -173,7 +203,7 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parse_value(value)
-    return config, nested
+    return config, nested, {key: value for key, value in pairs if key != "config"}
 
 
 def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -207,12 +237,12 @@ def resolve(argv: Sequence[str] | None, defaults: dict, default_config: str | No
     if "--help" in argv or "-h" in argv:
         print_help(defaults, default_config)
         raise SystemExit(0)
-    config_name, overrides = parse_overrides(argv)
+    config_name, overrides, typed = parse_overrides(argv)
     cfg = copy.deepcopy(defaults)
     name = default_config if config_name is None else config_name  # config= (an empty $CFG) is no config name
     if name is not None:
         cfg = merge(cfg, load_yaml(config_path(name)))
-    return merge(cfg, overrides, schema=defaults)  # model_kwargs & co. stay free-form after a config filled them
+    return merge(cfg, overrides, schema=defaults, typed=typed)  # model_kwargs & co. stay free-form once filled
 
 
 def save_config(cfg: dict, path: Path) -> None:

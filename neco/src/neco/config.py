@@ -95,25 +95,54 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def check_kind(dotted: str, old: Any, value: Any) -> Any:
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "train.keep_checkpoints",  # null: keep every checkpoint
+        "val.every_epochs",  # null: validate by val.every_steps only
+        "model.checkpoint",  # null: timm's weights (set by leopart_vits16 / timetuning_vits16)
+        "data.root",  # null in tiny.yaml / eval_tiny.yaml: the synthetic data reads no files
+        "data.train_split",  # null: the dataset's training split (VOC: trainaug)
+        "data.num_classes",  # null: the dataset's number of classes
+        "hummingbird.memory_size",  # null: every patch in memory
+    }
+)
+
+
+def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
     (``evals=linear`` would read as letters), a flag, string, list or mapping for a number (``optim.batch_size=four``,
-    ``optim.epochs=true``), or anything but true/false for a flag (``loss.use_teacher=flase``). Returns ``value``, a
-    number for a string key as its text (``name=2024``)."""
+    ``optim.epochs=true``), anything but true/false for a flag (``loss.use_teacher=flase``), or null for a number or
+    string key that ``NULLABLE`` does not list. Where YAML reads a number or a boolean for a string key, the key keeps
+    ``raw``, the text typed on the command line (``name=2024``, ``name=yes``); in a file a number becomes its text and
+    a boolean is an error (quote it), but for ``mixed_precision: no``."""
+    if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
+        kind = "text" if isinstance(old, str) else "a number"
+        raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")
     if isinstance(old, list) and isinstance(value, str):
         raise ValueError(f"{dotted}={value!r}: expected a list, e.g. {dotted}=[{value}]")
     if isinstance(old, bool) and not isinstance(value, bool):  # a misspelt false would read as true
         raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return str(value) if isinstance(old, str) and number else value  # name=2024: a string key keeps a string
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # ``mixed_precision: no`` is "no"
+            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+            raise ValueError(
+                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
+                f'it: {dotted}: "{word}"'
+            )
+    return value
 
 
-def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] = ()) -> None:
+def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] = (), raw: str | None = None) -> None:
     """Set ``cfg[a][b] = value`` for ``dotted = 'a.b'``; unknown keys raise KeyError listing the valid ones (new
-    keys are welcome in the ``free`` sections, see ``empty_sections``), a value of the wrong kind (``check_kind``)
-    a ValueError."""
+    keys are welcome in the ``free`` sections, see ``empty_sections``), a value of the wrong kind (``check_kind``,
+    ``raw``: the text typed) a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -129,7 +158,7 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] 
             if isinstance(node[part], dict) and node[part] and not isinstance(value, dict):
                 example = f"{dotted}.{next(iter(node[part]))}"
                 raise ValueError(f"{dotted}={value!r}: {dotted} is a section; set its fields, e.g. {example}=...")
-            node[part] = check_kind(dotted, node[part], value)
+            node[part] = check_kind(dotted, node[part], value, raw)
         else:
             node = node[part]
 
@@ -156,8 +185,9 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    """Split ``argv`` into the ``--config``/``config=`` path and a list of (dotted key, YAML-parsed value)."""
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
+    """Split ``argv`` into the ``--config``/``config=`` path and a list of (dotted key, YAML-parsed value, text
+    typed); an empty value is null."""
     config, pairs, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -174,7 +204,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
         if key == "config":
             config = value
         else:
-            pairs.append((key.replace("-", "_"), parse_value(value)))
+            pairs.append((key.replace("-", "_"), parse_value(value), value))
     return config, pairs
 
 
@@ -214,8 +244,8 @@ def load_config(argv: list[str] | None = None, default: str = DEFAULT_CONFIG) ->
         with open(resolve_config_path(default)) as f:
             cfg = merge_user_config(yaml.load(f, Loader=ConfigLoader), cfg)
     cfg, free = copy.deepcopy(cfg), empty_sections(cfg)
-    for key, value in pairs:
-        set_key(cfg, key, value, free)
+    for key, value, raw in pairs:
+        set_key(cfg, key, value, free, raw)
     cfg["config_path"] = os.path.abspath(path)
     return string_mixed_precision(cfg)
 
@@ -250,7 +280,7 @@ def merge_user_config(base: dict[str, Any], update: dict[str, Any], prefix: str 
 
 
 def string_mixed_precision(cfg: Any) -> Any:
-    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    """YAML 1.1 reads ``mixed_precision: no`` in a config file as False: give accelerate its "no"."""
     if isinstance(cfg, dict):
         for key, value in cfg.items():
             if key == "mixed_precision" and value is False:

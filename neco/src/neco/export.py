@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from neco.config import UnknownKeyError, parse_overrides, print_help, run_cli, wants_help
+from neco.config import UnknownKeyError, check_kind, parse_overrides, print_help, run_cli, wants_help
 from neco.eval import backbone_from_checkpoint, resolve_checkpoint
 from neco.models import BACKBONES
 
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(0)
     _, pairs = parse_overrides(argv)
     args = dict(DEFAULTS)
-    for key, value in pairs:
+    for key, value, raw in pairs:
         if key not in args:
             raise UnknownKeyError(key, args)
-        args[key] = value
+        args[key] = check_kind(key, args[key], value, raw)
     if not args["checkpoint"]:
         raise ValueError("give checkpoint=<run dir or checkpoint dir>")
     if args["output"] and not str(args["output"]).endswith(".safetensors"):  # timm reads a file by its suffix

@@ -119,12 +119,31 @@ def empty_sections(cfg: dict, prefix: str = "") -> set[str]:
 LIST_OR_NAME = ("data.held_out",)
 
 
-def check_kind(dotted: str, old: Any, value: Any) -> Any:
-    """`value`, checked against the key's default `old` (null passes, but for a flag): a scalar for a whole section,
-    a bare string for a list (`eval.datasets=coco` would read as letters), anything but a number for a number,
-    anything but true/false for a flag is a ValueError; a number for a string key becomes its text (`name=2024`,
-    which YAML reads as a number)."""
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "train.keep_checkpoints",  # null: keep every checkpoint
+        "train.val_every_epochs",  # null: no validation
+        "model.image_size",  # null: the VLM's own input size
+        "data.held_out",  # null (as []): no held-out classes
+        "data.objects",  # null: procedural objects (tiny.yaml)
+        "data.backgrounds",  # null: procedural backgrounds (tiny.yaml)
+        "data.val_backgrounds",  # null: data.backgrounds
+        "data.synonyms_path",  # null: no synonym file (tiny.yaml)
+    }
+)
+
+
+def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
+    """`value`, checked against the key's default `old`: a scalar for a whole section, a bare string for a list
+    (`eval.datasets=coco` would read as letters), anything but a number for a number, anything but true/false for a
+    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a number
+    or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`, `name=yes`); in
+    a file a number becomes its text and a boolean is an error (quote it), but for `mixed_precision: no`."""
     if value is None and not isinstance(old, bool):
+        if isinstance(old, int | float | str) and dotted not in NULLABLE:
+            kind = "text" if isinstance(old, str) else "a number"
+            raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")
         return value
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
@@ -137,13 +156,24 @@ def check_kind(dotted: str, old: Any, value: Any) -> Any:
         raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, int | float) and not isinstance(old, bool) and not number:
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
-    return str(value) if isinstance(old, str) and number else value
+    if isinstance(old, str) and not isinstance(value, str | list | dict):  # YAML read a number, date or boolean
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # `mixed_precision: no` is "no"
+            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+            raise ValueError(
+                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
+                f'it: {dotted}: "{word}"'
+            )
+    return value
 
 
-def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> None:
+def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = (), raw: str | None = None) -> None:
     """Set `a.b.c` in a nested dict; the key must already exist (unknown keys are an error listing valid ones),
-    unless it is new in one of the `free` sections (see `empty_sections`); a value of the wrong kind (`check_kind`)
-    is a ValueError."""
+    unless it is new in one of the `free` sections (see `empty_sections`); a value of the wrong kind (`check_kind`,
+    `raw`: the text typed) is a ValueError."""
     node = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -155,7 +185,7 @@ def set_key(cfg: dict, dotted: str, value: Any, free: Collection[str] = ()) -> N
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, _flat_keys(cfg))
         if i == len(parts) - 1:
-            node[part] = check_kind(dotted, node[part], value)
+            node[part] = check_kind(dotted, node[part], value, raw)
         else:
             node = node[part]
 
@@ -205,11 +235,17 @@ def print_help(default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage
     print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
 
 
+TINY_ONLY = ("model.tiny",)  # tiny.yaml's options of the tiny random model, absent from the paper configs
+
+
 def merge_user_config(base: dict, update: dict, prefix: str = "") -> dict:
     """``update`` (a config file of the user's) laid over a copy of ``base`` (the command's default config): keys
     the file leaves out keep their defaults, keys the default lacks are an error (an empty mapping takes any)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
+        if prefix + key in TINY_ONLY and isinstance(value, dict):  # a copy of tiny.yaml
+            out[key] = value
+            continue
         if key not in out:
             raise UnknownKeyError(prefix + key, [prefix + k for k in out])
         if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
@@ -226,7 +262,8 @@ def load_config(
 
     `argv=None` reads sys.argv[1:] (console scripts).
 
-    `flags` are CLI-only switches (e.g. `quick`, `resume`) kept in `cfg["_cli"]` instead of the config tree.
+    `flags` are CLI-only switches (e.g. `resume`, `out`) kept in `cfg["_cli"]` as the text typed (an empty value is
+    None) instead of the config tree.
     `--help` / `-h` prints the keys with their defaults (`usage_args` names the positional arguments in the usage
     line) and exits with status 0.
     """
@@ -248,14 +285,14 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             continue
+        if key in flags:  # paths and `latest`: the text as typed (out=no writes no), an empty value is none
+            cli[key] = value.strip() or None
+            continue
         try:
-            parsed = parse_value(value) if value != "" else ""
+            parsed = parse_value(value)
         except yaml.YAMLError as err:
             raise ValueError(f"{key}: {value!r} is not valid YAML ({_yaml_problem(err)})") from None
-        if key in flags:
-            cli[key] = parsed
-        else:
-            set_key(cfg, key, parsed, free)
+        set_key(cfg, key, parsed, free, value)
     cfg["_cli"] = cli
     return string_mixed_precision(cfg), positional
 
@@ -268,7 +305,7 @@ def dump_config(cfg: dict, path: str | Path) -> None:
 
 
 def string_mixed_precision(cfg: Any) -> Any:
-    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    """YAML 1.1 reads ``mixed_precision: no`` in a config file as False: give accelerate its "no"."""
     if isinstance(cfg, dict):
         for key, value in cfg.items():
             if key == "mixed_precision" and value is False:

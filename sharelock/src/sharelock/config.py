@@ -151,12 +151,29 @@ def valid_keys(cfg: dict) -> list[str]:
     return sorted(_flatten(cfg))
 
 
-def check_kind(dotted: str, old: Any, value: Any) -> Any:
-    """`value`, checked against the key's default `old` (null passes, but for a flag): a scalar for a whole section,
-    a bare string for a list (`data.datasets=store` would read as letters), anything but a number for a number,
-    anything but true/false for a flag is a ValueError; a number for a string key becomes its text (`name=2024`,
-    which YAML reads as a number)."""
+# number and text keys whose null (also an empty `key=`) means something; null is refused for the others
+NULLABLE = frozenset(
+    {
+        "keep_checkpoints",  # null: keep every checkpoint
+        "optim.grad_clip",  # null (as 0): no gradient clipping
+        "language.dtype",  # null: bfloat16 on GPU, float32 on CPU (convert.yaml sets float32)
+        "vision.dtype",  # as language.dtype
+        "split",  # null: an hf: dataset given without :<split> takes its first split
+        "source.split",  # as split
+    }
+)
+
+
+def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
+    """`value`, checked against the key's default `old`: a scalar for a whole section, a bare string for a list
+    (`data.datasets=store` would read as letters), anything but a number for a number, anything but true/false for a
+    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a number
+    or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`, `name=yes`); in
+    a file a number becomes its text and a boolean is an error (quote it), but for `mixed_precision: no`."""
     if value is None and not isinstance(old, bool):
+        if isinstance(old, int | float | str) and dotted not in NULLABLE:
+            kind = "text" if isinstance(old, str) else "a number"
+            raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")
         return value
     if isinstance(old, dict) and old and not isinstance(value, dict):
         raise ValueError(
@@ -169,25 +186,37 @@ def check_kind(dotted: str, old: Any, value: Any) -> Any:
         raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, int | float) and not isinstance(old, bool) and not number:
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
-    return str(value) if isinstance(old, str) and number else value
+    if isinstance(old, str) and not isinstance(value, str | list | dict):  # YAML read a number, date or boolean
+        if raw is not None:
+            return raw.strip()
+        if not isinstance(value, bool):
+            return str(value)
+        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # `mixed_precision: no` is "no"
+            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+            raise ValueError(
+                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
+                f'it: {dotted}: "{word}"'
+            )
+    return value
 
 
-def set_key(cfg: dict, dotted: str, value: Any) -> None:
+def set_key(cfg: dict, dotted: str, value: Any, raw: str | None = None) -> None:
     """Set `a.b.c` in a nested dict; unknown keys raise KeyError listing the valid ones, a value of the wrong kind
-    (`check_kind`) a ValueError."""
+    (`check_kind`, `raw`: the text typed) a ValueError."""
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             raise UnknownKeyError(dotted, valid_keys(cfg))
         if i == len(parts) - 1:
-            node[part] = check_kind(dotted, node[part], value)
+            node[part] = check_kind(dotted, node[part], value, raw)
         else:
             node = node[part]
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    """Split argv into (config path or None, [(dotted key, parsed value)]). Accepts `k=v`, `--k v` and `--k=v`."""
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
+    """Split argv into (config path or None, [(dotted key, parsed value, text typed)]). Accepts `k=v`, `--k v` and
+    `--k=v`; an empty value is null."""
     config_path, pairs, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -206,7 +235,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
             config_path = raw
         else:
             try:
-                pairs.append((key, parse_value(raw) if raw != "" else None))
+                pairs.append((key, parse_value(raw), raw))
             except yaml.YAMLError as err:
                 raise ValueError(f"{key}: {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
         i += 1
@@ -230,8 +259,8 @@ def load_config(argv: list[str] | None, default: str) -> dict:
         with open(default_config_path(default)) as f:
             base = yaml.load(f, Loader=ConfigLoader)
         cfg = merge(base, cfg)
-    for key, value in pairs:
-        set_key(cfg, key, value)
+    for key, value, raw in pairs:
+        set_key(cfg, key, value, raw)
     return string_mixed_precision(cfg)
 
 
@@ -256,7 +285,7 @@ def save_config(cfg: dict, path: str | Path) -> None:
 
 
 def string_mixed_precision(cfg: Any) -> Any:
-    """YAML 1.1 reads ``mixed_precision: no`` (in a file or as an override) as False: give accelerate its "no"."""
+    """YAML 1.1 reads ``mixed_precision: no`` in a config file as False: give accelerate its "no"."""
     if isinstance(cfg, dict):
         for key, value in cfg.items():
             if key == "mixed_precision" and value is False:
