@@ -132,6 +132,7 @@ NULLABLE = frozenset(
         "data.masks_dir",  # as data.image_root
         "data.clusters",  # as data.image_root
         "data.background_root",  # as data.image_root
+        "train.standard_size",  # null: the loss normalises by the actual H x W
     }
 )
 
@@ -142,8 +143,8 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     ``train.epochs=true``; ``figures`` also takes image names), anything but true/false for a flag
     (``train.shared_mask=flase``), or null for a number or string key that ``NULLABLE`` does not list. Where YAML
     reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the command line
-    (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote it), but for
-    ``mixed_precision: no``."""
+    (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote it). False
+    is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` text key (``data.val_split=false``)."""
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")
@@ -157,16 +158,19 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
         if key not in NUMBER_OR_NAMES:
             raise ValueError(f"{key}={value!r}: expected a number")
     if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if value is False and key.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
+            return "no"
+        if value is False and key in NULLABLE:  # data.val_split=false: none, as null
+            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):
             return str(value)
-        if value or key.rsplit(".", 1)[-1] != "mixed_precision":  # ``mixed_precision: no`` is "no"
-            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
-            raise ValueError(
-                f"{key}: {words} reads as {str(value).lower()}, but {key} holds text (default {old!r}); quote it: "
-                f'{key}: "{word}"'
-            )
+        word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+        raise ValueError(
+            f"{key}: {words} reads as {str(value).lower()}, but {key} holds text (default {old!r}); quote it: "
+            f'{key}: "{word}"'
+        )
     return value
 
 

@@ -88,6 +88,8 @@ NULLABLE = frozenset(
         "optim.steps_per_epoch",  # null: the whole video dataset per epoch
         "optim.clip_grad",  # null (as 0): no gradient clipping
         "augment.precrop_size",  # null: no pre-crop (the DINO baseline's config)
+        "data.decode_short_side",  # null: decode at the video's full resolution
+        "data.seek_gap",  # null: 4 x data.step
     }
 )
 
@@ -99,7 +101,8 @@ def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> An
     (``model.norm_last_layer=flase`` would read as true), or null for a number or string key that ``NULLABLE`` does
     not list. Where YAML reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the
     command line (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote
-    it), but for ``mixed_precision: no``."""
+    it). False is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` text key
+    (``data.val_split=false``)."""
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")
@@ -115,16 +118,19 @@ def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> An
         if not (isinstance(value, list) and dotted in PER_VIEW):
             raise ValueError(f"{dotted}={value!r}: expected a number")
     if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if value is False and dotted.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
+            return "no"
+        if value is False and dotted in NULLABLE:  # data.val_split=false: none, as null
+            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):
             return str(value)
-        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # ``mixed_precision: no`` is "no"
-            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
-            raise ValueError(
-                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
-                f'it: {dotted}: "{word}"'
-            )
+        word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+        raise ValueError(
+            f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote it: "
+            f'{dotted}: "{word}"'
+        )
     return value
 
 

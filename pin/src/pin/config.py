@@ -56,6 +56,9 @@ def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]
         raise SystemExit(f"{prog}: error: {message}") from None
 
 
+NO_SWITCH = ("", "~", "null", "false", "no", "off")  # what YAML reads as null or false: a switch left unset
+
+
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
     return yaml.load(raw, Loader=ConfigLoader)
@@ -137,9 +140,10 @@ NULLABLE = frozenset(
 def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """`value`, checked against the key's default `old`: a scalar for a whole section, a bare string for a list
     (`eval.datasets=coco` would read as letters), anything but a number for a number, anything but true/false for a
-    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a number
-    or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`, `name=yes`); in
-    a file a number becomes its text and a boolean is an error (quote it), but for `mixed_precision: no`."""
+    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a
+    number or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`,
+    `name=yes`); in a file a number becomes its text and a boolean is an error (quote it). False is "no" for a
+    ``mixed_precision`` key and null for a ``NULLABLE`` text key (``data.val_split=false``)."""
     if value is None and not isinstance(old, bool):
         if isinstance(old, int | float | str) and dotted not in NULLABLE:
             kind = "text" if isinstance(old, str) else "a number"
@@ -156,17 +160,20 @@ def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any
         raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, int | float) and not isinstance(old, bool) and not number:
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
-    if isinstance(old, str) and not isinstance(value, str | list | dict):  # YAML read a number, date or boolean
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if value is False and dotted.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
+            return "no"
+        if value is False and dotted in NULLABLE:  # data.val_split=false: none, as null
+            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):
             return str(value)
-        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # `mixed_precision: no` is "no"
-            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
-            raise ValueError(
-                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
-                f'it: {dotted}: "{word}"'
-            )
+        word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+        raise ValueError(
+            f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote it: "
+            f'{dotted}: "{word}"'
+        )
     return value
 
 
@@ -262,7 +269,7 @@ def load_config(
 
     `argv=None` reads sys.argv[1:] (console scripts).
 
-    `flags` are CLI-only switches (e.g. `resume`, `out`) kept in `cfg["_cli"]` as the text typed (an empty value is
+    `flags` are CLI-only switches (e.g. `resume`, `out`) kept in `cfg["_cli"]` as the text typed (empty, null or false:
     None) instead of the config tree.
     `--help` / `-h` prints the keys with their defaults (`usage_args` names the positional arguments in the usage
     line) and exits with status 0.
@@ -285,8 +292,8 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             continue
-        if key in flags:  # paths and `latest`: the text as typed (out=no writes no), an empty value is none
-            cli[key] = value.strip() or None
+        if key in flags:  # paths and `latest`: the text as typed; empty, null or false (resume=null) is none
+            cli[key] = None if value.strip().lower() in NO_SWITCH else value.strip()
             continue
         try:
             parsed = parse_value(value)

@@ -160,6 +160,7 @@ NULLABLE = frozenset(
         "vision.dtype",  # as language.dtype
         "split",  # null: an hf: dataset given without :<split> takes its first split
         "source.split",  # as split
+        "model.embedding_dim",  # null: the vision feature size
     }
 )
 
@@ -167,9 +168,10 @@ NULLABLE = frozenset(
 def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """`value`, checked against the key's default `old`: a scalar for a whole section, a bare string for a list
     (`data.datasets=store` would read as letters), anything but a number for a number, anything but true/false for a
-    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a number
-    or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`, `name=yes`); in
-    a file a number becomes its text and a boolean is an error (quote it), but for `mixed_precision: no`."""
+    flag, and null for a number or text key that `NULLABLE` does not list are a ValueError. Where YAML reads a
+    number or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`,
+    `name=yes`); in a file a number becomes its text and a boolean is an error (quote it). False is "no" for a
+    ``mixed_precision`` key and null for a ``NULLABLE`` text key (``data.val_split=false``)."""
     if value is None and not isinstance(old, bool):
         if isinstance(old, int | float | str) and dotted not in NULLABLE:
             kind = "text" if isinstance(old, str) else "a number"
@@ -186,17 +188,20 @@ def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any
         raise ValueError(f"{dotted}={value!r}: expected true or false")
     if isinstance(old, int | float) and not isinstance(old, bool) and not number:
         raise ValueError(f"{dotted}={value!r}: expected a number (default {old!r})")
-    if isinstance(old, str) and not isinstance(value, str | list | dict):  # YAML read a number, date or boolean
+    if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
+        if value is False and dotted.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
+            return "no"
+        if value is False and dotted in NULLABLE:  # data.val_split=false: none, as null
+            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):
             return str(value)
-        if value or dotted.rsplit(".", 1)[-1] != "mixed_precision":  # `mixed_precision: no` is "no"
-            word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
-            raise ValueError(
-                f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote "
-                f'it: {dotted}: "{word}"'
-            )
+        word, words = ("yes", "yes/on/true") if value else ("no", "no/off/false")
+        raise ValueError(
+            f"{dotted}: {words} reads as {str(value).lower()}, but {dotted} holds text (default {old!r}); quote it: "
+            f'{dotted}: "{word}"'
+        )
     return value
 
 
