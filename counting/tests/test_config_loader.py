@@ -134,3 +134,9 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     for name, cfg in cfgs.items():
         for key in sorted(k for k, v in flatten(cfg).items() if k in nulls and isinstance(v, int | float | str)):
             assert flatten(load_config(["--config", name, f"{key}="])[0])[key] is None
+
+
+def test_false_is_no_for_mixed_precision_and_null_standard_size_means_the_actual_size():
+    for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
+        assert load_config([f"train.mixed_precision={word}"])[0]["train"]["mixed_precision"] == "no"
+    assert load_config(["train.standard_size=null"])[0]["train"]["standard_size"] is None

@@ -213,3 +213,12 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     for name, cfg in cfgs.items():
         for key in sorted(k for k in nulls if isinstance(_get(cfg, k), int | float | str)):
             assert _get(load_config(["--config", name, f"{key}="]), key) is None
+
+
+def test_false_is_no_for_mixed_precision_and_null_decoding_keys_mean_full_size_and_the_default_gap():
+    from dora.config import load_config
+
+    for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
+        assert load_config([f"optim.mixed_precision={word}"])["optim"]["mixed_precision"] == "no"
+    cfg = load_config(["data.decode_short_side=null", "data.seek_gap="])
+    assert cfg["data"]["decode_short_side"] is None and cfg["data"]["seek_gap"] is None

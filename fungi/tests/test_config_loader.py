@@ -91,3 +91,11 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     for name, command in shipped.items():
         nulls = [k for k, v in _flatten(load_yaml(config_path(name))).items() if v is None]
         assert all(_flatten(resolve([f"{k}="], command.DEFAULTS, None))[k] is None for k in nulls)
+
+
+def test_false_is_none_for_a_text_key_whose_null_means_something():
+    from fungi import extract
+    from fungi.config import resolve
+
+    cfg = resolve(["--config", "tiny", "data.val_split=false"], extract.DEFAULTS, None)
+    assert cfg["data"]["val_split"] is None  # as null: no validation split, as before text keys kept the text typed

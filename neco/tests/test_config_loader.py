@@ -180,3 +180,8 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
         for name, cfg in cfgs.items():
             for key in sorted(k for k in nulls if isinstance(get_key(cfg, k), int | float | str)):
                 assert get_key(load_config(["--config", name, f"{key}="]), key) is None
+
+
+def test_false_is_no_for_mixed_precision():
+    for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
+        assert load_config([f"train.mixed_precision={word}"])["train"]["mixed_precision"] == "no"

@@ -100,9 +100,13 @@ def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_pat
     # YAML 1.1 reads yes/no/on/off as booleans (a run folder named True) and 1e3 as 1000.0: a text key keeps the text
     assert [load_config([f"name={w}"])[0]["name"] for w in ("yes", "off", "1e3")] == ["yes", "off", "1e3"]
     assert load_config(["train.mixed_precision=no", "out_dir=on"])[0]["out_dir"] == "on"
-    # the command-line switches are paths or `latest`: the text typed, an empty one none
-    cli = load_config(["resume=", "out=no"], flags=("resume", "out"))[0]["_cli"]
-    assert cli == {"resume": None, "out": "no"}
+    # the command-line switches are paths or `latest`: the text typed (1e3 stays 1e3); empty, null or false: unset
+    for unset in ("", "null", "~", "false", "no", "Off"):
+        assert load_config([f"resume={unset}"], flags=("resume",))[0]["_cli"] == {"resume": None}
+    assert load_config(["resume=latest", "out=1e3"], flags=("resume", "out"))[0]["_cli"] == {
+        "resume": "latest",
+        "out": "1e3",
+    }
     (tmp_path / "mine.yaml").write_text("name: no\n")
     with pytest.raises(ValueError, match=r'^name: no/off/false reads as false, but name holds text .*: name: "no"$'):
         load_config(["--config", str(tmp_path / "mine.yaml")])
@@ -143,3 +147,12 @@ def test_a_users_copy_of_the_tiny_config_loads_as_the_shipped_one(tmp_path):
     assert mine["model"]["tiny"] == {"patch_size": 28, "width": 32}
     for section in ("model", "pin", "data", "train"):  # eval.roots: an empty mapping in a user's file keeps defaults
         assert mine[section] == shipped[section]
+
+
+def test_false_is_no_for_mixed_precision_and_none_for_a_text_key_whose_null_means_something():
+    from pin.config import load_config
+
+    for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
+        assert load_config([f"train.mixed_precision={word}"])[0]["train"]["mixed_precision"] == "no"
+    cfg = load_config(["--config", "blip2", "data.val_backgrounds=false"])[0]  # as null: data.backgrounds
+    assert cfg["data"]["val_backgrounds"] is None

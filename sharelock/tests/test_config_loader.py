@@ -123,3 +123,11 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     assert cfg["resume"] is None and cfg["optim"]["grad_clip"] is None and cfg["data"]["train_size"] is None
     assert load_config(["language.dtype=", "vision.dtype=null"], "convert")["language"]["dtype"] is None
     assert load_config(["split="], "eval")["split"] is None
+
+
+def test_false_is_no_for_mixed_precision_and_none_for_a_text_key_whose_null_means_something():
+    from sharelock.config import load_config
+
+    for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
+        assert load_config([f"mixed_precision={word}"], "default")["mixed_precision"] == "no"
+    assert load_config(["model.embedding_dim=null"], "default")["model"]["embedding_dim"] is None  # the vision size
