@@ -307,6 +307,30 @@ def test_keep_checkpoints_prunes_all_but_the_newest_steps(tmp_path):
         main([*base, "name=bad", "train.keep_checkpoints=0"])
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """The checkpoints past a resume's step belong to an abandoned trajectory: they move to checkpoints/abandoned/,
+    so that pruning keeps the new run's own and resume=auto continues it."""
+    run = tmp_path / "c"
+    base = ["--config", "tiny", f"output_dir={tmp_path}", "name=c", "train.checkpoint_every=1", "train.epochs=4"]
+    main([*base, "train.max_steps=4", "train.keep_checkpoints=null"])
+    main([*base, "train.max_steps=3", "train.keep_checkpoints=1", f"resume={run / 'checkpoints' / 'step_000001'}"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["abandoned", "step_000003"]
+    assert sorted(p.name for p in (run / "checkpoints" / "abandoned").iterdir()) == [
+        "step_000002",
+        "step_000003",
+        "step_000004",
+    ]
+    assert "set aside 3 checkpoints past step 1 in" in (run / "log.txt").read_text()
+    assert len(main([*base, "train.max_steps=6", "resume=auto"])["losses"]) == 3  # from step 3, not the stale 4
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "abandoned",
+        "step_000004",
+        "step_000005",
+        "step_000006",
+    ]
+
+
 def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path):
     from counting.train import trim_records
 

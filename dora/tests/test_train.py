@@ -520,6 +520,48 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path, video):
     assert losses(run) == pytest.approx(straight, abs=1e-6)
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, video):
+    """The checkpoints past a resume's step belong to an abandoned trajectory: they move to checkpoints/abandoned/,
+    so that pruning keeps the new run's own and resume=auto continues it."""
+    run = tmp_path / "run"
+    args = tiny_args(run, video, "checkpoint_every=1", "optim.epochs=3", "keep_every_epochs=null")
+    train.main([*args, "optim.max_steps=4", "keep_checkpoints=null"])
+    train.main([*args, "optim.max_steps=3", "keep_checkpoints=1", f"resume={run / 'checkpoints' / 'step_000001'}"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["abandoned", "step_000003"]
+    assert sorted(p.name for p in (run / "checkpoints" / "abandoned").iterdir()) == [
+        "step_000002",
+        "step_000003",
+        "step_000004",
+    ]
+    assert "set aside 3 checkpoints past step 1 in" in (run / "log.txt").read_text()
+    train.main([*args, "optim.max_steps=6", "resume=auto", "keep_checkpoints=3"])
+    assert f"resumed from {run / 'checkpoints' / 'step_000003'} at step 3" in (run / "log.txt").read_text()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "abandoned",
+        "step_000004",
+        "step_000005",
+        "step_000006",
+    ]
+
+
+def test_set_aside_moves_the_later_steps_and_replaces_an_older_copy(tmp_path):
+    """Steps past the resume's move to checkpoints/abandoned/ (an older copy there replaced), which is no step."""
+    from dora.checkpoint import list_checkpoints, resolve_checkpoint, resolve_resume, set_aside_checkpoints
+
+    for step in (1, 2, 10):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:06d}" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "abandoned" / "step_000002" / "old").mkdir(parents=True)
+    moved = set_aside_checkpoints(tmp_path, 1)
+    assert [p.name for p in moved] == ["step_000002", "step_000010"]
+    assert not (tmp_path / "checkpoints" / "abandoned" / "step_000002" / "old").exists()
+    first = tmp_path / "checkpoints" / "step_000001"
+    assert list_checkpoints(tmp_path) == [first] and resolve_resume("latest", tmp_path) == first
+    assert resolve_checkpoint(tmp_path) == first
+    assert set_aside_checkpoints(tmp_path, 1) == []
+
+
 def test_resume_auto_starts_a_new_run_then_continues_as_latest(tmp_path, video, monkeypatch):
     """resume=auto, for a requeued job that always passes the same command: a new run while the run folder holds no
     checkpoint, else exactly resume=latest (same losses, weights and metrics.jsonl)."""

@@ -385,6 +385,39 @@ def test_resume_auto_starts_a_new_run_then_continues_as_latest(tiny_args, tmp_pa
     assert [r["loss"] for r in logged] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tiny_args, tmp_path):
+    """The checkpoints past a resume's step belong to an abandoned trajectory: they move to checkpoints/abandoned/,
+    so that pruning keeps the new run's own and train.resume=auto continues it."""
+    run = tmp_path / "run"
+    base = tiny_args + ["train.checkpoint_every=1"]
+    main(base + ["optim.max_steps=4", "train.keep_checkpoints=null"])
+    resume = f"train.resume={run / 'checkpoints' / 'step_000001'}"
+    main(base + ["optim.max_steps=3", "train.keep_checkpoints=1", resume])
+    assert sorted(os.listdir(run / "checkpoints")) == ["abandoned", "step_000003"]
+    assert sorted(os.listdir(run / "checkpoints" / "abandoned")) == ["step_000002", "step_000003", "step_000004"]
+    assert "set aside 3 checkpoints past step 1 in" in (run / "log.txt").read_text()
+    main(base + ["optim.max_steps=6", "train.resume=auto"])
+    assert f"resumed from {run / 'checkpoints' / 'step_000003'} at step 3" in (run / "log.txt").read_text()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(run / "checkpoints")) == ["abandoned", "step_000004", "step_000005", "step_000006"]
+
+
+def test_set_aside_moves_the_later_steps_and_replaces_an_older_copy(tmp_path):
+    """Steps past the resume's move to checkpoints/abandoned/ (an older copy there replaced), which is no step."""
+    from neco.checkpoint import list_checkpoints, resolve_resume, set_aside_checkpoints
+    from neco.eval import resolve_checkpoint
+
+    for name in ("step_000001", "step_000002", "step_000010", "abandoned/step_000002/old"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    moved = set_aside_checkpoints(str(tmp_path), 1)
+    assert [os.path.basename(p) for p in moved] == ["step_000002", "step_000010"]
+    assert not (tmp_path / "checkpoints" / "abandoned" / "step_000002" / "old").exists()
+    first = [str(tmp_path / "checkpoints" / "step_000001")]
+    assert list_checkpoints(str(tmp_path)) == first == [resolve_resume("latest", str(tmp_path))]
+    assert resolve_checkpoint(str(tmp_path)) == first[0]
+    assert set_aside_checkpoints(str(tmp_path), 1) == []
+
+
 def test_latest_checkpoint_is_the_highest_step_by_number(tmp_path):
     """step_1000000 sorts before step_999999 as text: resume, neco-eval / neco-export and pruning go by the number."""
     from neco.checkpoint import list_checkpoints, resolve_resume

@@ -373,6 +373,32 @@ def test_keep_checkpoints_prunes_all_but_the_newest_steps(tmp_path):
         train_mod.main(base + ["name=bad", "train.keep_checkpoints=0"])
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """The checkpoints past a resume's step belong to an abandoned trajectory: they move to checkpoints/abandoned/,
+    so that pruning keeps the new run's own and --resume auto continues it."""
+    run = tmp_path / "c"
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "name=c", "train.val_every_epochs=null", "train.epochs=3"]
+    base += ["train.checkpoint_every_steps=1"]
+    train_mod.main(base + ["train.max_steps=4", "train.keep_checkpoints=null"])
+    resume = str(run / "checkpoints" / "step_0000001")
+    train_mod.main(base + ["train.max_steps=3", "train.keep_checkpoints=1", "--resume", resume])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["abandoned", "step_0000003"]
+    assert sorted(p.name for p in (run / "checkpoints" / "abandoned").iterdir()) == [
+        "step_0000002",
+        "step_0000003",
+        "step_0000004",
+    ]
+    assert "set aside 3 checkpoints past step 1 in" in (run / "log.txt").read_text()
+    assert len(train_mod.main(base + ["train.max_steps=6", "--resume", "auto"])["losses"]) == 3  # not from step 4
+    assert steps_of(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "abandoned",
+        "step_0000004",
+        "step_0000005",
+        "step_0000006",
+    ]
+
+
 def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path):
     from pin.runlog import trim_records
 

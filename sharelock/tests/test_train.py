@@ -494,6 +494,50 @@ def test_resume_auto_starts_a_new_run_or_continues_the_latest(stores, tmp_path):
         train.main(tiny_args(stores, tmp_path / "none", "resume=latest"))
 
 
+def folders(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def best_step(folder):
+    return json.loads((folder / "best" / "meta.json").read_text())["step"]
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(stores, tmp_path):
+    """The checkpoints past a resume's step belong to an abandoned trajectory: they move to checkpoints/abandoned/,
+    so that pruning keeps the new run's own and resume=auto continues it."""
+    run, ckpts = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    train.main(tiny_args(stores, run, "optim.max_steps=4", "checkpoint_every=1", "keep_checkpoints=null"))
+    assert best_step(ckpts) == 2
+    resume = f"resume={ckpts / 'step_000001'}"
+    train.main(tiny_args(stores, run, "optim.max_steps=3", "checkpoint_every=1", "keep_checkpoints=1", resume))
+    assert folders(ckpts) == ["abandoned", "best", "step_000003"]
+    assert folders(ckpts / "abandoned") == ["best", "step_000002", "step_000003", "step_000004"]
+    assert best_step(ckpts / "abandoned") == best_step(ckpts) == 2  # the new trajectory's validation wrote its own
+    assert "set aside 4 checkpoints past step 1 in" in (run / "log.txt").read_text()
+    train.main(tiny_args(stores, run, "optim.max_steps=6", "checkpoint_every=1", "resume=auto"))
+    assert f"resumed from {ckpts / 'step_000003'} at step 3" in (run / "log.txt").read_text()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert folders(ckpts) == ["abandoned", "best", "step_000004", "step_000005", "step_000006"]
+
+
+def test_a_best_past_the_resume_step_is_set_aside_one_at_or_before_it_stays(stores, tmp_path):
+    """`best` of an abandoned trajectory must not outlive it: a resumed run's best comes from its own validations (the
+    run folder falls back to its latest step until one is written)."""
+    from sharelock.models import resolve_checkpoint
+
+    run, ckpts = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    args = tiny_args(stores, run, "checkpoint_every=1", "keep_checkpoints=null")
+    train.main([*args, "optim.max_steps=4"])
+    assert best_step(ckpts) == 2
+    no_validation = "val_check_interval=100"
+    train.main([*args, "optim.max_steps=4", no_validation, f"resume={ckpts / 'step_000002'}"])
+    assert best_step(ckpts) == 2 and folders(ckpts / "abandoned") == ["step_000003", "step_000004"]
+    train.main([*args, "optim.max_steps=2", no_validation, f"resume={ckpts / 'step_000001'}"])
+    assert folders(ckpts) == ["abandoned", "step_000001", "step_000002"]
+    assert folders(ckpts / "abandoned") == ["best", "step_000002", "step_000003", "step_000004"]
+    assert best_step(ckpts / "abandoned") == 2 and resolve_checkpoint(run) == ckpts / "step_000002"
+
+
 def test_keep_checkpoints_prunes_all_but_the_newest_steps(stores, tmp_path):
     from sharelock.training import prune_checkpoints
 

@@ -158,6 +158,19 @@ def prune_checkpoints(run_dir: Path, keep: int | None, written: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def set_aside_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Move the step checkpoints of a run past ``step`` to ``checkpoints/abandoned/`` (replacing a folder of the same
+    name there), where a run resumed from an older checkpoint starts another trajectory: they no longer count as its
+    latest, nor get pruned in place of its own. Returns their new paths."""
+    abandoned = Path(run_dir) / "checkpoints" / "abandoned"
+    moved = []
+    for later in [p for p in step_folders(Path(run_dir) / "checkpoints") if int(p.name[5:]) > step]:
+        abandoned.mkdir(exist_ok=True)
+        shutil.rmtree(abandoned / later.name, ignore_errors=True)
+        moved.append(later.rename(abandoned / later.name))
+    return moved
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """``path`` itself, or the latest checkpoint when it is a run folder (``<run>/checkpoints/step_*``), as
     neco-eval and sharelock-eval take a run folder."""

@@ -20,6 +20,7 @@ from counting.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    set_aside_checkpoints,
     step_folders,
 )
 from counting.collage import CollageConfig, SelfCollageDataset, SelfCollageGenerator
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:  # after the resume: a failed one leaves the run's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
         trim_records(metrics, start)
+        moved = set_aside_checkpoints(run_dir, start)
+        if moved:
+            log.info("set aside %d checkpoints past step %d in %s", len(moved), start, moved[0].parent)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     dataset = SelfCollageDataset(build_generator(cfg), train["samples_per_epoch"], cfg["seed"])

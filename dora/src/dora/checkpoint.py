@@ -122,6 +122,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def set_aside_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Move the checkpoints of a run past ``step`` to ``checkpoints/abandoned/`` (replacing a folder of the same name
+    there), where a run resumed from an older checkpoint starts another trajectory: they no longer count as its
+    latest, nor get pruned in place of its own. Returns their new paths."""
+    abandoned = Path(run_dir) / "checkpoints" / "abandoned"
+    moved = []
+    for later in [p for p in list_checkpoints(run_dir) if int(STEP_DIR.match(p.name).group(1)) > step]:
+        abandoned.mkdir(exist_ok=True)
+        shutil.rmtree(abandoned / later.name, ignore_errors=True)
+        moved.append(later.rename(abandoned / later.name))
+    return moved
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """``latest`` -> newest checkpoint of the run (an error without one); ``auto`` -> the same, or None (a fresh run)
     while there is none; a path -> that checkpoint; no ``resume`` -> None."""
@@ -179,16 +192,16 @@ def is_milestone(step: int, steps_per_epoch: int, every_epochs: int | None) -> b
 
 
 def prune_checkpoints(
-    run_dir: Path, keep: int, *, keep_every_epochs: int | None = None, steps_per_epoch: int = 0
+    run_dir: Path, keep: int | None, *, keep_every_epochs: int | None = None, steps_per_epoch: int = 0
 ) -> None:
-    """Delete all but the ``keep`` newest checkpoints; with ``keep_every_epochs`` the end-of-epoch milestones of
-    :func:`is_milestone` are kept as well.
+    """Delete all but the ``keep`` newest checkpoints (None keeps all); with ``keep_every_epochs`` the end-of-epoch
+    milestones of :func:`is_milestone` are kept as well.
 
     Whether a checkpoint is a milestone is decided by what it recorded when it was written (``state.json``:
     ``steps_per_epoch`` and the config's ``keep_every_epochs``; the arguments are the fallback for checkpoints that
     lack them), so a resume with another process count (another epoch length) or with ``keep_every_epochs=null``
     never deletes milestones kept before."""
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(run_dir)[:-keep] if keep and keep > 0 else []:
         step = int(STEP_DIR.match(old.name).group(1))
         try:
             state = json.loads((old / "state.json").read_text())

@@ -23,6 +23,7 @@ from dora.checkpoint import (
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
+    set_aside_checkpoints,
     set_rng_state,
     write_rng,
 )
@@ -311,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     if main_process:  # after the resume: a failed one leaves the run's metrics.jsonl and config.yaml as they were
         trim_metrics(metrics_path, step)
+        moved = set_aside_checkpoints(run_dir, step)
+        if moved:
+            logger.info("set aside %d checkpoints past step %d in %s", len(moved), step, moved[0].parent)
         save_config(cfg, run_dir / "config.yaml")
     student, optimizer = accelerator.prepare(student, optimizer)
     if ckpt is None:

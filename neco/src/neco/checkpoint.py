@@ -59,6 +59,22 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     return resume
 
 
+def set_aside_checkpoints(run_dir: str, step: int) -> list[str]:
+    """Move the checkpoints of a run past ``step`` to ``checkpoints/abandoned/`` (replacing a folder of the same name
+    there), where a run resumed from an older checkpoint starts another trajectory: they no longer count as its
+    latest, nor get pruned in place of its own. Returns their new paths."""
+    abandoned = os.path.join(run_dir, "checkpoints", "abandoned")
+    moved = []
+    for later in list_checkpoints(run_dir):
+        if int(STEP_DIR.match(os.path.basename(later)).group(1)) > step:
+            target = os.path.join(abandoned, os.path.basename(later))
+            os.makedirs(abandoned, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(later, target)
+            moved.append(target)
+    return moved
+
+
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors (safetensors) and JSON-able rest."""
     state = optimizer.state_dict()

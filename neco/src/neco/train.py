@@ -23,7 +23,14 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from neco.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, scaler_state
+from neco.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    scaler_state,
+    set_aside_checkpoints,
+)
 from neco.config import load_config, run_cli
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
@@ -216,8 +223,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if accelerator.is_main_process:  # after the resume checks: a refused or failed run leaves its files as they were
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), start_step)
+        moved = set_aside_checkpoints(run_dir, start_step)
+        if moved:
+            log.info("set aside %d checkpoints past step %d in %s", len(moved), start_step, os.path.dirname(moved[0]))
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
+    accelerator.wait_for_everyone()  # the others list the run's checkpoints (last_checkpoint) once they are set aside
     if tcfg["tensorboard"]:
         accelerator.init_trackers(cfg["name"])
 

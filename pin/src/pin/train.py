@@ -25,6 +25,7 @@ from .checkpoint import (
     load_weights,
     prune_checkpoints,
     save_checkpoint,
+    set_aside_checkpoints,
     set_rng_state,
     step_folders,
 )
@@ -125,6 +126,9 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
         for records in (metrics, run_dir / "validation.jsonl"):
             trim_records(records, step)
+        moved = set_aside_checkpoints(run_dir, step)
+        if moved:
+            log.info("set aside %d checkpoints past step %d in %s", len(moved), step, moved[0].parent)
 
     # the last checkpoint and its step, known to every process (not only to the one that writes); a resumed run
     # starts at its checkpoint, so resuming a finished run writes nothing

@@ -26,6 +26,7 @@ from sharelock.training import (
     prune_checkpoints,
     resume_checkpoint,
     save_checkpoint,
+    set_aside_checkpoints,
     trim_records,
 )
 
@@ -188,6 +189,9 @@ def fit(
     metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         trim_records(metrics_file, state["step"])
+        moved = set_aside_checkpoints(run_dir, state["step"])
+        if moved:
+            log.info("set aside %d checkpoints past step %d in %s", len(moved), state["step"], moved[0].parent)
     model.train()
     bar = tqdm(total=opt_cfg["max_steps"], initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     loss_value: float | None = None  # stays None when no step runs (a run resumed at max_steps)

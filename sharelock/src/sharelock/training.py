@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from funai_common.weights import load_safetensors
-from sharelock.config import save_config
+from sharelock.config import read_json, save_config
 from sharelock.models import META_FILE, MODEL_FILE, step_folders
 
 
@@ -217,6 +217,23 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None, written: Path) -> N
     for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
         if old.name != written.name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
+    """Move the step checkpoints of a run past ``step``, and `best` when it was written past it, to
+    ``checkpoints/abandoned/`` (replacing a folder of the same name there), where a run resumed from an older checkpoint
+    starts another trajectory: they no longer count as its latest or best, nor get pruned in place of its own.
+    Returns their new paths."""
+    ckpts = Path(run_dir) / "checkpoints"
+    later = [p for p in step_folders(ckpts) if int(p.name[5:]) > step]
+    if (ckpts / "best" / META_FILE).is_file() and read_json(ckpts / "best" / META_FILE)["step"] > step:
+        later.append(ckpts / "best")
+    moved = []
+    for folder in later:
+        (ckpts / "abandoned").mkdir(exist_ok=True)
+        shutil.rmtree(ckpts / "abandoned" / folder.name, ignore_errors=True)
+        moved.append(folder.rename(ckpts / "abandoned" / folder.name))
+    return moved
 
 
 def record_step(line: str) -> float:
