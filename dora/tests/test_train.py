@@ -463,7 +463,8 @@ def test_bad_counts_output_paths_and_resume_are_errors_that_keep_the_run(tmp_pat
     """Zero counts divided by zero, trained without a limit or read no frame; a run or cache folder under a file, a
     resume into another model size and a damaged checkpoint were tracebacks; a failed resume keeps config.yaml."""
     run = tmp_path / "run"
-    for bad in ("data.batch_size_per_gpu=0", "data.num_frames=0", "data.step=0", "optim.max_steps=0"):
+    bad_counts = ("data.batch_size_per_gpu=0", "data.num_frames=0", "data.step=0", "optim.max_steps=0")
+    for bad in (*bad_counts, "keep_checkpoints=0", "keep_every_epochs=-1"):  # 0 had kept every checkpoint
         with pytest.raises(ValueError, match=rf"^{bad}: expected a positive integer"):
             train.main(tiny_args(run, video, bad))
     assert not run.exists()

@@ -185,3 +185,10 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
 def test_false_is_no_for_mixed_precision():
     for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
         assert load_config([f"train.mixed_precision={word}"])["train"]["mixed_precision"] == "no"
+
+
+def test_false_is_null_for_a_key_whose_null_means_something_whatever_its_default():
+    assert load_config(["--config", "tiny", "data.root=false"])["data"]["root"] is None  # null in tiny.yaml
+    assert load_config(["data.root=false"])["data"]["root"] is None  # a path in the paper config
+    with pytest.raises(ValueError, match="expected a number"):
+        load_config(["train.keep_checkpoints=false"])  # a number key: false is no count

@@ -156,3 +156,5 @@ def test_false_is_no_for_mixed_precision_and_none_for_a_text_key_whose_null_mean
         assert load_config([f"train.mixed_precision={word}"])[0]["train"]["mixed_precision"] == "no"
     cfg = load_config(["--config", "blip2", "data.val_backgrounds=false"])[0]  # as null: data.backgrounds
     assert cfg["data"]["val_backgrounds"] is None
+    cfg = load_config(["--config", "tiny", "data.backgrounds=false", "model.image_size=false"])[0]  # null defaults
+    assert cfg["data"]["backgrounds"] is None and cfg["model"]["image_size"] is None

@@ -538,6 +538,25 @@ def test_a_best_past_the_resume_step_is_set_aside_one_at_or_before_it_stays(stor
     assert best_step(ckpts / "abandoned") == 2 and resolve_checkpoint(run) == ckpts / "step_000002"
 
 
+def test_the_best_value_goes_with_a_best_set_aside(stores, tmp_path):
+    """After `best` is set aside, the next validation of the resumed trajectory writes `best`, however it compares
+    with the abandoned one (a worse logit scale makes it compare worse)."""
+    run, ckpts = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    args = tiny_args(stores, run, "checkpoint_every=1", "keep_checkpoints=null", "val_check_interval=1")
+    train.main([*args, "optim.max_steps=4"])
+    assert best_step(ckpts) > 2
+    train.main([*args, "optim.max_steps=3", "loss.log_logit_scale=6", f"resume={ckpts / 'step_000002'}"])
+    assert best_step(ckpts) in (2, 3) and best_step(ckpts / "abandoned") > 2
+
+
+def test_a_fresh_run_may_start_beside_checkpoints_set_aside_but_not_beside_steps_or_best(stores, tmp_path):
+    run = tmp_path / "r"
+    (run / "checkpoints" / "abandoned" / "step_000004").mkdir(parents=True)
+    assert train.main(tiny_args(stores, run, "optim.max_steps=1"))["step"] == 1
+    with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
+        train.main(tiny_args(stores, run, "optim.max_steps=1"))
+
+
 def test_keep_checkpoints_prunes_all_but_the_newest_steps(stores, tmp_path):
     from sharelock.training import prune_checkpoints
 

@@ -101,7 +101,7 @@ def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> An
     (``model.norm_last_layer=flase`` would read as true), or null for a number or string key that ``NULLABLE`` does
     not list. Where YAML reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the
     command line (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote
-    it). False is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` text key
+    it). False is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` key whose default is text or null
     (``data.val_split=false``)."""
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
@@ -117,11 +117,11 @@ def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> An
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         if not (isinstance(value, list) and dotted in PER_VIEW):
             raise ValueError(f"{dotted}={value!r}: expected a number")
+    if value is False and dotted in NULLABLE and (old is None or isinstance(old, str)):  # data.val_split=false: null
+        return None
     if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
         if value is False and dotted.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
             return "no"
-        if value is False and dotted in NULLABLE:  # data.val_split=false: none, as null
-            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):

@@ -184,6 +184,8 @@ POSITIVE_INTEGERS = (
     ("optim", "epochs", False),
     ("optim", "steps_per_epoch", True),
     ("optim", "max_steps", True),
+    ("", "keep_checkpoints", True),
+    ("", "keep_every_epochs", True),
 )
 
 
@@ -205,11 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(argv if argv is not None else sys.argv[1:])
     cfg.setdefault("method", "dora")  # configs written before the DINO baseline existed
     for section, key, optional in POSITIVE_INTEGERS:
-        value = cfg[section][key]
+        value, dotted = (cfg[section] if section else cfg).get(key), f"{section}.{key}".lstrip(".")
         if not (value is None and optional) and (type(value) is not int or value < 1):
-            raise ValueError(
-                f"{section}.{key}={value!r}: expected a positive integer" + (", or null" if optional else "")
-            )
+            raise ValueError(f"{dotted}={value!r}: expected a positive integer" + (", or null" if optional else ""))
     run_dir = Path(cfg["run_dir"] or Path("runs") / "dora" / cfg["name"])
     if not cfg["resume"] and list_checkpoints(run_dir):  # a fresh run would replace them one by one
         raise ValueError(

@@ -112,7 +112,7 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     for a number or string key that ``NULLABLE`` does not list. Where YAML reads a number or a boolean for a string
     key, the key keeps ``raw``, the text typed on the command line (``name=2024``, ``name=yes``); in a file a number
     becomes its text and a boolean is an error (quote it). False is "no" for a ``mixed_precision`` key and null for
-    a ``NULLABLE`` text key (``data.val_split=false``)."""
+    a ``NULLABLE`` key whose default is text or null (``data.val_split=false``)."""
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")
@@ -124,11 +124,11 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
         raise ValueError(f"{key}={value!r}: expected true or false")
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (bool, str, list, dict)):
         raise ValueError(f"{key}={value!r}: expected a number (default {old!r})")
+    if value is False and key in NULLABLE and (old is None or isinstance(old, str)):  # data.val_split=false: null
+        return None
     if isinstance(old, str) and not isinstance(value, str | list | dict | None):  # YAML read a number, date or bool
         if value is False and key.rsplit(".", 1)[-1] == "mixed_precision":  # mixed_precision=no / off / false
             return "no"
-        if value is False and key in NULLABLE:  # data.val_split=false: none, as null
-            return None
         if raw is not None:
             return raw.strip()
         if not isinstance(value, bool):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from sharelock.config import check_output_dir, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
-from sharelock.models import ShareLock
+from sharelock.models import ShareLock, step_folders
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
 from sharelock.training import (
     build_optimizer,
@@ -69,7 +69,7 @@ def check_fresh_run(run_dir: Path, resume: str | None) -> None:
     """Refuse to start a run from scratch in a folder that holds another run's checkpoints: the new run would
     truncate its metrics and replace its checkpoints (`best` at the first validation)."""
     ckpts = run_dir / "checkpoints"
-    if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
+    if not resume and (step_folders(ckpts) or (ckpts / "best").is_dir()):  # abandoned/ alone: steps set aside
         raise ValueError(
             f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
             "run with another name= or run_dir="
@@ -192,6 +192,8 @@ def fit(
         moved = set_aside_checkpoints(run_dir, state["step"])
         if moved:
             log.info("set aside %d checkpoints past step %d in %s", len(moved), state["step"], moved[0].parent)
+        if any(p.name == "best" for p in moved):  # its value came from the abandoned steps: the next validation wins
+            state["best_val"] = math.inf
     model.train()
     bar = tqdm(total=opt_cfg["max_steps"], initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     loss_value: float | None = None  # stays None when no step runs (a run resumed at max_steps)
