@@ -140,3 +140,15 @@ def test_false_is_no_for_mixed_precision_and_null_standard_size_means_the_actual
     for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
         assert load_config([f"train.mixed_precision={word}"])[0]["train"]["mixed_precision"] == "no"
     assert load_config(["train.standard_size=null"])[0]["train"]["standard_size"] is None
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    # resume is null in every training config: YAML reads 2024 as a number, off as false and on as true
+    assert load_config(["resume=2024"])[0]["resume"] == "2024"
+    for word in ("off", "no", "", "null"):  # a fresh run, as an empty value
+        assert load_config([f"resume={word}"])[0]["resume"] is None
+    with pytest.raises(ValueError, match=r"^resume=True: expected text \(a path or name\), or null$"):
+        load_config(["resume=on"])
+    (tmp_path / "mine.yaml").write_text("resume: 2024\nmodel: {checkpoint_path: no}\n")
+    cfg = load_config(["--config", str(tmp_path / "mine.yaml")])[0]
+    assert cfg["resume"] == "2024" and cfg["model"]["checkpoint_path"] is None

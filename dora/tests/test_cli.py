@@ -222,3 +222,18 @@ def test_false_is_no_for_mixed_precision_and_null_decoding_keys_mean_full_size_a
         assert load_config([f"optim.mixed_precision={word}"])["optim"]["mixed_precision"] == "no"
     cfg = load_config(["data.decode_short_side=null", "data.seek_gap="])
     assert cfg["data"]["decode_short_side"] is None and cfg["data"]["seek_gap"] is None
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    from dora.config import load_config
+
+    # run_dir is null in every training config: YAML reads 2024 as a number, off as false and on as true
+    assert load_config(["run_dir=2024", "resume=latest"])["run_dir"] == "2024"
+    for word in ("off", "no", "", "null"):  # the default run folder, as an empty value
+        assert load_config([f"run_dir={word}"])["run_dir"] is None
+    with pytest.raises(ValueError, match=r"^run_dir=True: expected text \(a path or name\), or null$"):
+        load_config(["run_dir=on"])
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("run_dir: 2024\nresume: no\n")
+    cfg = load_config(["--config", str(mine)])
+    assert cfg["run_dir"] == "2024" and cfg["resume"] is None

@@ -493,7 +493,7 @@ def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(tmp_path
     with pytest.raises(FileNotFoundError, match=r"^resume=latest: no checkpoint under .*new/checkpoints \(leave"):
         train.main(tiny_args(tmp_path / "new", video, "resume=latest"))
     assert not (tmp_path / "new").exists()  # refused before the run folder is made
-    with pytest.raises(ValueError, match=r"^resume=True: expected latest, auto or the path of a checkpoint folder$"):
+    with pytest.raises(ValueError, match=r"^resume=True: expected text \(a path or name\), or null$"):
         train.main(tiny_args(tmp_path / "new", video, "resume=true"))  # a TypeError traceback before
     run = tmp_path / "run"
     train.main(tiny_args(run, video, "optim.max_steps=2"))

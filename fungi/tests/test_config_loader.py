@@ -99,3 +99,22 @@ def test_false_is_none_for_a_text_key_whose_null_means_something():
 
     cfg = resolve(["--config", "tiny", "data.val_split=false"], extract.DEFAULTS, None)
     assert cfg["data"]["val_split"] is None  # as null: no validation split, as before text keys kept the text typed
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    import pytest
+
+    from fungi import eval as fungi_eval
+    from fungi import extract
+    from fungi.config import resolve
+
+    # run_dir is null in the defaults: YAML reads 2024 as a number, off as false and on as true
+    assert resolve(["run_dir=2024"], extract.DEFAULTS, None)["run_dir"] == "2024"
+    for word in ("off", "no", "", "null"):  # the default run folder, as an empty value
+        assert resolve([f"run_dir={word}"], extract.DEFAULTS, None)["run_dir"] is None
+    with pytest.raises(ValueError, match=r"^run_dir=True: expected text \(a path or name\), or null$"):
+        resolve(["run_dir=on"], extract.DEFAULTS, None)
+    assert resolve(["out=1e3"], fungi_eval.DEFAULTS, None)["out"] == "1e3"
+    (tmp_path / "mine.yaml").write_text("run_dir: 2024\ndata: {root: no}\n")
+    cfg = resolve(["--config", str(tmp_path / "mine.yaml")], extract.DEFAULTS, None)
+    assert cfg["run_dir"] == "2024" and cfg["data"]["root"] is None

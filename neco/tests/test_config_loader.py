@@ -192,3 +192,19 @@ def test_false_is_null_for_a_key_whose_null_means_something_whatever_its_default
     assert load_config(["data.root=false"])["data"]["root"] is None  # a path in the paper config
     with pytest.raises(ValueError, match="expected a number"):
         load_config(["train.keep_checkpoints=false"])  # a number key: false is no count
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    from neco.export import main as export
+
+    # train.run_dir is null in every training config: YAML reads 2024 as a number, off as false and on as true
+    assert load_config(["train.run_dir=2024", "train.resume=latest"])["train"]["run_dir"] == "2024"
+    for word in ("off", "no", "", "null"):  # the default run folder, as an empty value
+        assert load_config([f"train.run_dir={word}"])["train"]["run_dir"] is None
+    with pytest.raises(ValueError, match=r"^train\.run_dir=True: expected text \(a path or name\), or null$"):
+        load_config(["train.run_dir=on"])
+    with pytest.raises(ValueError, match=r"^output=True: expected text"):  # before the checkpoint is looked for
+        export(["checkpoint=missing", "output=yes"])
+    (tmp_path / "c.yaml").write_text("train:\n  run_dir: 2024\n  resume: no\n")
+    cfg = load_config(["--config", str(tmp_path / "c.yaml")])["train"]
+    assert cfg["run_dir"] == "2024" and cfg["resume"] is None

@@ -278,7 +278,7 @@ def test_run_dir_checkpoints_are_never_overwritten_or_resumed_wrongly(tiny_args,
         main(resume + ["loss.queue_length=64"])
     with pytest.raises(ValueError, match=r"is at step 2, past this run's end at step 1 \(optim.max_steps=1"):
         main(resume + ["optim.max_steps=1"])
-    with pytest.raises(ValueError, match=r"^train.resume=True: expected latest, auto or the path of a checkpoint dir"):
+    with pytest.raises(ValueError, match=r"^train\.resume=True: expected text \(a path or name\), or null$"):
         main(tiny_args + ["train.resume=true"])
     _assert_same(saved, _weights(first["checkpoint"]), atol=0)
     assert open(os.path.join(first["run_dir"], "config.yaml")).read() == config  # refused runs leave it as it was

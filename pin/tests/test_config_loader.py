@@ -158,3 +158,20 @@ def test_false_is_no_for_mixed_precision_and_none_for_a_text_key_whose_null_mean
     assert cfg["data"]["val_backgrounds"] is None
     cfg = load_config(["--config", "tiny", "data.backgrounds=false", "model.image_size=false"])[0]  # null defaults
     assert cfg["data"]["backgrounds"] is None and cfg["model"]["image_size"] is None
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    import pytest
+
+    from pin.config import load_config
+
+    # eval.checkpoint is null in every config: YAML reads 2024 as a number, off as false and on as true
+    assert load_config(["eval.checkpoint=2024"])[0]["eval"]["checkpoint"] == "2024"
+    for word in ("off", "no", "", "null"):
+        assert load_config([f"eval.checkpoint={word}"])[0]["eval"]["checkpoint"] is None
+    with pytest.raises(ValueError, match=r"^eval\.checkpoint=True: expected text \(a path or name\), or null$"):
+        load_config(["eval.checkpoint=on"])
+    with pytest.raises(ValueError, match=r"^data\.backgrounds=True: expected text"):  # null in tiny.yaml
+        load_config(["--config", "tiny", "data.backgrounds=yes"])
+    (tmp_path / "mine.yaml").write_text("eval:\n  checkpoint: 2024\n")
+    assert load_config(["--config", str(tmp_path / "mine.yaml")])[0]["eval"]["checkpoint"] == "2024"

@@ -131,3 +131,22 @@ def test_false_is_no_for_mixed_precision_and_none_for_a_text_key_whose_null_mean
     for word in ("no", "off", "false", "No"):  # mixed_precision=off meant "no" before text keys kept the text typed
         assert load_config([f"mixed_precision={word}"], "default")["mixed_precision"] == "no"
     assert load_config(["model.embedding_dim=null"], "default")["model"]["embedding_dim"] is None  # the vision size
+
+
+def test_a_text_key_left_null_keeps_the_text_typed_and_false_or_null_leave_it_unset(tmp_path):
+    import pytest
+
+    from sharelock.config import load_config
+
+    # run_dir is null in default.yaml: YAML reads 2024 as a number, off as false and on as true
+    assert load_config(["run_dir=2024", "resume=latest"], "default")["run_dir"] == "2024"
+    for word in ("off", "no", "", "null"):  # the default run folder, as an empty value
+        assert load_config([f"run_dir={word}"], "default")["run_dir"] is None
+    with pytest.raises(ValueError, match=r"^run_dir=True: expected text \(a path or name\), or null$"):
+        load_config(["run_dir=on"], "default")
+    user = tmp_path / "user.yaml"
+    user.write_text("run_dir: 2024\nresume: no\n")
+    cfg = load_config(["--config", str(user)], "default")
+    assert cfg["run_dir"] == "2024" and cfg["resume"] is None
+    # a flag left null is no text key: convert's model.vision_normalize=no is false, not unset
+    assert load_config(["model.vision_normalize=no"], "convert")["model"]["vision_normalize"] is False

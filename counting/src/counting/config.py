@@ -137,6 +137,26 @@ NULLABLE = frozenset(
 )
 
 
+# keys left null in some config that hold text (a path, a name, `latest`) when set: the kind their default
+# cannot tell; a number or date keeps its text, false or null leaves them unset, true is an error
+TEXT = frozenset(
+    {
+        "resume",  # latest | PATH
+        "checkpoint",  # counting-eval: a run, checkpoint or release file
+        "model_config",  # counting-eval's files and output folder
+        "reference_args",
+        "out",
+        "model.checkpoint_path",  # local backbone weights
+        "checkpoint_path",  # counting-preprocess, as model.checkpoint_path
+        "mask_files",  # counting-preprocess: a folder
+        "data.image_root",  # paths, null in tiny.yaml (synthetic data)
+        "data.masks_dir",
+        "data.clusters",
+        "data.background_root",
+    }
+)
+
+
 def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
     scalar for a list (``optim.betas=0.9``), a flag, word, list or mapping for a number (``train.batch_size=abc``,
@@ -145,7 +165,12 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the command line
     (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote it). False
     is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` key whose default is text or null
-    (``data.val_split=false``)."""
+    (``data.val_split=false``). A ``TEXT`` key left null holds text: a number or date keeps ``raw`` (in a file,
+    its text), false or null leaves it unset (``run_dir=off``) and true is an error."""
+    if key in TEXT and old is None and not isinstance(value, str | list | dict):  # run_dir=2024 / off / on
+        if value is True:
+            raise ValueError(f"{key}=True: expected text (a path or name), or null")
+        return None if value is None or value is False else (raw.strip() if raw is not None else str(value))
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")

@@ -94,6 +94,20 @@ NULLABLE = frozenset(
 )
 
 
+# keys left null in some config that hold text (a path, a name, `latest`) when set: the kind their default
+# cannot tell; a number or date keeps its text, false or null leaves them unset, true is an error
+TEXT = frozenset(
+    {
+        "run_dir",  # null: runs/dora/<name>
+        "resume",  # latest | PATH
+        "data.cache_dir",  # a folder of decoded frames
+        "checkpoint",  # dora-eval and dora-visualise: a run or checkpoint
+        "out_dir",  # null in eval.yaml: runs/dora/eval/<name>
+        "video",  # dora-visualise: a video file or frame folder
+    }
+)
+
+
 def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse an override or config-file value that cannot mean what the key holds: a scalar for a whole section, a
     bare string for a list (``tasks=knn`` would read as the letters k, n, n), a flag, string, list or mapping for a
@@ -102,7 +116,12 @@ def _check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> An
     not list. Where YAML reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the
     command line (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote
     it). False is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` key whose default is text or null
-    (``data.val_split=false``)."""
+    (``data.val_split=false``). A ``TEXT`` key left null holds text: a number or date keeps ``raw`` (in a file,
+    its text), false or null leaves it unset (``run_dir=off``) and true is an error."""
+    if dotted in TEXT and old is None and not isinstance(value, str | list | dict):  # run_dir=2024 / off / on
+        if value is True:
+            raise ValueError(f"{dotted}=True: expected text (a path or name), or null")
+        return None if value is None or value is False else (raw.strip() if raw is not None else str(value))
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")

@@ -105,6 +105,25 @@ NULLABLE = frozenset(
 )
 
 
+# keys left null in some config that hold text (a path, a name, `latest`) when set: the kind their default
+# cannot tell; a number or date keeps its text, false or null leaves them unset, true is an error
+TEXT = frozenset(
+    {
+        "run_dir",  # null: runs/fungi/<name>
+        "checkpoint",  # local weights
+        "layer",  # the target nn.Linear's dotted name
+        "state",  # fungi-extract: the heads' file
+        "data.root",  # fungi-extract's data paths and names
+        "data.name",
+        "data.train_file",
+        "data.test_file",
+        "train_split",  # fungi-hummingbird: null is the dataset's training split
+        "out",  # fungi-eval: null writes beside the features
+        "ground_truth",  # fungi-eval: a retrieval file
+    }
+)
+
+
 def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a scalar for a whole section, a bare
     string for a list (``objectives=kl`` would read as the letters k, l), a flag, string, list or mapping for a
@@ -112,7 +131,13 @@ def check_kind(key: str, old: Any, value: Any, raw: str | None = None) -> Any:
     for a number or string key that ``NULLABLE`` does not list. Where YAML reads a number or a boolean for a string
     key, the key keeps ``raw``, the text typed on the command line (``name=2024``, ``name=yes``); in a file a number
     becomes its text and a boolean is an error (quote it). False is "no" for a ``mixed_precision`` key and null for
-    a ``NULLABLE`` key whose default is text or null (``data.val_split=false``)."""
+    a ``NULLABLE`` key whose default is text or null (``data.val_split=false``). A ``TEXT`` key left null holds
+    text: a number or date keeps ``raw`` (in a file, its text), false or null leaves it unset (``run_dir=off``) and
+    true is an error."""
+    if key in TEXT and old is None and not isinstance(value, str | list | dict):  # run_dir=2024 / off / on
+        if value is True:
+            raise ValueError(f"{key}=True: expected text (a path or name), or null")
+        return None if value is None or value is False else (raw.strip() if raw is not None else str(value))
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and key not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{key}=null: expected {kind}, not null or an empty value (default {old!r})")

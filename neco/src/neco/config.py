@@ -109,6 +109,23 @@ NULLABLE = frozenset(
 )
 
 
+# keys left null in some config that hold text (a path, a name, `latest`) when set: the kind their default
+# cannot tell; a number or date keeps its text, false or null leaves them unset, true is an error
+TEXT = frozenset(
+    {
+        "train.run_dir",  # null: runs/neco/<name>
+        "train.resume",  # latest | PATH
+        "model.checkpoint",  # local weights
+        "data.root",  # paths, null in tiny.yaml / eval_tiny.yaml
+        "val.root",
+        "data.train_split",  # a split name, null in eval_voc.yaml
+        "hummingbird.train_file_set",  # a file list
+        "checkpoint",  # neco-eval and neco-export: a run or checkpoint directory
+        "output",
+    }
+)
+
+
 def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """Refuse a value that cannot mean what the key holds, as dora's overrides: a bare string for a list
     (``evals=linear`` would read as letters), a flag, string, list or mapping for a number
@@ -117,7 +134,12 @@ def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any
     reads a number or a boolean for a string key, the key keeps ``raw``, the text typed on the command line
     (``name=2024``, ``name=yes``); in a file a number becomes its text and a boolean is an error (quote it). False
     is "no" for a ``mixed_precision`` key and null for a ``NULLABLE`` key whose default is text or null
-    (``data.val_split=false``)."""
+    (``data.val_split=false``). A ``TEXT`` key left null holds text: a number or date keeps ``raw`` (in a file,
+    its text), false or null leaves it unset (``run_dir=off``) and true is an error."""
+    if dotted in TEXT and old is None and not isinstance(value, str | list | dict):  # run_dir=2024 / off / on
+        if value is True:
+            raise ValueError(f"{dotted}=True: expected text (a path or name), or null")
+        return None if value is None or value is False else (raw.strip() if raw is not None else str(value))
     if value is None and isinstance(old, int | float | str) and not isinstance(old, bool) and dotted not in NULLABLE:
         kind = "text" if isinstance(old, str) else "a number"
         raise ValueError(f"{dotted}=null: expected {kind}, not null or an empty value (default {old!r})")

@@ -137,6 +137,19 @@ NULLABLE = frozenset(
 )
 
 
+# keys left null in some config that hold text (a path, a name, `latest`) when set: the kind their default
+# cannot tell; a number or date keeps its text, false or null leaves them unset, true is an error
+TEXT = frozenset(
+    {
+        "data.objects",  # paths, null in tiny.yaml (procedural data)
+        "data.backgrounds",
+        "data.val_backgrounds",
+        "data.synonyms_path",
+        "eval.checkpoint",  # a run or checkpoint directory
+    }
+)
+
+
 def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any:
     """`value`, checked against the key's default `old`: a scalar for a whole section, a bare string for a list
     (`eval.datasets=coco` would read as letters), anything but a number for a number, anything but true/false for a
@@ -144,7 +157,12 @@ def check_kind(dotted: str, old: Any, value: Any, raw: str | None = None) -> Any
     number or a boolean for a text key, the key keeps `raw`, the text typed on the command line (`name=2024`,
     `name=yes`); in a file a number becomes its text and a boolean is an error (quote it). False is "no" for a
     ``mixed_precision`` key and null for a ``NULLABLE`` key whose default is text or null
-    (``data.val_split=false``)."""
+    (``data.val_split=false``). A ``TEXT`` key left null holds text: a number or date keeps ``raw`` (in a file,
+    its text), false or null leaves it unset (``run_dir=off``) and true is an error."""
+    if dotted in TEXT and old is None and not isinstance(value, str | list | dict):  # run_dir=2024 / off / on
+        if value is True:
+            raise ValueError(f"{dotted}=True: expected text (a path or name), or null")
+        return None if value is None or value is False else (raw.strip() if raw is not None else str(value))
     if value is None and not isinstance(old, bool):
         if isinstance(old, int | float | str) and dotted not in NULLABLE:
             kind = "text" if isinstance(old, str) else "a number"
