@@ -148,14 +148,13 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int | None, written: Path) -> None:
-    """Delete all but the ``keep`` newest step checkpoints of a run (None keeps all); ``written``, the one just saved,
-    stays even when a run resumed from an older checkpoint has newer ones."""
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Delete all but the ``keep`` newest step checkpoints of a run (None keeps all); a resumed run has set
+    the later ones aside (``set_aside_checkpoints``), so the one it has just written is the newest."""
     if keep is None:
         return
     for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
-        if old.name != written.name:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def set_aside_checkpoints(run_dir: Path, step: int) -> list[Path]:

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
                     {"loss": loss_value},
                     accelerator.scaler,
                 )
-                prune_checkpoints(run_dir, keep, last_checkpoint)
+                prune_checkpoints(run_dir, keep)
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: gloo threads left at exit can abort a worker

@@ -56,9 +56,6 @@ def run_cli(main: Callable[[], object], prog: str, *more_errors: type[Exception]
         raise SystemExit(f"{prog}: error: {message}") from None
 
 
-NO_SWITCH = ("", "~", "null", "false", "no", "off")  # what YAML reads as null or false: a switch left unset
-
-
 def parse_value(raw: str) -> Any:
     """YAML value of a command-line string; ``1e-4`` (a string to YAML 1.1, which needs ``1.0e-4``) is a float."""
     return yaml.load(raw, Loader=ConfigLoader)
@@ -146,6 +143,9 @@ TEXT = frozenset(
         "data.val_backgrounds",
         "data.synonyms_path",
         "eval.checkpoint",  # a run or checkpoint directory
+        "resume",  # command-line switches (`flags` of load_config): latest | auto | PATH
+        "checkpoint",
+        "out",
     }
 )
 
@@ -288,8 +288,8 @@ def load_config(
 
     `argv=None` reads sys.argv[1:] (console scripts).
 
-    `flags` are CLI-only switches (e.g. `resume`, `out`) kept in `cfg["_cli"]` as the text typed (empty, null or false:
-    None) instead of the config tree.
+    `flags` are CLI-only switches (e.g. `resume`, `out`) kept in `cfg["_cli"]` instead of the config tree, read as
+    `TEXT` keys: the text typed (empty, null or false: None; true: an error).
     `--help` / `-h` prints the keys with their defaults (`usage_args` names the positional arguments in the usage
     line) and exits with status 0.
     """
@@ -311,14 +311,14 @@ def load_config(
     for key, value in pairs:
         if key == "config":
             continue
-        if key in flags:  # paths and `latest`: the text as typed; empty, null or false (resume=null) is none
-            cli[key] = None if value.strip().lower() in NO_SWITCH else value.strip()
-            continue
         try:
             parsed = parse_value(value)
         except yaml.YAMLError as err:
             raise ValueError(f"{key}: {value!r} is not valid YAML ({_yaml_problem(err)})") from None
-        set_key(cfg, key, parsed, free, value)
+        if key in flags:  # paths, latest, auto: TEXT keys left null (resume=null or =no is unset)
+            cli[key] = check_kind(key, None, parsed, value)
+        else:
+            set_key(cfg, key, parsed, free, value)
     cfg["_cli"] = cli
     return string_mixed_precision(cfg), positional
 

@@ -142,7 +142,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
                 run_dir, step, method.state_dict(), optimizer, {"step": step, "epoch": epoch}, cfg, accelerator.scaler
             )
             log.info("saved %s", path)
-            prune_checkpoints(run_dir, t["keep_checkpoints"], path)
+            prune_checkpoints(run_dir, t["keep_checkpoints"])
 
     losses: list[float] = []
     method.train(True)

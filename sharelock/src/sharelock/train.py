@@ -160,11 +160,11 @@ def fit(
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
-            written = save_checkpoint(
+            save_checkpoint(
                 ckpt_dir / f"step_{state['step']:06d}", accelerator.unwrap_model(model),
                 {**meta, "step": state["step"]}, cfg, optimizer, scheduler, state,
             )  # fmt: skip
-            prune_checkpoints(run_dir, keep, written)
+            prune_checkpoints(run_dir, keep)
 
     def validate() -> None:
         val_loss = validation_loss(model, val, bs, logit_scale, cfg["seed"], device)

@@ -209,14 +209,13 @@ def resume_checkpoint(run_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int | None, written: Path) -> None:
-    """Delete all but the `keep` newest step checkpoints of a run (None keeps all); `written`, the one just saved,
-    stays even when a run resumed from an older checkpoint has newer ones, and `best` is no step checkpoint."""
+def prune_checkpoints(run_dir: str | Path, keep: int | None) -> None:
+    """Delete all but the `keep` newest step checkpoints of a run (None keeps all; `best` is no step checkpoint); a
+    resumed run has set the later ones aside (`set_aside_checkpoints`), so the one it has just written is the newest."""
     if keep is None:
         return
     for old in step_folders(Path(run_dir) / "checkpoints")[:-keep]:
-        if old.name != written.name:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def set_aside_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
