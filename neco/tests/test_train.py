@@ -432,3 +432,31 @@ def test_latest_checkpoint_is_the_highest_step_by_number(tmp_path):
     for latest in (resolve_resume("latest", str(tmp_path)), resolve_resume("auto", str(tmp_path))):
         assert latest == order[-1]
     assert resolve_checkpoint(str(tmp_path)) == order[-1]
+
+
+def test_tensorboard_after_a_resume_from_an_older_step_shows_one_value_per_step(tiny_args, tmp_path, monkeypatch):
+    """The events of the abandoned steps stay in the first file; the resumed writer's purge_step hides them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    base = tiny_args + ["train.tensorboard=true", "train.checkpoint_every=1", "train.keep_checkpoints=null"]
+    first = main(base + ["optim.max_steps=4"])
+    real = train_mod.neco_loss
+    monkeypatch.setattr(train_mod, "neco_loss", lambda *a, **k: real(*a, **k) + 1.0)  # another trajectory
+    second = main(base + ["optim.max_steps=4", f"train.resume={run / 'checkpoints' / 'step_000002'}"])
+    events = EventAccumulator(str(run / "neco_tiny"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    expected = first["losses"][:2] + second["losses"][2:]
+    assert [value for _, value in logged] == pytest.approx(expected, abs=1e-6, rel=0)
+
+
+def test_tensorboard_without_the_package_is_an_error_before_the_run_starts(tiny_args, tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(ValueError, match=r"train.tensorboard=true needs TensorBoard: pip install"):
+        main(tiny_args + ["train.tensorboard=true"])
+    assert not (tmp_path / "run").exists()

@@ -153,10 +153,13 @@ def check_counts(cfg: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train NeCo; returns {"run_dir", "step", "losses", "checkpoint"}."""
     from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     check_counts(cfg)
     tcfg, ocfg, lcfg = cfg["train"], cfg["optim"], cfg["loss"]
+    if tcfg["tensorboard"] and not is_tensorboard_available():  # accelerate would only warn and log nothing
+        raise ValueError('train.tensorboard=true needs TensorBoard: pip install "funai-neco[tensorboard]"')
     mask_mode = check_loss_mask(lcfg.get("mask", "all"))  # fg / bg: the foreground-background ablation
     masked = mask_mode != "all"
     grid = cfg["data"]["global_size"] // cfg["model"]["patch_size"]
@@ -229,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     accelerator.wait_for_everyone()  # the others list the run's checkpoints (last_checkpoint) once they are set aside
-    if tcfg["tensorboard"]:
-        accelerator.init_trackers(cfg["name"])
+    if tcfg["tensorboard"]:  # a resume hides the earlier files' events past its step (they are logged at step + 1 on)
+        purge = {"purge_step": start_step + 1} if start_step else {}
+        accelerator.init_trackers(cfg["name"], init_kwargs={"tensorboard": purge})
 
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
