@@ -1,5 +1,6 @@
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -221,6 +222,9 @@ def test_hummingbird_cli_names_the_missing_dataset_or_model(tmp_path, monkeypatc
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(FileNotFoundError, match=r"'vit_small_patch14_dinov2.lvd142m' .* --checkpoint PATH"):
         timm_patch_features("vit_small_patch14_dinov2.lvd142m", 504)
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed: an ImportError traceback before
+    with pytest.raises(ValueError, match=r"^funai-hummingbird --model needs timm: pip install"):
+        timm_patch_features("vit_small_patch14_dinov2.lvd142m", 504)
 
 
 def test_hummingbird_cli_passes_file_sets_fraction_ignore_index_and_fp16_bank(tmp_path, monkeypatch):
@@ -304,3 +308,17 @@ def test_an_error_in_a_data_loader_worker_is_printed_as_its_own_one_line():
     with pytest.raises(SystemExit) as exit_:
         _run(lambda: list(DataLoader(Broken(), num_workers=1)), "funai-knn")
     assert exit_.value.code == "funai-knn: error: x.jpg is not a readable image (garbage); remove or replace the file"
+
+
+def test_knn_cli_unusable_faiss_backend_is_a_one_line_error(tmp_path, monkeypatch):
+    from funai_common import search
+
+    np.save(tmp_path / "f.npy", np.zeros((4, 2), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(4, dtype=np.int64))
+    files = ["--train", "f.npy", "--train-labels", "y.npy", "--test", "f.npy", "--test-labels", "y.npy", "--k", "1"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(search, "_faiss", lambda: None)  # faiss not installed: an ImportError traceback before
+    for backend, match in (("faiss-cpu", r"needs faiss: pip install"), ("faiss-gpu", r"needs a GPU build of faiss")):
+        monkeypatch.setattr("sys.argv", ["funai-knn", *files, "--backend", backend])
+        with pytest.raises(SystemExit, match=rf"^funai-knn: error: backend '{backend}' {match}"):
+            knn_cli()

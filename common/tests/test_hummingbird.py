@@ -252,6 +252,13 @@ def test_memory_smaller_than_the_neighbour_count_is_a_clear_error():
         _evaluator(fn, memory_size=8).evaluate()  # 1 patch per image
 
 
+def test_memory_size_below_one_is_an_error():
+    fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
+    for bad in (0, -5):  # had silently kept one patch per image
+        with pytest.raises(ValueError, match=rf"^memory_size {bad}: expected a positive number of rows"):
+            _evaluator(fn, memory_size=bad)
+
+
 def test_memory_features_are_kept_only_on_request():
     fn = lambda x: colour_patch_features(x, 8)  # noqa: E731
     kept = _evaluator(fn, memory_size=100, keep_memory_features=True)

@@ -99,7 +99,7 @@ def test_backends_agree():
     for backend in available:
         try:
             resolve_backend(backend)
-        except (ImportError, RuntimeError):
+        except ValueError:  # faiss (or its GPU build) not installed
             continue
         results[backend] = nearest_neighbors(queries, bank, k=7, backend=backend)
     assert "torch" in results

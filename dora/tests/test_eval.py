@@ -8,10 +8,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dora import eval as dora_eval
+from dora import visualise
 from dora.config import load_config
 from dora.davis import boundary_f, evaluate_davis, jaccard, label_propagation, labels_to_mask
 from dora.models import build_network
-from dora.synthetic import labelled_objects
+from dora.synthetic import labelled_objects, write_walking_video
 
 TINY = "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}"
 
@@ -321,7 +322,7 @@ def test_eval_out_dir_under_a_file_and_unreadable_checkpoints_are_errors(tmp_pat
         dora_eval.main([*base, f"checkpoint={tmp_path / 'dora_venice_100ep.pth'}"])
 
 
-def test_eval_of_a_run_folder_takes_its_latest_complete_checkpoint(tmp_path):
+def test_eval_and_visualise_of_a_run_folder_take_its_latest_complete_checkpoint(tmp_path):
     """A run folder was "teacher.safetensors not found: not a DoRA checkpoint directory?"; neco-eval and
     sharelock-eval take one. A checkpoint left half-written (``.tmp``) is not a candidate."""
     state = build_network(load_config(["--config", "tiny"]), teacher=True).state_dict()
@@ -332,6 +333,20 @@ def test_eval_of_a_run_folder_takes_its_latest_complete_checkpoint(tmp_path):
         (ckpt / "state.json").write_text("{}")
     base = [f"out_dir={tmp_path / 'out'}", f"model_overrides={TINY}", "tasks=[]"]
     assert dora_eval.main([*base, f"checkpoint={tmp_path / 'run'}"])["checkpoint"].endswith("checkpoints/step_000004")
+    video = write_walking_video(tmp_path / "walk.mp4", num_frames=12, size=48)
+    vis = [f"video={video}", f"out_dir={tmp_path / 'vis'}", f"model_overrides={TINY}", "size=32", "num_frames=2"]
+    info = visualise.main([*vis, "step=5", f"checkpoint={tmp_path / 'run'}"])  # was: not a checkpoint directory
+    assert info["checkpoint"].endswith("checkpoints/step_000004")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"run folder .*empty holds no checkpoint under .*empty/checkpoints"):
         dora_eval.main([*base, f"checkpoint={tmp_path / 'empty'}"])
+
+
+def test_davis_max_videos_must_be_a_positive_integer(tmp_path):
+    davis = make_davis(tmp_path / "DAVIS", num_videos=2, frames=3)
+    base = [f"model_overrides={TINY}", "tasks=[davis]", "device=cpu", f"davis.root={davis}", "davis.short_side=32"]
+    m = dora_eval.main([f"out_dir={tmp_path / 'one'}", *base, "davis.max_videos=1"])
+    assert list(m["davis"]["per_video"]) == ["vid0"]
+    for bad in ("-1", "0", "two"):  # -1 had scored all videos but the last, 'two' had crashed in a slice
+        with pytest.raises(ValueError, match=rf"^davis.max_videos='?{bad}'?: expected a positive integer"):
+            dora_eval.main([f"out_dir={tmp_path / 'bad'}", *base, f"davis.max_videos={bad}"])

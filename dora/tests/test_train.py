@@ -608,3 +608,16 @@ def test_latest_checkpoint_is_the_highest_step_by_number(tmp_path):
     assert resolve_checkpoint(tmp_path) == order[-1]
     prune_checkpoints(tmp_path, 1)
     assert list_checkpoints(tmp_path) == order[-1:]
+
+
+def test_frame_cache_of_another_video_of_the_same_name_is_an_error(tmp_path, video):
+    from dora.synthetic import write_walking_video
+
+    other = write_walking_video(tmp_path / "other" / video.name, num_frames=40, size=48, seed=1)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    out = train.main(tiny_args(tmp_path / "a", video, cache, "optim.max_steps=1"))
+    assert out["steps"] == 1
+    train.main(tiny_args(tmp_path / "b", video, cache, "optim.max_steps=1"))  # the same video: the cache is reused
+    # before: the cache of `video` was used silently for `other` (same file name), i.e. the wrong frames
+    with pytest.raises(ValueError, match=r"^data.cache_dir: .* is the frame cache of .*, not of .*other"):
+        train.main(tiny_args(tmp_path / "c", f"{video},{other}", cache, "optim.max_steps=1"))

@@ -61,3 +61,19 @@ def test_dataset_kwargs_of_another_dataset_are_a_clear_error():
     cfg = dict(hummingbird.DEFAULTS, dataset="ade20k", data_dir="unused", dataset_kwargs={"num_images": 8})
     with pytest.raises(ValueError, match=r"dataset_kwargs=\{'num_images': 8\} do not apply to dataset='ade20k'"):
         hummingbird.build_datasets(cfg)
+
+
+def test_hummingbird_layer_is_a_name_inside_the_model_as_in_fungi_extract(tmp_path, monkeypatch):
+    layers = []
+    original = PatchFUNGI.set_memory
+
+    def spy(self, features):
+        layers.append(self.layer)
+        original(self, features)
+
+    monkeypatch.setattr(PatchFUNGI, "set_memory", spy)
+    args = ["--config", "hummingbird_tiny", f"run_dir={tmp_path}", "features=[fungi]"]
+    rows = hummingbird.main(args + ["layer=blocks.0.attn.proj"])  # was: not found in PatchTokens
+    assert layers == ["model.blocks.0.attn.proj"] and rows[0]["miou"] > 0.5
+    with pytest.raises(ValueError, match=r"^layer 'blocks.9.attn.proj' not found in DinoInterpolationViT"):
+        hummingbird.main(args + ["layer=blocks.9.attn.proj"])

@@ -136,7 +136,7 @@ def timm_patch_features(
     try:
         import timm  # noqa: F401 (a clear message when the optional dependency is missing)
     except ImportError:
-        raise ImportError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
+        raise ValueError("funai-hummingbird --model needs timm: pip install 'funai-common[demo]'") from None
     from funai_common.vit import supports_dino_interpolation, use_dino_interpolation
 
     state = None

@@ -231,6 +231,8 @@ class HummingbirdEvaluator:
     ):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
+        if memory_size is not None and memory_size < 1:  # 0 or -5 had silently kept one patch per image
+            raise ValueError(f"memory_size {memory_size}: expected a positive number of rows, or None (every patch)")
         if ignore_index is None:
             ignore_index = getattr(val_dataset, "ignore_index", 255)
         self.feature_fn, self.train_dataset, self.val_dataset = feature_fn, train_dataset, val_dataset

@@ -35,8 +35,8 @@ def faiss_gpu_available() -> bool:
 
 def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
     """Turn ``"auto"`` into the fastest available backend for a bank on ``device``: faiss-gpu, else torch for a
-    CUDA bank (a GPU matmul beats copying the bank to faiss-cpu), else faiss-cpu, else torch. Check that an explicit
-    backend is usable."""
+    CUDA bank (a GPU matmul beats copying the bank to faiss-cpu), else faiss-cpu, else torch. An explicit backend
+    that is not usable is a ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown search backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -45,10 +45,11 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
         if device is not None and torch.device(device).type == "cuda":
             return "torch"
         return "faiss-cpu" if _faiss() is not None else "torch"
+    # ValueError: the commands print it as one line (an ImportError / RuntimeError was a traceback)
     if backend == "faiss-cpu" and _faiss() is None:
-        raise ImportError("backend 'faiss-cpu' needs faiss: pip install 'funai-common[faiss-cpu]'")
+        raise ValueError("backend 'faiss-cpu' needs faiss: pip install 'funai-common[faiss-cpu]' (or backend torch)")
     if backend == "faiss-gpu" and not faiss_gpu_available():
-        raise RuntimeError("backend 'faiss-gpu' needs a GPU build of faiss and a visible GPU")
+        raise ValueError("backend 'faiss-gpu' needs a GPU build of faiss and a visible GPU (or backend auto / torch)")
     return backend
 
 

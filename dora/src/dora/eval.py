@@ -68,6 +68,15 @@ def format_table(rows: list[tuple[str, str, float]]) -> str:
     return "\n".join(lines)
 
 
+def resolve_run_folder(cfg: dict) -> None:
+    """Replace a run folder in ``cfg["checkpoint"]`` by its latest checkpoint (logged); files and ``timm:`` stay."""
+    if cfg["checkpoint"] and not str(cfg["checkpoint"]).startswith("timm:"):
+        resolved = resolve_checkpoint(cfg["checkpoint"])
+        if resolved != Path(cfg["checkpoint"]):
+            logger.info("checkpoint=%s is a run folder: using its latest checkpoint %s", cfg["checkpoint"], resolved)
+            cfg["checkpoint"] = str(resolved)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the configured evaluations; prints a table and writes ``metrics.json``."""
     from dora.davis import evaluate_davis
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(cfg["tasks"]) - {"knn", "linear", "davis"}
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; expected knn, linear, davis")
+    max_videos = cfg["davis"]["max_videos"]  # -1 had dropped the last video, a word had crashed
+    if max_videos is not None and (isinstance(max_videos, bool) or not isinstance(max_videos, int) or max_videos < 1):
+        raise ValueError(f"davis.max_videos={max_videos!r}: expected a positive integer, or null (all videos)")
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -91,13 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg['device']!r} but torch sees no CUDA device; use device=auto or device=cpu")
-    if cfg["checkpoint"] and not str(cfg["checkpoint"]).startswith("timm:"):
-        resolved = resolve_checkpoint(cfg["checkpoint"])
-        if resolved != Path(cfg["checkpoint"]):
-            logger.info(
-                "checkpoint=%s is a run folder: evaluating its latest checkpoint %s", cfg["checkpoint"], resolved
-            )
-            cfg["checkpoint"] = str(resolved)  # metrics.json names the checkpoint evaluated
+    resolve_run_folder(cfg)  # metrics.json names the checkpoint evaluated
     model = load_eval_backbone(cfg).to(device)
     metrics: dict = {"checkpoint": str(cfg["checkpoint"]), "arch": cfg["arch"]}
     rows: list[tuple[str, str, float]] = []

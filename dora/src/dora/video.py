@@ -318,10 +318,16 @@ def build_frame_cache(
     """Decode a video once, in order, into a compact JPEG frame cache at ``short_side``; returns the cache folder.
 
     Written to a temporary folder and renamed when complete, so an interrupted build leaves nothing half-made.
-    Frames that fail to decode are stored empty and reported missing when read.
+    Frames that fail to decode are stored empty and reported missing when read. A cache of another video is an error.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir, source = Path(cache_dir), str(Path(video).resolve())
     if (cache_dir / "meta.json").is_file():
+        built = json.loads((cache_dir / "meta.json").read_text())["source"]
+        if str(Path(built).resolve()) != source:
+            raise ValueError(
+                f"data.cache_dir: {cache_dir} is the frame cache of {built}, not of {video} (two videos of one name?):"
+                " rename one, or use another data.cache_dir"
+            )
         return cache_dir
     src = PyAVFrameSource(video, short_side=short_side)
     tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
@@ -343,7 +349,7 @@ def build_frame_cache(
             last = idx
     offsets[last + 1 :] = pos
     np.save(tmp / "offsets.npy", offsets)
-    meta = {"source": str(video), "num_frames": src.num_frames, "short_side": short_side, "size": list(src.size)}
+    meta = {"source": source, "num_frames": src.num_frames, "short_side": short_side, "size": list(src.size)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     src.close()
     if cache_dir.exists():

@@ -89,7 +89,7 @@ def visualise(model, frames: np.ndarray, out_dir: Path, size: int, heads: list[i
 
 def main(argv: list[str] | None = None) -> dict:
     """Load a backbone, read a clip, track its objects; writes masks.png, masks.mp4 and masks.json."""
-    from dora.eval import load_eval_backbone
+    from dora.eval import load_eval_backbone, resolve_run_folder
 
     cfg = load_config(argv if argv is not None else sys.argv[1:], default="visualise.yaml")
     if not cfg["video"]:
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, least in (("start", 0), ("num_frames", 1), ("step", 1)):
         if type(cfg[key]) is not int or cfg[key] < least:
             raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= {least}")
+    resolve_run_folder(cfg)
     model = load_eval_backbone(cfg)
     patch = model.patch_embed.patch_size[0]
     if cfg["size"] % patch:
@@ -119,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     heads = heads or choose_heads(num_heads, cfg["num_objects"], random.Random(cfg["seed"]))
     out_dir = make_dir(cfg["out_dir"], "out_dir")
     masks = visualise(model, frames, out_dir, cfg["size"], heads, cfg["fps"])
-    info = {"heads": heads, "frames": idx, "mask_fraction": masks.mean(dim=(1, 2, 3)).tolist()}
+    info = {
+        "checkpoint": cfg["checkpoint"],
+        "heads": heads,
+        "frames": idx,
+        "mask_fraction": masks.mean(dim=(1, 2, 3)).tolist(),
+    }
     (out_dir / "masks.json").write_text(json.dumps(info, indent=1))
     print(f"wrote {out_dir / 'masks.png'} and {out_dir / 'masks.mp4'}")
     return info

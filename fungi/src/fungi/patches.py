@@ -83,7 +83,8 @@ def project_token_gradients(
 class PatchFUNGI:
     """Per-patch FUNGI features of a timm ViT: ``__call__(images (B, 3, H, W)) -> (B, N, 2E)``; usable as the
     ``feature_fn`` of ``funai_common.hummingbird.HummingbirdEvaluator``. Give it a support memory first
-    (``set_memory`` with patch features, or ``setup`` with images).
+    (``set_memory`` with patch features, or ``setup`` with images). ``layer``: the dotted name of the ``nn.Linear``
+    inside ``model`` whose gradients are taken (default: the last block's attention output projection).
 
     ``negative_fraction`` plays the reference's negative-batch percent; the reference redraws the kept negatives on
     every call, here each memory row is kept or not once (seeded), so a feature depends only on its image.
@@ -106,8 +107,9 @@ class PatchFUNGI:
             raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
         self.tokens = PatchTokens(model, keep_prefix=True).to(device).eval().requires_grad_(False)
         self.num_prefix = getattr(model, "num_prefix_tokens", 1)
-        self.layer = layer or default_layer(self.tokens)
-        linear = get_linear(self.tokens, self.layer)
+        layer = layer or default_layer(model)
+        linear = get_linear(model, layer)  # a name inside `model`, as fungi-extract's `layer`
+        self.layer = f"model.{layer}"  # the same module inside self.tokens
         embed = model.num_features
         self.seed, self.temperature, self.variant = seed, temperature, variant
         self.num_negatives, self.negative_fraction, self.device = num_negatives, negative_fraction, torch.device(device)
