@@ -224,6 +224,9 @@ def test_predict_main(checkpoint, tmp_path, capsys):
     args = [str(path), "--boxes", "2,3,12,14", "20,10,31,22", "--checkpoint", str(checkpoint), "--out", str(out)]
     result = predict_main(args + ["--height", "64", "--stride", "32"])
     assert out.is_file() and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == result["count"]
+    run_folder = ["--checkpoint", str(checkpoint.parent.parent), "--height", "64", "--stride", "32"]
+    latest = predict_main([*args[:-4], *run_folder, "--out", str(tmp_path / "run.png")])  # was: state.json not found
+    assert latest["checkpoint"] == str(checkpoint) and latest["count"] == result["count"]
     with pytest.raises(SystemExit):
         predict_main([str(path), "--boxes", "5,5,2,2", "--checkpoint", str(checkpoint)])
     with pytest.raises(ValueError, match="outside"):

@@ -356,3 +356,12 @@ def test_eval_runs_the_method_with_its_dropout_off(tmp_path, tiny_blip2, monkeyp
     monkeypatch.setattr(eval_mod, "evaluate_queries", evaluate)
     rows, _ = eval_mod.run_eval(cfg, tiny_blip2, method, tmp_path / "eval")
     assert seen == [False] and rows[0]["method"] == "vpt"
+
+
+def test_kshot_needs_at_least_one_example(tmp_path):
+    """method=kshot with eval.kshot=0 (the paper configs' value) silently evaluated the raw prompt: now an error;
+    eval.kshot=1 runs end to end."""
+    with pytest.raises(ValueError, match=r"^eval.kshot=0: method=kshot needs at least one in-context example"):
+        eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=kshot", "eval.kshot=0"])
+    rows = eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=kshot", "eval.kshot=1", "data.val_size=4"])
+    assert [(r["method"], r["num"]) for r in rows] == [("kshot", 12)]

@@ -8,6 +8,7 @@ import pytest
 
 from pin.layout import LayoutSampler
 from pin.synthetic import (
+    ABSOLUTE_FORMS,
     Backgrounds,
     Composer,
     ObjectPool,
@@ -238,3 +239,21 @@ def test_held_out_queries_use_each_objects_phrase():
     expected = [p for i in range(6) for p in composer.compose(i, 7, fixed=True).phrases]
     assert [q.name for q in queries] == expected
     assert any(q.name not in ("circle", "square") for q in queries)
+
+
+def test_tiny_tokenizer_knows_every_referral_word(codec):
+    """With referral on, the tiny VLM's word tokenizer reads "behind" and "before" as words, not <unk> (one token for
+    both, so the tiny run could not tell them apart); off, its vocabulary is unchanged."""
+    from pin.config import load_config
+    from pin.pipeline import class_names
+    from pin.zoo import word_tokenizer
+
+    cfg, _ = load_config(["--config", "tiny", "data.same_object_likelihood=0.5", "data.pos_img_referral=0.5"])
+    tok = word_tokenizer(class_names(cfg), codec)
+    words = ("before", "in front", "behind", "middle", "center", "left", "right", "above", "top", "below", "bottom")
+    for word, form in itertools.product(words, ABSOLUTE_FORMS):
+        ids = tok(f"In the image is a {form.format(word=word, name='circle')} located at")["input_ids"]
+        assert tok.unk_token_id not in ids, (word, form)
+    off, _ = load_config(["--config", "tiny"])
+    shapes = off["data"]["procedural_classes"]
+    assert word_tokenizer(class_names(off), codec).get_vocab() == word_tokenizer(shapes, codec).get_vocab()

@@ -141,3 +141,20 @@ def test_config_option_describes_every_split(tmp_path):
         phrases = [dataset_from_cfg(cfg, pool, split)[i]["phrase"] for i in range(8)]
         assert all(p.removeprefix("odd ") in {"circle", "square", "triangle", "cross"} for p in phrases)
         assert any(p.startswith("odd ") for p in phrases)
+
+
+def test_tiny_tokenizer_knows_the_synonyms(tmp_path, codec):
+    """A tiny VLM's word tokenizer knows the synonyms that describe the procedural shapes (it read them as <unk>)."""
+    from pin.pipeline import class_names
+    from pin.zoo import word_tokenizer
+
+    path = _lvis(
+        tmp_path, [{"name": n, "synonyms": [n, f"odd_{n}"]} for n in ("circle", "square", "triangle", "cross")]
+    )
+    cfg, _ = load_config(["--config", "tiny", "data.synonyms_description=true", f"data.synonyms_path={path}"])
+    tok = word_tokenizer(class_names(cfg), codec)
+    train, _, _ = pools_from_cfg(cfg)
+    phrases = {dataset_from_cfg(cfg, train, "train")[i]["phrase"] for i in range(8)}
+    assert any(p.startswith("odd ") for p in phrases)
+    for phrase in phrases:
+        assert tok.unk_token_id not in tok(f"In the image is a {phrase} located at")["input_ids"], phrase

@@ -188,6 +188,22 @@ def test_lora_baseline(tiny_blip2, codec):
     assert all("lora_" in k for k in method.state_dict())
 
 
+def test_lora_target_modules_typed_as_one_name(codec):
+    """lora.target_modules=qkv on the command line is the text 'qkv': one module name, not the letters q, k, v; a name
+    matching no module is an error naming the key."""
+    pytest.importorskip("peft")
+    from pin.zoo import build_vlm
+
+    def build(targets):
+        vlm = build_vlm("tiny-blip2", class_names=SHAPES, codec=codec, tiny_options={"patch_size": 28})
+        return Method(vlm, "lora", {"lora": {"r": 2, "target_modules": targets}})
+
+    wrapped = {k.split(".lora_")[0] for k in build("qkv").state_dict()}
+    assert wrapped == {f"vision.encoder.layers.{i}.self_attn.qkv" for i in range(2)}
+    with pytest.raises(ValueError, match=r"^lora.target_modules=\['nothere'\]: Target modules \{'nothere'\} not found"):
+        build(["nothere"])
+
+
 def test_unknown_method_is_an_error(tiny_blip2):
     with pytest.raises(ValueError, match="unknown method"):
         Method(tiny_blip2, "coop")

@@ -576,3 +576,30 @@ def test_keep_checkpoints_prunes_all_but_the_newest_steps(stores, tmp_path):
     assert steps(every) == ["best", "step_000004", "step_000005"]
     with pytest.raises(ValueError, match=r"^keep_checkpoints=0: expected a positive integer or null$"):
         train.main(tiny_args(stores, tmp_path / "bad", "keep_checkpoints=0"))
+
+
+def test_eval_stores_are_checked_before_training_and_run_after_it(stores, tmp_path):
+    """eval.features / eval.class_features: one without the other, a missing or unlabelled store is an error before
+    the first step (it was a silent no-op, or an error after the whole run); both give top-1/top-5 in the summary."""
+    rng = np.random.default_rng(2)
+    test, classes = tmp_path / "test", tmp_path / "classes"
+    with FeatureWriter(test, "vit", "image", 8, shard_size=64) as w:
+        w.add([str(i) for i in range(20)], rng.normal(size=(20, 8)).astype(np.float32), [i % 4 for i in range(20)])
+    write_store(classes, [str(c) for c in range(4)], rng.normal(size=(4, 12)).astype(np.float32), "text", "llm")
+    bad = [
+        (
+            [f"eval.features={test}"],
+            "^eval.features='.*': the zero-shot test after training needs eval.class_features$",
+        ),
+        ([f"eval.class_features={classes}"], "needs eval.features$"),
+        ([f"eval.features={tmp_path / 'nope'}", f"eval.class_features={classes}"], "no feature store at .*nope"),
+        ([f"eval.features={stores / 'v'}", f"eval.class_features={classes}"], "^eval.features='.*': .* no labels"),
+    ]
+    for k, (extra, message) in enumerate(bad):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.main(tiny_args(stores, tmp_path / f"bad{k}", *extra))
+        assert not (tmp_path / f"bad{k}" / "metrics.jsonl").exists(), extra
+    run = tmp_path / "run"
+    summary = train.main(tiny_args(stores, run, f"eval.features={test}", f"eval.class_features={classes}"))
+    assert 0 <= summary["top1"] <= summary["top5"] == 100  # 4 classes: top-5 is top-4
+    assert json.loads((run / "summary.json").read_text())["top1"] == summary["top1"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from counting.checkpoint import resolve_checkpoint
 from counting.config import run_cli
 from counting.data import prepare_test_image
 from counting.eval import density_fn_for, load_trained_model
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("image", type=Path)
     parser.add_argument("--boxes", type=parse_box, nargs="+", required=True, help="1-3 exemplar boxes x1,y1,x2,y2")
     parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="checkpoint directory of counting-train, or UnCounTRModel.pt"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint directory of counting-train, a run folder (its latest checkpoint), or UnCounTRModel.pt",
     )
     parser.add_argument("--model-config", type=Path, default=None, help="config for a bare model.safetensors")
     parser.add_argument("--reference-args", type=Path, default=None, help="args.pt (default: beside UnCounTRModel.pt)")
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
-    """Print and return {"count": float, "figure": path}."""
+    """Print and return {"count": float, "figure": path, "checkpoint": path} (a run folder's latest checkpoint)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not 1 <= len(args.boxes) <= 3:
         raise ValueError(f"give 1 to 3 exemplar boxes, got {len(args.boxes)}")
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"image {args.image} not found")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; expected the path of the figure to write (e.g. count.png)")
-    model, cfg = load_trained_model(args.checkpoint, args.model_config, args.reference_args)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_trained_model(checkpoint, args.model_config, args.reference_args)
     image = load_rgb(args.image)
     boxes = torch.tensor(args.boxes)
     _, h, w = image.shape
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or args.image.with_name(f"{args.image.stem}_density.png")
     hh, ww = item["image"].shape[-2:]
     save_density_figure(out, item["image"], density, count, None, item["rel_boxes"] * torch.tensor([ww, hh, ww, hh]))
-    result = {"count": count, "figure": str(out)}
+    result = {"count": count, "figure": str(out), "checkpoint": str(checkpoint)}
     print(json.dumps(result))
     return result
 

@@ -125,6 +125,9 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
     e, kind = cfg["eval"], cfg["method"]
     if kind not in EVAL_METHODS:
         raise ValueError(f"unknown method {kind!r}; expected one of {EVAL_METHODS}")
+    k = e.get("kshot", 0)
+    if kind == "kshot" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):  # 0 shots would be method=raw
+        raise ValueError(f"eval.kshot={k!r}: method=kshot needs at least one in-context example (0 is method=raw)")
     out_dir = Path(out_dir or Path(cfg["out_dir"]) / cfg["name"] / "eval")
     log = setup_logging(out_dir)
     codec = codec_from_cfg(cfg)
@@ -166,7 +169,7 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
             method.to(next(vlm.model.parameters()).device)
     if method is not None:
         method.train(False)
-    context = kshot_context(cfg, codec, e.get("kshot", 0)) if kind == "kshot" else ""
+    context = kshot_context(cfg, codec, k) if kind == "kshot" else ""
     rows, figure_sets = [], []
     for name, queries in datasets.items():
         if e.get("limit"):

@@ -82,14 +82,18 @@ class Method:
         except ImportError as err:
             raise ImportError("method=lora needs peft: pip install 'funai-pin[lora]'") from err
         targets = c.get("target_modules") or _lora_targets(self.vlm)
+        targets = [targets] if isinstance(targets, str) else list(targets)  # lora.target_modules=qkv: one name
         config = LoraConfig(
             r=c.get("r", 8),
             lora_alpha=c.get("alpha", 16),
             lora_dropout=c.get("dropout", 0.1),
-            target_modules=list(targets),
+            target_modules=targets,
         )
         vision = self.vlm.vision_encoder()
-        inject_adapter_in_model(config, vision)
+        try:
+            inject_adapter_in_model(config, vision)
+        except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+            raise ValueError(f"lora.target_modules={c.get('target_modules')!r}: {err}") from err
         if self.vlm.kind == "openflamingo":
             self.vlm.set_vision_grad(True)
         for name, p in vision.named_parameters():

@@ -88,8 +88,16 @@ def pools_from_cfg(cfg: dict) -> tuple[ObjectPool, ObjectPool, ObjectPool]:
 
 
 def class_names(cfg: dict) -> list[str]:
-    """Every name the tokenizer of a tiny VLM must know (procedural classes)."""
-    return list(cfg["data"].get("procedural_classes") or [])
+    """Every name the tokenizer of a tiny VLM must know, which it would otherwise read as <unk>: the procedural
+    classes, their synonyms with data.synonyms_description, the relative words "behind" and "before" with referral."""
+    d = cfg["data"]
+    names = list(d.get("procedural_classes") or [])
+    if d.get("synonyms_description") and names:
+        synonyms = load_synonyms(d["synonyms_path"] and str(d["synonyms_path"]))
+        names += [w for name in names for w in synonyms.get(name, []) if w not in names]
+    if d.get("same_object_likelihood"):
+        names += ["behind", "before"]
+    return names
 
 
 def vlm_from_cfg(cfg: dict) -> FrozenVLM:

@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"set probe.class_names=FILE for {images.path} (a store extracted from an hf: dataset with a ClassLabel "
             "column records its own class names)"
         )
+    test_store = images
+    if probe["test_features"]:  # opened before training: a wrong store fails at once
+        test_store = FeatureStore(probe["test_features"], model=images.model, modality="image")
+        theirs = test_store.meta.get("source", {}).get("classes")
+        if test_store.labels is None or (recorded and theirs and theirs != recorded):
+            why = "no labels" if test_store.labels is None else f"other classes than {images.path} ({theirs[:3]}...)"
+            raise ValueError(f"probe.test_features={probe['test_features']!r}: the store has {why}")
     names = load_class_names(probe["class_names"] or recorded, recorded, probe["label_column"])
     train_cls, test_cls = class_split(names, probe["splits"], probe["test_fraction"], probe["split_seed"])
     text = class_text_features(cfg, names, accelerator.device)
@@ -118,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator.end_training()  # no collective below; gloo threads left at exit can abort a worker
     # as the reference's train.py: the heads of the lowest validation loss (the last step's without validation)
     model = load_model(run_dir, accelerator.device)
-    test_store = FeatureStore(probe["test_features"], modality="image") if probe["test_features"] else images
     test_feats, test_labels = test_store.load_all(), test_store.labels
     results = {}
     for split, classes in (("unseen", test_cls), ("seen", train_cls)):

@@ -19,6 +19,7 @@ from sharelock.config import check_output_dir, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import ShareLock, step_folders
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
+from sharelock.store import FeatureStore
 from sharelock.training import (
     build_optimizer,
     latest_checkpoint,
@@ -74,6 +75,21 @@ def check_fresh_run(run_dir: Path, resume: str | None) -> None:
             f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
             "run with another name= or run_dir="
         )
+
+
+def check_eval_stores(cfg: dict) -> bool:
+    """Whether the run ends with a zero-shot test (`eval.*`); both stores are opened first, so that one that is
+    missing, unlabelled or given alone fails before training, not after it (or silently)."""
+    features, class_features = cfg["eval"]["features"], cfg["eval"]["class_features"]
+    if bool(features) != bool(class_features):
+        given, missing = ("features", "class_features") if features else ("class_features", "features")
+        raise ValueError(f"eval.{given}={cfg['eval'][given]!r}: the zero-shot test after training needs eval.{missing}")
+    if not features:
+        return False
+    if FeatureStore(features, modality="image").labels is None:
+        raise ValueError(f"eval.features={features!r}: the store has no labels (extract it with source.type=labelled)")
+    FeatureStore(class_features, modality="text")
+    return True
 
 
 def build_model(cfg: dict, vision_dim: int, text_dim: int) -> ShareLock:
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)
     pairs = StorePairs(cfg["data"]["datasets"], in_memory=cfg["data"]["in_memory"])
+    run_eval = check_eval_stores(cfg)
     log.info(
         "%d pairs, vision dim %d, text dim %d, %d process(es)",
         len(pairs),
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     model, summary = fit(cfg, pairs, run_dir, accelerator)
     accelerator.end_training()  # the evaluation below runs on the main process alone; gloo threads at exit can abort
-    if cfg["eval"]["features"] and cfg["eval"]["class_features"] and accelerator.is_main_process:
+    if run_eval and accelerator.is_main_process:
         from sharelock.eval import evaluate_stores
         from sharelock.models import load_model
 
