@@ -621,3 +621,34 @@ def test_frame_cache_of_another_video_of_the_same_name_is_an_error(tmp_path, vid
     # before: the cache of `video` was used silently for `other` (same file name), i.e. the wrong frames
     with pytest.raises(ValueError, match=r"^data.cache_dir: .* is the frame cache of .*, not of .*other"):
         train.main(tiny_args(tmp_path / "c", f"{video},{other}", cache, "optim.max_steps=1"))
+
+
+def test_eval_and_visualise_of_a_run_take_the_backbone_it_recorded(tmp_path, video):
+    """arch / model_overrides left null come from the checkpoint's config (a tiny run was 30 shape mismatches
+    under the default ViT-S/16); given ones still win, and a wrong one is still an error naming the keys."""
+    from dora import eval as dora_eval
+    from dora import visualise
+
+    train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1"))
+    metrics = dora_eval.main([f"checkpoint={tmp_path / 'run'}", "tasks=[]", f"out_dir={tmp_path / 'eval'}"])
+    tiny = load_config(["--config", "tiny"])["model"]
+    assert (metrics["arch"], metrics["model_overrides"]) == (tiny["arch"], tiny["overrides"])
+    info = visualise.main(
+        [
+            f"checkpoint={tmp_path / 'run'}",
+            f"video={video}",
+            "size=32",
+            "num_frames=2",
+            "step=5",
+            f"out_dir={tmp_path / 'vis'}",
+        ]
+    )
+    assert info["checkpoint"].endswith("step_000001")
+    with pytest.raises(ValueError, match=r"does not fit the backbone .* set arch / model_overrides"):
+        dora_eval.main(
+            [
+                f"checkpoint={tmp_path / 'run'}",
+                "tasks=[]",
+                "model_overrides={img_size: 32, patch_size: 8, embed_dim: 48, depth: 2, num_heads: 4}",
+            ]
+        )

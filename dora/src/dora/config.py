@@ -104,6 +104,7 @@ TEXT = frozenset(
         "checkpoint",  # dora-eval and dora-visualise: a run or checkpoint
         "out_dir",  # null in eval.yaml: runs/dora/eval/<name>
         "video",  # dora-visualise: a video file or frame folder
+        "arch",  # dora-eval and dora-visualise: a timm name (null: the checkpoint's own)
     }
 )
 

@@ -16,6 +16,7 @@ from dora.config import load_config, make_dir, run_cli
 from dora.models import build_backbone, load_backbone
 
 logger = logging.getLogger("dora")
+DEFAULT_ARCH = "vit_small_patch16_224"  # arch: null without a checkpoint that records its own
 
 
 def load_eval_backbone(cfg: dict) -> VisionTransformer:
@@ -68,13 +69,24 @@ def format_table(rows: list[tuple[str, str, float]]) -> str:
     return "\n".join(lines)
 
 
-def resolve_run_folder(cfg: dict) -> None:
-    """Replace a run folder in ``cfg["checkpoint"]`` by its latest checkpoint (logged); files and ``timm:`` stay."""
+def resolve_checkpoint_model(cfg: dict) -> None:
+    """Replace a run folder in ``cfg["checkpoint"]`` by its latest checkpoint (files and ``timm:`` stay), and fill
+    ``arch`` / ``model_overrides`` left null with the ones a dora-train checkpoint recorded (``model.arch`` /
+    ``model.overrides``), else ``vit_small_patch16_224`` without overrides."""
+    recorded: dict = {}
     if cfg["checkpoint"] and not str(cfg["checkpoint"]).startswith("timm:"):
         resolved = resolve_checkpoint(cfg["checkpoint"])
         if resolved != Path(cfg["checkpoint"]):
             logger.info("checkpoint=%s is a run folder: using its latest checkpoint %s", cfg["checkpoint"], resolved)
             cfg["checkpoint"] = str(resolved)
+        if (resolved / "state.json").is_file():
+            recorded = (json.loads((resolved / "state.json").read_text()).get("config") or {}).get("model") or {}
+    if cfg["arch"] is None:
+        cfg["arch"] = recorded.get("arch", DEFAULT_ARCH)
+    if cfg["model_overrides"] is None:
+        cfg["model_overrides"] = dict(recorded.get("overrides") or {})
+    if recorded:
+        logger.info("backbone %s with overrides %s", cfg["arch"], cfg["model_overrides"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,9 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"device={cfg['device']!r}: expected auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg['device']!r} but torch sees no CUDA device; use device=auto or device=cpu")
-    resolve_run_folder(cfg)  # metrics.json names the checkpoint evaluated
+    resolve_checkpoint_model(cfg)  # metrics.json names the checkpoint and backbone evaluated
     model = load_eval_backbone(cfg).to(device)
-    metrics: dict = {"checkpoint": str(cfg["checkpoint"]), "arch": cfg["arch"]}
+    metrics: dict = {
+        "checkpoint": str(cfg["checkpoint"]),
+        "arch": cfg["arch"],
+        "model_overrides": cfg["model_overrides"],
+    }
     rows: list[tuple[str, str, float]] = []
     if {"knn", "linear"} & set(cfg["tasks"]):
         im = cfg["imagenet"]

@@ -89,7 +89,7 @@ def visualise(model, frames: np.ndarray, out_dir: Path, size: int, heads: list[i
 
 def main(argv: list[str] | None = None) -> dict:
     """Load a backbone, read a clip, track its objects; writes masks.png, masks.mp4 and masks.json."""
-    from dora.eval import load_eval_backbone, resolve_run_folder
+    from dora.eval import load_eval_backbone, resolve_checkpoint_model
 
     cfg = load_config(argv if argv is not None else sys.argv[1:], default="visualise.yaml")
     if not cfg["video"]:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, least in (("start", 0), ("num_frames", 1), ("step", 1)):
         if type(cfg[key]) is not int or cfg[key] < least:
             raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= {least}")
-    resolve_run_folder(cfg)
+    resolve_checkpoint_model(cfg)
     model = load_eval_backbone(cfg)
     patch = model.patch_embed.patch_size[0]
     if cfg["size"] % patch:
