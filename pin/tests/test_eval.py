@@ -365,3 +365,34 @@ def test_kshot_needs_at_least_one_example(tmp_path):
         eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=kshot", "eval.kshot=0"])
     rows = eval_main(["--config", "tiny", f"out_dir={tmp_path}", "method=kshot", "eval.kshot=1", "data.val_size=4"])
     assert [(r["method"], r["num"]) for r in rows] == [("kshot", 12)]
+
+
+def test_a_checkpoint_is_evaluated_and_resumed_only_with_the_settings_it_was_trained_with(tmp_path):
+    """A tiny run trained with codec.grid=8 (its max_cells too) and seed 2, evaluated or resumed with the tiny config,
+    was scored against another box codec and another random VLM without a word; now an error listing the keys, and
+    the run's own config.yaml evaluates it. A bare .safetensors file carries no config and is not checked."""
+    run = tmp_path / "run"
+    train_main(
+        [
+            "--config",
+            "tiny",
+            f"out_dir={tmp_path}",
+            "name=run",
+            "train.max_steps=1",
+            "codec.grid=8",
+            "data.max_cells=8",
+            "seed=2",
+        ]
+    )
+    ckpt = run / "checkpoints" / "step_0000001"
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "data.val_size=4"]
+    expected = r"was trained with other settings: codec.grid=16 \(checkpoint: 8\); seed=1 \(checkpoint: 2\)"
+    with pytest.raises(ValueError, match=rf"^eval.checkpoint=.*run: .*step_0000001 {expected}; evaluate it with"):
+        eval_main([*base, f"eval.checkpoint={run}"])
+    with pytest.raises(ValueError, match=rf"^--resume: .*step_0000001 {expected}; resume it with its run's config"):
+        train_main(["--config", "tiny", f"out_dir={tmp_path}", "name=run", "--resume", "latest"])
+    with pytest.raises(ValueError, match=r"method='vpt' \(checkpoint: 'pin'\)"):
+        eval_main([*base, "method=vpt", "seed=2", "codec.grid=8", "data.max_cells=8", f"eval.checkpoint={run}"])
+    rows = eval_main(["--config", str(ckpt / "config.yaml"), f"out_dir={tmp_path}", f"eval.checkpoint={run}"])
+    assert rows[0]["method"] == "pin"
+    assert eval_main([*base, f"eval.checkpoint={ckpt / 'weights.safetensors'}"])[0]["method"] == "pin"

@@ -162,3 +162,14 @@ def test_fallback_keeps_the_aspect_ratio_at_the_minimum_size():
         assert all(0 <= v <= 15 for b in boxes for v in b)
     boxes = LayoutSampler(overlap_threshold=-1.0).sample(rng, [1.0, 1.6])  # k = 2: min 3, round(3 / 1.6) = 2
     assert (boxes[1][2] - boxes[1][0], boxes[1][3] - boxes[1][1]) == (3, 2)
+
+
+def test_extents_the_grid_cannot_hold_are_errors_naming_the_keys():
+    """codec.grid=8 with the default data.max_cells=16 drew boxes wider than the grid and failed in numpy ("high <=
+    0"); a minimum extent above max_cells - 1 likewise."""
+    with pytest.raises(ValueError, match=r"^data.max_cells=16: expected 2 to codec.grid=8"):
+        LayoutSampler(grid=8, max_cells=16)
+    with pytest.raises(ValueError, match=r"1 object\(s\) get a minimum extent of round\(0.9 x codec.grid=16\) = 14"):
+        LayoutSampler(min_fractions=(0.9,), max_cells=10)
+    boxes = LayoutSampler(grid=8, max_cells=8).sample(np.random.default_rng(0), [1.0, 0.5, 2.0])
+    assert all(0 <= v <= 7 for box in boxes for v in box)

@@ -25,7 +25,7 @@ from .eval_data import SYNTHETIC_SETS, QueryDataset, collate_queries, queries_fo
 from .figures import box_figure
 from .methods import Method
 from .metrics import batch_weighted_miou, localisation_miou, paired_iou, precision_at
-from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, predict_boxes, vlm_from_cfg
+from .pipeline import check_trained_with, codec_from_cfg, dataset_from_cfg, pools_from_cfg, predict_boxes, vlm_from_cfg
 from .prompts import training_text
 from .runlog import setup_logging
 from .vlm import FrozenVLM
@@ -159,6 +159,7 @@ def run_eval(cfg: dict, vlm: FrozenVLM | None = None, method: Method | None = No
                     e["checkpoint"],
                     checkpoint,
                 )
+            check_trained_with(cfg, checkpoint, f"eval.checkpoint={e['checkpoint']}", "evaluate")
             weights = load_weights(checkpoint)
         vlm = vlm_from_cfg(cfg)
         if torch.cuda.is_available():

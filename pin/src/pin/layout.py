@@ -44,6 +44,16 @@ class LayoutSampler:
         self.overlap_both = overlap_both
         self.outside_ratio = outside_ratio
         self.max_resample = max_resample
+        if not 2 <= max_cells <= grid:  # a box spans up to max_cells - 1 cells past its first, inside the grid
+            raise ValueError(
+                f"data.max_cells={max_cells}: expected 2 to codec.grid={grid} (the largest box's extent + 1)"
+            )
+        for k, f in enumerate(self.min_fractions, 1):
+            if not 0 <= self.min_cells(k) <= max_cells - 1:
+                raise ValueError(
+                    f"data.min_fractions={list(self.min_fractions)}: {k} object(s) get a minimum extent of round({f}"
+                    f" x codec.grid={grid}) = {self.min_cells(k)} cells, above data.max_cells - 1 = {max_cells - 1}"
+                )
 
     def min_cells(self, k: int) -> int:
         """Minimum extent for an image with k objects: round(f_k * G)."""

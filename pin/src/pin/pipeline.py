@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,56 @@ def vlm_from_cfg(cfg: dict) -> FrozenVLM:
     )
     check_image_size(cfg, vlm.image_size)
     return vlm
+
+
+# what a checkpoint's weights mean: settings that must be those it was trained with (dropout aside)
+WEIGHT_KEYS = {
+    "pin": ("pin.table_dim", "pin.hidden_dims", "pin.learned_table"),
+    "vpt": ("vpt.num_tokens",),
+    "lora": ("lora.r", "lora.alpha", "lora.target_modules"),
+}
+
+
+_ABSENT = object()
+
+
+def _dotted(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
+    return cfg
+
+
+def model_differences(cfg: dict, recorded: dict) -> list[str]:
+    """The settings in which ``cfg`` builds another VLM, method or box codec than ``recorded`` (a checkpoint's
+    config) did, as ``key=value (checkpoint: value)``; a model named by another path to the same folder name is the
+    same model. A tiny random VLM is also its seed and the words its tokenizer was built with."""
+    keys = ["method", "model.kind", "model.image_size", "codec.grid", "codec.max_value", "codec.image_size"]
+    keys += WEIGHT_KEYS.get(recorded.get("method", cfg["method"]), ())
+    tiny = str(cfg["model"]["name"]).startswith("tiny")
+    if tiny:
+        keys += ["seed", "model.tiny", "data.procedural_classes", "data.synonyms_description"]
+    pairs = [(k, _dotted(cfg, k), _dotted(recorded, k)) for k in keys]
+    referral = _dotted(recorded, "data.same_object_likelihood")
+    if tiny and referral is not _ABSENT:  # with referral on, "behind" and "before" join the tiny vocabulary
+        pairs.append(("data.same_object_likelihood > 0", bool(cfg["data"]["same_object_likelihood"]), bool(referral)))
+    mine, theirs = (str(_dotted(c, "model.name")).rstrip("/").rsplit("/", 1)[-1] for c in (cfg, recorded))
+    if mine != theirs:
+        pairs.append(("model.name", cfg["model"]["name"], _dotted(recorded, "model.name")))
+    return [f"{key}={a!r} (checkpoint: {b!r})" for key, a, b in pairs if a != b and b is not _ABSENT]  # older key sets
+
+
+def check_trained_with(cfg: dict, checkpoint: Path, given: str, verb: str) -> None:
+    """Refuse a checkpoint folder whose recorded config builds another VLM, method or codec than ``cfg``
+    (``model_differences``); files without a config (.safetensors, reference .pt) are not checked."""
+    state = Path(checkpoint) / "state.json"
+    if not state.is_file():
+        return
+    diffs = model_differences(cfg, json.loads(state.read_text()).get("config") or {})
+    if diffs:
+        raise ValueError(
+            f"{given}: {checkpoint} was trained with other settings: {'; '.join(diffs)}; {verb} it with its run's "
+            f"config (--config {Path(checkpoint) / 'config.yaml'}) or the same overrides"
+        )
 
 
 def dataset_from_cfg(cfg: dict, pool: ObjectPool, split: str = "train", length: int | None = None):

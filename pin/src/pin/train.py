@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import dump_config, load_config, run_cli
 from .methods import Method
-from .pipeline import codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
+from .pipeline import check_trained_with, codec_from_cfg, dataset_from_cfg, pools_from_cfg, training_loss, vlm_from_cfg
 from .runlog import append_record, setup_logging, trim_records
 from .synthetic import collate
 from .validation import SyntheticValidation
@@ -89,6 +89,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     ckpt = find_checkpoint(run_dir, resume) if resume else None
     if ckpt is not None:
         state, tensors = load_state(ckpt)
+        check_trained_with(cfg, ckpt, "--resume", "resume")
         if state["step"] > total:  # before the VLM is built or downloaded
             raise ValueError(
                 f"--resume: {ckpt} is at step {state['step']}, past this run's end at step {total} (train.max_steps="

@@ -31,7 +31,9 @@ def word_tokenizer(names: Iterable[str], codec: GridCodec, extra_words: Sequence
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     corpus = []
-    all_cells = [[0, 0, i, i] for i in range(codec.grid)] + [[i, i, codec.grid - 1, codec.grid - 1] for i in range(16)]
+    all_cells = [[0, 0, i, i] for i in range(codec.grid)] + [
+        [i, i, codec.grid - 1, codec.grid - 1] for i in range(codec.grid)
+    ]
     for name in list(names) + list(extra_words):
         corpus.append(eval_prompt(name))
         for reconstruct in (True, False):
