@@ -652,3 +652,25 @@ def test_eval_and_visualise_of_a_run_take_the_backbone_it_recorded(tmp_path, vid
                 "model_overrides={img_size: 32, patch_size: 8, embed_dim: 48, depth: 2, num_heads: 4}",
             ]
         )
+
+
+def test_trim_metrics_replaces_the_file_only_once_rewritten(tmp_path, monkeypatch):
+    """A kill while the trimmed records are written (here: at the rename) leaves the file as it was (it was rewritten
+    in place, so such a kill lost records); a file with nothing past the step is not rewritten."""
+    import dora.train as module
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.trim_metrics(path, 2)
+    assert path.read_text() == "".join(lines)
+    module.trim_metrics(path, 3)  # nothing to drop: no rename
+    monkeypatch.undo()
+    module.trim_metrics(path, 2)
+    assert path.read_text() == "".join(lines[:2])

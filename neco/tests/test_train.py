@@ -460,3 +460,52 @@ def test_tensorboard_without_the_package_is_an_error_before_the_run_starts(tiny_
     with pytest.raises(ValueError, match=r"train.tensorboard=true needs TensorBoard: pip install"):
         main(tiny_args + ["train.tensorboard=true"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_crash_while_step_0_is_saved_again_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A run resumed at step 0 (train.save_initial) saves step_000000 again: a kill while the old copy is deleted
+    must leave a complete step_000000 for train.resume=auto, not one missing files."""
+    import shutil
+
+    import neco.checkpoint as ckpt
+
+    student = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(student.parameters())
+    ckpt.save_checkpoint(str(tmp_path), 0, {"student": student}, opt, {"losses": []})
+    real = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # deletes one file of a checkpoint folder, then the process dies
+        if os.path.isdir(path) and "step_000000" in os.path.basename(path):
+            os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(str(tmp_path), 0, {"student": student}, opt, {"losses": []})
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    found = ckpt.resolve_resume("auto", str(tmp_path))
+    assert found == ckpt.checkpoint_dir(str(tmp_path), 0)
+    assert ckpt.load_checkpoint(found, {"student": student}, opt)["step"] == 0
+
+
+def test_trim_metrics_replaces_the_file_only_once_rewritten(tmp_path, monkeypatch):
+    """A kill while the trimmed records are written (here: at the rename) leaves the file as it was (it was rewritten
+    in place, so such a kill lost records); a file with nothing past the step is not rewritten."""
+    import neco.train as module
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.trim_metrics(str(path), 2)
+    assert path.read_text() == "".join(lines)
+    module.trim_metrics(str(path), 3)  # nothing to drop: no rename
+    monkeypatch.undo()
+    module.trim_metrics(str(path), 2)
+    assert path.read_text() == "".join(lines[:2])

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -140,3 +141,24 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(tiny_args, tmp_path
         assert [(r["step"], "val_miou_k6" in r) for r in records()] == kinds, step
         losses = [r["loss"] for r in records() if "loss" in r]
         assert losses == pytest.approx([r["loss"] for r in straight if "loss" in r], abs=1e-6, rel=0)
+
+
+def test_a_run_killed_in_the_validation_after_its_checkpoint_validates_that_step_on_resume(tiny_args, tmp_path):
+    """The validation after checkpoint S runs again when train.resume=auto continues from S without its record (the
+    job was killed during it), so metrics.jsonl ends as the one of an uninterrupted run."""
+    val = [f"val.root={write_voc(tmp_path / 'voc')}", "val.every_steps=2", *VAL]
+    args = tiny_args + val + ["optim.max_steps=3", "train.checkpoint_every=1", "train.resume=auto"]
+    run = main(args)["run_dir"]
+
+    def records():
+        return [(r["step"], "val_miou_k6" in r) for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))]
+
+    straight = records()
+    assert straight == [(1, False), (2, False), (2, True), (3, False)]
+    for name in ("step_000003", "abandoned"):  # killed during the validation at step 2 (its line cut short)
+        shutil.rmtree(os.path.join(run, "checkpoints", name), ignore_errors=True)
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    main(args)
+    assert records() == straight

@@ -322,6 +322,23 @@ def test_metrics_jsonl_holds_one_record_per_logged_step_and_a_resume_rewrites_th
     assert resumed == pytest.approx(straight["losses"], abs=1e-6)
 
 
+def test_a_run_killed_in_the_validation_after_its_checkpoint_validates_that_epoch_on_resume(tmp_path):
+    """--resume auto from the checkpoint ending epoch 0, whose validation was cut short by a kill, runs it again."""
+    import shutil
+
+    base = ["--config", "tiny", f"out_dir={tmp_path}", "name=a", "train.checkpoint_every_steps=1", "--resume", "auto"]
+    train_mod.main(base)
+    run = tmp_path / "a"
+    straight = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    for name in ("step_0000003", "step_0000004"):
+        shutil.rmtree(run / "checkpoints" / name)
+    (run / "validation.jsonl").write_text(json.dumps(straight[0])[:30])  # the kill: its line cut short
+    train_mod.main(base)
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["val_loss"] for r in records] == pytest.approx([r["val_loss"] for r in straight], abs=1e-6)
+
+
 def test_a_refused_command_leaves_the_runs_config_yaml(tmp_path):
     base = ["--config", "tiny", f"out_dir={tmp_path}", "train.val_every_epochs=null", "train.epochs=1"]
     train_mod.main(base)
@@ -405,3 +422,25 @@ def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     trim_records(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_trim_records_replaces_the_file_only_once_rewritten(tmp_path, monkeypatch):
+    """A kill while the trimmed records are written (here: at the rename) leaves the file as it was (it was rewritten
+    in place, so such a kill lost records); a file with nothing past the step is not rewritten."""
+    import pin.runlog as module
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.trim_records(path, 2)
+    assert path.read_text() == "".join(lines)
+    module.trim_records(path, 3)  # nothing to drop: no rename
+    monkeypatch.undo()
+    module.trim_records(path, 2)
+    assert path.read_text() == "".join(lines[:2])

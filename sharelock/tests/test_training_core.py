@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -98,3 +99,25 @@ def test_trim_records_drops_later_steps_and_a_line_cut_short_by_a_crash(tmp_path
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     trim_records(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_trim_records_replaces_the_file_only_once_rewritten(tmp_path, monkeypatch):
+    """A kill while the trimmed records are written (here: at the rename) leaves the file as it was (it was rewritten
+    in place, so such a kill lost records); a file with nothing past the step is not rewritten."""
+    import sharelock.training as module
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.trim_records(path, 2)
+    assert path.read_text() == "".join(lines)
+    module.trim_records(path, 3)  # nothing to drop: no rename
+    monkeypatch.undo()
+    module.trim_records(path, 2)
+    assert path.read_text() == "".join(lines[:2])

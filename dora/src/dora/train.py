@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -172,8 +173,12 @@ def _logged_step(line: str) -> float:
 def trim_metrics(path: Path, step: int) -> None:
     """Drop the records of ``metrics.jsonl`` after ``step``, where a run restarts, so that no step appears twice."""
     if path.is_file():
-        kept = [line + "\n" for line in path.read_text().splitlines() if _logged_step(line) <= step]
-        path.write_text("".join(kept))
+        text = path.read_text()
+        kept = [line + "\n" for line in text.splitlines() if _logged_step(line) <= step]
+        if "".join(kept) != text:  # via a temporary file: a kill while it is written loses no record
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
 
 # (section, key, null allowed): counts that must be positive integers (0 would train on nothing or without limit)

@@ -156,13 +156,23 @@ def save_checkpoint(
             json.dump({"step": step, **meta}, f, indent=1)
     barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         if keep:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put folder ``new`` at ``target``; an existing ``target`` (step 0 saved again by a run resumed there) is moved
+    aside first and deleted only afterwards, so a crash never leaves a half-deleted checkpoint under its own name."""
+    old = os.path.join(os.path.dirname(target), f".old_{os.path.basename(target)}")  # never matched by STEP_DIR
+    if os.path.exists(target):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(

@@ -115,9 +115,22 @@ def trim_metrics(path: str, step: int) -> None:
     twice: those after ``step``, and all of them at step 0 (its step-0 validation runs again)."""
     if os.path.isfile(path):
         with open(path) as f:
-            kept = [line + "\n" for line in f.read().splitlines() if step and _logged_step(line) <= step]
-        with open(path, "w") as f:
-            f.write("".join(kept))
+            text = f.read()
+        kept = [line + "\n" for line in text.splitlines() if step and _logged_step(line) <= step]
+        if "".join(kept) != text:  # via a temporary file: a kill while it is written loses no record
+            with open(path + ".tmp", "w") as f:
+                f.write("".join(kept))
+            os.replace(path + ".tmp", path)
+
+
+def validated(run_dir: str, step: int) -> bool:
+    """Whether ``metrics.jsonl`` holds the validation record of ``step`` (a complete line)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return any(_logged_step(line) == step and "val_images" in json.loads(line) for line in lines)
 
 
 def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
@@ -294,8 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if tcfg["save_initial"] and start_step == 0:
         last_checkpoint = checkpoint(0)  # the pretrained starting point, for before/after evaluations
-    if vcfg and start_step == 0 and is_due(vcfg, 0, iters_per_epoch):
-        validation(0)
+    if vcfg and is_due(vcfg, start_step, iters_per_epoch) and not validated(run_dir, start_step):
+        validation(start_step)  # step 0, or a resume whose run was killed in the validation after its checkpoint
     bar = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, desc="neco", unit="step")
     batches = iter(loader)
     tic = time.perf_counter()

@@ -146,6 +146,11 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             prune_checkpoints(run_dir, t["keep_checkpoints"])
 
     losses: list[float] = []
+    epochs_done = step // steps_per_epoch
+    if validation is not None and step % steps_per_epoch == 0 and epochs_done and epochs_done % val_every == 0:
+        if not validation.logged(step):  # the run was killed in the validation after its checkpoint: run it again
+            history.append(validation.run(vlm, codec, method, accelerator, epochs_done - 1, step))
+            log.info("validation after epoch %d: %s", epochs_done - 1, _fmt(history[-1]))
     method.train(True)
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="pin-train")
     while step < total:

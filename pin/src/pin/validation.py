@@ -22,6 +22,7 @@ from .eval import evaluate_queries, summarise
 from .eval_data import HELD_OUT_EPOCH, synthetic_queries
 from .methods import Method
 from .pipeline import dataset_from_cfg, pools_from_cfg, summed_training_loss
+from .runlog import record_step
 from .synthetic import collate
 from .vlm import FrozenVLM
 
@@ -71,6 +72,11 @@ class SyntheticValidation:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def logged(self, step: int) -> bool:
+        """Whether `validation.jsonl` holds the (complete) record of the validation at `step`."""
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        return any(record_step(line) == step for line in lines)
 
     def _evaluate(self, dataset, queries, vlm, codec, accelerator: Accelerator, epoch: int) -> dict:
         """{"val_loss": token-mean training loss, then `summarise`'s mIoU figures} of one set."""

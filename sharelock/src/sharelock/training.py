@@ -247,5 +247,9 @@ def trim_records(path: Path, step: int) -> None:
     """Drop the records of a JSON-lines file past ``step``, where a run (re)starts: a run resumed from an older
     checkpoint writes them again, so each step keeps one record."""
     if path.exists():
-        kept = [r for r in path.read_text().splitlines() if record_step(r) <= step]
-        path.write_text("".join(r + "\n" for r in kept))
+        text = path.read_text()
+        kept = [r + "\n" for r in text.splitlines() if record_step(r) <= step]
+        if "".join(kept) != text:  # via a temporary file: a kill while it is written loses no record
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
