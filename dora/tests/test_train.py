@@ -478,7 +478,7 @@ def test_bad_counts_output_paths_and_resume_are_errors_that_keep_the_run(tmp_pat
     saved = (run / "config.yaml").read_text()
     with pytest.raises(ValueError, match=r"run already holds the checkpoints of a run: continue it with resume=latest"):
         train.main(tiny_args(run, video, "optim.max_steps=1"))  # a fresh start would replace them
-    with pytest.raises(ValueError, match=r"step_000001/student.safetensors does not fit the model of the config"):
+    with pytest.raises(ValueError, match=r"step_000001 was trained with other settings: model.overrides="):
         train.main(tiny_args(run, video, "resume=latest", "model.overrides.embed_dim=64"))
     assert (run / "config.yaml").read_text() == saved
     teacher = run / "checkpoints" / "step_000001" / "teacher.safetensors"
@@ -499,6 +499,21 @@ def test_resume_latest_without_a_checkpoint_and_past_the_end_are_errors(tmp_path
     train.main(tiny_args(run, video, "optim.max_steps=2"))
     with pytest.raises(ValueError, match=r"step_000002 is at step 2, past this run's end at step 1 \(optim.max_steps"):
         train.main(tiny_args(run, video, "optim.max_steps=1", "resume=latest"))
+
+
+def test_resume_with_other_settings_than_the_checkpoint_is_an_error_listing_them(tmp_path, video):
+    """Another seed, crop count or loss variant resumed silently (another data order, objective); the keys are listed,
+    and the checkpoint's settings with a longer run resume."""
+    run, own = tmp_path / "run", ["seed=1", "augment.num_local_crops=1", "loss.loss_variant=clean"]
+    train.main(tiny_args(run, video, "optim.max_steps=1", *own))
+    with pytest.raises(ValueError) as err:
+        train.main(tiny_args(run, video, "optim.max_steps=2", "resume=latest"))
+    assert str(err.value) == (
+        f"resume: {run}/checkpoints/step_000001 was trained with other settings: seed=0 (checkpoint: 1); "
+        "augment.num_local_crops=2 (checkpoint: 1); loss.loss_variant='reference' (checkpoint: 'clean'); resume it "
+        f"with the same overrides (its state.json config, or the run's config.yaml: --config {run}/config.yaml)"
+    )
+    assert train.main(tiny_args(run, video, "optim.max_steps=2", "resume=latest", *own))["steps"] == 2
 
 
 def test_cli_prints_a_non_finite_loss_as_one_line(tmp_path, video, monkeypatch):

@@ -138,6 +138,21 @@ def test_seed_reproducibility_and_save_load(tmp_path, images, bank_images):
         make().load(tmp_path / "missing.safetensors")
 
 
+def test_load_refuses_a_state_of_a_model_of_another_width(tmp_path, bank_images):
+    """A state written with another model width (fungi-extract state= with other model_kwargs) was a RuntimeError
+    on tensor sizes deep in load."""
+    import timm
+
+    a = make(seed=0)
+    a.setup(bank_images[:2])
+    a.save(tmp_path / "state.safetensors")
+    wide = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2
+    )
+    with pytest.raises(ValueError, match=r"gradient of 2352 values, this model.s has 4160: the state belongs"):
+        make(model=Backbone(wide)).load(tmp_path / "state.safetensors")
+
+
 def test_load_refuses_other_objective_options(tmp_path, images, bank_images):
     a = make(seed=0)
     a.setup(bank_images[:2])

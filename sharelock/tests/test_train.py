@@ -418,7 +418,11 @@ def test_broken_checkpoints_are_errors_naming_the_file(stores, tmp_path):
     run = tmp_path / "r"
     train.main(tiny_args(stores, run, "optim.max_steps=4"))
     step = run / "checkpoints" / "step_000004"
-    # a checkpoint of other heads (model.hidden_dim 16 -> 8) cannot be resumed
+    # a checkpoint of other heads (model.hidden_dim 16 -> 8) cannot be resumed: its config.yaml names the key, and
+    # without one the weights do not fit
+    with pytest.raises(ValueError, match=rf"{step} was trained with other settings: model.hidden_dim=8 \(checkpoint"):
+        train.main(tiny_args(stores, tmp_path / "other", f"resume={step}", "model.hidden_dim=8"))
+    (step / "config.yaml").unlink()
     with pytest.raises(ValueError, match=rf"checkpoint {step} does not fit the heads of this config \(model\.\*\)"):
         train.main(tiny_args(stores, tmp_path / "other", f"resume={step}", "model.hidden_dim=8"))
     weights = step / "model.safetensors"
@@ -458,9 +462,25 @@ def test_a_refused_command_leaves_the_runs_config_yaml(stores, tmp_path):
         train.main(tiny_args(stores, run, "optim.max_steps=2"))
     with pytest.raises(ValueError, match="past this run's end"):
         train.main(tiny_args(stores, run, "optim.max_steps=2", "resume=latest"))
-    with pytest.raises(ValueError, match="does not fit the heads of this config"):
+    with pytest.raises(ValueError, match=r"trained with other settings: model.hidden_dim=8 \(checkpoint: 16\)"):
         train.main(tiny_args(stores, run, "model.hidden_dim=8", "resume=latest"))
     assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_resume_with_other_settings_than_the_checkpoint_is_an_error_listing_them(stores, tmp_path):
+    """Another seed or head normalisation resumed silently (another batch order, other heads); they are listed, while
+    a longer run and another mixed precision resume as before."""
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4", "seed=3", "model.vision_normalize=false"))
+    with pytest.raises(ValueError) as err:
+        train.main(tiny_args(stores, run, "resume=latest"))
+    assert str(err.value) == (
+        f"resume: {run}/checkpoints/step_000004 was trained with other settings: seed=42 (checkpoint: 3); "
+        "model.vision_normalize=True (checkpoint: False); resume it with its run's config (--config "
+        f"{run}/checkpoints/step_000004/config.yaml) or the same overrides"
+    )
+    args = ["seed=3", "model.vision_normalize=false", "mixed_precision=no", "resume=latest"]
+    assert train.main(tiny_args(stores, run, *args))["step"] == 8
 
 
 def test_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):

@@ -204,6 +204,38 @@ def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
     return DoRALoss(cfg["model"]["out_dim"], a["num_local_crops"], *temps, *rest, lcfg["loss_variant"])
 
 
+# settings a resumed run must keep (method aside, checked first): what the weights mean (drop_path aside), the clips and
+# crops they are trained on, the objective, and the seed and batch of the remaining steps' data order
+RESUME_FIXED = (
+    "seed", "model.arch", "model.out_dim", "model.head_hidden_dim", "model.head_bottleneck_dim",
+    "model.norm_last_layer", "model.overrides", "data.num_frames", "data.step", "data.batch_size_per_gpu",
+    "augment.global_size", "augment.local_size", "augment.num_global_crops", "augment.num_local_crops",
+    "tracking.num_objects", "loss.loss_variant",
+)  # fmt: skip
+_ABSENT = object()
+
+
+def _dotted(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
+    return cfg
+
+
+def check_resume_options(ckpt: Path, saved: dict, cfg: dict) -> None:
+    """ValueError listing the ``RESUME_FIXED`` keys in which ``cfg`` differs from ``saved`` (the checkpoint's config;
+    keys it lacks are not checked): before, another seed, crop count or loss variant resumed silently."""
+    diffs = [
+        f"{key}={_dotted(cfg, key)!r} (checkpoint: {_dotted(saved, key)!r})"
+        for key in RESUME_FIXED
+        if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"resume: {ckpt} was trained with other settings: {'; '.join(diffs)}; resume it with the same overrides "
+            f"(its state.json config, or the run's config.yaml: --config {ckpt.parent.parent / 'config.yaml'})"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train DoRA (or the DINO baseline); returns a summary dict (steps, last loss, run folder, last checkpoint)."""
     from accelerate import Accelerator
@@ -291,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         saved_method = state["state"].get("config", {}).get("method", "dora")
         if saved_method != cfg["method"]:
             raise ValueError(f"resume={ckpt} is a method={saved_method} run; this config has method={cfg['method']}")
+        check_resume_options(ckpt, state["state"].get("config", {}), cfg)
         check_shapes(
             student,
             state["student"],

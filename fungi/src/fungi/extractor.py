@@ -301,6 +301,12 @@ class FUNGIExtractor(nn.Module):
             diffs += [f"{name}.{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if diffs:
             raise ValueError(f"{path}: objective options differ from this extractor's: {'; '.join(diffs)}")
+        out_dim, in_dim = gradient_shape(self.linear)
+        if tensors["projection"].shape[1] != out_dim * in_dim:  # the copy below was a RuntimeError on sizes
+            raise ValueError(
+                f"{path}: saved for a {self.layer} gradient of {tensors['projection'].shape[1]} values, this model's "
+                f"has {out_dim * in_dim}: the state belongs to another model (model / model_kwargs)"
+            )
         self.seed = int(meta["seed"])
         self.embed_dim = None
         self.objectives = nn.ModuleDict()

@@ -95,10 +95,29 @@ def forward_net(net: torch.nn.Module, crops: list[torch.Tensor], attention: bool
     return [o.float() for o in outputs], attentions
 
 
-RESUME_FIXED = (  # (section, key, default): settings a resumed run must keep
-    ("loss", "use_teacher", True),
-    ("optim", "trainable_blocks", None),
-    ("loss", "mask", "all"),
+_ABSENT = object()
+
+RESUME_FIXED = (  # (dotted key, default for a checkpoint without it; _ABSENT: unchecked): what a resume keeps
+    ("loss.use_teacher", True),
+    ("optim.trainable_blocks", None),
+    ("loss.mask", "all"),
+    ("seed", _ABSENT),  # the data order and crops of the remaining steps
+    ("model.name", _ABSENT),  # the backbone and head the weights belong to (drop_path aside)
+    ("model.patch_size", _ABSENT),
+    ("model.drop_registers", _ABSENT),
+    ("model.head_hidden_dim", _ABSENT),
+    ("model.head_out_dim", _ABSENT),
+    ("model.head_layers", _ABSENT),
+    ("model.overrides", _ABSENT),
+    ("data.global_size", _ABSENT),  # the crops the weights and the queue were trained on
+    ("data.local_size", _ABSENT),
+    ("data.num_global", _ABSENT),
+    ("data.num_local", _ABSENT),
+    ("loss.network", _ABSENT),  # the objective
+    ("loss.similarity", _ABSENT),
+    ("loss.use_queue", _ABSENT),
+    ("loss.queue_length", _ABSENT),
+    ("optim.batch_size", _ABSENT),
 )
 
 
@@ -133,20 +152,30 @@ def validated(run_dir: str, step: int) -> bool:
     return any(_logged_step(line) == step and "val_images" in json.loads(line) for line in lines)
 
 
+def _dotted(cfg: dict[str, Any], key: str, default: Any) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part, default) if isinstance(cfg, dict) else default
+    return cfg
+
+
 def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
-    """A resumed run must keep the ablation switches of its checkpoint: another ``loss.use_teacher`` would restart
-    the EMA from a teacher that never moved (or stop it), another ``optim.trainable_blocks`` changes the optimiser's
-    parameter groups, another ``loss.mask`` the objective and the queue's contents. ValueError naming the key and
-    both values."""
+    """A resumed run must keep the settings of its checkpoint (``RESUME_FIXED``): another ``loss.use_teacher``
+    would restart the EMA from a teacher that never moved (or stop it), another ``optim.trainable_blocks`` changes
+    the optimiser's parameter groups, another ``loss.mask``, crop count, sorting network or seed the objective, the
+    queue's contents or the data order; another model size would not load. ValueError naming each key and both
+    values."""
     with open(os.path.join(path, "meta.json")) as f:
         saved = json.load(f)["config"]
-    for section, key, default in RESUME_FIXED:
-        was, now = saved.get(section, {}).get(key, default), cfg[section].get(key, default)
-        if was != now:
-            raise ValueError(
-                f"train.resume: {path} was trained with {section}.{key}={was!r}, this run has {now!r}; resume with "
-                f"{section}.{key}={was!r} (or start a new run)"
-            )
+    diffs = []
+    for key, default in RESUME_FIXED:
+        was, now = _dotted(saved, key, default), _dotted(cfg, key, default)
+        if was is not _ABSENT and was != now:
+            diffs.append(f"{key}={was!r}, this run has {now!r}")
+    if diffs:
+        raise ValueError(
+            f"train.resume: {path} was trained with {'; '.join(diffs)}; resume with the checkpoint's values (its "
+            "meta.json config) or start a new run"
+        )
 
 
 def check_counts(cfg: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm import tqdm
 
@@ -74,6 +75,43 @@ def check_fresh_run(run_dir: Path, resume: str | None) -> None:
         raise ValueError(
             f"{run_dir} already holds the checkpoints of a run: continue it with --resume latest, or start a new "
             "run with another name= or run_dir="
+        )
+
+
+# settings a resumed run must share with its checkpoint: what the heads' weights mean (dropout aside), and the
+# train/validation split and batch order the remaining steps continue
+RESUME_FIXED = (
+    "seed", "model.text_layers", "model.hidden_dim", "model.vision_layers", "model.embedding_dim",
+    "model.vision_normalize", "model.text_normalize", "data.val_size", "data.split_seed",
+    "data.train_size", "optim.batch_size", "optim.accumulate_grad_batches",
+)  # fmt: skip
+
+
+_ABSENT = object()
+
+
+def _dotted(cfg: dict, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
+    return cfg
+
+
+def check_resume_options(path: Path, cfg: dict) -> None:
+    """Refuse to resume a checkpoint whose recorded config has other `RESUME_FIXED` settings than `cfg`: a
+    ValueError listing each key with both values (before, another seed or normalisation resumed silently)."""
+    if not (path / "config.yaml").is_file():
+        return
+    with open(path / "config.yaml") as f:
+        saved = yaml.safe_load(f) or {}
+    diffs = [
+        f"{key}={_dotted(cfg, key)!r} (checkpoint: {_dotted(saved, key)!r})"
+        for key in RESUME_FIXED
+        if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)  # older key sets
+    ]
+    if diffs:
+        raise ValueError(
+            f"resume: {path} was trained with other settings: {'; '.join(diffs)}; resume it with its run's config "
+            f"(--config {path / 'config.yaml'}) or the same overrides"
         )
 
 
@@ -160,6 +198,7 @@ def fit(
     state = {"step": 0, "best_val": math.inf, "es_best": math.inf, "es_wait": 0, "stopped": False, "history": []}
     path = resume_checkpoint(run_dir, cfg.get("resume"))
     if path is not None:
+        check_resume_options(path, cfg)
         state.update(load_trainer_state(path, model, optimizer, scheduler))
         if state["step"] > opt_cfg["max_steps"]:
             raise ValueError(
