@@ -153,7 +153,7 @@ def test_train_with_loss_ablations(tmp_path):
 def test_resume_with_other_settings_names_them(tmp_path):
     base = ["--config", "tiny", f"output_dir={tmp_path}", "name=r"]
     main([*base, "train.max_steps=1"])
-    main([*base, "resume=latest", "train.max_steps=2"])  # the step budget may change freely
+    main([*base, "resume=latest", "train.max_steps=2", "train.epochs=3"])  # the step budget may change freely
     log = tmp_path / "r" / "log.txt"
     assert "other settings" not in log.read_text()
     main([*base, "resume=latest", "train.max_steps=3", "train.distractor_weight=2.0"])

@@ -39,6 +39,10 @@ def test_extract_then_eval_end_to_end(tmp_path):
         [*TINY, f"run_dir={tmp_path / 'again'}", f"state={run / 'fungi_state.safetensors'}", "splits=[test]"]
     )
     assert torch.allclose(load_features(again)[0]["test"][0]["simclr"], splits["test"][0]["simclr"], atol=1e-6)
+    # a state is the negatives and prototypes of its model: another one of the same width is refused (was silent)
+    other = "model_kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 4}"
+    with pytest.raises(ValueError, match=r"written for another model: model_kwargs: saved \{.*'num_heads': 2\}"):
+        extract.main([*TINY, f"run_dir={tmp_path / 'other'}", f"state={run / 'fungi_state.safetensors'}", other])
     rows = eval.main([f"features={path}", "protocols=[knn,fewshot]", "k=3", "shots=1", "pca_dim=0"])
     assert len(rows) == 15 and rows[0]["features"] == "embeddings"
     assert json.loads((run / "metrics.json").read_text()) == rows

@@ -124,6 +124,7 @@ RESUME_FREE_KEYS = (
     "resume",
     "output_dir",
     "train.max_steps",
+    "train.epochs",  # the end of the run only: the schedule runs over optim.scheduler_epochs
     "train.num_workers",
     "train.checkpoint_every",
     "train.keep_checkpoints",

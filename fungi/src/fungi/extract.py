@@ -185,8 +185,11 @@ def main(argv: list[str] | None = None) -> Path:
         check_digits_size(extractor.backbone, cfg["data"]["image_size"], cfg["model"])
     save_config(cfg, run_dir / "config.yaml")  # once the inputs are checked: a failed run keeps an earlier run's file
     log.info("model %s, layer %s, objectives %s", cfg["model"], extractor.layer, extractor.objective_names)
+    backbone = {key: cfg[key] for key in ("model", "pretrained", "checkpoint", "model_kwargs", "input_size")}
+    if backbone["checkpoint"]:  # the same weights in another folder are the same model
+        backbone["checkpoint"] = Path(backbone["checkpoint"]).name
     if cfg["state"] and Path(cfg["state"]).is_file():
-        extractor.load(cfg["state"])
+        extractor.load(cfg["state"], backbone)
         log.info("loaded heads, projection, negatives and prototypes from %s", cfg["state"])
     else:
         extractor.setup(datasets[negatives_split(cfg["splits"])], batch_size=cfg["batch_size"])
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
         log.info("%s: %d items in %.1f s (%.2f items/s)", split, len(dataset), seconds, len(dataset) / seconds)
     state_path = Path(cfg["state"] or run_dir / "fungi_state.safetensors")
     if not state_path.is_file():
-        extractor.save(state_path)
+        extractor.save(state_path, backbone)
     out = run_dir / "features.safetensors"
     save_features(out, splits, {"config": cfg, "extractor": extractor.describe()})
     log.info("features written to %s", out)

@@ -265,8 +265,9 @@ class FUNGIExtractor(nn.Module):
             "embed_dim": self.embed_dim,
         }
 
-    def save(self, path: str | Path) -> None:
-        """Heads, projection (int8), negative bank and prototypes to one safetensors file (metadata: ``describe()``)."""
+    def save(self, path: str | Path, backbone: dict | None = None) -> None:
+        """Heads, projection (int8), negative bank and prototypes to one safetensors file (metadata: ``describe()``,
+        and ``backbone``, a description of the model that ``load`` compares, e.g. fungi-extract's model keys)."""
         from safetensors.torch import save_file
 
         if self.embed_dim is None:
@@ -278,13 +279,15 @@ class FUNGIExtractor(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(tensors, str(tmp), metadata={"fungi": json.dumps(self.describe())})
+        meta = {**self.describe(), **({"backbone": backbone} if backbone else {})}
+        save_file(tensors, str(tmp), metadata={"fungi": json.dumps(meta)})
         tmp.replace(path)
 
-    def load(self, path: str | Path) -> FUNGIExtractor:
+    def load(self, path: str | Path, backbone: dict | None = None) -> FUNGIExtractor:
         """Restore a state written by ``save``. The layer, the objectives and their options (defaults filled in) must
         match this extractor: features computed with other temperatures, views or head sizes would not be comparable
-        with those of the saved state, so a mismatch is a ValueError naming the options. The saved seed is adopted."""
+        with those of the saved state, so a mismatch is a ValueError naming the options; so is a ``backbone``
+        description that differs from the one saved with the state (when both are given). The saved seed is adopted."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FUNGI state {path} does not exist (write one with FUNGIExtractor.save)")
@@ -301,6 +304,15 @@ class FUNGIExtractor(nn.Module):
             diffs += [f"{name}.{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if diffs:
             raise ValueError(f"{path}: objective options differ from this extractor's: {'; '.join(diffs)}")
+        saved_backbone = meta.get("backbone") or {}
+        if backbone and saved_backbone:  # the negatives and prototypes are this model's features
+            diffs = [
+                f"{k}: saved {saved_backbone.get(k)!r}, here {v!r}"
+                for k, v in backbone.items()
+                if saved_backbone.get(k) != v
+            ]
+            if diffs:
+                raise ValueError(f"{path}: written for another model: {'; '.join(diffs)}")
         out_dim, in_dim = gradient_shape(self.linear)
         if tensors["projection"].shape[1] != out_dim * in_dim:  # the copy below was a RuntimeError on sizes
             raise ValueError(
