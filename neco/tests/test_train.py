@@ -524,3 +524,10 @@ def test_trim_metrics_replaces_the_file_only_once_rewritten(tmp_path, monkeypatc
     monkeypatch.undo()
     module.trim_metrics(str(path), 2)
     assert path.read_text() == "".join(lines[:2])
+
+
+def test_mixed_precision_on_cpu_is_said_to_train_in_float32(tiny_args, tmp_path):
+    """A CPU run drops train.mixed_precision: the log says so instead of nothing."""
+    main(tiny_args + ["optim.max_steps=1", "train.cpu=true", "train.mixed_precision=bf16"])
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "train.mixed_precision=bf16 needs a GPU: this CPU run trains in float32" in log

@@ -444,3 +444,11 @@ def test_trim_records_replaces_the_file_only_once_rewritten(tmp_path, monkeypatc
     monkeypatch.undo()
     module.trim_records(path, 2)
     assert path.read_text() == "".join(lines[:2])
+
+
+def test_mixed_precision_on_cpu_is_said_to_train_in_float32(tmp_path, monkeypatch):
+    """Without CUDA, train.mixed_precision is dropped: the log says so instead of nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train_mod.main(["--config", "tiny", f"out_dir={tmp_path}", "train.max_steps=1", "train.mixed_precision=fp16"])
+    log = (tmp_path / "tiny" / "log.txt").read_text()
+    assert "train.mixed_precision=fp16 needs a GPU: this CPU run trains in float32" in log

@@ -623,3 +623,12 @@ def test_eval_stores_are_checked_before_training_and_run_after_it(stores, tmp_pa
     summary = train.main(tiny_args(stores, run, f"eval.features={test}", f"eval.class_features={classes}"))
     assert 0 <= summary["top1"] <= summary["top5"] == 100  # 4 classes: top-5 is top-4
     assert json.loads((run / "summary.json").read_text())["top1"] == summary["top1"]
+
+
+def test_mixed_precision_on_cpu_is_said_to_train_in_float32(stores, tmp_path, monkeypatch):
+    """Without CUDA, mixed_precision is dropped (CPU autocast is slow): the log says so instead of nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train.main(tiny_args(stores, tmp_path / "r", "optim.max_steps=1", "mixed_precision=bf16"))
+    assert (
+        "mixed_precision=bf16 needs a GPU: this CPU run trains in float32" in (tmp_path / "r" / "log.txt").read_text()
+    )

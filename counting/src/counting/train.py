@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         make_dir(run_dir, "output_dir/name")
     setup_logging(run_dir, accelerator.is_main_process)
+    if not cuda and train["mixed_precision"] != "no":
+        log.warning("train.mixed_precision=%s needs a GPU: this CPU run trains in float32", train["mixed_precision"])
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)  # noqa: NPY002 (third-party code may use the global state)
 

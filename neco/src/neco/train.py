@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.makedirs(run_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, accelerator.is_main_process)
+    if use_cpu and tcfg["mixed_precision"] != "no":
+        log.warning("train.mixed_precision=%s needs a GPU: this CPU run trains in float32", tcfg["mixed_precision"])
 
     seed_everything(cfg["seed"])
     dataset = build_train_dataset(cfg["data"], cfg["seed"])  # fails at once when the data is missing

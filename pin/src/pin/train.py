@@ -68,6 +68,8 @@ def train(cfg: dict, resume: str | None = None) -> dict:
             "run with another name= or out_dir="
         )
     log = setup_logging(run_dir, accelerator.is_main_process)
+    if mp != t["mixed_precision"]:
+        log.warning("train.mixed_precision=%s needs a GPU: this CPU run trains in float32", t["mixed_precision"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])  # noqa: NPY002 (seeds third-party code using the global RNG)
     torch.manual_seed(cfg["seed"])

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)  # fit writes config.yaml once the resume checks pass
+    if not cuda and cfg["mixed_precision"] != "no":
+        log.warning("mixed_precision=%s needs a GPU: this CPU run trains in float32", cfg["mixed_precision"])
     images = FeatureStore(probe["features"], modality="image")
     if images.labels is None:
         raise ValueError(f"feature store {images.path} has no labels (extract it with source.type=labelled)")

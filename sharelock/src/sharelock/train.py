@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"] or Path("runs") / "sharelock" / cfg["name"])
     check_fresh_run(run_dir, cfg.get("resume"))
     setup_logging(run_dir, accelerator.is_main_process)
+    if not cuda and cfg["mixed_precision"] != "no":
+        log.warning("mixed_precision=%s needs a GPU: this CPU run trains in float32", cfg["mixed_precision"])
     pairs = StorePairs(cfg["data"]["datasets"], in_memory=cfg["data"]["in_memory"])
     run_eval = check_eval_stores(cfg)
     log.info(
