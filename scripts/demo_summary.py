@@ -9,7 +9,7 @@ def main(root: str = "runs/demo") -> None:
     rows = []
     for path in sorted(Path(root).glob("*/summary.json")):
         for key, value in json.loads(path.read_text()).items():
-            rows.append((path.parent.name, key, f"{value:.2f}" if isinstance(value, float) else str(value)))
+            rows.append((path.parent.name, key, f"{value:.4g}" if isinstance(value, float) else str(value)))
     if not rows:
         print(f"no demo summaries under {root}")
         return

@@ -68,6 +68,14 @@ def test_pvoc_loader(tmp_path):
     assert q[0].box == [1.0, 1.0, 112.0, 224.0]  # x * 224/500, y * 224/375, near edges clipped to 1
 
 
+def test_pvoc_missing_names_the_documented_layout(tmp_path):
+    (tmp_path / "VOCdevkit").mkdir()  # VOC2007/ not unpacked there: the error names the README's path
+    with pytest.raises(FileNotFoundError, match=r"VOCdevkit/VOC2007/ImageSets/Main/test\.txt"):
+        pvoc_queries(tmp_path / "VOCdevkit")
+    with pytest.raises(FileNotFoundError, match=r"missing/VOC2007/ImageSets/Main/test\.txt"):
+        pvoc_queries(tmp_path / "missing")
+
+
 def test_refcoco_loader_and_safe_unpickling(tmp_path):
     base = tmp_path / "refcoco"
     base.mkdir()

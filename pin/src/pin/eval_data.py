@@ -45,7 +45,9 @@ def _require(path: Path, what: str) -> Path:
 
 def pvoc_queries(root: str | Path, max_objects: int = 3, image_size: int = 224) -> list[ObjectQuery]:
     """PVOC 2007 test; objects are queried by their annotation names (`diningtable`, `tvmonitor`), as the reference."""
-    base = Path(root) / "VOC2007" if (Path(root) / "VOC2007").is_dir() else Path(root)
+    root = Path(root)
+    # <root>/VOC2007 (the documented layout; named when neither exists), or a root that is VOC2007 itself
+    base = root if (root / "ImageSets").is_dir() and not (root / "VOC2007").is_dir() else root / "VOC2007"
     ids = _require(base / "ImageSets" / "Main" / "test.txt", "PVOC 2007 test list").read_text().split()
     out = []
     for image_id in ids:
