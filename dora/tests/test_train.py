@@ -689,3 +689,10 @@ def test_trim_metrics_replaces_the_file_only_once_rewritten(tmp_path, monkeypatc
     monkeypatch.undo()
     module.trim_metrics(path, 2)
     assert path.read_text() == "".join(lines[:2])
+
+
+def test_resume_of_a_finished_run_reports_no_loss(tmp_path, video):
+    """A resume with no step left reports loss None, not nan (which reads as a non-finite loss)."""
+    train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1"))
+    done = train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1", "resume=latest"))
+    assert done["steps"] == 1 and done["loss"] is None

@@ -318,10 +318,22 @@ def test_help_prints_keys_and_exits_0(flag, capsys, monkeypatch):
     assert "pca_dim = 512" in out and "shipped configs:" in out and "hummingbird_tiny" in out
 
 
+def test_rerun_into_the_same_run_folder_replaces_the_state(tmp_path):
+    """A second extraction into a run folder saves its own state: reusing it reproduces that run's features."""
+    run = tmp_path / "run"
+    extract.main([*TINY, f"run_dir={run}", "seed=1"])
+    path = extract.main([*TINY, f"run_dir={run}", "seed=2"])
+    state = f"state={run / 'fungi_state.safetensors'}"
+    again = extract.main([*TINY, f"run_dir={tmp_path / 'again'}", state, "seed=2"])  # seed: the random backbone
+    new, old = load_features(path)[0]["test"][0]["simclr"], load_features(again)[0]["test"][0]["simclr"]
+    assert torch.allclose(old, new, atol=1e-6)
+
+
 def test_extract_reports_missing_data_before_fetching_weights(tmp_path, offline_hub):
     root = tmp_path / "flowers"
     with pytest.raises(FileNotFoundError, match=str(root / "train")):
         extract.main(["--config", "paper", f"data.root={root}", f"run_dir={tmp_path / 'run'}"])
+    assert "no validation split" not in (tmp_path / "run" / "log.txt").read_text()  # no dataset: nothing to say of val
     (root / "train" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "train" / "a" / "0.png")
     with pytest.raises(FileNotFoundError, match="model=timm:vit_base_patch16_224.dino"):

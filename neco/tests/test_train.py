@@ -531,3 +531,12 @@ def test_mixed_precision_on_cpu_is_said_to_train_in_float32(tiny_args, tmp_path)
     main(tiny_args + ["optim.max_steps=1", "train.cpu=true", "train.mixed_precision=bf16"])
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "train.mixed_precision=bf16 needs a GPU: this CPU run trains in float32" in log
+
+
+def test_missing_data_fails_before_the_mixed_precision_warning(tmp_path, monkeypatch):
+    """Without data, neco-train's only line is the error: the CPU mixed_precision warning comes after the data check."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="train2017 images not found"):
+        main([f"data.root={tmp_path / 'nodata'}", f"train.run_dir={run}", "train.mixed_precision=bf16"])
+    assert "needs a GPU" not in (run / "log.txt").read_text()

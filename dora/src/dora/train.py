@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.device,
     )
     last_ckpt = ckpt
-    last_loss = float("nan")
+    last_loss = None  # stays None when the run is already at its end (a resume of a finished run)
 
     def checkpoint(at_step: int) -> Path:
         ckpt_dir = run_dir / "checkpoints" / f"step_{at_step:06d}"

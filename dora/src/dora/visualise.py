@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     src = open_source(cfg["video"], short_side=cfg["size"])
     idx = [cfg["start"] + cfg["step"] * i for i in range(cfg["num_frames"])]
     if idx[-1] >= src.num_frames:
-        raise ValueError(f"clip frames {idx[0]}..{idx[-1]} exceed the video's {src.num_frames} frames")
+        raise ValueError(
+            f"clip frames {idx[0]}..{idx[-1]} (start={cfg['start']}, num_frames={cfg['num_frames']}, "
+            f"step={cfg['step']}) exceed the video's {src.num_frames} frames: lower start, num_frames or step"
+        )
     got = src.read(idx)
     idx = [i for i in idx if i in got]  # frames the source could not decode (counted in its warning) are left out
     if not idx:

@@ -172,13 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
     dropped_val = resolve_validation(cfg)
     run_dir = Path(cfg["run_dir"] or Path("runs") / "fungi" / cfg["name"])
     log = setup_logging(run_dir)
+    # data first: a missing dataset is reported before any weights are fetched
+    datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     if dropped_val:
         log.info(
             "the dataset has no validation split: 'val' not extracted (fungi-eval's linear probe then chooses "
             "lambda on an 80/20 split of train)"
         )
-    # data first: a missing dataset is reported before any weights are fetched
-    datasets = {split: limited(build_split(cfg["data"], split), cfg["limit"]) for split in cfg["splits"]}
     torch.manual_seed(cfg["seed"])
     extractor = build_extractor(cfg)
     if cfg["data"]["kind"] == "digits":
@@ -188,10 +188,13 @@ def main(argv: list[str] | None = None) -> Path:
     backbone = {key: cfg[key] for key in ("model", "pretrained", "checkpoint", "model_kwargs", "input_size")}
     if backbone["checkpoint"]:  # the same weights in another folder are the same model
         backbone["checkpoint"] = Path(backbone["checkpoint"]).name
-    if cfg["state"] and Path(cfg["state"]).is_file():
+    loaded = bool(cfg["state"]) and Path(cfg["state"]).is_file()
+    if loaded:
         extractor.load(cfg["state"], backbone)
         log.info("loaded heads, projection, negatives and prototypes from %s", cfg["state"])
     else:
+        if cfg["state"]:  # a mistyped path would otherwise pass silently with negatives of this run's splits
+            log.warning("state=%s does not exist: setting up a new state and saving it there", cfg["state"])
         extractor.setup(datasets[negatives_split(cfg["splits"])], batch_size=cfg["batch_size"])
     splits = {}
     for split, dataset in datasets.items():
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> Path:
         seconds = time.perf_counter() - start
         log.info("%s: %d items in %.1f s (%.2f items/s)", split, len(dataset), seconds, len(dataset) / seconds)
     state_path = Path(cfg["state"] or run_dir / "fungi_state.safetensors")
-    if not state_path.is_file():
+    if not loaded:  # a rerun into the same run folder replaces the state its features were not extracted with
         extractor.save(state_path, backbone)
     out = run_dir / "features.safetensors"
     save_features(out, splits, {"config": cfg, "extractor": extractor.describe()})

@@ -223,13 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.makedirs(run_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, accelerator.is_main_process)
-    if use_cpu and tcfg["mixed_precision"] != "no":
-        log.warning("train.mixed_precision=%s needs a GPU: this CPU run trains in float32", tcfg["mixed_precision"])
 
     seed_everything(cfg["seed"])
     dataset = build_train_dataset(cfg["data"], cfg["seed"])  # fails at once when the data is missing
     vcfg = validation_config(cfg)  # in-training VOC k-means validation; None while val.root is null
     val_data = build_validation_dataset(vcfg, cfg["model"]["patch_size"]) if vcfg else None
+    if use_cpu and tcfg["mixed_precision"] != "no":
+        log.warning("train.mixed_precision=%s needs a GPU: this CPU run trains in float32", tcfg["mixed_precision"])
     if not tcfg["resume"] and list_checkpoints(run_dir):  # a fresh start would overwrite, mix with and prune them
         raise ValueError(
             f"{run_dir} already holds checkpoints (latest {list_checkpoints(run_dir)[-1]}): continue that run with "
