@@ -140,6 +140,10 @@ def test_unavailable_pretrained_weights_name_the_model(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(FileNotFoundError, match=r"^pretrained weights of timm model vit_x not available \(An error "):
         create_timm_model("vit_x", pretrained=True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"; use PATH \(on a machine without internet, HF_HUB_OFFLINE=1 gives"):
+        create_timm_model("vit_x", True, "model=vit_x", "use PATH")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: nothing to add
     with pytest.raises(FileNotFoundError, match=r"of model=vit_x not available \(.*file on the Hub\); use PATH$"):
         create_timm_model("vit_x", True, "model=vit_x", "use PATH")
     with pytest.raises(FileNotFoundError, match="An error happened"):  # not about weights: timm's own error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,8 @@ def weights_unavailable(name: str, err: OSError, hint: str) -> FileNotFoundError
     """The error for pretrained weights that cannot be fetched (offline, not cached): the Hub's own messages do not
     name the model. ``hint`` says how to give local weights instead."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):  # the Hub retries for ~50 s
+        hint += " (on a machine without internet, HF_HUB_OFFLINE=1 gives this error at once)"
     return FileNotFoundError(f"pretrained weights of {name} not available ({reason}); {hint}")
 
 
