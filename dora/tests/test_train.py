@@ -696,3 +696,17 @@ def test_resume_of_a_finished_run_reports_no_loss(tmp_path, video):
     train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1"))
     done = train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1", "resume=latest"))
     assert done["steps"] == 1 and done["loss"] is None
+
+
+def test_resume_on_more_processes_with_the_same_global_batch_is_allowed(tmp_path, video):
+    """The data order and learning rate follow the global batch (batch_size_per_gpu x processes): a resume on two GPUs
+    with half the per-GPU batch continues the run (it was refused for data.batch_size_per_gpu), another global batch
+    is refused."""
+    train.main(tiny_args(tmp_path / "run", video, "optim.max_steps=1", "data.batch_size_per_gpu=2"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["global_batch"] == 2
+    halved = load_config(["--config", "tiny", "data.batch_size_per_gpu=1"])
+    train.check_resume_options(ckpt, state["config"], halved, 1 * 2, state["global_batch"])  # two processes
+    with pytest.raises(ValueError, match=r"other settings: global batch 1 = data.batch_size_per_gpu x processes"):
+        train.check_resume_options(ckpt, state["config"], halved, 1, state["global_batch"])  # one process

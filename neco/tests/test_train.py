@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -540,3 +541,19 @@ def test_missing_data_fails_before_the_mixed_precision_warning(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match="train2017 images not found"):
         main([f"data.root={tmp_path / 'nodata'}", f"train.run_dir={run}", "train.mixed_precision=bf16"])
     assert "needs a GPU" not in (run / "log.txt").read_text()
+
+
+def test_tensorboard_of_a_run_restarted_at_step_0_shows_one_value_per_step(tiny_args, tmp_path):
+    """A run killed before its first checkpoint and started again (train.resume=auto) restarts at step 0: its writer
+    hides the first attempt's events too (no purge_step at step 0 showed steps 1, 2, 1, 2)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = tiny_args + ["train.tensorboard=true", "optim.max_steps=2", "train.resume=auto"]
+    main(args)
+    shutil.rmtree(run / "checkpoints")  # the first attempt was killed before it wrote a checkpoint
+    main(args)
+    events = EventAccumulator(str(run / "neco_tiny"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]

@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +164,35 @@ def test_a_run_killed_in_the_validation_after_its_checkpoint_validates_that_step
         f.write("\n".join(lines[:2]) + "\n" + lines[2][:20])
     main(args)
     assert records() == straight
+
+
+SLOW_RANK_1 = """
+import os, sys, time
+import neco.train as train
+real = train.validated
+def validated(run_dir, step):  # rank 1 descheduled just before it reads metrics.jsonl
+    if os.environ["RANK"] == "1":
+        time.sleep(6)
+    return real(run_dir, step)
+train.validated = validated
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_step_0_validation_decision(tmp_path):
+    """Every process decides whether to validate at its start step before the main one can write the record: a rank
+    that read metrics.jsonl after rank 0 had appended it skipped the validation's barrier and the run hung."""
+    script = tmp_path / "worker.py"
+    script.write_text(SLOW_RANK_1)
+    args = ["--config", "tiny", "optim.max_steps=1", "data.synthetic_images=8", "optim.batch_size=2"]
+    args += ["data.num_local=2", f"train.run_dir={tmp_path / 'run'}", f"val.root={write_voc(tmp_path / 'voc')}", *VAL]
+    args += ["val.at_start=true", "val.every_steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    proc = subprocess.run(
+        cmd + [str(script), *args], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["step"], "val_miou_k6" in r) for r in records] == [(0, True), (1, False)]

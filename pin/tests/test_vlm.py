@@ -423,3 +423,15 @@ def test_pixel_values_are_resized_and_normalised_with_the_vlm_statistics(codec):
     assert pv.shape == (2, 3, 224, 224)
     expected = torch.tensor([(0.75 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
     assert torch.allclose(pv, expected.view(1, 3, 1, 1).expand_as(pv), atol=1e-6)
+
+
+def test_lora_target_modules_typed_as_one_name_is_the_same_setting_as_its_list():
+    """A LoRA run trained with lora.target_modules=qkv is evaluated with [qkv] (or the other way) without a refusal."""
+    from pin.config import load_config
+    from pin.pipeline import model_differences
+
+    cfg, _ = load_config(["--config", "tiny", "method=lora", "lora.target_modules=[qkv]"])
+    recorded, _ = load_config(["--config", "tiny", "method=lora", "lora.target_modules=qkv"])
+    assert model_differences(cfg, recorded) == []
+    other, _ = load_config(["--config", "tiny", "method=lora", "lora.target_modules=[proj]"])
+    assert model_differences(other, recorded) == ["lora.target_modules=['proj'] (checkpoint: ['qkv'])"]

@@ -632,3 +632,16 @@ def test_mixed_precision_on_cpu_is_said_to_train_in_float32(stores, tmp_path, mo
     assert (
         "mixed_precision=bf16 needs a GPU: this CPU run trains in float32" in (tmp_path / "r" / "log.txt").read_text()
     )
+
+
+def test_resume_keeps_the_global_batch_however_it_is_split(stores, tmp_path):
+    """The global batch (batch x accumulation x processes) must match the checkpoint's, not its parts: half the
+    micro-batch with twice the accumulation resumes (as two processes without accumulation would), another global
+    batch is an error naming both."""
+    run = tmp_path / "r"
+    train.main(tiny_args(stores, run, "optim.max_steps=4"))  # tiny_args: batch 16 x accumulation 2
+    assert json.loads((run / "checkpoints" / "step_000004" / "meta.json").read_text())["global_batch"] == 32
+    with pytest.raises(ValueError, match=r"other settings: global batch 16 = optim.batch_size x .* \(checkpoint: 32\)"):
+        train.main(tiny_args(stores, run, "optim.max_steps=6", "optim.accumulate_grad_batches=1", "resume=latest"))
+    split = ["optim.max_steps=6", "optim.batch_size=8", "optim.accumulate_grad_batches=4", "resume=latest"]
+    assert train.main(tiny_args(stores, run, *split))["step"] == 6

@@ -205,10 +205,11 @@ def build_loss(cfg: dict) -> DoRALoss | DINOLoss:
 
 
 # settings a resumed run must keep (method aside, checked first): what the weights mean (drop_path aside), the clips and
-# crops they are trained on, the objective, and the seed and batch of the remaining steps' data order
+# crops they are trained on, the objective, and the seed of the remaining steps' data order; its global batch (not the
+# per-GPU one: another number of GPUs with the same global batch keeps the data order) is checked from state.json
 RESUME_FIXED = (
     "seed", "model.arch", "model.out_dim", "model.head_hidden_dim", "model.head_bottleneck_dim",
-    "model.norm_last_layer", "model.overrides", "data.num_frames", "data.step", "data.batch_size_per_gpu",
+    "model.norm_last_layer", "model.overrides", "data.num_frames", "data.step",
     "augment.global_size", "augment.local_size", "augment.num_global_crops", "augment.num_local_crops",
     "tracking.num_objects", "loss.loss_variant",
 )  # fmt: skip
@@ -221,14 +222,21 @@ def _dotted(cfg: dict, key: str):
     return cfg
 
 
-def check_resume_options(ckpt: Path, saved: dict, cfg: dict) -> None:
+def check_resume_options(
+    ckpt: Path, saved: dict, cfg: dict, global_batch: int | None = None, saved_global_batch: int | None = None
+) -> None:
     """ValueError listing the ``RESUME_FIXED`` keys in which ``cfg`` differs from ``saved`` (the checkpoint's config;
-    keys it lacks are not checked): before, another seed, crop count or loss variant resumed silently."""
+    keys it lacks are not checked), and another global batch than the checkpoint's (when it recorded one): before,
+    another seed, crop count or loss variant resumed silently."""
     diffs = [
         f"{key}={_dotted(cfg, key)!r} (checkpoint: {_dotted(saved, key)!r})"
         for key in RESUME_FIXED
         if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)
     ]
+    if saved_global_batch is not None and global_batch != saved_global_batch:
+        diffs.append(
+            f"global batch {global_batch} = data.batch_size_per_gpu x processes (checkpoint: {saved_global_batch})"
+        )
     if diffs:
         raise ValueError(
             f"resume: {ckpt} was trained with other settings: {'; '.join(diffs)}; resume it with the same overrides "
@@ -323,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
         saved_method = state["state"].get("config", {}).get("method", "dora")
         if saved_method != cfg["method"]:
             raise ValueError(f"resume={ckpt} is a method={saved_method} run; this config has method={cfg['method']}")
-        check_resume_options(ckpt, state["state"].get("config", {}), cfg)
+        saved = state["state"]
+        check_resume_options(ckpt, saved.get("config", {}), cfg, global_batch, saved.get("global_batch"))
         check_shapes(
             student,
             state["student"],
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
                 teacher,
                 optimizer,
                 loss_fn,
-                {"step": at_step, "epoch": at_step // niter, "steps_per_epoch": niter},
+                {"step": at_step, "epoch": at_step // niter, "steps_per_epoch": niter, "global_batch": global_batch},
                 cfg,
                 {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else None,
             )

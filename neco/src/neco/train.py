@@ -276,8 +276,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     accelerator.wait_for_everyone()  # the others list the run's checkpoints (last_checkpoint) once they are set aside
-    if tcfg["tensorboard"]:  # a resume hides the earlier files' events past its step (they are logged at step + 1 on)
-        purge = {"purge_step": start_step + 1} if start_step else {}
+    # every process decides alike, before the barrier below: a process reading metrics.jsonl after the main one has
+    # appended the record would skip the validation's barrier and hang the run
+    validate_first = bool(vcfg) and is_due(vcfg, start_step, iters_per_epoch) and not validated(run_dir, start_step)
+    accelerator.wait_for_everyone()
+    if tcfg["tensorboard"]:  # a resume hides the earlier files' events past its step (they are logged at step + 1 on;
+        # at step 0 the step-0 validation runs again, and a run restarted before its first checkpoint logs from 1)
+        purge = {"purge_step": start_step + 1 if start_step else 0}
         accelerator.init_trackers(cfg["name"], init_kwargs={"tensorboard": purge})
 
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if tcfg["save_initial"] and start_step == 0:
         last_checkpoint = checkpoint(0)  # the pretrained starting point, for before/after evaluations
-    if vcfg and is_due(vcfg, start_step, iters_per_epoch) and not validated(run_dir, start_step):
+    if validate_first:
         validation(start_step)  # step 0, or a resume whose run was killed in the validation after its checkpoint
     bar = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, desc="neco", unit="step")
     batches = iter(loader)

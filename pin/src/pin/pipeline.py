@@ -136,6 +136,11 @@ def _dotted(cfg: dict, key: str):
     return cfg
 
 
+def _as_typed(key: str, value):
+    """``lora.target_modules=qkv`` on the command line is the list ``[qkv]`` (as ``Method`` reads it)."""
+    return [value] if key == "lora.target_modules" and isinstance(value, str) else value
+
+
 def model_differences(cfg: dict, recorded: dict) -> list[str]:
     """The settings in which ``cfg`` builds another VLM, method or box codec than ``recorded`` (a checkpoint's
     config) did, as ``key=value (checkpoint: value)``; a model named by another path to the same folder name is the
@@ -145,7 +150,7 @@ def model_differences(cfg: dict, recorded: dict) -> list[str]:
     tiny = str(cfg["model"]["name"]).startswith("tiny")
     if tiny:
         keys += ["seed", "model.tiny", "data.procedural_classes", "data.synonyms_description"]
-    pairs = [(k, _dotted(cfg, k), _dotted(recorded, k)) for k in keys]
+    pairs = [(k, _as_typed(k, _dotted(cfg, k)), _as_typed(k, _dotted(recorded, k))) for k in keys]
     referral = _dotted(recorded, "data.same_object_likelihood")
     if tiny and referral is not _ABSENT:  # with referral on, "behind" and "before" join the tiny vocabulary
         pairs.append(("data.same_object_likelihood > 0", bool(cfg["data"]["same_object_likelihood"]), bool(referral)))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sharelock.config import check_output_dir, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
-from sharelock.models import ShareLock, step_folders
+from sharelock.models import META_FILE, ShareLock, step_folders
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
 from sharelock.store import FeatureStore
 from sharelock.training import (
@@ -79,11 +79,11 @@ def check_fresh_run(run_dir: Path, resume: str | None) -> None:
 
 
 # settings a resumed run must share with its checkpoint: what the heads' weights mean (dropout aside), and the
-# train/validation split and batch order the remaining steps continue
+# train/validation split the remaining steps continue; its global batch is checked from meta.json (another split of it
+# into processes and accumulated micro-batches trains the same run)
 RESUME_FIXED = (
     "seed", "model.text_layers", "model.hidden_dim", "model.vision_layers", "model.embedding_dim",
-    "model.vision_normalize", "model.text_normalize", "data.val_size", "data.split_seed",
-    "data.train_size", "optim.batch_size", "optim.accumulate_grad_batches",
+    "model.vision_normalize", "model.text_normalize", "data.val_size", "data.split_seed", "data.train_size",
 )  # fmt: skip
 
 
@@ -96,9 +96,10 @@ def _dotted(cfg: dict, key: str) -> Any:
     return cfg
 
 
-def check_resume_options(path: Path, cfg: dict) -> None:
-    """Refuse to resume a checkpoint whose recorded config has other `RESUME_FIXED` settings than `cfg`: a
-    ValueError listing each key with both values (before, another seed or normalisation resumed silently)."""
+def check_resume_options(path: Path, cfg: dict, global_batch: int) -> None:
+    """Refuse to resume a checkpoint whose recorded config has other `RESUME_FIXED` settings than `cfg`, or whose
+    meta.json records another global batch: a ValueError listing each key with both values (before, another seed or
+    normalisation resumed silently)."""
     if not (path / "config.yaml").is_file():
         return
     with open(path / "config.yaml") as f:
@@ -108,6 +109,12 @@ def check_resume_options(path: Path, cfg: dict) -> None:
         for key in RESUME_FIXED
         if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)  # older key sets
     ]
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    if meta.get("global_batch", global_batch) != global_batch:
+        diffs.append(
+            f"global batch {global_batch} = optim.batch_size x optim.accumulate_grad_batches x processes "
+            f"(checkpoint: {meta['global_batch']})"
+        )
     if diffs:
         raise ValueError(
             f"resume: {path} was trained with other settings: {'; '.join(diffs)}; resume it with its run's config "
@@ -198,7 +205,7 @@ def fit(
     state = {"step": 0, "best_val": math.inf, "es_best": math.inf, "es_wait": 0, "stopped": False, "history": []}
     path = resume_checkpoint(run_dir, cfg.get("resume"))
     if path is not None:
-        check_resume_options(path, cfg)
+        check_resume_options(path, cfg, bs * accum * world)
         state.update(load_trainer_state(path, model, optimizer, scheduler))
         if state["step"] > opt_cfg["max_steps"]:
             raise ValueError(
@@ -217,7 +224,7 @@ def fit(
         if accelerator.is_main_process:
             save_checkpoint(
                 ckpt_dir / f"step_{state['step']:06d}", accelerator.unwrap_model(model),
-                {**meta, "step": state["step"]}, cfg, optimizer, scheduler, state,
+                {**meta, "step": state["step"], "global_batch": bs * accum * world}, cfg, optimizer, scheduler, state,
             )  # fmt: skip
             prune_checkpoints(run_dir, keep)
 
