@@ -195,7 +195,7 @@ def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_pat
 
 
 def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
-    from dora.config import _flat_keys, _get, load_config
+    from dora.config import _flat_keys, get_key, load_config
 
     with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
         load_config(["optim.lr="])  # an empty $LR: a traceback in the schedule
@@ -208,11 +208,11 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     assert cfg["resume"] is None and cfg["keep_checkpoints"] is None and cfg["keep_every_epochs"] is None
     # a null of a shipped config means something there: the other configs of its command take it too
     cfgs = {name: load_config(["--config", name]) for name in ("wt_venice", "dino_wt_venice", "tiny")}
-    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if _get(cfg, k) is None}
+    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if get_key(cfg, k) is None}
     assert {"augment.precrop_size", "optim.steps_per_epoch"} <= nulls
     for name, cfg in cfgs.items():
-        for key in sorted(k for k in nulls if isinstance(_get(cfg, k), int | float | str)):
-            assert _get(load_config(["--config", name, f"{key}="]), key) is None
+        for key in sorted(k for k in nulls if isinstance(get_key(cfg, k), int | float | str)):
+            assert get_key(load_config(["--config", name, f"{key}="]), key) is None
 
 
 def test_false_is_no_for_mixed_precision_and_null_decoding_keys_mean_full_size_and_the_default_gap():

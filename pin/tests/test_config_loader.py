@@ -115,7 +115,7 @@ def test_a_text_key_keeps_the_text_typed_and_a_file_must_quote_yes_or_no(tmp_pat
 def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_means_something(tmp_path):
     import pytest
 
-    from pin.config import _flat_keys, _get, load_config
+    from pin.config import _flat_keys, get_key, load_config
 
     with pytest.raises(ValueError, match=r"^optim\.lr=null: expected a number, not null or an empty value \(default"):
         load_config(["optim.lr="])  # an empty $LR was '' and failed deep in the optimizer
@@ -130,11 +130,11 @@ def test_null_or_an_empty_value_is_refused_for_a_number_or_text_key_unless_it_me
     cfgs = {
         name: load_config(["--config", name])[0] for name in ("blip2", "llava", "openflamingo", "paligemma", "tiny")
     }
-    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if _get(cfg, k) is None}
+    nulls = {k for cfg in cfgs.values() for k in _flat_keys(cfg) if get_key(cfg, k) is None}
     assert {"data.objects", "data.backgrounds", "data.synonyms_path"} <= nulls
     for name, cfg in cfgs.items():
-        for key in sorted(k for k in nulls if isinstance(_get(cfg, k), int | float | str)):
-            assert _get(load_config(["--config", name, f"{key}="])[0], key) is None
+        for key in sorted(k for k in nulls if isinstance(get_key(cfg, k), int | float | str)):
+            assert get_key(load_config(["--config", name, f"{key}="])[0], key) is None
 
 
 def test_a_users_copy_of_the_tiny_config_loads_as_the_shipped_one(tmp_path):

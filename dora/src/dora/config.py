@@ -287,11 +287,17 @@ def print_help(default: str) -> None:
     names = sorted(p.stem for p in Path(str(resources.files("dora") / "configs")).glob("*.yaml"))
     print(f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
     print("shipped configs: " + ", ".join(names))
-    print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {get_key(cfg, k)!r}" for k in _flat_keys(cfg)))
 
 
-def _get(cfg: dict, dotted: str) -> Any:
+_REQUIRED = object()
+
+
+def get_key(cfg: dict, dotted: str, default: Any = _REQUIRED) -> Any:
+    """``cfg[a][b]`` for ``dotted = 'a.b'``; ``default`` if a part is missing (a KeyError without one)."""
     for part in dotted.split("."):
+        if default is not _REQUIRED and (not isinstance(cfg, dict) or part not in cfg):
+            return default
         cfg = cfg[part]
     return cfg
 

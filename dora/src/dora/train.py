@@ -28,7 +28,7 @@ from dora.checkpoint import (
     set_rng_state,
     write_rng,
 )
-from dora.config import load_config, make_dir, run_cli, save_config
+from dora.config import get_key, load_config, make_dir, run_cli, save_config
 from dora.data import ClipBatchSampler, VideoClipDataset, collate_views
 from dora.losses import DINOLoss, DoRALoss
 from dora.models import DoRANetwork, build_network, check_shapes
@@ -216,12 +216,6 @@ RESUME_FIXED = (
 _ABSENT = object()
 
 
-def _dotted(cfg: dict, key: str):
-    for part in key.split("."):
-        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
-    return cfg
-
-
 def check_resume_options(
     ckpt: Path, saved: dict, cfg: dict, global_batch: int | None = None, saved_global_batch: int | None = None
 ) -> None:
@@ -229,9 +223,9 @@ def check_resume_options(
     keys it lacks are not checked), and another global batch than the checkpoint's (when it recorded one): before,
     another seed, crop count or loss variant resumed silently."""
     diffs = [
-        f"{key}={_dotted(cfg, key)!r} (checkpoint: {_dotted(saved, key)!r})"
+        f"{key}={get_key(cfg, key, _ABSENT)!r} (checkpoint: {get_key(saved, key, _ABSENT)!r})"
         for key in RESUME_FIXED
-        if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)
+        if get_key(saved, key, _ABSENT) is not _ABSENT and get_key(cfg, key, _ABSENT) != get_key(saved, key, _ABSENT)
     ]
     if saved_global_batch is not None and global_batch != saved_global_batch:
         diffs.append(

@@ -190,10 +190,15 @@ def set_key(cfg: dict[str, Any], dotted: str, value: Any, free: Collection[str] 
             node = node[part]
 
 
-def get_key(cfg: dict[str, Any], dotted: str) -> Any:
-    """``cfg[a][b]`` for ``dotted = 'a.b'`` (KeyError if a part is missing)."""
+_REQUIRED = object()
+
+
+def get_key(cfg: dict[str, Any], dotted: str, default: Any = _REQUIRED) -> Any:
+    """``cfg[a][b]`` for ``dotted = 'a.b'``; ``default`` if a part is missing (a KeyError without one)."""
     node = cfg
     for part in dotted.split("."):
+        if default is not _REQUIRED and (not isinstance(node, dict) or part not in node):
+            return default
         node = node[part]
     return node
 

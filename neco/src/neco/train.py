@@ -31,7 +31,7 @@ from neco.checkpoint import (
     scaler_state,
     set_aside_checkpoints,
 )
-from neco.config import load_config, run_cli
+from neco.config import get_key, load_config, run_cli
 from neco.data import StepBatchSampler, build_train_dataset, collate_multicrop
 from neco.losses import BatchGather, neco_loss
 from neco.masks import check_loss_mask, token_masks
@@ -152,12 +152,6 @@ def validated(run_dir: str, step: int) -> bool:
     return any(_logged_step(line) == step and "val_images" in json.loads(line) for line in lines)
 
 
-def _dotted(cfg: dict[str, Any], key: str, default: Any) -> Any:
-    for part in key.split("."):
-        cfg = cfg.get(part, default) if isinstance(cfg, dict) else default
-    return cfg
-
-
 def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
     """A resumed run must keep the settings of its checkpoint (``RESUME_FIXED``): another ``loss.use_teacher``
     would restart the EMA from a teacher that never moved (or stop it), another ``optim.trainable_blocks`` changes
@@ -168,7 +162,7 @@ def check_resume_options(path: str, cfg: dict[str, Any]) -> None:
         saved = json.load(f)["config"]
     diffs = []
     for key, default in RESUME_FIXED:
-        was, now = _dotted(saved, key, default), _dotted(cfg, key, default)
+        was, now = get_key(saved, key, default), get_key(cfg, key, default)
         if was is not _ABSENT and was != now:
             diffs.append(f"{key}={was!r}, this run has {now!r}")
     if diffs:

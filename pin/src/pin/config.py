@@ -241,8 +241,14 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return positional, pairs
 
 
-def _get(cfg: dict, dotted: str) -> Any:
+_REQUIRED = object()
+
+
+def get_key(cfg: dict, dotted: str, default: Any = _REQUIRED) -> Any:
+    """``cfg[a][b]`` for ``dotted = 'a.b'``; ``default`` if a part is missing (a KeyError without one)."""
     for part in dotted.split("."):
+        if default is not _REQUIRED and (not isinstance(cfg, dict) or part not in cfg):
+            return default
         cfg = cfg[part]
     return cfg
 
@@ -258,7 +264,7 @@ def print_help(default: str = DEFAULT_CONFIG, flags: tuple[str, ...] = (), usage
     print("shipped configs: " + ", ".join(names))
     if flags:
         print("options: " + ", ".join(f"{f}=..." for f in flags))
-    print("keys (defaults):\n" + "\n".join(f"  {k} = {_get(cfg, k)!r}" for k in _flat_keys(cfg)))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {get_key(cfg, k)!r}" for k in _flat_keys(cfg)))
 
 
 TINY_ONLY = ("model.tiny",)  # tiny.yaml's options of the tiny random model, absent from the paper configs

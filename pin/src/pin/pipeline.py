@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .boxes import GridCodec
+from .config import get_key
 from .layout import LayoutSampler
 from .prompts import IGNORE_INDEX, build_labels, end_text, eval_prompt, loss_free_prefix, masked_lm_loss, training_text
 from .synonyms import load_synonyms
@@ -130,12 +131,6 @@ WEIGHT_KEYS = {
 _ABSENT = object()
 
 
-def _dotted(cfg: dict, key: str):
-    for part in key.split("."):
-        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
-    return cfg
-
-
 def _as_typed(key: str, value):
     """``lora.target_modules=qkv`` on the command line is the list ``[qkv]`` (as ``Method`` reads it)."""
     return [value] if key == "lora.target_modules" and isinstance(value, str) else value
@@ -150,13 +145,13 @@ def model_differences(cfg: dict, recorded: dict) -> list[str]:
     tiny = str(cfg["model"]["name"]).startswith("tiny")
     if tiny:
         keys += ["seed", "model.tiny", "data.procedural_classes", "data.synonyms_description"]
-    pairs = [(k, _as_typed(k, _dotted(cfg, k)), _as_typed(k, _dotted(recorded, k))) for k in keys]
-    referral = _dotted(recorded, "data.same_object_likelihood")
+    pairs = [(k, _as_typed(k, get_key(cfg, k, _ABSENT)), _as_typed(k, get_key(recorded, k, _ABSENT))) for k in keys]
+    referral = get_key(recorded, "data.same_object_likelihood", _ABSENT)
     if tiny and referral is not _ABSENT:  # with referral on, "behind" and "before" join the tiny vocabulary
         pairs.append(("data.same_object_likelihood > 0", bool(cfg["data"]["same_object_likelihood"]), bool(referral)))
-    mine, theirs = (str(_dotted(c, "model.name")).rstrip("/").rsplit("/", 1)[-1] for c in (cfg, recorded))
+    mine, theirs = (str(get_key(c, "model.name", _ABSENT)).rstrip("/").rsplit("/", 1)[-1] for c in (cfg, recorded))
     if mine != theirs:
-        pairs.append(("model.name", cfg["model"]["name"], _dotted(recorded, "model.name")))
+        pairs.append(("model.name", cfg["model"]["name"], get_key(recorded, "model.name", _ABSENT)))
     return [f"{key}={a!r} (checkpoint: {b!r})" for key, a, b in pairs if a != b and b is not _ABSENT]  # older key sets
 
 
