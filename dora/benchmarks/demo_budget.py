@@ -1,19 +1,21 @@
 """How many steps does the DoRA demo need before its learned features beat the random network?
 
     python benchmarks/demo_budget.py [--epochs 100] [--every 25] [--seed 0] [--device cpu] [--workers 0]
-                                     [--cache] [--out runs/bench/demo_budget] [--score-only]
+                                     [--cache] [--classes hue|texture] [--out runs/bench/demo_budget] [--score-only]
 
 Trains with the demo's settings (``dora.demo.demo_overrides``: its synthetic video, tiny ViT and batch 16; the
 schedules stretched over ``--epochs`` epochs of 16 steps), keeps the teacher every ``--every`` epochs and scores
 every kept teacher with the demo's k-NN protocol ([CLS] and mean-pooled patch tokens) against the demo's random
-initialisations. ``--device cuda`` trains on the GPU (data loading stays on ``--workers`` CPU processes);
-``--score-only`` scores the checkpoints already under ``--out`` (for example of a run stopped by a time limit).
+initialisations. ``--classes texture`` runs the object classes of the README's earlier experiment rounds.
+``--device cuda`` trains on the GPU (data loading stays on ``--workers`` CPU processes); ``--score-only`` scores the
+checkpoints already under ``--out`` (for example of a run stopped by a time limit).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -23,11 +25,12 @@ from safetensors.torch import load_file
 from dora.checkpoint import STEP_DIR
 from dora.demo import FULL, demo_overrides, knn_accuracy, random_init_accuracy
 from dora.models import build_network
-from dora.synthetic import labelled_objects, walking_frames, write_video
+from dora.synthetic import CLASS_KINDS, labelled_objects, walking_frames, write_video
 
 
 def train(args: argparse.Namespace, run_dir: Path) -> None:
-    video = write_video(args.out / "walk.mp4", walking_frames(FULL["frames"], size=64, num_objects=3, seed=0), fps=30)
+    frames = walking_frames(FULL["frames"], size=64, num_objects=3, seed=0, classes=args.classes)
+    video = write_video(args.out / "walk.mp4", frames, fps=30)
     steps = FULL["steps"]
     overrides = demo_overrides(video, run_dir, FULL["batch"], args.epochs, steps, args.seed) + [
         f"checkpoint_every={steps * args.every}",
@@ -36,7 +39,8 @@ def train(args: argparse.Namespace, run_dir: Path) -> None:
         f"cpu={args.device == 'cpu'}",
         f"log_every={steps}",
     ]
-    if args.cache:
+    if args.cache:  # the video was just rewritten: a cache of an earlier call would hold its frames
+        shutil.rmtree(args.out / "frame_cache", ignore_errors=True)
         overrides.append(f"data.cache_dir={args.out / 'frame_cache'}")
     from dora.train import main as train_main
 
@@ -46,14 +50,14 @@ def train(args: argparse.Namespace, run_dir: Path) -> None:
     print(f"trained {summary['steps']} steps in {seconds:.0f} s ({summary['steps'] / seconds:.1f} steps/s)")
 
 
-def score(run_dir: Path) -> list[dict]:
+def score(run_dir: Path, classes: str) -> list[dict]:
     """k-NN of every checkpoint's teacher under ``run_dir``, with the random band; prints a markdown table."""
     ckpts = sorted(
         (p for p in (run_dir / "checkpoints").iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])
     )
     if not ckpts:
         raise FileNotFoundError(f"no step_* checkpoints under {run_dir / 'checkpoints'}")
-    images, labels = labelled_objects(FULL["per_class"], size=32, seed=1)
+    images, labels = labelled_objects(FULL["per_class"], size=32, seed=1, classes=classes)
     cfg = json.loads((ckpts[0] / "state.json").read_text())["config"]
     band = random_init_accuracy(cfg, images, labels)
     logged = {}
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--cache", action="store_true", help="decode the video once to a JPEG frame cache")
+    parser.add_argument("--classes", choices=CLASS_KINDS, default="hue", help="object classes (dora-demo --classes)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/demo_budget"))
     parser.add_argument("--score-only", action="store_true")
     args = parser.parse_args(argv)
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run_dir = args.out / "train"
     if not args.score_only:
         train(args, run_dir)
-    return score(run_dir)
+    return score(run_dir, args.classes)
 
 
 if __name__ == "__main__":

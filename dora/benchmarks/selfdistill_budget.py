@@ -1,10 +1,11 @@
 """How many steps does this package's self-distillation need before a tiny ViT beats its random initialisation?
 
     python benchmarks/selfdistill_budget.py [--steps 400] [--every 100] [--batch 32] [--device cpu]
-                                            [--objective dino|simclr] [--grey]
+                                            [--objective dino|simclr] [--grey] [--classes texture|hue]
 
-Plain image-level DINO with this package's loss (``DoRALoss``, clean variant) and head, on the demo's labelled object
-images themselves (no video, no tracking, no masks): two 32 px global views, four 16 px local crops, EMA teacher.
+Plain image-level DINO with this package's loss (``DoRALoss``, clean variant) and head, on labelled object images of
+the demo's kind themselves (no video, no tracking, no masks; by default the texture classes of the README's earlier
+experiment rounds): two 32 px global views, four 16 px local crops, EMA teacher.
 It prints the teacher's k-NN top-1 (the demo's protocol) every ``--every`` steps, next to the same tiny ViT trained
 with labels (cross-entropy, same optimiser and batch) as a reference for what the architecture can learn in that
 many steps. The demo's question -- do DoRA's features beat the random network? -- cannot be answered yes before
@@ -29,7 +30,7 @@ from dora.augment import normalize
 from dora.demo import knn_accuracy
 from dora.losses import DoRALoss
 from dora.models import build_network
-from dora.synthetic import labelled_objects
+from dora.synthetic import CLASS_KINDS, labelled_objects
 
 TINY = {
     "model": {
@@ -103,14 +104,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--objective", choices=("dino", "simclr"), default="dino")
-    parser.add_argument("--grey", action="store_true", help="grey objects on grey backgrounds")
+    parser.add_argument("--grey", action="store_true", help="grey objects on grey backgrounds (texture classes)")
+    parser.add_argument(
+        "--classes", choices=CLASS_KINDS, default="texture", help="object classes (dora-demo --classes)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    train_images, train_labels = labelled_objects(500, size=32, seed=7, grey=args.grey)
+    train_images, train_labels = labelled_objects(500, size=32, seed=7, grey=args.grey, classes=args.classes)
     x = torch.from_numpy(train_images).permute(0, 3, 1, 2).float().div(255).to(dev)
     y = torch.from_numpy(train_labels).to(dev)
-    eval_images, eval_labels = labelled_objects(150, size=32, seed=1, grey=args.grey)
+    eval_images, eval_labels = labelled_objects(150, size=32, seed=1, grey=args.grey, classes=args.classes)
 
     student = build_network(TINY).to(dev)
     teacher = build_network(TINY, teacher=True).to(dev)

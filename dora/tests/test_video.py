@@ -1,10 +1,11 @@
 import logging
+import shutil
 
 import numpy as np
 import pytest
 
 from dora.data import VideoClipDataset
-from dora.synthetic import coded_frame, decode_index
+from dora.synthetic import coded_frame, decode_index, write_video
 from dora.video import (
     ImageFolderFrameSource,
     JpegCacheFrameSource,
@@ -91,6 +92,17 @@ def test_frame_cache_roundtrip(coded_video, tmp_path):
     assert [decode_index(got[i]) for i in (0, 50, 99)] == [0, 50, 99]
     assert got[50].shape == (32, 48, 3)
     assert build_frame_cache(coded_video, cache) == cache  # built once
+
+
+def test_frame_cache_of_a_rewritten_video_is_an_error(tmp_path):
+    # before: a video re-encoded at the same path was served from the cache of its earlier frames
+    video = write_video(tmp_path / "v.mp4", [coded_frame(i) for i in range(20)])
+    cache = build_frame_cache(video, tmp_path / "cache", short_side=32)
+    write_video(video, [coded_frame(i) for i in range(40)])
+    with pytest.raises(ValueError, match=r"^data.cache_dir: .*cache was built from .*v.mp4 when it had \d+ bytes; "):
+        build_frame_cache(video, cache)
+    shutil.rmtree(cache)
+    assert open_source(build_frame_cache(video, cache)).num_frames == 40
 
 
 def test_dataset_over_video_matches_clip_indices(coded_video):

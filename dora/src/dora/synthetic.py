@@ -3,11 +3,17 @@ labelled image set of the same object classes (for the demo's k-NN check)."""
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import numpy as np
 
-NUM_CLASSES = 4  # object classes differ by texture: horizontal stripes, vertical stripes, checkerboard, dots
+NUM_CLASSES = 4
+CLASS_KINDS = ("hue", "texture")
+# "hue" (the demo's): the class is the object's hue family, red / yellow-green / cyan / violet, in a dark and a light
+# shade of that hue, with any of the four textures. "texture": the class is the texture (horizontal stripes, vertical
+# stripes, checkerboard, dots), in two random colours (the demo's earlier experiment rounds, README "Demo").
+HUES = (0.0, 0.25, 0.5, 0.75)
 
 
 def _texture(cls: int, size: int, period: int, rng: np.random.Generator) -> np.ndarray:
@@ -32,11 +38,31 @@ def _colours(rng: np.random.Generator, grey: bool = False) -> tuple[np.ndarray, 
     return a.astype(np.uint8), b.astype(np.uint8)
 
 
-def make_object(cls: int, size: int, rng: np.random.Generator, grey: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A textured object: (size, size, 3) uint8 image and a (size, size) bool disc/square silhouette; two random
-    colours, or two grey levels with ``grey=True``."""
-    tex = _texture(cls, size, int(rng.integers(8, 13)), rng)  # stripes 4-6 px wide: visible after 2x downscaling
-    a, b = _colours(rng, grey)
+def _hue_colours(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A dark and a light shade of hue family ``cls`` (hue within 0.06 of ``HUES[cls]``, saturation 0.6-1)."""
+    hue, sat = (HUES[cls] + rng.uniform(-0.06, 0.06)) % 1, rng.uniform(0.6, 1.0)
+    dark, light = rng.uniform(0.35, 0.55), rng.uniform(0.8, 1.0)
+    return tuple(np.round(np.array(colorsys.hsv_to_rgb(hue, sat, v)) * 255).astype(np.uint8) for v in (dark, light))
+
+
+def _check_kind(classes: str, grey: bool) -> None:
+    if classes not in CLASS_KINDS:
+        raise ValueError(f"classes must be one of {CLASS_KINDS}, got {classes!r}")
+    if grey and classes != "texture":
+        raise ValueError("grey=True needs classes='texture' (grey objects have no hue)")
+
+
+def make_object(
+    cls: int, size: int, rng: np.random.Generator, grey: bool = False, classes: str = "hue"
+) -> tuple[np.ndarray, np.ndarray]:
+    """An object of class ``cls``: (size, size, 3) uint8 image and a (size, size) bool disc/square silhouette.
+
+    ``classes="hue"``: a random texture in two shades of the class's hue; ``classes="texture"``: the class's texture in
+    two random colours, or two grey levels with ``grey=True``."""
+    _check_kind(classes, grey)
+    texture = int(rng.integers(NUM_CLASSES)) if classes == "hue" else cls
+    tex = _texture(texture, size, int(rng.integers(8, 13)), rng)  # stripes 4-6 px wide: visible after 2x downscaling
+    a, b = _hue_colours(cls, rng) if classes == "hue" else _colours(rng, grey)
     img = np.where(tex[..., None] > 0, a, b).astype(np.uint8)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     mask = (yy**2 + xx**2 <= (size / 2) ** 2) if rng.random() < 0.5 else np.ones((size, size), bool)
@@ -56,10 +82,17 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
 
 
 def walking_frames(
-    num_frames: int, size: int = 64, num_objects: int = 3, seed: int = 0, speed: float = 1.0, width: int | None = None
+    num_frames: int,
+    size: int = 64,
+    num_objects: int = 3,
+    seed: int = 0,
+    speed: float = 1.0,
+    width: int | None = None,
+    classes: str = "hue",
 ):
     """Yield (size, width or size, 3) uint8 frames: a scrolling background with ``num_objects`` textured objects
-    drifting across; objects leave and are replaced by new ones of random classes."""
+    drifting across; objects leave and are replaced by new ones of random classes (of kind ``classes``)."""
+    _check_kind(classes, False)
     rng = np.random.default_rng(seed)
     width = width or size
     pano = _background(size, width * 2 if width > 256 else width * 8, rng)
@@ -68,7 +101,7 @@ def walking_frames(
     def spawn(x=None):
         cls = int(rng.integers(NUM_CLASSES))
         s = int(rng.integers(size // 4, size // 2))
-        img, mask = make_object(cls, s, rng)
+        img, mask = make_object(cls, s, rng, classes=classes)
         return {
             "img": img,
             "mask": mask,
@@ -120,21 +153,26 @@ def write_video(path: str | Path, frames, fps: int = 30, codec: str = "libx264",
     return path
 
 
-def write_walking_video(path: str | Path, num_frames: int = 300, size: int = 64, fps: int = 30, seed: int = 0) -> Path:
+def write_walking_video(
+    path: str | Path, num_frames: int = 300, size: int = 64, fps: int = 30, seed: int = 0, classes: str = "hue"
+) -> Path:
     """Write :func:`walking_frames` to a video file."""
-    return write_video(path, walking_frames(num_frames, size=size, seed=seed), fps=fps)
+    return write_video(path, walking_frames(num_frames, size=size, seed=seed, classes=classes), fps=fps)
 
 
 def labelled_objects(
-    num_per_class: int = 40, size: int = 32, seed: int = 1, grey: bool = False
+    num_per_class: int = 40, size: int = 32, seed: int = 1, grey: bool = False, classes: str = "hue"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, size, size, 3) uint8 of one object of a known class on a background patch, labels (N,).
 
-    Rendered at twice the size with objects as large as in :func:`walking_frames` at 64 px, then halved: the scale
-    at which the demo's model sees the video. ``grey=True``: grey objects on a grey background, so that colour
-    cannot tell two images apart (``benchmarks/selfdistill_budget.py --grey``)."""
+    Rendered at twice the size, then halved: the scale at which the demo's model sees the 64 px video.
+    ``classes="hue"``: objects as large as in :func:`walking_frames` (a quarter to half the side), so that the
+    background fills most of the image; ``classes="texture"``: a third of the side to nearly all of it.
+    ``grey=True`` (texture classes only): grey objects on a grey background, so that colour cannot tell two images
+    apart (``benchmarks/selfdistill_budget.py --grey``)."""
     from PIL import Image
 
+    _check_kind(classes, grey)
     rng = np.random.default_rng(seed)
     big = 2 * size
     images, labels = [], []
@@ -143,8 +181,8 @@ def labelled_objects(
             img = _background(big, big, rng)
             if grey:
                 img = img.mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8)
-            s = int(rng.integers(big // 3, big - 4))
-            obj, mask = make_object(cls, s, rng, grey)
+            s = int(rng.integers(big // 4, big // 2) if classes == "hue" else rng.integers(big // 3, big - 4))
+            obj, mask = make_object(cls, s, rng, grey, classes)
             y, x = (int(v) for v in rng.integers(0, big - s + 1, 2))
             img[y : y + s, x : x + s][mask] = obj[mask]
             images.append(np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)))

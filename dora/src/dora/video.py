@@ -318,15 +318,22 @@ def build_frame_cache(
     """Decode a video once, in order, into a compact JPEG frame cache at ``short_side``; returns the cache folder.
 
     Written to a temporary folder and renamed when complete, so an interrupted build leaves nothing half-made.
-    Frames that fail to decode are stored empty and reported missing when read. A cache of another video is an error.
+    Frames that fail to decode are stored empty and reported missing when read. A cache of another video, or of this
+    video before it was rewritten with another size in bytes, is an error.
     """
     cache_dir, source = Path(cache_dir), str(Path(video).resolve())
     if (cache_dir / "meta.json").is_file():
-        built = json.loads((cache_dir / "meta.json").read_text())["source"]
-        if str(Path(built).resolve()) != source:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        if str(Path(meta["source"]).resolve()) != source:
             raise ValueError(
-                f"data.cache_dir: {cache_dir} is the frame cache of {built}, not of {video} (two videos of one name?):"
-                " rename one, or use another data.cache_dir"
+                f"data.cache_dir: {cache_dir} is the frame cache of {meta['source']}, not of {video} (two videos of one"
+                " name?): rename one, or use another data.cache_dir"
+            )
+        size = Path(video).stat().st_size
+        if meta.get("source_bytes", size) != size:  # caches written before the size was recorded are not checked
+            raise ValueError(
+                f"data.cache_dir: {cache_dir} was built from {video} when it had {meta['source_bytes']} bytes; it now"
+                f" has {size} (rewritten since?): delete {cache_dir} to rebuild it"
             )
         return cache_dir
     src = PyAVFrameSource(video, short_side=short_side)
@@ -349,7 +356,8 @@ def build_frame_cache(
             last = idx
     offsets[last + 1 :] = pos
     np.save(tmp / "offsets.npy", offsets)
-    meta = {"source": source, "num_frames": src.num_frames, "short_side": short_side, "size": list(src.size)}
+    meta = {"source": source, "source_bytes": Path(video).stat().st_size, "num_frames": src.num_frames}
+    meta |= {"short_side": short_side, "size": list(src.size)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     src.close()
     if cache_dir.exists():
