@@ -29,6 +29,7 @@ from dora.synthetic import CLASS_KINDS, labelled_objects, walking_frames, write_
 
 
 def train(args: argparse.Namespace, run_dir: Path) -> None:
+    (args.out / "classes.json").write_text(json.dumps(args.classes))  # what --score-only scores against
     frames = walking_frames(FULL["frames"], size=64, num_objects=3, seed=0, classes=args.classes)
     video = write_video(args.out / "walk.mp4", frames, fps=30)
     steps = FULL["steps"]
@@ -87,12 +88,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--cache", action="store_true", help="decode the video once to a JPEG frame cache")
-    parser.add_argument("--classes", choices=CLASS_KINDS, default="hue", help="object classes (dora-demo --classes)")
+    parser.add_argument(
+        "--classes", choices=CLASS_KINDS, help="object classes (dora-demo --classes; default hue, or the scored run's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/demo_budget"))
     parser.add_argument("--score-only", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir = args.out / "train"
+    recorded = json.loads((args.out / "classes.json").read_text()) if (args.out / "classes.json").is_file() else None
+    if args.score_only and None not in (recorded, args.classes) and args.classes != recorded:
+        parser.error(f"--classes {args.classes}: the run under {args.out} was trained on --classes {recorded}")
+    args.classes = args.classes or (recorded if args.score_only else None) or "hue"
     if not args.score_only:
         train(args, run_dir)
     return score(run_dir, args.classes)

@@ -36,7 +36,9 @@ T, STEP = 8, 60
 def textured_frames(n: int, height: int = 1080, width: int = 1920):
     rng = np.random.default_rng(0)
     noise = rng.integers(-40, 40, (height, width * 2, 1), dtype=np.int16)
-    for t, frame in enumerate(walking_frames(n, size=height, width=width, num_objects=6, seed=0, speed=4.0)):
+    # the texture classes: the video of the published figures (its colours are random, the hue classes' are not)
+    frames = walking_frames(n, size=height, width=width, num_objects=6, seed=0, speed=4.0, classes="texture")
+    for t, frame in enumerate(frames):
         off = (4 * t) % width
         yield np.clip(frame.astype(np.int16) + noise[:, off : off + width], 0, 255).astype(np.uint8)
 

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--classes", choices=CLASS_KINDS, default="texture", help="object classes (dora-demo --classes)"
     )
     args = parser.parse_args(argv)
+    if args.grey and args.classes != "texture":
+        parser.error("--grey needs --classes texture (grey objects have no hue)")
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     train_images, train_labels = labelled_objects(500, size=32, seed=7, grey=args.grey, classes=args.classes)

@@ -104,7 +104,8 @@ def test_demo_quick(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 3 <= len(summary) <= 6
     assert (tmp_path / "masks.png").is_file() and (tmp_path / "metrics.json").is_file()
-    assert metrics["train_steps"] == 3
+    assert metrics["train_steps"] == 3 and metrics["classes"] == "hue"
+    assert (tmp_path / "frame_cache" / "walk-64p" / "meta.json").is_file()  # trained from the decoded frames
     beats = metrics["knn_top1_learned"] > max(metrics["knn_top1_random_init_per_seed"])
     assert summary["verdict"] == ("learned beats every random init" if beats else "no win: not above every random init")
     (state,) = (tmp_path / "train" / "checkpoints").glob("*/state.json")

@@ -60,6 +60,15 @@ def test_labelled_hue_objects_show_their_class_hue_on_a_background():
         assert np.median([_hue_distance(h, HUES[y]) for h in vivid[:, 0]]) < 0.08
 
 
+def test_walking_video_objects_take_their_hue_classes():
+    for classes, in_families in (("hue", True), ("texture", False)):
+        colours = np.unique(np.stack(list(walking_frames(30, seed=0, classes=classes))).reshape(-1, 3), axis=0)
+        hsv = np.array([colorsys.rgb_to_hsv(*(c / 255)) for c in colours])
+        vivid = hsv[hsv[:, 1] > 0.63, 0]  # object colours only: the background's saturation is at most 0.62
+        nearest = np.array([min(_hue_distance(h, f) for f in HUES) for h in vivid])
+        assert len(vivid) > 0 and (nearest <= 0.07).all() == in_families
+
+
 def test_write_video_same_frames_same_bytes_within_one_process(tmp_path):
     # libx264's macroblock-tree rate control gave a different bitstream on the 2nd and 3rd encode in a process
     frames = list(walking_frames(40, size=32, num_objects=2, seed=0))

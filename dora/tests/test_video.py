@@ -1,3 +1,4 @@
+import json
 import logging
 import shutil
 
@@ -103,6 +104,14 @@ def test_frame_cache_of_a_rewritten_video_is_an_error(tmp_path):
         build_frame_cache(video, cache)
     shutil.rmtree(cache)
     assert open_source(build_frame_cache(video, cache)).num_frames == 40
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({**meta, "source_bytes": 1}))
+    video.unlink()  # a cache outlives its video: not checked, as one written before the size was recorded
+    assert build_frame_cache(video, cache) == cache
+    del meta["source_bytes"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    write_video(video, [coded_frame(i) for i in range(20)])
+    assert build_frame_cache(video, cache) == cache
 
 
 def test_dataset_over_video_matches_clip_indices(coded_video):

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(earlier, ignore_errors=True)
     overrides = demo_overrides(video, run_dir, p["batch"], p["epochs"], p["steps"], args.seed) + [
         f"data.cache_dir={cache}",  # decoded once: seeking the video for every clip would fill the step
-        f"data.num_workers={0 if args.quick else 1}",  # clips prepared on the second core
+        "data.num_workers=1",  # clips prepared on the second core
     ]
     summary = train_main(overrides)
     cfg = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())["config"]
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     masks = visualise(
         teacher.backbone.eval(),
-        np.stack(frames)[[0, 8, 16, 24]],
+        np.stack([frames[i] for i in (0, 8, 16, 24)]),
         out,
         32,
         [0, 1, 2],

@@ -329,8 +329,8 @@ def build_frame_cache(
                 f"data.cache_dir: {cache_dir} is the frame cache of {meta['source']}, not of {video} (two videos of one"
                 " name?): rename one, or use another data.cache_dir"
             )
-        size = Path(video).stat().st_size
-        if meta.get("source_bytes", size) != size:  # caches written before the size was recorded are not checked
+        size = Path(video).stat().st_size if Path(video).is_file() else None  # the cache may outlive its video
+        if None not in (size, meta.get("source_bytes")) and meta["source_bytes"] != size:  # older caches: no size
             raise ValueError(
                 f"data.cache_dir: {cache_dir} was built from {video} when it had {meta['source_bytes']} bytes; it now"
                 f" has {size} (rewritten since?): delete {cache_dir} to rebuild it"
