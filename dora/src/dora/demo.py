@@ -123,15 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     acc_rand = random_init_accuracy(cfg, images, labels)
     acc_learned, acc_random = acc["cls"], float(np.mean(acc_rand["cls"]))
 
-    masks = visualise(
-        teacher.backbone.eval(),
-        np.stack([frames[i] for i in (0, 8, 16, 24)]),
-        out,
-        32,
-        [0, 1, 2],
-        fps=2,
-        title="DoRA demo: tracked objects",
-    )
+    shown = np.stack([frames[i] for i in (0, 8, 16, 24)])
+    masks = visualise(teacher.backbone.eval(), shown, out, 32, [0, 1, 2], fps=2, title="DoRA demo: tracked objects")
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     metrics = {
         "train_steps": summary["steps"],
