@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from counting.config import load_config
 from counting.pools import FileObjectPool
 from counting.preprocess import kmeans, main, saliency_masks
 
@@ -90,6 +91,16 @@ def test_masks_and_clusters_resumable(image_root, tmp_path):
     pool = FileObjectPool(image_root, tmp_path / "masks", tmp_path / "clusters.safetensors")
     image, mask = pool.load(5)
     assert image.shape == (3, 30, 40) and mask.shape == (32, 32) and len(pool.cluster_ids) == 6
+
+
+def test_clusters_file_named_after_num_clusters(image_root, tmp_path):
+    # before: the default path was kmeans_10000.* whatever num_clusters was, e.g. 3 clusters in kmeans_10000.*
+    template = f"clusters={tmp_path / 'clusters' / 'kmeans_{num_clusters}.safetensors'}"
+    out = main(["clusters", *common_args(image_root, tmp_path), template, "num_clusters=3"])
+    assert out["clusters"] == str(tmp_path / "clusters" / "kmeans_3.safetensors")
+    assert load_file(out["clusters"])["centroids"].shape[0] == 3
+    assert json.loads((tmp_path / "clusters" / "kmeans_3.json").read_text())["num_clusters"] == "3"
+    assert load_config([], default="preprocess")[0]["clusters"].endswith("kmeans_{num_clusters}.safetensors")
 
 
 def test_masks_from_png_files(image_root, tmp_path):

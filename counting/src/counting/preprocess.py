@@ -238,11 +238,13 @@ def kmeans(features: np.ndarray, k: int, backend: str = "auto", seed: int = 0, i
 
 @torch.no_grad()
 def run_clusters(cfg: dict) -> Path:
-    """CLS feature shards in ``features``, then k-means into ``num_clusters``; writes the ``clusters`` file."""
+    """CLS feature shards in ``features``, then k-means into ``num_clusters``; writes the ``clusters`` file (its
+    ``{num_clusters}``, if any, replaced by the number)."""
     paths, k = pool_paths(cfg), int(cfg["num_clusters"])
     if not 1 <= k <= len(paths):  # before any feature is computed
         raise ValueError(f"num_clusters={k}: expected 1 to the number of pool images ({len(paths)})")
-    feat_dir, out = make_dir(cfg["features"], "features"), Path(cfg["clusters"])
+    out = Path(str(cfg["clusters"]).replace("{num_clusters}", str(k)))
+    feat_dir = make_dir(cfg["features"], "features")
     make_dir(out.parent, "clusters")
     shards = list(feat_dir.glob("features_*.safetensors"))
     for shard in shards:  # the backbone is also in each shard (the only record of runs without index.json)
