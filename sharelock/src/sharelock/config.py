@@ -132,15 +132,16 @@ def print_help(default: str) -> None:
     names = sorted(p.stem for p in default_config_path(default).parent.glob("*.yaml"))
     print(f"usage: {program_name()} [--config NAME|PATH] [key=value | --key value ...]  (default config: {default})")
     print("packaged configs: " + ", ".join(names))
-    print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in _flatten(cfg).items()))
+    print("keys (defaults):\n" + "\n".join(f"  {k} = {v!r}" for k, v in flatten(cfg).items()))
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a nested config (an empty section is one value)."""
     out = {}
     for key, value in cfg.items():
         full = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, full + "."))
+            out.update(flatten(value, full + "."))
         else:
             out[full] = value
     return out
@@ -148,7 +149,7 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 def valid_keys(cfg: dict) -> list[str]:
     """All dotted keys a config accepts."""
-    return sorted(_flatten(cfg))
+    return sorted(flatten(cfg))
 
 
 # number and text keys whose null (also an empty `key=`) means something; null is refused for the others

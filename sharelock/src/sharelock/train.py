@@ -16,7 +16,7 @@ import yaml
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from sharelock.config import check_output_dir, load_config, run_cli, save_config
+from sharelock.config import check_output_dir, flatten, load_config, run_cli, save_config
 from sharelock.losses import clip_loss
 from sharelock.models import META_FILE, ShareLock, step_folders
 from sharelock.pairs import StorePairs, Subset, split_per_dataset, subsample
@@ -87,15 +87,6 @@ RESUME_FIXED = (
 )  # fmt: skip
 
 
-_ABSENT = object()
-
-
-def _dotted(cfg: dict, key: str) -> Any:
-    for part in key.split("."):
-        cfg = cfg.get(part, _ABSENT) if isinstance(cfg, dict) else _ABSENT
-    return cfg
-
-
 def check_resume_options(path: Path, cfg: dict, global_batch: int) -> None:
     """Refuse to resume a checkpoint whose recorded config has other `RESUME_FIXED` settings than `cfg`, or whose
     meta.json records another global batch: a ValueError listing each key with both values (before, another seed or
@@ -103,11 +94,12 @@ def check_resume_options(path: Path, cfg: dict, global_batch: int) -> None:
     if not (path / "config.yaml").is_file():
         return
     with open(path / "config.yaml") as f:
-        saved = yaml.safe_load(f) or {}
+        saved = flatten(yaml.safe_load(f) or {})
+    current = flatten(cfg)
     diffs = [
-        f"{key}={_dotted(cfg, key)!r} (checkpoint: {_dotted(saved, key)!r})"
+        f"{key}={current[key]!r} (checkpoint: {saved[key]!r})"
         for key in RESUME_FIXED
-        if _dotted(saved, key) is not _ABSENT and _dotted(cfg, key) != _dotted(saved, key)  # older key sets
+        if key in saved and current[key] != saved[key]  # keys an older checkpoint lacks are not checked
     ]
     meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
     if meta.get("global_batch", global_batch) != global_batch:
